@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks and end-to-end runs (`longlive-bench`)."""

@@ -1,0 +1,1 @@
+"""YAML presets for patch_model; load them with longlive_triton.config.load_preset."""

@@ -1,0 +1,70 @@
+"""Patch configuration: a validated dataclass, and YAML presets from configs/ that load into it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """What patch_model does. Unknown keys, wrong types and bad values are refused on construction."""
+
+    name: str = "custom"
+    # Fold unmerged peft LoRA adapters into their base Linear weights (fp32 math) before patching.
+    merge_lora: bool = True
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = {"str": str, "bool": bool, "int": int, "float": (int, float)}.get(str(f.type))
+            if expected is not None and not isinstance(value, expected):
+                raise TypeError(f"PatchConfig.{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PatchConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"a patch config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown patch config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "PatchConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"patch config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        data.setdefault("name", path.stem)
+        return cls.from_dict(data)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("longlive_triton.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> PatchConfig:
+    """A named preset from configs/ (e.g. "exact"), or a path to a YAML file."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        return PatchConfig.from_yaml(name)
+    if name not in preset_names():
+        raise ValueError(f"unknown patch preset {name!r}; presets: {preset_names()}")
+    with resources.as_file(resources.files("longlive_triton.configs") / f"{name}.yaml") as path:
+        return PatchConfig.from_yaml(path)
+
+
+def as_config(config: PatchConfig | str | dict | None) -> PatchConfig:
+    if config is None:
+        return load_preset("exact")
+    if isinstance(config, PatchConfig):
+        return config
+    if isinstance(config, str):
+        return load_preset(config)
+    if isinstance(config, dict):
+        return PatchConfig.from_dict(config)
+    raise TypeError(f"config must be a PatchConfig, a preset name, a YAML path or a dict; got {type(config).__name__}")

@@ -1,0 +1,143 @@
+"""patch_model: swap stock LongLive modules for our kernels' modules, and report what happened.
+
+    from longlive_triton import patch_model
+    report = patch_model(pipeline.generator.model)      # the stock CausalWanModel, peft-wrapped or not
+    print(report)
+
+The generator is recognised by structure. Unmerged peft LoRA adapters are folded into their base
+weights first (W += scaling * B @ A in fp32), leaving plain nn.Linear layers with the stock names.
+Patching twice is a no-op; a module that is not a LongLive generator is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .config import PatchConfig, as_config
+from .patches.registry import PATCHES, Patch, PatchSkip
+
+_MARK = "_longlive_triton_patch"
+
+
+@dataclass
+class PatchEntry:
+    path: str
+    patch: str
+    reason: str = ""
+
+
+@dataclass
+class PatchReport:
+    config: PatchConfig
+    applied: list[PatchEntry] = field(default_factory=list)
+    skipped: list[PatchEntry] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for kind, entries in (("applied", self.applied), ("skipped", self.skipped)):
+            for e in entries:
+                out.setdefault(e.patch, {"applied": 0, "skipped": 0})[kind] += 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"longlive-triton patch report (config {self.config.name!r})"]
+        lines += [f"  note: {n}" for n in self.notes]
+        for name, c in self.counts().items():
+            lines.append(f"  {name}: {c['applied']} applied, {c['skipped']} skipped")
+        reasons: dict[tuple[str, str], list[str]] = {}
+        for e in self.skipped:
+            reasons.setdefault((e.patch, e.reason), []).append(e.path)
+        for (name, reason), paths in reasons.items():
+            shown = ", ".join(paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
+            lines.append(f"  skipped {name} at {shown}: {reason}")
+        if not self.applied and not self.skipped:
+            lines.append("  no module patched")
+        return "\n".join(lines)
+
+
+def _is_block(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("self_attn", "cross_attn", "ffn", "modulation", "norm1", "norm2"))
+
+
+def find_generator(model: nn.Module) -> nn.Module:
+    """The LongLive CausalWanModel inside `model` (itself, or under a peft wrapper)."""
+    for m in model.modules():
+        blocks = getattr(m, "blocks", None)
+        if (isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and all(_is_block(b) for b in blocks)
+                and all(hasattr(m, a) for a in ("patch_embedding", "time_projection", "head", "text_embedding"))):
+            return m
+    raise TypeError(f"patch_model expects a LongLive CausalWanModel (a module with patch_embedding, "
+                    f"text/time embeddings, a head and blocks of self_attn/cross_attn/ffn); got {type(model).__name__}")
+
+
+def _is_lora_layer(m: nn.Module) -> bool:
+    return (isinstance(getattr(m, "base_layer", None), nn.Linear) and isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and isinstance(getattr(m, "scaling", None), dict))
+
+
+@torch.no_grad()
+def _merge_lora_layer(layer: nn.Module) -> nn.Linear:
+    base = layer.base_layer
+    merged = list(getattr(layer, "merged_adapters", ()))
+    if merged:
+        raise PatchSkip(f"adapters {merged} are already merged by peft; unmerge them first")
+    weight = base.weight.float()
+    for name in getattr(layer, "active_adapters", list(layer.lora_A.keys())):
+        if name not in layer.lora_A:
+            continue
+        a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+        weight = weight + layer.scaling[name] * (b @ a)
+    base.weight.copy_(weight.to(base.weight.dtype))
+    return base
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None,
+                patches: list[Patch] | None = None) -> PatchReport:
+    """Patch a LongLive generator in place; returns the report of swapped and skipped modules.
+
+    config: a PatchConfig, a preset name from configs/ (default "exact"), a YAML path or a dict.
+    patches: the patch list to apply (default: every registered patch).
+    """
+    config = as_config(config)
+    generator = find_generator(model)
+    report = PatchReport(config)
+    previous = getattr(generator, _MARK, None)
+    if previous is not None:
+        report.notes.append(f"already patched with config {previous.name!r}: nothing done")
+        return report
+
+    lora_layers = [name for name, m in model.named_modules() if _is_lora_layer(m)]
+    if lora_layers:
+        if not config.merge_lora:
+            report.notes.append(f"{len(lora_layers)} unmerged LoRA layers left in place (merge_lora is off); "
+                                "patches skip their parents' Linear layers")
+        else:
+            for name in lora_layers:
+                try:
+                    _set_submodule(model, name, _merge_lora_layer(model.get_submodule(name)))
+                    report.applied.append(PatchEntry(name, "merge_lora"))
+                except PatchSkip as why:
+                    report.skipped.append(PatchEntry(name, "merge_lora", str(why)))
+
+    for patch in PATCHES if patches is None else patches:
+        if not patch.enabled(config):
+            continue
+        # Collect first: swapping while iterating named_modules would visit the replacements.
+        targets = [(name, m) for name, m in generator.named_modules() if patch.matches(m)]
+        for name, module in targets:
+            try:
+                _set_submodule(generator, name, patch.replace(module, config))
+                report.applied.append(PatchEntry(name, patch.name))
+            except PatchSkip as why:
+                report.skipped.append(PatchEntry(name, patch.name, str(why)))
+    setattr(generator, _MARK, config)
+    return report

@@ -1,0 +1,214 @@
+"""The block-step streaming loop of LongLive inference, prompt embeddings in, latents out.
+
+Per block of `num_frame_per_block` latent frames: the denoising steps (flow prediction -> x0, then
+re-noise to the next step), then one cache pass at `context_noise` that rewrites the block's KV
+slots with clean keys and values. Interactive prompt switches reset the cross-attention cache and
+re-cache the KV window under the new prompt, as LongLive's interactive pipeline does.
+
+The generator is called exactly as the stock `WanDiffusionWrapper` calls it, so this loop drives
+our reference, the stock `CausalWanModel` (also peft-wrapped) and patched models alike. The random
+draws happen in the stock order (the caller's noise, then three `randn_like` per block), so a
+seeded run reproduces LongLive's latents.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .scheduler import FlowMatchSchedule
+
+
+@dataclass
+class PipelineConfig:
+    num_frame_per_block: int = 3
+    denoising_steps: Sequence[int] = (1000, 750, 500, 250)
+    warp_denoising_step: bool = True
+    timestep_shift: float = 5.0
+    context_noise: float = 0.0
+    local_attn_size: int = 12          # latent frames held in the KV cache; -1: the whole video
+    global_sink: bool = True           # keep the first prompt's sink across prompt switches
+    frame_seqlen: int | None = None    # tokens per latent frame; None: from the latent size
+
+    def __post_init__(self):
+        if self.num_frame_per_block < 1:
+            raise ValueError(f"num_frame_per_block must be >= 1, got {self.num_frame_per_block}")
+        if self.local_attn_size != -1 and self.local_attn_size < self.num_frame_per_block:
+            raise ValueError(f"local_attn_size {self.local_attn_size} is smaller than one block "
+                             f"({self.num_frame_per_block} frames)")
+
+
+@dataclass
+class Caches:
+    """The stock cache protocol: one dict per transformer layer."""
+    kv: list[dict] = field(default_factory=list)
+    crossattn: list[dict] = field(default_factory=list)
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The CausalWanModel itself, through a peft wrapper if there is one."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class BlockPipeline:
+    """Streams latents block by block from prompt embeddings, as LongLive's inference loop does."""
+
+    def __init__(self, model: nn.Module, config: PipelineConfig | None = None):
+        self.model = model
+        self.config = config or PipelineConfig()
+        inner = _inner_model(model)
+        for attr in ("num_layers", "num_heads", "dim", "text_len", "patch_size"):
+            if not hasattr(inner, attr):
+                raise TypeError(f"{type(inner).__name__} is not a LongLive CausalWanModel (no {attr!r})")
+        self.num_layers = inner.num_layers
+        self.num_heads = inner.num_heads
+        self.head_dim = inner.dim // inner.num_heads
+        self.text_len = inner.text_len
+        self.patch_size = tuple(inner.patch_size)
+        self.schedule = FlowMatchSchedule(self.config.timestep_shift)
+        self.timesteps = self.schedule.denoising_timesteps(self.config.denoising_steps,
+                                                            self.config.warp_denoising_step)
+        self.caches = Caches()
+        self.frame_seqlen = 0
+        # Interactive pipelines write local_attn_size on the inner model before the loop.
+        inner.local_attn_size = self.config.local_attn_size
+
+    # -- caches ---------------------------------------------------------------------------------
+    def init_caches(self, batch_size: int, num_frames: int, dtype: torch.dtype, device) -> Caches:
+        """Zeroed KV caches (window or whole video) and cross-attention caches, stock layout."""
+        n, d = self.num_heads, self.head_dim
+        frames = num_frames if self.config.local_attn_size == -1 else self.config.local_attn_size
+        size = frames * self.frame_seqlen
+
+        def zeros(length: int) -> torch.Tensor:
+            return torch.zeros([batch_size, length, n, d], dtype=dtype, device=device)
+
+        self.caches = Caches(
+            kv=[{"k": zeros(size), "v": zeros(size),
+                 "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+                 "local_end_index": torch.tensor([0], dtype=torch.long, device=device)}
+                for _ in range(self.num_layers)],
+            crossattn=[{"k": zeros(self.text_len), "v": zeros(self.text_len), "is_init": False}
+                       for _ in range(self.num_layers)],
+        )
+        return self.caches
+
+    def reset_crossattn_cache(self) -> None:
+        for cache in self.caches.crossattn:
+            cache["k"].zero_()
+            cache["v"].zero_()
+            cache["is_init"] = False
+
+    # -- one generator call ---------------------------------------------------------------------
+    def _seq_len(self) -> int:
+        # The stock wrapper's bound on tokens per call; only asserted against.
+        local = self.config.local_attn_size
+        return self.frame_seqlen * local if local > 21 else 32760
+
+    def predict_x0(self, x: torch.Tensor, timestep: float | torch.Tensor, prompt_embeds: torch.Tensor,
+                   start_frame: int, *, sink_recache_after_switch: bool = False) -> torch.Tensor:
+        """One generator forward on x [B, F, C, H, W] at frames start_frame..: returns x0."""
+        b, f = x.shape[:2]
+        t = torch.full([b, f], float(timestep), dtype=torch.float32, device=x.device)
+        kwargs = {}
+        if sink_recache_after_switch:
+            kwargs["sink_recache_after_switch"] = True
+        flow = self.model(
+            x.permute(0, 2, 1, 3, 4), t=t, context=prompt_embeds, seq_len=self._seq_len(),
+            kv_cache=self.caches.kv, crossattn_cache=self.caches.crossattn,
+            current_start=start_frame * self.frame_seqlen, **kwargs,
+        ).permute(0, 2, 1, 3, 4)
+        return self.schedule.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t.flatten()).unflatten(0, (b, f))
+
+    def denoise_block(self, noisy: torch.Tensor, prompt_embeds: torch.Tensor, start_frame: int) -> torch.Tensor:
+        """The denoising steps of one block: returns the block's clean latents x0."""
+        steps = self.timesteps
+        for index, t in enumerate(steps):
+            x0 = self.predict_x0(noisy, t, prompt_embeds, start_frame)
+            if index < len(steps) - 1:
+                flat = x0.flatten(0, 1)
+                t_next = torch.full([flat.shape[0]], float(steps[index + 1]), dtype=torch.float32, device=flat.device)
+                noisy = self.schedule.add_noise(flat, torch.randn_like(flat), t_next).unflatten(0, x0.shape[:2])
+        return x0
+
+    def cache_pass(self, x0: torch.Tensor, prompt_embeds: torch.Tensor, start_frame: int) -> None:
+        """Re-run the block at context_noise so its cache slots hold clean keys and values."""
+        self.predict_x0(x0, self.config.context_noise, prompt_embeds, start_frame)
+
+    def recache_after_switch(self, output: torch.Tensor, start_frame: int, prompt_embeds: torch.Tensor) -> None:
+        """A prompt switch at start_frame: reset the text cache and re-cache the window (stock rules)."""
+        if not self.config.global_sink:
+            for cache in self.caches.kv:  # the pointers are kept
+                cache["k"].zero_()
+                cache["v"].zero_()
+        self.reset_crossattn_cache()
+        if start_frame == 0:
+            return
+        local = self.config.local_attn_size
+        count = start_frame if local == -1 else min(local, start_frame)
+        first = start_frame - count
+        self.predict_x0(output[:, first:start_frame], self.config.context_noise, prompt_embeds, first,
+                        sink_recache_after_switch=not self.config.global_sink)
+        self.reset_crossattn_cache()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _check_inputs(self, noise: torch.Tensor, prompts: list[torch.Tensor], switches: list[int]) -> None:
+        if noise.dim() != 5:
+            raise ValueError(f"noise must be [B, F, C, H, W], got shape {tuple(noise.shape)}")
+        b, f = noise.shape[:2]
+        if f % self.config.num_frame_per_block:
+            raise ValueError(f"{f} latent frames is not a multiple of num_frame_per_block "
+                             f"{self.config.num_frame_per_block}")
+        for p in prompts:
+            if p.dim() != 3 or p.shape[0] != b:
+                raise ValueError(f"prompt embeddings must be [B={b}, L, text_dim], got {tuple(p.shape)}")
+            if p.shape[1] > self.text_len:
+                raise ValueError(f"prompt embeddings have {p.shape[1]} tokens, more than text_len {self.text_len}")
+            if p.device != noise.device:
+                raise ValueError(f"prompt embeddings on {p.device}, noise on {noise.device}")
+        if len(switches) != len(prompts) - 1:
+            raise ValueError(f"{len(prompts)} prompts need {len(prompts) - 1} switch frame indices, got {len(switches)}")
+        if list(switches) != sorted(switches) or any(s < 0 for s in switches):
+            raise ValueError(f"switch frame indices must be non-negative and increasing, got {list(switches)}")
+
+    def iter_blocks(self, noise: torch.Tensor, prompt_embeds: torch.Tensor | Sequence[torch.Tensor],
+                    switch_frame_indices: Sequence[int] = ()) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start_frame, x0 [B, F_block, C, H, W]) as each block is generated.
+
+        `prompt_embeds` is one [B, L, text_dim] tensor, or one per segment with the frame indices
+        at which each next segment starts (the switch happens at the first block starting at or
+        after the index, as in LongLive).
+        """
+        prompts = [prompt_embeds] if isinstance(prompt_embeds, torch.Tensor) else list(prompt_embeds)
+        switches = list(switch_frame_indices)
+        self._check_inputs(noise, prompts, switches)
+        b, num_frames, _, h, w = noise.shape
+        self.frame_seqlen = self.config.frame_seqlen or (h // self.patch_size[1]) * (w // self.patch_size[2])
+        self.init_caches(b, num_frames, noise.dtype, noise.device)
+        output = torch.zeros_like(noise)
+        segment = 0
+        per_block = self.config.num_frame_per_block
+        with torch.no_grad():
+            for start in range(0, num_frames, per_block):
+                if segment < len(switches) and start >= switches[segment]:
+                    segment += 1
+                    self.recache_after_switch(output, start, prompts[segment])
+                x0 = self.denoise_block(noise[:, start:start + per_block], prompts[segment], start)
+                output[:, start:start + per_block] = x0
+                self.cache_pass(x0, prompts[segment], start)
+                yield start, x0
+
+    def generate(self, noise: torch.Tensor, prompt_embeds: torch.Tensor | Sequence[torch.Tensor],
+                 switch_frame_indices: Sequence[int] = (),
+                 on_block: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """All latents [B, F, C, H, W] for noise [B, F, C, H, W]; on_block(start, x0) after each block."""
+        output = torch.empty_like(noise)
+        per_block = self.config.num_frame_per_block
+        for start, x0 in self.iter_blocks(noise, prompt_embeds, switch_frame_indices):
+            output[:, start:start + per_block] = x0
+            if on_block is not None:
+                on_block(start, x0)
+        return output

@@ -1,0 +1,10 @@
+"""Faithful references of the stock LongLive v1.0 inference path (what our kernels are judged against)."""
+from .model import (CausalHead, CausalWanAttentionBlock, CausalWanModel, CausalWanSelfAttention,
+                    WanLayerNorm, WanRMSNorm, WanT2VCrossAttention)
+from .presets import PRESETS, ModelPreset, build_model, get_preset, synthetic_init_
+
+__all__ = [
+    "CausalHead", "CausalWanAttentionBlock", "CausalWanModel", "CausalWanSelfAttention", "WanLayerNorm",
+    "WanRMSNorm", "WanT2VCrossAttention", "PRESETS", "ModelPreset", "build_model", "get_preset",
+    "synthetic_init_",
+]

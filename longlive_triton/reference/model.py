@@ -1,0 +1,490 @@
+"""A faithful reference of LongLive v1.0's causal Wan2.1 generator (the KV-cached inference path).
+
+Written from ../shared/longlive_spec.md and a reading of the stock source, not copied from it. The
+module tree, class names and parameter names are the stock `CausalWanModel`'s, so a stock state dict
+loads with strict=True, and the call protocol is the stock one:
+
+    model(x, t=t, context=context, seq_len=seq_len, kv_cache=kv_cache,
+          crossattn_cache=crossattn_cache, current_start=current_start)
+
+with x [B, 16, F, H, W], t [B, F] (fractional timesteps), context [B, L<=text_len, text_dim], and the
+cache dicts as the stock pipeline builds them (see `longlive_triton.pipeline`). The rounding points
+are the stock ones on purpose (float64 sinusoid and RoPE, fp32 RMSNorm statistics, bf16 LayerNorm
+and modulation, attention in bf16 even for an fp32 model): this file is what our kernels are judged
+against, so it must compute what LongLive computes, host syncs and cache clones included.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "CausalWanModel",
+    "CausalWanAttentionBlock",
+    "CausalWanSelfAttention",
+    "WanT2VCrossAttention",
+    "CausalHead",
+    "WanRMSNorm",
+    "WanLayerNorm",
+    "attention",
+    "causal_rope_apply",
+    "rope_params",
+    "sinusoidal_embedding_1d",
+]
+
+
+def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """[len(position), dim] float64: cos half first, then sin, with w_k = 10000^(-k/(dim/2))."""
+    if dim % 2:
+        raise ValueError(f"sinusoidal embedding needs an even dim, got {dim}")
+    half = dim // 2
+    position = position.type(torch.float64)
+    sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half).to(position).div(half)))
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+
+def rope_params(max_seq_len: int, dim: int, theta: float = 10000) -> torch.Tensor:
+    """[max_seq_len, dim/2] complex128 table exp(i * p * theta^(-2j/dim))."""
+    if dim % 2:
+        raise ValueError(f"RoPE needs an even dim, got {dim}")
+    # Always on the CPU, as the stock model builds it: float64 pow/cos/sin differ by an ulp
+    # between devices, and an fp32 parity run must see the same table.
+    freqs = torch.outer(
+        torch.arange(max_seq_len, device="cpu"),
+        1.0 / torch.pow(theta, torch.arange(0, dim, 2, device="cpu").to(torch.float64).div(dim)),
+    )
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def rope_freqs(head_dim: int, max_frames: int = 1024) -> torch.Tensor:
+    """The model's [max_frames, head_dim/2] complex128 table: temporal | height | width columns."""
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    d = head_dim
+    return torch.cat(
+        [
+            rope_params(max_frames, d - 4 * (d // 6)),
+            rope_params(max_frames, 2 * (d // 6)),
+            rope_params(max_frames, 2 * (d // 6)),
+        ],
+        dim=1,
+    )
+
+
+def causal_rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor,
+                      start_frame: int = 0) -> torch.Tensor:
+    """Rotate x [B, L, H, D] by the 3-axis RoPE at absolute frames start_frame.. (float64 math).
+
+    Each head's D values form D/2 complex numbers from adjacent pairs; the first c - 2(c//3) use the
+    temporal table, then c//3 the height table, then c//3 the width table (c = D/2). Rows past a
+    sample's f*h*w tokens pass through unrotated.
+    """
+    n, c = x.size(2), x.size(3) // 2
+    freqs = freqs.split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
+    output = []
+    for i, (f, h, w) in enumerate(grid_sizes.tolist()):
+        seq_len = f * h * w
+        x_i = torch.view_as_complex(x[i, :seq_len].to(torch.float64).reshape(seq_len, n, -1, 2))
+        freqs_i = torch.cat(
+            [
+                freqs[0][start_frame:start_frame + f].view(f, 1, 1, -1).expand(f, h, w, -1),
+                freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+                freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+            ],
+            dim=-1,
+        ).reshape(seq_len, 1, -1)
+        x_i = torch.view_as_real(x_i * freqs_i).flatten(2)
+        x_i = torch.cat([x_i, x[i, seq_len:]])
+        output.append(x_i)
+    return torch.stack(output).type_as(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention of q [B, Lq, H, D] over k, v [B, Lk, H, D], scale 1/sqrt(D).
+
+    Like the stock flash-attention entry point, inputs that are not fp16/bf16 are computed in bf16
+    and the result is cast back to q's dtype: an fp32 LongLive model still attends in bf16.
+    """
+    out_dtype = q.dtype
+    half = (torch.float16, torch.bfloat16)
+    if v.dtype not in half:
+        q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).type(out_dtype)
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm: statistics in fp32, cast back to the input dtype, then times the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x.float()).type_as(x) * self.weight
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm in the input's dtype (LongLive's variant has no fp32 upcast)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).type_as(x)
+
+
+class CausalWanSelfAttention(nn.Module):
+    """Self-attention over a rolling KV cache with attention-sink frames (stock cache protocol)."""
+
+    def __init__(self, dim: int, num_heads: int, local_attn_size: int = -1, sink_size: int = 0,
+                 qk_norm: bool = True, eps: float = 1e-6):
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.local_attn_size = local_attn_size
+        self.sink_size = sink_size
+        self.qk_norm = qk_norm
+        self.eps = eps
+        # Stock LongLive hard-codes 1560 tokens per frame here; None means local_attn_size frames
+        # of the frame size seen at run time (the same number at 1.3B shapes), which also serves
+        # the small test presets. The stock pipeline may overwrite this attribute.
+        self.max_attention_size: int | None = None
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def _attention_budget(self, frame_seqlen: int, capacity: int) -> int:
+        if self.max_attention_size is not None:
+            return self.max_attention_size
+        if self.local_attn_size == -1:
+            return capacity
+        return self.local_attn_size * frame_seqlen
+
+    def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0,
+                cache_start=None, sink_recache_after_switch=False):
+        if kv_cache is None:
+            raise NotImplementedError("the reference implements LongLive's KV-cached inference path only")
+        b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+
+        frame_seqlen = math.prod(grid_sizes[0][1:]).item()
+        current_start_frame = current_start // frame_seqlen
+        roped_query = causal_rope_apply(q, grid_sizes, freqs, start_frame=current_start_frame).type_as(v)
+        roped_key = causal_rope_apply(k, grid_sizes, freqs, start_frame=current_start_frame).type_as(v)
+
+        current_end = current_start + s
+        sink_tokens = self.sink_size * frame_seqlen
+        kv_cache_size = kv_cache["k"].shape[1]
+        global_end = kv_cache["global_end_index"].item()
+        local_end = kv_cache["local_end_index"].item()
+        is_recompute = current_end <= global_end and current_start > 0
+
+        temp_k = kv_cache["k"].clone()
+        temp_v = kv_cache["v"].clone()
+        if self.local_attn_size != -1 and current_end > global_end and s + local_end > kv_cache_size:
+            # Evict the oldest non-sink tokens: shift the kept ones left, behind the sink.
+            num_evicted = s + local_end - kv_cache_size
+            num_rolled = local_end - num_evicted - sink_tokens
+            local_end_index = local_end + current_end - global_end - num_evicted
+            local_start_index = local_end_index - s
+            src = slice(sink_tokens + num_evicted, sink_tokens + num_evicted + num_rolled)
+            temp_k[:, sink_tokens:sink_tokens + num_rolled] = temp_k[:, src].clone()
+            temp_v[:, sink_tokens:sink_tokens + num_rolled] = temp_v[:, src].clone()
+            # The sink is protected only when recomputing; a first pass may write into it.
+            write_start = max(local_start_index, sink_tokens) if is_recompute else local_start_index
+            action = {"action": "roll_and_insert", "sink_tokens": sink_tokens,
+                      "num_rolled_tokens": num_rolled, "num_evicted_tokens": num_evicted}
+        else:
+            local_end_index = local_end + current_end - global_end
+            local_start_index = local_end_index - s
+            write_start = max(local_start_index, sink_tokens) if is_recompute else local_start_index
+            if sink_recache_after_switch:
+                write_start = local_start_index
+            action = {"action": "direct_insert"}
+        offset = max(0, write_start - local_start_index)
+        write_len = max(0, local_end_index - write_start)
+        new_k = roped_key[:, offset:offset + write_len]
+        new_v = v[:, offset:offset + write_len]
+        if write_len > 0:
+            temp_k[:, write_start:local_end_index] = new_k
+            temp_v[:, write_start:local_end_index] = new_v
+        info = {
+            **action,
+            "local_start_index": local_start_index,
+            "local_end_index": local_end_index,
+            "write_start_index": write_start,
+            "write_end_index": local_end_index,
+            "new_k": new_k,
+            "new_v": new_v,
+            "current_end": current_end,
+            "is_recompute": is_recompute,
+        }
+
+        budget = self._attention_budget(frame_seqlen, kv_cache_size)
+        if sink_tokens > 0:
+            local_budget = budget - sink_tokens
+            if local_budget > 0:
+                window_start = max(sink_tokens, local_end_index - local_budget)
+                k_att = torch.cat([temp_k[:, :sink_tokens], temp_k[:, window_start:local_end_index]], dim=1)
+                v_att = torch.cat([temp_v[:, :sink_tokens], temp_v[:, window_start:local_end_index]], dim=1)
+            else:
+                k_att, v_att = temp_k[:, :sink_tokens], temp_v[:, :sink_tokens]
+        else:
+            window_start = max(0, local_end_index - budget)
+            k_att = temp_k[:, window_start:local_end_index]
+            v_att = temp_v[:, window_start:local_end_index]
+        x = attention(roped_query, k_att, v_att)
+        x = self.o(x.flatten(2))
+        return x, (current_end, local_end_index, info)
+
+
+class WanT2VCrossAttention(nn.Module):
+    """Cross-attention to the text; K/V come from `crossattn_cache` once it is initialised."""
+
+    def __init__(self, dim: int, num_heads: int, window_size=(-1, -1), qk_norm: bool = True,
+                 eps: float = 1e-6):
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = window_size
+        self.qk_norm = qk_norm
+        self.eps = eps
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def forward(self, x, context, context_lens, crossattn_cache=None):
+        b, n, d = x.size(0), self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)
+        if crossattn_cache is not None and crossattn_cache["is_init"]:
+            # The stock cache ignores `context` once filled: a prompt switch must reset it.
+            k, v = crossattn_cache["k"], crossattn_cache["v"]
+        else:
+            k = self.norm_k(self.k(context)).view(b, -1, n, d)
+            v = self.v(context).view(b, -1, n, d)
+            if crossattn_cache is not None:
+                crossattn_cache["is_init"] = True
+                crossattn_cache["k"] = k
+                crossattn_cache["v"] = v
+        x = attention(q, k, v)
+        return self.o(x.flatten(2))
+
+
+class CausalWanAttentionBlock(nn.Module):
+    """One transformer layer: modulated self-attention, cross-attention, modulated FFN."""
+
+    def __init__(self, cross_attn_type: str, dim: int, ffn_dim: int, num_heads: int,
+                 local_attn_size: int = -1, sink_size: int = 0, qk_norm: bool = True,
+                 cross_attn_norm: bool = False, eps: float = 1e-6):
+        if cross_attn_type != "t2v_cross_attn":
+            raise NotImplementedError(f"cross-attention type {cross_attn_type!r}: only t2v is supported")
+        super().__init__()
+        self.dim = dim
+        self.ffn_dim = ffn_dim
+        self.num_heads = num_heads
+        self.local_attn_size = local_attn_size
+        self.qk_norm = qk_norm
+        self.cross_attn_norm = cross_attn_norm
+        self.eps = eps
+        self.norm1 = WanLayerNorm(dim, eps)
+        self.self_attn = CausalWanSelfAttention(dim, num_heads, local_attn_size, sink_size, qk_norm, eps)
+        self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = WanT2VCrossAttention(dim, num_heads, (-1, -1), qk_norm, eps)
+        self.norm2 = WanLayerNorm(dim, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e, seq_lens, grid_sizes, freqs, context, context_lens, block_mask,
+                kv_cache=None, crossattn_cache=None, current_start=0, cache_start=None,
+                sink_recache_after_switch=False):
+        """x [B, L, C]; e [B, F, 6, C] per-frame modulation; returns (x, cache update info)."""
+        num_frames, frame_seqlen = e.shape[1], x.shape[1] // e.shape[1]
+        e = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
+
+        def per_frame(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(dim=1, sizes=(num_frames, frame_seqlen))
+
+        y, cache_info = self.self_attn(
+            (per_frame(self.norm1(x)) * (1 + e[1]) + e[0]).flatten(1, 2),
+            seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, cache_start,
+            sink_recache_after_switch)
+        x = x + (per_frame(y) * e[2]).flatten(1, 2)
+        x = x + self.cross_attn(self.norm3(x), context, context_lens, crossattn_cache=crossattn_cache)
+        y = self.ffn((per_frame(self.norm2(x)) * (1 + e[4]) + e[3]).flatten(1, 2))
+        x = x + (per_frame(y) * e[5]).flatten(1, 2)
+        return x, cache_info
+
+
+class CausalHead(nn.Module):
+    """Output head: LayerNorm, per-frame shift/scale from the time embedding, Linear."""
+
+    def __init__(self, dim: int, out_dim: int, patch_size, eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.out_dim = out_dim
+        self.patch_size = patch_size
+        self.eps = eps
+        self.norm = WanLayerNorm(dim, eps)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [B, L, C], e [B, F, 1, C] -> [B, F, L/F, prod(patch) * out_dim]."""
+        num_frames, frame_seqlen = e.shape[1], x.shape[1] // e.shape[1]
+        e = (self.modulation.unsqueeze(1) + e).chunk(2, dim=2)
+        return self.head(self.norm(x).unflatten(dim=1, sizes=(num_frames, frame_seqlen)) * (1 + e[1]) + e[0])
+
+
+class CausalWanModel(nn.Module):
+    """LongLive's causal Wan2.1 text-to-video generator (KV-cached inference path)."""
+
+    def __init__(self, model_type: str = "t2v", patch_size=(1, 2, 2), text_len: int = 512,
+                 in_dim: int = 16, dim: int = 1536, ffn_dim: int = 8960, freq_dim: int = 256,
+                 text_dim: int = 4096, out_dim: int = 16, num_heads: int = 12, num_layers: int = 30,
+                 local_attn_size: int = 12, sink_size: int = 3, qk_norm: bool = True,
+                 cross_attn_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        if model_type != "t2v":
+            raise NotImplementedError(f"model_type {model_type!r}: the reference covers LongLive's t2v model")
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} / num_heads {num_heads} must give an even head dim")
+        self.model_type = model_type
+        self.patch_size = tuple(patch_size)
+        self.text_len = text_len
+        self.in_dim = in_dim
+        self.dim = dim
+        self.ffn_dim = ffn_dim
+        self.freq_dim = freq_dim
+        self.text_dim = text_dim
+        self.out_dim = out_dim
+        self.num_heads = num_heads
+        self.num_layers = num_layers
+        self.local_attn_size = local_attn_size
+        self.sink_size = sink_size
+        self.qk_norm = qk_norm
+        self.cross_attn_norm = cross_attn_norm
+        self.eps = eps
+
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([
+            CausalWanAttentionBlock("t2v_cross_attn", dim, ffn_dim, num_heads, local_attn_size,
+                                    sink_size, qk_norm, cross_attn_norm, eps)
+            for _ in range(num_layers)
+        ])
+        self.head = CausalHead(dim, out_dim, patch_size, eps)
+        # A plain attribute, not a buffer, as in the stock model: it stays complex128 through
+        # .to(dtype) and stays out of the state dict, so stock checkpoints load strictly.
+        self.freqs = rope_freqs(dim // num_heads)
+        self.block_mask = None
+        self.num_frame_per_block = 1
+        self.independent_first_frame = False
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The stock initialisation (which leaves the output head at zero)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def forward(self, x, t, context, seq_len=None, clip_fea=None, y=None, kv_cache=None,
+                crossattn_cache=None, current_start: int = 0, cache_start=None,
+                sink_recache_after_switch: bool = False):
+        if kv_cache is None:
+            raise NotImplementedError("the reference implements LongLive's KV-cached inference path; pass kv_cache")
+        if clip_fea is not None or y is not None:
+            raise NotImplementedError("image conditioning (i2v) is not part of LongLive's t2v generator")
+        device = self.patch_embedding.weight.device
+        if self.freqs.device != device:
+            self.freqs = self.freqs.to(device)
+
+        x = [self.patch_embedding(u.unsqueeze(0)) for u in x]
+        grid_sizes = torch.stack([torch.tensor(u.shape[2:], dtype=torch.long) for u in x])
+        x = [u.flatten(2).transpose(1, 2) for u in x]
+        seq_lens = torch.tensor([u.size(1) for u in x], dtype=torch.long)
+        if seq_len is not None and seq_lens.max() > seq_len:
+            raise ValueError(f"{int(seq_lens.max())} tokens in one call exceed seq_len {seq_len}")
+        x = torch.cat(x)
+
+        e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t.flatten()).type_as(x))
+        e0 = self.time_projection(e).unflatten(1, (6, self.dim)).unflatten(dim=0, sizes=t.shape)
+        context = self.text_embedding(torch.stack([
+            torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context
+        ]))
+
+        cache_infos = []
+        for index, block in enumerate(self.blocks):
+            x, info = block(
+                x, e=e0, seq_lens=seq_lens, grid_sizes=grid_sizes, freqs=self.freqs, context=context,
+                context_lens=None, block_mask=self.block_mask, kv_cache=kv_cache[index],
+                crossattn_cache=crossattn_cache[index], current_start=current_start,
+                cache_start=cache_start, sink_recache_after_switch=sink_recache_after_switch)
+            cache_infos.append((index, info))
+        # Every layer attended to a clone; commit all the writes once the layers have run.
+        self._apply_cache_updates(kv_cache, cache_infos)
+
+        x = self.head(x, e.unflatten(dim=0, sizes=t.shape).unsqueeze(2))
+        return torch.stack(self.unpatchify(x, grid_sizes))
+
+    @staticmethod
+    def _apply_cache_updates(kv_cache, cache_infos) -> None:
+        for index, (current_end, local_end_index, info) in cache_infos:
+            cache = kv_cache[index]
+            if info is not None:
+                if info["action"] == "roll_and_insert":
+                    sink, rolled, evicted = info["sink_tokens"], info["num_rolled_tokens"], info["num_evicted_tokens"]
+                    src = slice(sink + evicted, sink + evicted + rolled)
+                    cache["k"][:, sink:sink + rolled] = cache["k"][:, src].clone()
+                    cache["v"][:, sink:sink + rolled] = cache["v"][:, src].clone()
+                start, end = info["write_start_index"], info["write_end_index"]
+                if end > start and info["new_k"].shape[1] == end - start:
+                    cache["k"][:, start:end] = info["new_k"]
+                    cache["v"][:, start:end] = info["new_v"]
+            # A recompute rewrites slots but never moves the pointers.
+            if info is None or not info["is_recompute"]:
+                cache["global_end_index"].fill_(current_end)
+                cache["local_end_index"].fill_(local_end_index)
+
+    def unpatchify(self, x: torch.Tensor, grid_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """[B, F, L/F, prod(patch)*C] -> list of [C, F*pt, H*ph, W*pw]."""
+        c = self.out_dim
+        out = []
+        for u, v in zip(x, grid_sizes.tolist()):
+            u = u[:math.prod(v)].view(*v, *self.patch_size, c)
+            u = torch.einsum("fhwpqrc->cfphqwr", u)
+            out.append(u.reshape(c, *[i * j for i, j in zip(v, self.patch_size)]))
+        return out

@@ -1,0 +1,29 @@
+"""The one list of patches that patch_model applies, in order.
+
+A Patch recognises the stock module it replaces by structure (never by import path, so the stock
+LongLive classes and our reference both match), says which config switch enables it, and builds
+the replacement. A replacement that cannot take a module raises PatchSkip with the reason; the
+module stays as it was and the report says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+
+class PatchSkip(Exception):
+    """Raised by Patch.replace when a module cannot be patched; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    matches: Callable[[nn.Module], bool]
+    enabled: Callable[[object], bool]            # PatchConfig -> bool
+    replace: Callable[[nn.Module, object], nn.Module]
+
+
+# Each kernel issue adds its entry here.
+PATCHES: list[Patch] = []
