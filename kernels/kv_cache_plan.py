@@ -1,0 +1,142 @@
+"""LongLive's KV-cache bookkeeping as index arithmetic on the GPU: one tiny kernel per layer call.
+
+The stock self-attention reads the cache pointers with `.item()` (a host sync per read), clones
+the whole cache, and on eviction shifts the kept window left with a memmove. Here the same rules
+run in one single-program kernel that reads the pointers on the device and writes a plan that the
+append and attention kernels read, so nothing waits for the host and a CUDA graph can hold it.
+
+Slots are *logical* (the stock layout's indices). The non-sink part of the buffer is a ring: a
+stock roll by E slots is `shift += E (mod ring_size)`, and a logical slot l maps to the physical
+slot
+
+    l                                                  if l <  ring_lo   (the sink; never moves)
+    ring_lo + (l - ring_lo + shift) % ring_size        otherwise
+
+with ring_lo = sink tokens and ring_size = capacity - sink tokens. Attention treats its keys as a
+set, so the physical order does not matter; what it attends to, and what it writes, are exactly
+the stock's.
+
+Inputs (int64 device tensors of one element): global_end (G), local_end (L), shift (updated in
+place). Host ints: current_start s, new tokens n, capacity C, sink tokens S, attention budget M,
+`local` (local_attn_size != -1) and `sink_recache` (LongLive's sink_recache_after_switch).
+
+Plan (int64 [PLAN_SIZE]):
+    LOCAL_START   logical slot of new row 0 (ls)
+    ROW_LO        first new row written, in [0, n] (rows before it fall on the protected sink)
+    SINK_END      keys attended: logical [0, SINK_END) ...
+    WIN_START     ... plus logical [WIN_START, WIN_END)
+    WIN_END
+    NEW_GLOBAL    pointer values after the call (unchanged on a recompute)
+    NEW_LOCAL
+    SHIFT         the ring shift after this call's eviction
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOCAL_START, ROW_LO, SINK_END, WIN_START, WIN_END, NEW_GLOBAL, NEW_LOCAL, SHIFT = range(8)
+PLAN_SIZE = 8
+
+
+@triton.jit
+def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, plan_ptr, s, n, C, S, M,
+                          LOCAL: tl.constexpr, SINK_RECACHE: tl.constexpr):
+    g = tl.load(global_ptr)
+    loc = tl.load(local_ptr)
+    shift = tl.load(shift_ptr)
+    e = s + n
+    is_recompute = (e <= g) & (s > 0)
+    evicted = n + loc - C
+    roll = (e > g) & (evicted > 0)
+    if not LOCAL:
+        roll = e < 0  # never: global attention does not evict
+    new_local = tl.where(roll, loc + (e - g) - evicted, loc + (e - g))
+    local_start = new_local - n
+    # The sink is protected on a recompute; sink_recache_after_switch lifts that in the
+    # direct-insert branch only, as in the stock code.
+    protect = is_recompute
+    if SINK_RECACHE:
+        protect = is_recompute & roll
+    write_start = tl.where(protect, tl.maximum(local_start, S), local_start)
+    ring = C - S
+    new_shift = tl.where(roll, (shift + evicted) % ring, shift)
+    # With no sink (S = 0) this is the stock max(0, L' - M).
+    win_start = tl.where(M - S > 0, tl.maximum(S, new_local - (M - S)), new_local)
+    tl.store(plan_ptr + 0, local_start)
+    tl.store(plan_ptr + 1, tl.minimum(tl.maximum(write_start - local_start, 0), n))
+    tl.store(plan_ptr + 2, g * 0 + S)
+    tl.store(plan_ptr + 3, win_start)
+    tl.store(plan_ptr + 4, new_local)
+    tl.store(plan_ptr + 5, tl.where(is_recompute, g, e))
+    tl.store(plan_ptr + 6, tl.where(is_recompute, loc, new_local))
+    tl.store(plan_ptr + 7, new_shift)
+    tl.store(shift_ptr, new_shift)
+
+
+def _check_pointer(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
+        raise TypeError(f"{name} must be an int64 tensor of one element, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)} with {getattr(t, 'numel', lambda: '?')()} elements")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torch.Tensor, *,
+                  current_start: int, num_new: int, capacity: int, sink_tokens: int, budget: int,
+                  local: bool = True, sink_recache: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Plan one self-attention call's cache update and window; updates `shift` in place."""
+    device = global_end.device
+    for name, t in (("global_end", global_end), ("local_end", local_end), ("shift", shift)):
+        _check_pointer(name, t, device)
+    if num_new < 1:
+        raise ValueError(f"num_new must be >= 1, got {num_new}")
+    if current_start < 0:
+        raise ValueError(f"current_start must be >= 0, got {current_start}")
+    if not 0 <= sink_tokens < capacity:
+        raise ValueError(f"sink tokens {sink_tokens} must lie in [0, capacity {capacity})")
+    if num_new > capacity:
+        raise ValueError(f"{num_new} new tokens do not fit a KV cache of {capacity} slots")
+    if budget < 1:
+        raise ValueError(f"attention budget must be >= 1, got {budget}")
+    if out is None:
+        out = torch.empty(PLAN_SIZE, dtype=torch.int64, device=device)
+    elif out.dtype != torch.int64 or out.numel() != PLAN_SIZE or out.device != device:
+        raise ValueError(f"out must be an int64 tensor of {PLAN_SIZE} elements on {device}")
+    _kv_cache_plan_kernel[(1,)](global_end, local_end, shift, out, current_start, num_new, capacity,
+                                sink_tokens, budget, LOCAL=bool(local), SINK_RECACHE=bool(sink_recache))
+    return out
+
+
+def kv_cache_plan_ref(global_end: int, local_end: int, shift: int, *, current_start: int, num_new: int,
+                      capacity: int, sink_tokens: int, budget: int, local: bool = True,
+                      sink_recache: bool = False) -> list[int]:
+    """The stock rules (CausalWanSelfAttention.forward + _apply_cache_updates) in plain Python."""
+    g, loc, s, n, C, S, M = global_end, local_end, current_start, num_new, capacity, sink_tokens, budget
+    e = s + n
+    is_recompute = e <= g and s > 0
+    roll = local and e > g and n + loc > C
+    if roll:
+        evicted = n + loc - C
+        new_local = loc + e - g - evicted
+        local_start = new_local - n
+        write_start = max(local_start, S) if is_recompute else local_start
+        shift = (shift + evicted) % (C - S)
+    else:
+        new_local = loc + e - g
+        local_start = new_local - n
+        write_start = max(local_start, S) if is_recompute else local_start
+        if sink_recache:
+            write_start = local_start
+    if S > 0:
+        win_start = max(S, new_local - (M - S)) if M - S > 0 else new_local
+    else:
+        win_start = max(0, new_local - M)
+    return [local_start, min(max(write_start - local_start, 0), n), S, win_start, new_local,
+            g if is_recompute else e, loc if is_recompute else new_local, shift]
+
+
+def physical_slot(logical: torch.Tensor, ring_lo: int, ring_size: int, shift) -> torch.Tensor:
+    """Where a logical slot lies in the ring-buffered cache (see the module docstring)."""
+    return torch.where(logical < ring_lo, logical, ring_lo + (logical - ring_lo + shift) % ring_size)

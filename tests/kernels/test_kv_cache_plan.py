@@ -1,0 +1,134 @@
+"""kv_cache_plan: the kernel equals the stock rules exactly, and a ring-buffered cache driven by its
+plans attends to exactly the keys that the stock memmove layout attends to, call after call."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from longlive_triton.kernels.kv_cache_plan import (NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, WIN_END,
+                                                   WIN_START, LOCAL_START, kv_cache_plan, kv_cache_plan_ref,
+                                                   physical_slot)
+
+
+@st.composite
+def layouts(draw):
+    """A LongLive-like cache: tokens per frame, frames per block, window and sink frames."""
+    fs = draw(st.integers(1, 4))
+    per_block = draw(st.integers(1, 3))
+    window = draw(st.integers(per_block + 1, 9))
+    sink = draw(st.integers(0, window - per_block))
+    budget_frames = draw(st.sampled_from([window, window - 1, window + 2]))
+    return fs, per_block, window, sink, max(budget_frames, 1)
+
+
+@st.composite
+def call_sequences(draw):
+    """Calls as the LongLive pipelines make them: per block a first pass, recomputes at the same
+    start, and now and then a prompt-switch re-cache of the window (with or without the sink)."""
+    fs, per_block, window, sink, budget = draw(layouts())
+    calls = []
+    for block in range(draw(st.integers(1, 9))):
+        start = block * per_block
+        if block and draw(st.booleans()):
+            count = min(window, start)
+            calls.append(((start - count) * fs, count * fs, draw(st.booleans())))
+        for _ in range(draw(st.integers(1, 3))):
+            calls.append((start * fs, per_block * fs, False))
+    return fs, window, sink, budget, calls
+
+
+def _stock_step(cache, g, loc, s, n, C, S, M, sink_recache, ids):
+    """One call on a stock-layout cache (the clone-roll-write of CausalWanSelfAttention)."""
+    plan = kv_cache_plan_ref(g, loc, 0, current_start=s, num_new=n, capacity=C, sink_tokens=S, budget=M,
+                             sink_recache=sink_recache)
+    e = s + n
+    if e > g and n + loc > C:
+        evicted = n + loc - C
+        rolled = loc - evicted - S
+        cache[S:S + rolled] = cache[S + evicted:S + evicted + rolled].clone()
+    ls, lo, new_local = plan[LOCAL_START], plan[ROW_LO], plan[WIN_END]
+    if lo < n:
+        cache[ls + lo:new_local] = ids[lo:]
+    attended = torch.cat([cache[:plan[SINK_END]], cache[plan[WIN_START]:new_local]])
+    return plan[NEW_GLOBAL], plan[NEW_LOCAL], attended
+
+
+@given(call_sequences())
+def test_ring_cache_attends_to_the_stock_keys(case):
+    fs, window, sink, budget, calls = case
+    C, S, M = window * fs, sink * fs, budget * fs
+    stock = torch.zeros(C, dtype=torch.long)
+    ring = torch.zeros(C, dtype=torch.long)
+    g_stock = l_stock = 0
+    g = torch.zeros(1, dtype=torch.long)
+    loc = torch.zeros(1, dtype=torch.long)
+    shift = torch.zeros(1, dtype=torch.long)
+    for index, (s, n, sink_recache) in enumerate(calls):
+        ids = torch.arange(n) + 1000 * (index + 1)  # every written key is unique
+        g_stock, l_stock, expected = _stock_step(stock, g_stock, l_stock, s, n, C, S, M, sink_recache, ids)
+        plan = kv_cache_plan(g, loc, shift, current_start=s, num_new=n, capacity=C, sink_tokens=S, budget=M,
+                             sink_recache=sink_recache).tolist()
+        rows = torch.arange(plan[ROW_LO], n)
+        ring[physical_slot(plan[LOCAL_START] + rows, S, C - S, plan[SHIFT])] = ids[rows]
+        # An empty window (start past end) attends to the sink alone, as the stock slicing does.
+        window = torch.arange(plan[WIN_START], max(plan[WIN_START], plan[WIN_END]))
+        logical = torch.cat([torch.arange(plan[SINK_END]), window])
+        got = ring[physical_slot(logical, S, C - S, plan[SHIFT])]
+        assert torch.equal(got.sort().values, expected.sort().values), (index, plan)
+        g.fill_(plan[NEW_GLOBAL])
+        loc.fill_(plan[NEW_LOCAL])
+        assert (plan[NEW_GLOBAL], plan[NEW_LOCAL]) == (g_stock, l_stock)
+        assert int(shift) == plan[SHIFT]
+
+
+@given(g=st.integers(0, 400), loc=st.integers(0, 96), shift=st.integers(0, 71), s=st.integers(0, 400),
+       n=st.integers(1, 96), sink=st.sampled_from([0, 8, 24]), budget=st.sampled_from([8, 72, 96, 120]),
+       local=st.booleans(), sink_recache=st.booleans())
+def test_plan_kernel_equals_stock_rules(g, loc, shift, s, n, sink, budget, local, sink_recache):
+    C = 96
+    args = dict(current_start=s, num_new=n, capacity=C, sink_tokens=sink, budget=budget, local=local,
+                sink_recache=sink_recache)
+    shift_t = torch.tensor([shift])
+    got = kv_cache_plan(torch.tensor([g]), torch.tensor([loc]), shift_t, **args)
+    want = kv_cache_plan_ref(g, loc, shift % (C - sink), **args) if sink < C else None
+    assert got.tolist()[:SHIFT] == want[:SHIFT]
+    assert got[SHIFT].item() % (C - sink) == want[SHIFT]
+    assert shift_t.item() == got[SHIFT].item()
+
+
+def test_longlive_trace():
+    """Spec section 5's trace: first calls of blocks 0..5 at 1.3B shapes, then a recompute."""
+    fs, C, S = 1560, 18720, 4680
+    g, loc, shift = (torch.zeros(1, dtype=torch.long) for _ in range(3))
+    expected_local = [4680, 9360, 14040, 18720, 18720, 18720]
+    for block, want in enumerate(expected_local):
+        plan = kv_cache_plan(g, loc, shift, current_start=block * 3 * fs, num_new=3 * fs, capacity=C,
+                             sink_tokens=S, budget=C)
+        assert plan[NEW_LOCAL].item() == want and plan[NEW_GLOBAL].item() == (block + 1) * 4680
+        assert plan[WIN_START].item() == S and plan[WIN_END].item() == want
+        assert plan[SHIFT].item() == (4680 * max(0, block - 3)) % (C - S)
+        g.fill_(plan[NEW_GLOBAL])
+        loc.fill_(plan[NEW_LOCAL])
+    again = kv_cache_plan(g, loc, shift, current_start=5 * 3 * fs, num_new=3 * fs, capacity=C, sink_tokens=S, budget=C)
+    assert again[NEW_GLOBAL].item() == g.item() and again[NEW_LOCAL].item() == loc.item()
+    assert again[ROW_LO].item() == 0 and again[LOCAL_START].item() == 14040
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_new=0), "num_new"),
+    (dict(current_start=-1), "current_start"),
+    (dict(sink_tokens=96), "sink tokens"),
+    (dict(num_new=97), "do not fit"),
+    (dict(budget=0), "budget"),
+])
+def test_bad_arguments(bad, match):
+    args = dict(current_start=0, num_new=8, capacity=96, sink_tokens=24, budget=96, **{})
+    args.update(bad)
+    one = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        kv_cache_plan(one, one.clone(), one.clone(), **args)
+
+
+def test_pointer_dtype_is_checked():
+    with pytest.raises(TypeError, match="global_end"):
+        kv_cache_plan(torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                      current_start=0, num_new=8, capacity=96, sink_tokens=24, budget=96)
