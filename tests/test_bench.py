@@ -1,0 +1,113 @@
+"""CPU tests of `longlive-bench`: the e2e run on the tiny preset, the kernel runner's bookkeeping, tables."""
+import json
+import math
+
+import pytest
+import torch
+
+from longlive_triton.bench import kernels, registry
+from longlive_triton.bench.cli import main
+from longlive_triton.bench.registry import KernelCase
+from longlive_triton.bench.results import format_table, quantiles
+
+
+def test_e2e_tiny_writes_json(tmp_path, capsys):
+    out, log = tmp_path / "e2e.json", tmp_path / "log.jsonl"
+    rc = main(["e2e", "--preset-model", "tiny", "--blocks", "4", "--warmup-blocks", "2", "--dtype", "fp32",
+               "--configs", "exact", "--json", str(out), "--append", str(log)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    assert json.loads(log.read_text().splitlines()[-1]) == record
+    assert record["kind"] == "e2e" and record["settings"]["video_frames_per_block"] == 12
+    assert set(record["env"]) == {"gpu", "torch", "triton", "git", "date_utc"}
+    stock, exact = record["rows"]
+    assert stock["config"] == "stock" and stock["status"] == "ok"
+    assert len(stock["block_ms"]) == 4 and stock["median_ms"] > 0 and stock["fps"] > 0
+    assert exact["config"] == "exact" and exact["status"] == "ok"
+    assert math.isfinite(exact["rel_l2"]) and math.isfinite(exact["cosine"])
+    if exact["patch"]["applied"] == 0:  # nothing swapped: the same math on the same inputs, bit for bit
+        assert exact["rel_l2"] == 0.0
+    printed = capsys.readouterr().out
+    assert "patch report" in printed and "ms/block" in printed
+    assert "not steady state" in printed  # 2 warm-up blocks: the window is not full yet, and we say so
+
+
+def test_e2e_refuses_bad_arguments(capsys):
+    assert main(["e2e", "--preset-model", "tiny", "--configs", "no-such-preset"]) == 2
+    assert main(["e2e", "--preset-model", "tiny", "--blocks", "4"]) == 2  # the window fills at block 4
+    assert "no timed block" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_kernels_needs_cuda(capsys):
+    assert main(["kernels"]) == 2
+    assert "kernels needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_missing_case_module_is_a_note_but_a_broken_one_raises(tmp_path, monkeypatch):
+    assert kernels.load_case_modules(["longlive_triton.bench.no_such_cases"]) == [
+        "longlive_triton.bench.no_such_cases does not exist yet: skipped"]
+    (tmp_path / "broken_cases_for_test.py").write_text("import a_dependency_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
+        kernels.load_case_modules(["broken_cases_for_test"])
+
+
+def test_run_case_rates_speedups_and_failures():
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+
+    case = KernelCase(name="fake", shape="n4", baseline="torch", flops=2e9, bytes=4e6, ceiling="tflops",
+                      providers={"torch": lambda: (lambda: 2.0), "ours": lambda: (lambda: 1.0), "bad": broken})
+    # A stub timer: each provider's call returns its own "ms", so the arithmetic is checked exactly.
+    rows = kernels.run_case(case, {"tflops": 4.0, "bandwidth_gbs": 1000.0}, lambda fn: (fn(), fn() * 0.9, fn() * 1.1))
+    by = {r["provider"]: r for r in rows}
+    assert by["ours"]["tflops"] == pytest.approx(2.0) and by["ours"]["gbs"] == pytest.approx(4.0)
+    assert by["ours"]["pct_ceiling"] == pytest.approx(50.0)
+    assert by["ours"]["speedup"] == pytest.approx(2.0) and by["torch"]["speedup"] == pytest.approx(1.0)
+    assert by["bad"]["status"] == "failed" and "no kernel for this shape" in by["bad"]["error"]
+    text = kernels.family_table("fake", rows)
+    assert "FAILED" in text and "2.00x" in text and "RuntimeError" in text
+
+
+def test_family_that_cannot_build_is_a_failed_row():
+    def build():
+        raise ValueError("bad shapes")
+
+    rows = kernels.family_rows("fake", build, {"tflops": 1.0, "bandwidth_gbs": 1.0}, lambda fn: (1.0, 1.0, 1.0))
+    assert rows == [{"family": "fake", "status": "failed", "error": "ValueError: bad shapes"}]
+
+
+def test_registry_refuses_a_duplicate_family(monkeypatch):
+    monkeypatch.setattr(registry, "_FAMILIES", {})
+    registry.register("dup")(lambda: [])
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register("dup")(lambda: [])
+    assert list(registry.families()) == ["dup"]
+
+
+def test_format_table_aligns_columns():
+    text = format_table("title", ["name", "ms"], [["a", "1.5"], ["longer", "12.25"]])
+    lines = text.splitlines()
+    assert lines[0] == "title" and set(lines[2]) == {"-"}
+    assert lines[3] == "a         1.5" and lines[4] == "longer  12.25"
+    assert quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((3.0, 1.8, 4.2))
+
+
+def test_kernels_run_path_with_stub_gpu(tmp_path, monkeypatch, capsys):
+    # Everything but the GPU itself: case discovery, --only, tables, JSON and the exit code.
+    case = KernelCase(name="fake", shape="n4", baseline="torch", bytes=4e6,
+                      providers={"torch": lambda: (lambda: 2.0), "ours": lambda: (lambda: 1.0)})
+    monkeypatch.setattr(kernels.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "environment", lambda: {"gpu": "stub"})
+    monkeypatch.setattr(kernels, "families", lambda: {"fake": lambda: [case], "other": lambda: []})
+    monkeypatch.setattr(kernels, "do_bench_timer", lambda warmup, rep: lambda fn: (fn(), fn(), fn()))
+    monkeypatch.setattr(kernels, "measure_ceilings", lambda timer: {"tflops": 1.0, "bandwidth_gbs": 8.0,
+                                                                    "copy_bytes": 1, "matmul_size": 1})
+    assert main(["kernels", "--only", "nope"]) == 2
+    out = tmp_path / "k.json"
+    assert main(["kernels", "--only", "fake", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["kind"] == "kernels" and [r["provider"] for r in record["rows"]] == ["torch", "ours"]
+    assert record["rows"][1]["pct_ceiling"] == pytest.approx(50.0)  # 4 GB/s of a measured 8
+    assert "fake" in capsys.readouterr().out
