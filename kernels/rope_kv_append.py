@@ -1,0 +1,322 @@
+"""q/k RMSNorm + causal 3-axis RoPE + KV-cache append, in one pass over the new projections.
+
+Shapes, layout and dtypes:
+- q_lin, k_lin, v: [B, n, H*D] bf16, the q/k/v Linear outputs (any batch/row strides with the last
+  one 1, so slices of a fused q|k|v GEMM output work).
+- norm_q_weight, norm_k_weight: [H*D] bf16, the RMSNorm weights (RMSNorm is over the full H*D row).
+- cos, sin: [R, D/2] fp32 RoPE tables from `rope_tables` (R = 1024 for the model).
+- k_cache, v_cache: [B, C, H, D] bf16, the stock slot-major cache, written in place.
+- grid_sizes: host ints (F, Hg, Wg) with F*Hg*Wg == n; token t = (f*Hg + h)*Wg + w.
+- start_frame, dst_start, row_lo: int32/int64 tensors of shape [1] or [B] on the device (read
+  there: no host sync, capturable), or Python ints (checked on the host).
+- returns q: [B, n, H, D] bf16, roped.
+
+Math, keeping the stock rounding points: RMSNorm x * rsqrt(mean(x^2) + eps) in fp32, cast to bf16,
+then times the bf16 weight (rounded to bf16); RoPE on D/2 complex pairs of adjacent values
+(2i, 2i+1) in fp32 (the stock uses float64; the tables are built in float64), cast to bf16. Pair
+slots [0, c - 2(c//3)) rotate by the temporal table at absolute frame start_frame + f, the next c//3
+by the height table at h, the last c//3 by the width table at w (c = D/2).
+
+Cache writes: rows r in [row_lo, n) of the roped k and the raw v go to slot
+ring_lo + ((dst_start - ring_lo + r) mod ring_size). With ring_size >= dst_start + n - ring_lo this
+is the contiguous write dst_start + r; rows below row_lo are not written (the stock's "sink is
+protected on recompute" rule). The caller keeps n - row_lo <= ring_size so written rows never collide.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_SUPPORTED_HEAD_DIMS = (32, 64, 128)
+
+
+@triton.jit
+def _to_bf16(x, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        # The interpreter truncates fp32 -> bf16 casts; round to nearest even by hand there.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _rms_norm_bf16(x, w, inv_n, eps, INTERPRET: tl.constexpr):
+    # Stock rounding points: fp32 statistics, cast to bf16, then a bf16 multiply by the weight
+    # (exact in fp32, then rounded once, as torch's bf16 multiply does).
+    r = tl.math.rsqrt(tl.sum(tl.sum(x * x, 1), 0) * inv_n + eps)
+    xn = _to_bf16(x * r, INTERPRET).to(tl.float32)
+    return _to_bf16(xn * w, INTERPRET).to(tl.float32)
+
+
+@triton.jit
+def _rotate(x, cos, sin, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr):
+    re, im = tl.split(tl.reshape(x, [BLOCK_H, HEAD_DIM // 2, 2]))
+    out_re = re * cos[None, :] - im * sin[None, :]
+    out_im = re * sin[None, :] + im * cos[None, :]
+    return tl.reshape(tl.join(out_re, out_im), [BLOCK_H, HEAD_DIM])
+
+
+@triton.jit
+def _rope_kv_append_kernel(
+    ql_ptr, kl_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,
+    qo_ptr, kc_ptr, vc_ptr,
+    start_frame_ptr, dst_start_ptr, row_lo_ptr,
+    stride_sf, stride_ds, stride_rl,
+    stride_qlb, stride_qlt, stride_klb, stride_klt, stride_vb, stride_vt,
+    stride_qob, stride_qot, stride_qoh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_tab, table_rows,
+    H, hg, wg, ring_lo, ring_size, inv_n, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, T_SLOTS: tl.constexpr, HW_SLOTS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    HALF: tl.constexpr = HEAD_DIM // 2
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_j = tl.arange(0, HALF)
+    h_mask = offs_h[:, None] < H
+    row_offs = offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+
+    start_frame = tl.load(start_frame_ptr + b * stride_sf).to(tl.int32)
+    dst_start = tl.load(dst_start_ptr + b * stride_ds).to(tl.int32)
+    row_lo = tl.load(row_lo_ptr + b * stride_rl).to(tl.int32)
+
+    f = t // (hg * wg)
+    hh = (t // wg) % hg
+    ww = t % wg
+    pos = tl.where(offs_j < T_SLOTS, start_frame + f, tl.where(offs_j < T_SLOTS + HW_SLOTS, hh, ww))
+    # Frames past the table (the stock asserts on them) must not read out of bounds.
+    pos_ok = (pos >= 0) & (pos < table_rows)
+    cos = tl.load(cos_ptr + pos * stride_tab + offs_j, mask=pos_ok, other=1.0)
+    sin = tl.load(sin_ptr + pos * stride_tab + offs_j, mask=pos_ok, other=0.0)
+
+    q = tl.load(ql_ptr + b64 * stride_qlb + t * stride_qlt + row_offs, mask=h_mask, other=0.0).to(tl.float32)
+    wq = tl.load(wq_ptr + row_offs, mask=h_mask, other=0.0).to(tl.float32)
+    q = _rotate(_rms_norm_bf16(q, wq, inv_n, eps, INTERPRET), cos, sin, BLOCK_H, HEAD_DIM)
+    qo_offs = offs_h[:, None] * stride_qoh + offs_d[None, :]
+    tl.store(qo_ptr + b64 * stride_qob + t * stride_qot + qo_offs, _to_bf16(q, INTERPRET), mask=h_mask)
+
+    # Rows below row_lo are neither read nor written (masked lanes move no memory): no head is live.
+    w_mask = offs_h[:, None] < tl.where(t >= row_lo, H, 0)
+    k = tl.load(kl_ptr + b64 * stride_klb + t * stride_klt + row_offs, mask=w_mask, other=0.0).to(tl.float32)
+    wk = tl.load(wk_ptr + row_offs, mask=w_mask, other=0.0).to(tl.float32)
+    k = _rotate(_rms_norm_bf16(k, wk, inv_n, eps, INTERPRET), cos, sin, BLOCK_H, HEAD_DIM)
+    v = tl.load(v_ptr + b64 * stride_vb + t * stride_vt + row_offs, mask=w_mask, other=0.0)
+
+    # Triton's % truncates toward zero; fold a negative remainder back into [0, ring_size).
+    rel = (dst_start - ring_lo + t) % ring_size
+    slot = ring_lo + tl.where(rel < 0, rel + ring_size, rel)
+    kc_offs = offs_h[:, None] * stride_kch + offs_d[None, :]
+    vc_offs = offs_h[:, None] * stride_vch + offs_d[None, :]
+    tl.store(kc_ptr + b64 * stride_kcb + slot * stride_kcs + kc_offs, _to_bf16(k, INTERPRET), mask=w_mask)
+    tl.store(vc_ptr + b64 * stride_vcb + slot * stride_vcs + vc_offs, v, mask=w_mask)
+
+
+def _index_arg(name: str, value, batch: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int tensor or an int, got bool")
+    if isinstance(value, int):
+        if not lo <= value <= hi:
+            raise ValueError(f"{name}={value} is outside [{lo}, {hi}]")
+        # A device fill, not a copy: no sync, and capturable.
+        return torch.full((1,), value, dtype=torch.int32, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int tensor or an int, got {type(value).__name__}")
+    if value.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {value.dtype}")
+    if value.dim() != 1 or value.numel() not in (1, batch):
+        raise ValueError(f"{name} must have shape [1] or [B={batch}], got {list(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q_lin is on {device}")
+    return value
+
+
+def _check(name: str, t, dtype: torch.dtype, ndim: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q_lin is on {device}")
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
+                   norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   grid_sizes: tuple[int, int, int], start_frame, dst_start, row_lo, *,
+                   ring_lo: int = 0, ring_size: int | None = None, eps: float = 1e-6,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm + RoPE q and k, write roped k and raw v rows [row_lo, n) into the caches; return q.
+
+    See the module docstring for layouts and the slot rule. ring_size defaults to the cache size C.
+    """
+    if not isinstance(q_lin, torch.Tensor):
+        raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
+    device = q_lin.device
+    for name, t in (("q_lin", q_lin), ("k_lin", k_lin), ("v", v)):
+        _check(name, t, torch.bfloat16, 3, device)
+    if k_lin.shape != q_lin.shape or v.shape != q_lin.shape:
+        raise ValueError(f"q_lin {list(q_lin.shape)}, k_lin {list(k_lin.shape)} and v {list(v.shape)} "
+                         "must have the same shape [B, n, H*D]")
+    _check("k_cache", k_cache, torch.bfloat16, 4, device)
+    _check("v_cache", v_cache, torch.bfloat16, 4, device)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
+    B, n, HD = q_lin.shape
+    Bc, C, H, D = k_cache.shape
+    if D not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported; expected one of {_SUPPORTED_HEAD_DIMS}")
+    if Bc != B or H * D != HD:
+        raise ValueError(f"cache shape {list(k_cache.shape)} does not match q_lin {list(q_lin.shape)}: "
+                         f"need B={B} and H*D={HD}")
+    if n > C:
+        raise ValueError(f"the cache has {C} slots, too few for {n} new rows")
+    for name, w in (("norm_q_weight", norm_q_weight), ("norm_k_weight", norm_k_weight)):
+        _check(name, w, torch.bfloat16, 1, device)
+        if w.shape[0] != HD:
+            raise ValueError(f"{name} must have shape [{HD}], got {list(w.shape)}")
+    for name, tab in (("cos", cos), ("sin", sin)):
+        _check(name, tab, torch.float32, 2, device)
+        if tab.shape[1] != D // 2 or tab.shape[0] == 0:
+            raise ValueError(f"{name} must have shape [R, {D // 2}], got {list(tab.shape)}")
+    if cos.shape != sin.shape or cos.stride() != sin.stride():
+        raise ValueError(f"cos {list(cos.shape)} and sin {list(sin.shape)} must match in shape and strides")
+    rows = cos.shape[0]
+    if len(grid_sizes) != 3 or not all(isinstance(g, int) and g > 0 for g in grid_sizes):
+        raise ValueError(f"grid_sizes must be three positive ints (F, Hg, Wg), got {grid_sizes!r}")
+    F_, hg, wg = grid_sizes
+    if F_ * hg * wg != n:
+        raise ValueError(f"grid_sizes {tuple(grid_sizes)} cover {F_ * hg * wg} tokens, but there are {n}")
+    if max(hg, wg, F_) > rows:
+        raise ValueError(f"grid_sizes {tuple(grid_sizes)} exceed the {rows}-row RoPE tables")
+    ring_size = C if ring_size is None else ring_size
+    if not (0 <= ring_lo and ring_size >= 1 and ring_lo + ring_size <= C):
+        raise ValueError(f"ring [{ring_lo}, {ring_lo}+{ring_size}) must be a non-empty range inside the {C}-slot cache")
+    start_frame = _index_arg("start_frame", start_frame, B, 0, rows - F_, device)
+    dst_start = _index_arg("dst_start", dst_start, B, 0, C - 1, device)
+    row_lo = _index_arg("row_lo", row_lo, B, 0, n, device)
+    if out is None:
+        out = torch.empty((B, n, H, D), dtype=torch.bfloat16, device=device)
+    else:
+        _check("out", out, torch.bfloat16, 4, device)
+        if tuple(out.shape) != (B, n, H, D):
+            raise ValueError(f"out has shape {list(out.shape)}, expected {[B, n, H, D]}")
+    if B == 0 or n == 0:
+        return out
+
+    c = D // 2
+    block_h = triton.next_power_of_2(H)
+    _rope_kv_append_kernel[(n, B)](
+        q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
+        out, k_cache, v_cache,
+        start_frame, dst_start, row_lo,
+        0 if start_frame.numel() == 1 else 1, 0 if dst_start.numel() == 1 else 1, 0 if row_lo.numel() == 1 else 1,
+        q_lin.stride(0), q_lin.stride(1), k_lin.stride(0), k_lin.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        cos.stride(0), rows,
+        H, hg, wg, ring_lo, ring_size, 1.0 / HD, eps,
+        HEAD_DIM=D, BLOCK_H=block_h, T_SLOTS=c - 2 * (c // 3), HW_SLOTS=c // 3,
+        INTERPRET=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        num_warps=4 if block_h * D <= 2048 else 8,
+    )
+    return out
+
+
+def _rope_params(max_seq_len: int, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    # The stock table, built on the CPU in float64 as the stock model does.
+    freqs = torch.outer(
+        torch.arange(max_seq_len, dtype=torch.float64),
+        1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64).div(dim)),
+    )
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def _rope_freqs(head_dim: int, max_frames: int) -> torch.Tensor:
+    d = head_dim
+    return torch.cat([_rope_params(max_frames, d - 4 * (d // 6)),
+                      _rope_params(max_frames, 2 * (d // 6)),
+                      _rope_params(max_frames, 2 * (d // 6))], dim=1)
+
+
+def rope_tables(head_dim: int, max_frames: int = 1024,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [max_frames, head_dim/2] fp32: the stock complex128 table rounded once."""
+    if head_dim % 2 or head_dim <= 0:
+        raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
+    freqs = _rope_freqs(head_dim, max_frames)
+    return (freqs.real.float().contiguous().to(device), freqs.imag.float().contiguous().to(device))
+
+
+def rope_kv_append_ref(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
+                       norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       grid_sizes: tuple[int, int, int], start_frame, dst_start, row_lo, *,
+                       ring_lo: int = 0, ring_size: int | None = None, eps: float = 1e-6,
+                       max_frames: int = 1024) -> torch.Tensor:
+    """The stock math literally: WanRMSNorm, float64 complex causal RoPE, torch-indexed cache writes.
+
+    Writes the caches in place and returns roped q [B, n, H, D] bf16. Index arguments may be ints or
+    tensors of shape [1]/[B]; they are read on the host (this is a test oracle)."""
+    B, n, HD = q_lin.shape
+    _, C, H, D = k_cache.shape
+    ring_size = C if ring_size is None else ring_size
+
+    def rms(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * w
+
+    def per_sample(value, b):
+        if isinstance(value, torch.Tensor):
+            value = value.reshape(-1)
+            return int(value[b if value.numel() > 1 else 0])
+        return int(value)
+
+    q = rms(q_lin, norm_q_weight).view(B, n, H, D)
+    k = rms(k_lin, norm_k_weight).view(B, n, H, D)
+    f, hg, wg = grid_sizes
+    c = D // 2
+    freqs = _rope_freqs(D, max_frames).to(q_lin.device).split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
+
+    def rope(x, sf):
+        x_c = torch.view_as_complex(x.to(torch.float64).reshape(n, H, -1, 2))
+        freqs_i = torch.cat([
+            freqs[0][sf:sf + f].view(f, 1, 1, -1).expand(f, hg, wg, -1),
+            freqs[1][:hg].view(1, hg, 1, -1).expand(f, hg, wg, -1),
+            freqs[2][:wg].view(1, 1, wg, -1).expand(f, hg, wg, -1),
+        ], dim=-1).reshape(n, 1, -1)
+        return torch.view_as_real(x_c * freqs_i).flatten(2).type_as(x)
+
+    q_out = torch.empty_like(q)
+    v4 = v.view(B, n, H, D) if v.is_contiguous() else v.reshape(B, n, H, D)
+    for b in range(B):
+        sf = per_sample(start_frame, b)
+        q_out[b] = rope(q[b], sf)
+        k_b = rope(k[b], sf)
+        rows = torch.arange(per_sample(row_lo, b), n, device=q_lin.device)
+        slots = ring_lo + torch.remainder(per_sample(dst_start, b) - ring_lo + rows, ring_size)
+        k_cache[b, slots] = k_b[rows]
+        v_cache[b, slots] = v4[b, rows]
+    return q_out
+
+
+def rope_kv_append_bytes(batch: int, n: int, heads: int, head_dim: int, rows_written: int | None = None) -> float:
+    """Fewest bytes one call must move (bf16): read q_lin, and k_lin and v for the rows written; write
+    q and those k, v cache rows. rows_written defaults to all n."""
+    rows_written = n if rows_written is None else rows_written
+    row = heads * head_dim * 2.0
+    return batch * row * (2 * n + 4 * rows_written)
