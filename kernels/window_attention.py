@@ -334,7 +334,8 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def _slots(sink_end: int, win_start: int, win_end: int, device) -> torch.Tensor:
     sink = torch.arange(0, sink_end, device=device)
-    window = torch.arange(max(win_start, sink_end), win_end, device=device)
+    lo = max(win_start, sink_end)
+    window = torch.arange(lo, max(lo, win_end), device=device)
     return torch.cat([sink, window])
 
 

@@ -1,0 +1,193 @@
+"""Window attention (kernels/window_attention.py) against the gathered float32 SDPA reference.
+
+Every case poisons the K/V slots outside the attended set and the output buffer with NaN, so a
+kernel that reads a slot it should not, or leaves an output element unwritten, fails.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from longlive_triton.kernels.window_attention import (
+    window_attention,
+    window_attention_bytes,
+    window_attention_flops,
+    window_attention_ref,
+)
+
+# Output dtype -> (atol, rtol, max relative L2 error) against the fp32 reference on the same bf16
+# inputs. The kernel rounds P to bf16 before P@V (as flash attention does) and rounds the output.
+TOLERANCES = {torch.bfloat16: (2e-2, 2e-2, 1e-2)}
+
+# `device` is a constant per session, so sharing it across generated inputs is safe.
+_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
+
+
+@st.composite
+def attention_cases(draw, max_batch, max_heads, head_dims, max_lq, max_slots):
+    batch = draw(st.integers(1, max_batch))
+    cap = draw(st.integers(1, max_slots))
+    per_sample = draw(st.booleans())
+    ranges = []
+    for _ in range(batch if per_sample else 1):
+        sink_end = draw(st.sampled_from([0, 0, draw(st.integers(0, cap))]))
+        win_start = draw(st.integers(0, cap))
+        win_end = draw(st.one_of(st.just(cap), st.integers(win_start, cap)))
+        ranges.append((sink_end, win_start, win_end))
+    return dict(
+        batch=batch,
+        lq=draw(st.integers(1, max_lq)),
+        heads=draw(st.integers(1, max_heads)),
+        head_dim=draw(st.sampled_from(head_dims)),
+        cap=cap,
+        ranges=ranges,
+        index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        strided_q=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _attended(cap, sink_end, win_start, win_end):
+    mask = torch.zeros(cap, dtype=torch.bool)
+    mask[:sink_end] = True
+    mask[max(win_start, sink_end):win_end] = True
+    return mask
+
+
+def check_window_attention(case, device, use_tma=False, config=None):
+    B, Lq, H, D, C = case["batch"], case["lq"], case["heads"], case["head_dim"], case["cap"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    if case["strided_q"]:
+        # q as the first third of a fused q|k|v projection: row stride 3*H*D.
+        q = torch.randn(B, Lq, 3, H, D, generator=gen).to(device, torch.bfloat16)[:, :, 0]
+    else:
+        q = torch.randn(B, Lq, H, D, generator=gen).to(device, torch.bfloat16)
+    k_cache = torch.randn(B, C, H, D, generator=gen).to(device, torch.bfloat16)
+    v_cache = torch.randn(B, C, H, D, generator=gen).to(device, torch.bfloat16)
+    ranges = case["ranges"]
+    for b in range(B):
+        outside = ~_attended(C, *ranges[b if len(ranges) > 1 else 0]).to(device)
+        k_cache[b, outside] = float("nan")
+        v_cache[b, outside] = float("nan")
+    sink_end, win_start, win_end = (torch.tensor([r[i] for r in ranges], dtype=case["index_dtype"], device=device)
+                                    for i in range(3))
+    out = torch.full((B, Lq, H, D), float("nan"), dtype=torch.bfloat16, device=device)
+
+    got = window_attention(q, k_cache, v_cache, sink_end, win_start, win_end, out=out,
+                           use_tma=use_tma, config=config)
+    want = window_attention_ref(q, k_cache, v_cache, sink_end, win_start, win_end)
+
+    assert got is out
+    assert not torch.isnan(got).any(), "an output element is unwritten or a poisoned slot was read"
+    atol, rtol, max_rel_l2 = TOLERANCES[torch.bfloat16]
+    got32 = got.float()
+    rel_l2 = ((got32 - want).norm() / want.norm().clamp_min(1e-30)).item()
+    assert want.norm() == 0 or rel_l2 <= max_rel_l2, f"relative L2 error {rel_l2:.3e} > {max_rel_l2}"
+    torch.testing.assert_close(got32, want, atol=atol, rtol=rtol)
+
+
+@settings(suppress_health_check=_HEALTH)
+@given(case=attention_cases(max_batch=2, max_heads=3, head_dims=(32, 64), max_lq=40, max_slots=96))
+def test_matches_reference(case, device):
+    check_window_attention(case, device)
+
+
+def _real(lq, cap, sink_end, win_start, win_end, heads=12, batch=1):
+    return dict(batch=batch, lq=lq, heads=heads, head_dim=128, cap=cap, ranges=[(sink_end, win_start, win_end)],
+                index_dtype=torch.int64, strided_q=False, seed=0)
+
+
+@pytest.mark.gpu
+@settings(max_examples=20, suppress_health_check=_HEALTH)
+@given(case=attention_cases(max_batch=2, max_heads=12, head_dims=(64, 128), max_lq=700, max_slots=3000),
+       use_tma=st.booleans(), tuned=st.just(False))
+# Block 0 (sink only), blocks 1-3 (filling), steady state, a ring-ordered window, cross-attention.
+@example(case=_real(4680, 18720, 4680, 4680, 4680), use_tma=False, tuned=True)
+@example(case=_real(4680, 18720, 4680, 4680, 9360), use_tma=False, tuned=True)
+@example(case=_real(4680, 18720, 4680, 4680, 14040), use_tma=False, tuned=True)
+@example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=False, tuned=True)
+@example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=True, tuned=True)
+@example(case=_real(4680, 18720, 4680, 7000, 18720), use_tma=True, tuned=True)
+@example(case=_real(4680, 512, 0, 0, 512), use_tma=False, tuned=True)
+@example(case=_real(4680, 512, 0, 0, 512), use_tma=True, tuned=True)
+@example(case=_real(1560, 18720, 4680, 4680, 18720, batch=2), use_tma=False, tuned=True)
+def test_matches_reference_gpu(case, use_tma, tuned, device):
+    # Random cases run one fixed config: autotuning every Lq bucket they hit would take minutes.
+    config = None if tuned else {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    check_window_attention(case, device, use_tma=use_tma, config=config)
+
+
+def _inputs(device, B=1, Lq=8, H=2, D=32, C=24):
+    q = torch.randn(B, Lq, H, D, device=device).to(torch.bfloat16)
+    k = torch.randn(B, C, H, D, device=device).to(torch.bfloat16)
+    v = torch.randn(B, C, H, D, device=device).to(torch.bfloat16)
+    return q, k, v
+
+
+def test_cross_attention_full_cache(device):
+    # Cross-attention: a cache of exactly the text length, no sink, window over all of it.
+    q, k, v = _inputs(device, Lq=19, C=512)
+    got = window_attention(q, k, v, 0, 0, 512)
+    torch.testing.assert_close(got.float(), window_attention_ref(q, k, v, 0, 0, 512), atol=2e-2, rtol=2e-2)
+
+
+def test_empty_key_set_gives_zeros(device):
+    q, k, v = _inputs(device)
+    got = window_attention(q, k, v, 0, 5, 5)
+    assert torch.equal(got, torch.zeros_like(got))
+
+
+def test_overlapping_ranges_attend_to_the_union(device):
+    # [0, 10) U [4, 20) is [0, 20): keys in the overlap count once.
+    q, k, v = _inputs(device)
+    got = window_attention(q, k, v, 10, 4, 20)
+    torch.testing.assert_close(got.float(), window_attention_ref(q, k, v, 20, 20, 20), atol=2e-2, rtol=2e-2)
+
+
+def test_custom_scale(device):
+    q, k, v = _inputs(device)
+    got = window_attention(q, k, v, 3, 9, 24, scale=0.3)
+    torch.testing.assert_close(got.float(), window_attention_ref(q, k, v, 3, 9, 24, scale=0.3), atol=2e-2, rtol=2e-2)
+
+
+def test_flops_and_bytes():
+    assert window_attention_flops(1, 4680, 18720, 12, 128) == 4 * 12 * 4680 * 18720 * 128
+    assert window_attention_bytes(1, 4680, 18720, 12, 128) == 2 * 12 * 128 * (2 * 4680 + 2 * 18720)
+
+
+def test_rejects_bad_inputs(device):
+    q, k, v = _inputs(device)
+    idx = torch.tensor([4], device=device)
+    with pytest.raises(TypeError, match="bfloat16"):
+        window_attention(q.float(), k, v, 0, 0, 8)
+    with pytest.raises(TypeError, match="bfloat16"):
+        window_attention(q, k.half(), v, 0, 0, 8)
+    with pytest.raises(ValueError, match="4-D"):
+        window_attention(q[0], k, v, 0, 0, 8)
+    with pytest.raises(ValueError, match="head dim 48"):
+        qq, kk, vv = _inputs(device, D=48)
+        window_attention(qq, kk, vv, 0, 0, 8)
+    with pytest.raises(ValueError, match="does not match q"):
+        window_attention(q, k[:, :, :1], v[:, :, :1], 0, 0, 8)
+    with pytest.raises(ValueError, match="differ in shape"):
+        window_attention(q, k, v[:, :20], 0, 0, 8)
+    with pytest.raises(ValueError, match="last"):
+        window_attention(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, 0, 0, 8)
+    with pytest.raises(ValueError, match="outside the cache"):
+        window_attention(q, k, v, 0, 0, 25)
+    with pytest.raises(ValueError, match="outside the cache"):
+        window_attention(q, k, v, -1, 0, 8)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        window_attention(q, k, v, idx.float(), idx, idx)
+    with pytest.raises(ValueError, match=r"shape \[1\] or \[B=1\]"):
+        window_attention(q, k, v, torch.tensor([1, 2], device=device), idx, idx)
+    with pytest.raises(TypeError, match="int tensor or an int"):
+        window_attention(q, k, v, 1.5, idx, idx)
+    with pytest.raises(ValueError, match="out has shape"):
+        window_attention(q, k, v, 0, 0, 8, out=torch.empty_like(q)[:, :4])
+    with pytest.raises(ValueError, match="config"):
+        window_attention(q, k, v, 0, 0, 8, config={"BLOCK_M": 100, "BLOCK_N": 64})
+    if device.type == "cuda":
+        with pytest.raises(ValueError, match="is on cpu"):
+            window_attention(q, k, v, torch.tensor([4]), idx, idx)
+
