@@ -102,6 +102,15 @@ class BlockPipeline:
             cache["v"].zero_()
             cache["is_init"] = False
 
+    def _set_attention_budget(self) -> None:
+        """As the stock pipeline does: every module with a max_attention_size gets the window size
+        in tokens, or LongLive's global default of 32760 tokens when local_attn_size is -1."""
+        local = self.config.local_attn_size
+        budget = 32760 if local == -1 else local * self.frame_seqlen
+        for module in _inner_model(self.model).modules():
+            if hasattr(module, "max_attention_size"):
+                module.max_attention_size = budget
+
     # -- one generator call ---------------------------------------------------------------------
     def _seq_len(self) -> int:
         # The stock wrapper's bound on tokens per call; only asserted against.
@@ -188,6 +197,7 @@ class BlockPipeline:
         b, num_frames, _, h, w = noise.shape
         self.frame_seqlen = self.config.frame_seqlen or (h // self.patch_size[1]) * (w // self.patch_size[2])
         self.init_caches(b, num_frames, noise.dtype, noise.device)
+        self._set_attention_budget()
         output = torch.zeros_like(noise)
         segment = 0
         per_block = self.config.num_frame_per_block
