@@ -81,6 +81,8 @@ def _is_lora_layer(m: nn.Module) -> bool:
 @torch.no_grad()
 def _merge_lora_layer(layer: nn.Module) -> nn.Linear:
     base = layer.base_layer
+    if any(getattr(layer, "use_dora", {}).values()) or len(getattr(layer, "lora_magnitude_vector", ())):
+        raise PatchSkip("DoRA adapters are not a plain W += B @ A merge; merge them with peft first")
     merged = list(getattr(layer, "merged_adapters", ()))
     if merged:
         raise PatchSkip(f"adapters {merged} are already merged by peft; unmerge them first")
