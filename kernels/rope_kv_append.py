@@ -17,10 +17,16 @@ then times the bf16 weight (rounded to bf16); RoPE on D/2 complex pairs of adjac
 slots [0, c - 2(c//3)) rotate by the temporal table at absolute frame start_frame + f, the next c//3
 by the height table at h, the last c//3 by the width table at w (c = D/2).
 
-Cache writes: rows r in [row_lo, n) of the roped k and the raw v go to slot
-ring_lo + ((dst_start - ring_lo + r) mod ring_size). With ring_size >= dst_start + n - ring_lo this
-is the contiguous write dst_start + r; rows below row_lo are not written (the stock's "sink is
-protected on recompute" rule). The caller keeps n - row_lo <= ring_size so written rows never collide.
+Cache writes: rows r in [row_lo, n) of the roped k and the raw v go to the physical slot of the
+logical slot l = dst_start + r:
+
+    l                                                  if l <  ring_lo   (the sink; never moves)
+    ring_lo + ((l - ring_lo + shift) mod ring_size)    otherwise
+
+(the ring-buffer layout of kernels/kv_cache_plan.py; shift is a device int tensor, 0 if not given).
+With the defaults (ring_lo 0, ring_size C, no shift) this is the contiguous write dst_start + r,
+wrapping past C. Rows below row_lo are not written (the stock's "sink is protected on recompute"
+rule). The caller keeps the written rows within the ring's size so they never collide.
 """
 from __future__ import annotations
 
@@ -65,15 +71,15 @@ def _rotate(x, cos, sin, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr):
 def _rope_kv_append_kernel(
     ql_ptr, kl_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,
     qo_ptr, kc_ptr, vc_ptr,
-    start_frame_ptr, dst_start_ptr, row_lo_ptr,
-    stride_sf, stride_ds, stride_rl,
+    start_frame_ptr, dst_start_ptr, row_lo_ptr, shift_ptr,
+    stride_sf, stride_ds, stride_rl, stride_shift,
     stride_qlb, stride_qlt, stride_klb, stride_klt, stride_vb, stride_vt,
     stride_qob, stride_qot, stride_qoh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_tab, table_rows,
     H, hg, wg, ring_lo, ring_size, inv_n, eps,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, T_SLOTS: tl.constexpr, HW_SLOTS: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     t = tl.program_id(0)
     b = tl.program_id(1)
@@ -112,9 +118,14 @@ def _rope_kv_append_kernel(
     k = _rotate(_rms_norm_bf16(k, wk, inv_n, eps, INTERPRET), cos, sin, BLOCK_H, HEAD_DIM)
     v = tl.load(v_ptr + b64 * stride_vb + t * stride_vt + row_offs, mask=w_mask, other=0.0)
 
+    logical = dst_start + t
+    rel = logical - ring_lo
+    if HAS_SHIFT:
+        rel += tl.load(shift_ptr + b * stride_shift).to(tl.int32)
     # Triton's % truncates toward zero; fold a negative remainder back into [0, ring_size).
-    rel = (dst_start - ring_lo + t) % ring_size
-    slot = ring_lo + tl.where(rel < 0, rel + ring_size, rel)
+    rel = rel % ring_size
+    rel = tl.where(rel < 0, rel + ring_size, rel)
+    slot = tl.where(logical < ring_lo, logical, ring_lo + rel)
     kc_offs = offs_h[:, None] * stride_kch + offs_d[None, :]
     vc_offs = offs_h[:, None] * stride_vch + offs_d[None, :]
     tl.store(kc_ptr + b64 * stride_kcb + slot * stride_kcs + kc_offs, _to_bf16(k, INTERPRET), mask=w_mask)
@@ -158,11 +169,12 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor,
                    grid_sizes: tuple[int, int, int], start_frame, dst_start, row_lo, *,
-                   ring_lo: int = 0, ring_size: int | None = None, eps: float = 1e-6,
+                   ring_lo: int = 0, ring_size: int | None = None, shift=None, eps: float = 1e-6,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm + RoPE q and k, write roped k and raw v rows [row_lo, n) into the caches; return q.
 
-    See the module docstring for layouts and the slot rule. ring_size defaults to the cache size C.
+    See the module docstring for layouts and the slot rule. ring_size defaults to the cache size C;
+    shift (int tensor [1]/[B] on the device, or an int) rotates the ring.
     """
     if not isinstance(q_lin, torch.Tensor):
         raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
@@ -209,6 +221,8 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     start_frame = _index_arg("start_frame", start_frame, B, 0, rows - F_, device)
     dst_start = _index_arg("dst_start", dst_start, B, 0, C - 1, device)
     row_lo = _index_arg("row_lo", row_lo, B, 0, n, device)
+    if shift is not None:
+        shift = _index_arg("shift", shift, B, 0, ring_size - 1, device)
     if out is None:
         out = torch.empty((B, n, H, D), dtype=torch.bfloat16, device=device)
     else:
@@ -223,15 +237,16 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     _rope_kv_append_kernel[(n, B)](
         q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
         out, k_cache, v_cache,
-        start_frame, dst_start, row_lo,
+        start_frame, dst_start, row_lo, dst_start if shift is None else shift,
         0 if start_frame.numel() == 1 else 1, 0 if dst_start.numel() == 1 else 1, 0 if row_lo.numel() == 1 else 1,
+        0 if shift is None or shift.numel() == 1 else 1,
         q_lin.stride(0), q_lin.stride(1), k_lin.stride(0), k_lin.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         cos.stride(0), rows,
         H, hg, wg, ring_lo, ring_size, 1.0 / HD, eps,
         HEAD_DIM=D, BLOCK_H=block_h, T_SLOTS=c - 2 * (c // 3), HW_SLOTS=c // 3,
-        INTERPRET=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        HAS_SHIFT=shift is not None, INTERPRET=os.environ.get("TRITON_INTERPRET", "0") == "1",
         num_warps=4 if block_h * D <= 2048 else 8,
     )
     return out
@@ -266,7 +281,7 @@ def rope_kv_append_ref(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor
                        norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor,
                        grid_sizes: tuple[int, int, int], start_frame, dst_start, row_lo, *,
-                       ring_lo: int = 0, ring_size: int | None = None, eps: float = 1e-6,
+                       ring_lo: int = 0, ring_size: int | None = None, shift=None, eps: float = 1e-6,
                        max_frames: int = 1024) -> torch.Tensor:
     """The stock math literally: WanRMSNorm, float64 complex causal RoPE, torch-indexed cache writes.
 
@@ -308,7 +323,9 @@ def rope_kv_append_ref(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor
         q_out[b] = rope(q[b], sf)
         k_b = rope(k[b], sf)
         rows = torch.arange(per_sample(row_lo, b), n, device=q_lin.device)
-        slots = ring_lo + torch.remainder(per_sample(dst_start, b) - ring_lo + rows, ring_size)
+        logical = per_sample(dst_start, b) + rows
+        ring_slots = ring_lo + torch.remainder(logical - ring_lo + per_sample(0 if shift is None else shift, b), ring_size)
+        slots = torch.where(logical < ring_lo, logical, ring_slots)
         k_cache[b, slots] = k_b[rows]
         v_cache[b, slots] = v4[b, rows]
     return q_out

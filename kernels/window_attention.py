@@ -8,6 +8,11 @@ Shapes, layout and dtypes:
   q's device, or Python ints. The keys attended are the union of slots [0, sink_end) and
   [win_start, win_end); they form a set (no mask, no order), so a ring-buffer window is fine.
 - out:      [B, Lq, H, D] bf16.
+- ring_lo, ring_size, shift (optional): the ring-buffer layout of kernels/kv_cache_plan.py. With a
+  shift (int tensor [1]/[B] on the device, or an int) the ranges are logical slots: the sink range
+  lies below ring_lo and is read as is, the window lies inside [ring_lo, ring_lo + ring_size) and
+  logical slot l is read from ring_lo + ((l - ring_lo + shift) mod ring_size), at most two
+  physical ranges. Without a shift the ranges are physical slots.
 D is 32, 64 or 128. Scale 1/sqrt(D) unless given. Softmax is online (flash style) with fp32
 statistics and fp32 accumulation.
 
@@ -106,15 +111,15 @@ def _attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc
 @triton.jit
 def _window_attn_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr,
-    sink_end_ptr, win_start_ptr, win_end_ptr,
-    stride_sink, stride_wstart, stride_wend,
+    sink_end_ptr, win_start_ptr, win_end_ptr, shift_ptr,
+    stride_sink, stride_wstart, stride_wend, stride_shift,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
-    B, H, Lq, C, qk_scale,
+    B, H, Lq, C, qk_scale, ring_lo, ring_size,
     LQ_BUCKET: tl.constexpr,  # autotune key only
-    HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
+    HEAD_DIM: tl.constexpr, RING: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -131,6 +136,18 @@ def _window_attn_fwd(
     win_end = tl.minimum(tl.maximum(win_end, 0), C)
     # The union of the two ranges: the window starts no earlier than the sink ends.
     win_start = tl.minimum(tl.maximum(win_start, sink_end), C)
+    # A rotated ring splits the logical window into [wrap_start, win_end) and [ring_lo, wrap_end).
+    if RING:
+        sink_end = tl.minimum(sink_end, ring_lo)
+        win_start = tl.maximum(win_start, ring_lo)
+        length = tl.minimum(tl.maximum(win_end - win_start, 0), ring_size)
+        rel = (win_start - ring_lo + tl.load(shift_ptr + b * stride_shift).to(tl.int32)) % ring_size
+        # Triton's % truncates toward zero; fold a negative remainder back into [0, ring_size).
+        rel = tl.where(rel < 0, rel + ring_size, rel)
+        head = tl.minimum(length, ring_size - rel)
+        win_start = ring_lo + rel
+        win_end = win_start + head
+        wrap_end = ring_lo + length - head
     # Steady state has the window right behind the sink: one range, one ragged tile instead of two.
     if win_start == sink_end:
         sink_end = tl.maximum(win_end, sink_end)
@@ -166,6 +183,10 @@ def _window_attn_fwd(
     acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
                                   desc_row, desc_col, win_start, win_end, qk_scale,
                                   BLOCK_N, HEAD_DIM, USE_TMA, INTERPRET)
+    if RING:
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
+                                      desc_row, desc_col, ring_lo, wrap_end, qk_scale,
+                                      BLOCK_N, HEAD_DIM, USE_TMA, INTERPRET)
     # An empty key set gives zeros instead of 0/0.
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
@@ -257,13 +278,16 @@ def _check_bhld(name: str, t: torch.Tensor, device: torch.device) -> None:
 
 
 def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     sink_end, win_start, win_end, *, scale: float | None = None,
+                     sink_end, win_start, win_end, *, ring_lo: int = 0, ring_size: int | None = None,
+                     shift=None, scale: float | None = None,
                      out: torch.Tensor | None = None, use_tma: bool = False,
                      config: dict | None = None) -> torch.Tensor:
     """Attend q [B, Lq, H, D] to cache slots [0, sink_end) U [win_start, win_end); returns [B, Lq, H, D].
 
     sink_end, win_start, win_end: int32/int64 tensors of shape [1] or [B] on q's device (read there,
     so no host sync), or Python ints (checked against the cache size, then filled on the device).
+    With shift given they are logical slots of the ring layout (module docstring); ring_size
+    defaults to C - ring_lo.
     use_tma loads K/V tiles through device-side TMA descriptors; it is honoured only on a CUDA GPU
     of compute capability >= 9 outside the interpreter, needs contiguous caches, and installs a
     torch-backed Triton allocator for the descriptors' scratch memory.
@@ -289,6 +313,12 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     sink_end = _range_arg("sink_end", sink_end, B, C, device)
     win_start = _range_arg("win_start", win_start, B, C, device)
     win_end = _range_arg("win_end", win_end, B, C, device)
+    ring_size = C - ring_lo if ring_size is None else ring_size
+    if not (isinstance(ring_lo, int) and isinstance(ring_size, int) and 0 <= ring_lo and ring_size >= 1
+            and ring_lo + ring_size <= C):
+        raise ValueError(f"ring [{ring_lo}, {ring_lo}+{ring_size}) must be a non-empty range inside the {C}-slot cache")
+    if shift is not None:
+        shift = _range_arg("shift", shift, B, ring_size - 1, device)
     if out is None:
         out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=device)
     else:
@@ -310,15 +340,16 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     args = (
         q, k_cache, v_cache, out,
-        sink_end, win_start, win_end,
+        sink_end, win_start, win_end, sink_end if shift is None else shift,
         0 if sink_end.numel() == 1 else 1, 0 if win_start.numel() == 1 else 1, 0 if win_end.numel() == 1 else 1,
+        0 if shift is None or shift.numel() == 1 else 1,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        B, H, Lq, C, scale * _LOG2E,
+        B, H, Lq, C, scale * _LOG2E, ring_lo, ring_size,
     )
-    meta = dict(LQ_BUCKET=min(triton.next_power_of_2(Lq), 8192), HEAD_DIM=D, USE_TMA=use_tma, INTERPRET=interpret)
+    meta = dict(LQ_BUCKET=min(triton.next_power_of_2(Lq), 8192), HEAD_DIM=D, RING=shift is not None, USE_TMA=use_tma, INTERPRET=interpret)
     if config is not None:
         config = _check_config(config)
     if interpret or config is not None:
@@ -340,9 +371,10 @@ def _slots(sink_end: int, win_start: int, win_end: int, device) -> torch.Tensor:
 
 
 def window_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         sink_end, win_start, win_end, scale: float | None = None) -> torch.Tensor:
-    """Plain-torch reference: gather the slots of [0, sink_end) U [win_start, win_end) per sample and
-    run SDPA's math backend in float32. Returns float32 [B, Lq, H, D]; an empty key set gives zeros.
+                         sink_end, win_start, win_end, scale: float | None = None, *,
+                         ring_lo: int = 0, ring_size: int | None = None, shift=None) -> torch.Tensor:
+    """Plain-torch reference: gather the slots of [0, sink_end) U [win_start, win_end) per sample
+    (logical slots mapped through the ring when shift is given) and run SDPA's math backend in float32. Returns float32 [B, Lq, H, D]; an empty key set gives zeros.
     Ranges may be ints or tensors of shape [1]/[B] (read on the host: this is a test oracle)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -358,6 +390,9 @@ def window_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     out = torch.zeros((B, Lq, H, D), dtype=torch.float32, device=q.device)
     for b in range(B):
         idx = _slots(per_sample(sink_end, b), per_sample(win_start, b), per_sample(win_end, b), q.device)
+        if shift is not None:
+            size = k_cache.shape[1] - ring_lo if ring_size is None else ring_size
+            idx = torch.where(idx < ring_lo, idx, ring_lo + (idx - ring_lo + per_sample(shift, b)) % size)
         if idx.numel() == 0:
             continue
         qb = q[b].float().transpose(0, 1)

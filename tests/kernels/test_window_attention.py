@@ -28,13 +28,24 @@ def attention_cases(draw, max_batch, max_heads, head_dims, max_lq, max_slots):
     batch = draw(st.integers(1, max_batch))
     cap = draw(st.integers(1, max_slots))
     per_sample = draw(st.booleans())
+    ring = draw(st.booleans())
+    ring_lo, ring_size = (draw(st.integers(0, cap - 1)), None) if ring else (0, None)
+    if ring:
+        ring_size = draw(st.integers(1, cap - ring_lo))
     ranges = []
     for _ in range(batch if per_sample else 1):
-        sink_end = draw(st.sampled_from([0, 0, draw(st.integers(0, cap))]))
-        win_start = draw(st.integers(0, cap))
-        win_end = draw(st.one_of(st.just(cap), st.integers(win_start, cap)))
-        ranges.append((sink_end, win_start, win_end))
-    return dict(
+        if ring:
+            # Logical slots: the sink below ring_lo, the window inside the ring, rotated by shift.
+            sink_end = draw(st.integers(0, ring_lo))
+            win_start = draw(st.integers(ring_lo, ring_lo + ring_size))
+            win_end = draw(st.integers(win_start, ring_lo + ring_size))
+            ranges.append((sink_end, win_start, win_end, draw(st.integers(0, ring_size - 1))))
+        else:
+            sink_end = draw(st.sampled_from([0, 0, draw(st.integers(0, cap))]))
+            win_start = draw(st.integers(0, cap))
+            win_end = draw(st.one_of(st.just(cap), st.integers(win_start, cap)))
+            ranges.append((sink_end, win_start, win_end, None))
+    return dict(ring_lo=ring_lo, ring_size=ring_size,
         batch=batch,
         lq=draw(st.integers(1, max_lq)),
         heads=draw(st.integers(1, max_heads)),
@@ -47,10 +58,13 @@ def attention_cases(draw, max_batch, max_heads, head_dims, max_lq, max_slots):
     )
 
 
-def _attended(cap, sink_end, win_start, win_end):
+def _attended(cap, ring_lo, ring_size, sink_end, win_start, win_end, shift):
+    """Physical slots read: logical ones below ring_lo as they are, the others rotated by shift."""
+    ring_size = cap - ring_lo if ring_size is None else ring_size
+    logical = set(range(sink_end)) | set(range(max(win_start, sink_end), win_end))
     mask = torch.zeros(cap, dtype=torch.bool)
-    mask[:sink_end] = True
-    mask[max(win_start, sink_end):win_end] = True
+    for slot in logical:
+        mask[slot if shift is None or slot < ring_lo else ring_lo + (slot - ring_lo + shift) % ring_size] = True
     return mask
 
 
@@ -66,16 +80,20 @@ def check_window_attention(case, device, use_tma=False, config=None):
     v_cache = torch.randn(B, C, H, D, generator=gen).to(device, torch.bfloat16)
     ranges = case["ranges"]
     for b in range(B):
-        outside = ~_attended(C, *ranges[b if len(ranges) > 1 else 0]).to(device)
+        outside = ~_attended(C, case["ring_lo"], case["ring_size"], *ranges[b if len(ranges) > 1 else 0]).to(device)
         k_cache[b, outside] = float("nan")
         v_cache[b, outside] = float("nan")
     sink_end, win_start, win_end = (torch.tensor([r[i] for r in ranges], dtype=case["index_dtype"], device=device)
                                     for i in range(3))
+    ring = {}
+    if ranges[0][3] is not None:
+        ring = dict(ring_lo=case["ring_lo"], ring_size=case["ring_size"],
+                    shift=torch.tensor([r[3] for r in ranges], dtype=case["index_dtype"], device=device))
     out = torch.full((B, Lq, H, D), float("nan"), dtype=torch.bfloat16, device=device)
 
     got = window_attention(q, k_cache, v_cache, sink_end, win_start, win_end, out=out,
-                           use_tma=use_tma, config=config)
-    want = window_attention_ref(q, k_cache, v_cache, sink_end, win_start, win_end)
+                           use_tma=use_tma, config=config, **ring)
+    want = window_attention_ref(q, k_cache, v_cache, sink_end, win_start, win_end, **ring)
 
     assert got is out
     assert not torch.isnan(got).any(), "an output element is unwritten or a poisoned slot was read"
@@ -92,8 +110,9 @@ def test_matches_reference(case, device):
     check_window_attention(case, device)
 
 
-def _real(lq, cap, sink_end, win_start, win_end, heads=12, batch=1):
-    return dict(batch=batch, lq=lq, heads=heads, head_dim=128, cap=cap, ranges=[(sink_end, win_start, win_end)],
+def _real(lq, cap, sink_end, win_start, win_end, shift=None, heads=12, batch=1):
+    return dict(batch=batch, lq=lq, heads=heads, head_dim=128, cap=cap, ring_lo=sink_end, ring_size=None,
+                ranges=[(sink_end, win_start, win_end, shift)],
                 index_dtype=torch.int64, strided_q=False, seed=0)
 
 
@@ -101,13 +120,15 @@ def _real(lq, cap, sink_end, win_start, win_end, heads=12, batch=1):
 @settings(max_examples=20, suppress_health_check=_HEALTH)
 @given(case=attention_cases(max_batch=2, max_heads=12, head_dims=(64, 128), max_lq=700, max_slots=3000),
        use_tma=st.booleans(), tuned=st.just(False))
-# Block 0 (sink only), blocks 1-3 (filling), steady state, a ring-ordered window, cross-attention.
+# Block 0 (sink only), blocks 1-3 (filling), steady state, rotated rings (full and 9-frame windows),
+# cross-attention.
 @example(case=_real(4680, 18720, 4680, 4680, 4680), use_tma=False, tuned=True)
 @example(case=_real(4680, 18720, 4680, 4680, 9360), use_tma=False, tuned=True)
 @example(case=_real(4680, 18720, 4680, 4680, 14040), use_tma=False, tuned=True)
 @example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=False, tuned=True)
 @example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=True, tuned=True)
-@example(case=_real(4680, 18720, 4680, 7000, 18720), use_tma=True, tuned=True)
+@example(case=_real(4680, 18720, 4680, 4680, 18720, shift=7000), use_tma=True, tuned=True)
+@example(case=_real(4680, 18720, 4680, 9360, 18720, shift=7000), use_tma=False, tuned=True)
 @example(case=_real(4680, 512, 0, 0, 512), use_tma=False, tuned=True)
 @example(case=_real(4680, 512, 0, 0, 512), use_tma=True, tuned=True)
 @example(case=_real(1560, 18720, 4680, 4680, 18720, batch=2), use_tma=False, tuned=True)
@@ -185,6 +206,10 @@ def test_rejects_bad_inputs(device):
         window_attention(q, k, v, 1.5, idx, idx)
     with pytest.raises(ValueError, match="out has shape"):
         window_attention(q, k, v, 0, 0, 8, out=torch.empty_like(q)[:, :4])
+    with pytest.raises(ValueError, match="ring"):
+        window_attention(q, k, v, 0, 0, 8, ring_lo=20, ring_size=5)
+    with pytest.raises(ValueError, match="shift=4"):
+        window_attention(q, k, v, 0, 0, 8, ring_lo=20, shift=4)
     with pytest.raises(ValueError, match="config"):
         window_attention(q, k, v, 0, 0, 8, config={"BLOCK_M": 100, "BLOCK_N": 64})
     if device.type == "cuda":
