@@ -136,7 +136,7 @@ def _window_attn_fwd(
     win_end = tl.minimum(tl.maximum(win_end, 0), C)
     # The union of the two ranges: the window starts no earlier than the sink ends.
     win_start = tl.minimum(tl.maximum(win_start, sink_end), C)
-    # A rotated ring splits the logical window into [wrap_start, win_end) and [ring_lo, wrap_end).
+    # A rotated ring maps the logical window to physical [win_start, win_end) plus [ring_lo, wrap_end).
     if RING:
         sink_end = tl.minimum(sink_end, ring_lo)
         win_start = tl.maximum(win_start, ring_lo)
@@ -163,7 +163,7 @@ def _window_attn_fwd(
     k_base = k_ptr + b64 * stride_kb + h * stride_kh
     v_base = v_ptr + b64 * stride_vb + h * stride_vh
     if USE_TMA:
-        # The launcher made the caches contiguous-checked, so [B*C, H*D] is an exact 2-D view.
+        # The launcher checked that the caches are contiguous, so [B*C, H*D] is an exact 2-D view.
         k_desc = tl.make_tensor_descriptor(k_ptr, shape=[B * C, H * HEAD_DIM], strides=[H * HEAD_DIM, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(v_ptr, shape=[B * C, H * HEAD_DIM], strides=[H * HEAD_DIM, 1],
