@@ -374,7 +374,8 @@ def window_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          sink_end, win_start, win_end, scale: float | None = None, *,
                          ring_lo: int = 0, ring_size: int | None = None, shift=None) -> torch.Tensor:
     """Plain-torch reference: gather the slots of [0, sink_end) U [win_start, win_end) per sample
-    (logical slots mapped through the ring when shift is given) and run SDPA's math backend in float32. Returns float32 [B, Lq, H, D]; an empty key set gives zeros.
+    (logical slots mapped through the ring when shift is given) and run SDPA's math backend in
+    float32. Returns float32 [B, Lq, H, D]; an empty key set gives zeros.
     Ranges may be ints or tensors of shape [1]/[B] (read on the host: this is a test oracle)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
