@@ -16,6 +16,10 @@ class PatchConfig:
     name: str = "custom"
     # Fold unmerged peft LoRA adapters into their base Linear weights (fp32 math) before patching.
     merge_lora: bool = True
+    # Self-attention on the fused RoPE/KV-append kernel over a ring-buffered cache, attending with
+    # our Triton window kernel ("triton") or cuDNN through SDPA ("sdpa").
+    window_attention: bool = False
+    attention_backend: str = "sdpa"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -23,6 +27,8 @@ class PatchConfig:
             expected = {"str": str, "bool": bool, "int": int, "float": (int, float)}.get(str(f.type))
             if expected is not None and not isinstance(value, expected):
                 raise TypeError(f"PatchConfig.{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
+        if self.attention_backend not in ("sdpa", "triton"):
+            raise ValueError(f"attention_backend must be 'sdpa' or 'triton', got {self.attention_backend!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "PatchConfig":

@@ -25,5 +25,11 @@ class Patch:
     replace: Callable[[nn.Module, object], nn.Module]
 
 
-# Each kernel issue adds its entry here.
-PATCHES: list[Patch] = []
+def _registered() -> list[Patch]:
+    # Imported here: patch modules import this file for Patch and PatchSkip.
+    from .window_self_attention import PATCH as window_self_attention
+    return [window_self_attention]
+
+
+# Each kernel issue adds its entry here, in the order patch_model applies them.
+PATCHES: list[Patch] = _registered()

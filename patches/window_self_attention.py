@@ -1,0 +1,175 @@
+"""WindowSelfAttention: LongLive's causal self-attention on our kernels, same call, same cache dicts.
+
+Replaces `CausalWanSelfAttention`. Per call (one layer of one forward):
+1. one fused q|k|v GEMM (the q, k, v Linear weights are views into one [3C, C] matrix, so the
+   state dict keeps the stock names and no weight is stored twice);
+2. `kv_cache_plan`: the stock cache rules as index arithmetic on the device (no `.item()`);
+3. `rope_kv_append`: q/k RMSNorm + causal RoPE in fp32, roped k and raw v written straight into
+   their cache slots (no clone of the cache, no eviction memmove: the non-sink slots are a ring);
+4. attention of q over sink + window read in place: our Triton kernel (`backend="triton"`, any
+   fill level with one shape, so one CUDA graph serves every block) or cuDNN through SDPA
+   (`backend="sdpa"`, which needs the window length on the host: it is tracked there from the
+   same rules, with no device read);
+5. the o projection.
+
+The stock model commits the pointers from what each layer returns; we return the new values as
+device scalars, so its `_apply_cache_updates` leaves them right (a recompute returns the old ones).
+Our ring shift lives in the layer's cache dict under `ring_shift`; a fresh dict starts a fresh ring.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels.kv_cache_plan import (LOCAL_START, NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, WIN_END,
+                                     WIN_START, kv_cache_plan, kv_cache_plan_ref)
+from ..kernels.rope_kv_append import rope_kv_append, rope_tables
+from ..kernels.window_attention import window_attention
+from .registry import Patch, PatchSkip
+
+_HOST_STATE = "_longlive_triton_host"   # (global_end, local_end, shift) mirrored on the host
+_RING_SHIFT = "ring_shift"
+BACKENDS = ("triton", "sdpa")
+
+
+class WindowSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, local_attn_size: int, sink_size: int, eps: float,
+                 backend: str, max_attention_size: int | None = None):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.local_attn_size = local_attn_size
+        self.sink_size = sink_size
+        self.eps = eps
+        self.backend = backend
+        self.max_attention_size = max_attention_size
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = nn.Module()
+        self.norm_k = nn.Module()
+
+    @classmethod
+    def from_stock(cls, stock: nn.Module, config) -> "WindowSelfAttention":
+        """Build from a stock CausalWanSelfAttention (or our reference of it), sharing its weights."""
+        backend = config.attention_backend
+        for name in ("q", "k", "v", "o"):
+            layer = getattr(stock, name, None)
+            if type(layer) is not nn.Linear:
+                raise PatchSkip(f"{name} is a {type(layer).__name__}, not a plain nn.Linear "
+                                "(merge LoRA adapters first: merge_lora)")
+        weight = stock.q.weight
+        if weight.dtype != torch.bfloat16:
+            raise PatchSkip(f"the kernels need bf16 weights; this layer is {weight.dtype}")
+        if weight.device.type != "cuda" and not _interpreting():
+            raise PatchSkip(f"the kernels need a CUDA device (or TRITON_INTERPRET=1); weights are on {weight.device}")
+        head_dim = stock.dim // stock.num_heads
+        if head_dim not in (64, 128) and not (head_dim == 32 and _interpreting()):
+            raise PatchSkip(f"head dim {head_dim} is not supported by the kernels (64 or 128)")
+        for name in ("norm_q", "norm_k"):
+            norm = getattr(stock, name)
+            w = getattr(norm, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.shape != (stock.dim,) or getattr(norm, "eps", None) is None:
+                raise PatchSkip(f"{name} is not a WanRMSNorm over the full {stock.dim} features (qk_norm off?)")
+        # The stock budget (local_attn_size * 1560, or what the pipeline set) is copied as is;
+        # our reference leaves it None and derives it from the frame size at run time.
+        new = cls(stock.dim, stock.num_heads, stock.local_attn_size, stock.sink_size, stock.norm_q.eps, backend,
+                  getattr(stock, "max_attention_size", None))
+        new.q, new.k, new.v, new.o = stock.q, stock.k, stock.v, stock.o
+        new.norm_q, new.norm_k = stock.norm_q, stock.norm_k
+        with torch.no_grad():
+            fused_w = torch.cat([stock.q.weight, stock.k.weight, stock.v.weight])
+            fused_b = torch.cat([stock.q.bias, stock.k.bias, stock.v.bias])
+        dim = stock.dim
+        for i, layer in enumerate((new.q, new.k, new.v)):
+            layer.weight = nn.Parameter(fused_w[i * dim:(i + 1) * dim], requires_grad=False)
+            layer.bias = nn.Parameter(fused_b[i * dim:(i + 1) * dim], requires_grad=False)
+        new._qkv_weight, new._qkv_bias = fused_w, fused_b
+        cos, sin = rope_tables(head_dim, device=weight.device)
+        new._cos, new._sin = cos, sin
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.num_heads}, window={self.local_attn_size} frames, "
+                f"sink={self.sink_size} frames, backend={self.backend}")
+
+    def _budget(self, frame_seqlen: int, capacity: int) -> int:
+        if self.max_attention_size is not None:
+            return self.max_attention_size
+        return capacity if self.local_attn_size == -1 else self.local_attn_size * frame_seqlen
+
+    def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0,
+                cache_start=None, sink_recache_after_switch=False):
+        if kv_cache is None:
+            raise NotImplementedError("WindowSelfAttention serves LongLive's KV-cached inference path; pass kv_cache")
+        b, s = x.shape[:2]
+        frames, hg, wg = (int(v) for v in grid_sizes[0].tolist())  # grid_sizes lives on the host
+        if grid_sizes.shape[0] != b or any(tuple(g.tolist()) != (frames, hg, wg) for g in grid_sizes):
+            raise ValueError("WindowSelfAttention needs one latent grid shared by the whole batch")
+        frame_seqlen = hg * wg
+        k_cache, v_cache = kv_cache["k"], kv_cache["v"]
+        capacity = k_cache.shape[1]
+        sink = self.sink_size * frame_seqlen
+        budget = self._budget(frame_seqlen, capacity)
+        plan_args = dict(current_start=current_start, num_new=s, capacity=capacity, sink_tokens=sink,
+                         budget=budget, local=self.local_attn_size != -1, sink_recache=bool(sink_recache_after_switch))
+        shift = kv_cache.get(_RING_SHIFT)
+        if shift is None:
+            shift = kv_cache[_RING_SHIFT] = torch.zeros(1, dtype=torch.long, device=k_cache.device)
+        plan = kv_cache_plan(kv_cache["global_end_index"], kv_cache["local_end_index"], shift, **plan_args)
+
+        qkv = F.linear(x, self._qkv_weight, self._qkv_bias)
+        d = self.dim
+        ring = dict(ring_lo=sink, ring_size=capacity - sink, shift=plan[SHIFT:SHIFT + 1])
+        q = rope_kv_append(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], self.norm_q.weight, self.norm_k.weight,
+                           self._cos, self._sin, k_cache, v_cache, (frames, hg, wg),
+                           current_start // frame_seqlen, plan[LOCAL_START:LOCAL_START + 1],
+                           plan[ROW_LO:ROW_LO + 1], eps=self.eps, **ring)
+        if self.backend == "triton":
+            out = window_attention(q, k_cache, v_cache, plan[SINK_END:SINK_END + 1], plan[WIN_START:WIN_START + 1],
+                                   plan[WIN_END:WIN_END + 1], **ring)
+        else:
+            out = self._sdpa(q, k_cache, v_cache, kv_cache, plan_args)
+        out = self.o(out.flatten(2))
+        return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
+
+    @staticmethod
+    def _sdpa(q, k_cache, v_cache, kv_cache, plan_args) -> torch.Tensor:
+        """cuDNN attention over the window, read in place when it is one physical range."""
+        state = kv_cache.get(_HOST_STATE, (0, 0, 0))
+        plan = kv_cache_plan_ref(*state, **plan_args)
+        kv_cache[_HOST_STATE] = (plan[NEW_GLOBAL], plan[NEW_LOCAL], plan[SHIFT])
+        sink, ring = plan_args["sink_tokens"], plan_args["capacity"] - plan_args["sink_tokens"]
+        win_start, win_end = plan[WIN_START], max(plan[WIN_START], plan[WIN_END])
+        first = sink + (win_start - sink + plan[SHIFT]) % ring if win_end > win_start else sink
+        length = win_end - win_start
+        if first == sink or length == ring:
+            # The usual cases (a filling cache; a full window): sink + window are slots [0, sink + length).
+            k, v = k_cache[:, :sink + length], v_cache[:, :sink + length]
+        else:
+            slots = torch.cat([torch.arange(plan[SINK_END]), sink + (torch.arange(win_start, win_end) - sink + plan[SHIFT]) % ring])
+            slots = slots.to(k_cache.device)
+            k, v = k_cache.index_select(1, slots), v_cache.index_select(1, slots)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _is_self_attention(m: nn.Module) -> bool:
+    """The stock CausalWanSelfAttention by structure: q/k/v/o, q/k norms and the window settings."""
+    return (all(hasattr(m, a) for a in ("q", "k", "v", "o", "norm_q", "norm_k", "local_attn_size", "sink_size", "num_heads"))
+            and not isinstance(m, WindowSelfAttention))
+
+
+PATCH = Patch(name="window_self_attention", matches=_is_self_attention,
+              enabled=lambda cfg: cfg.window_attention, replace=WindowSelfAttention.from_stock)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device session, everything that needs the GPU in one go (see ../../README.md):
+#   bash tests/gpu/run_device.sh [parity|tests|kernels|e2e|profile ...]   (default: all of them)
+# Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity.
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1
+steps=${*:-tests parity kernels e2e profile}
+{ pip install -q --no-deps --no-build-isolation -e . || pip install -q --no-deps --no-build-isolation . ; } >"$OUT/install.log" 2>&1 \
+  || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >"$OUT/gpu.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+status=0
+for step in $steps; do
+  echo "=== $step $(date -u +%H:%M:%S)"
+  case $step in
+    tests)   python3 -m pytest -q -x -m gpu tests/kernels tests/patches 2>&1 | tee "$OUT/tests.log" ;;
+    parity)  LONGLIVE_SRC=.stock/LongLive PARITY_OUT="$OUT/parity.json" \
+               python3 -m pytest -q -s tests/gpu/test_stock_parity.py 2>&1 | tee "$OUT/parity.log" ;;
+    kernels) longlive-bench kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
+    e2e)     longlive-bench e2e --configs exact --blocks 16 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+    profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
+exit $status

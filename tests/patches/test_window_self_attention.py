@@ -1,0 +1,79 @@
+"""The window self-attention patch: same latents as the unpatched reference through the block loop
+(window filling, rolling, a prompt switch with and without a global sink), both backends."""
+import pytest
+import torch
+
+from longlive_triton import PatchConfig, patch_model
+from longlive_triton.patches.window_self_attention import WindowSelfAttention
+from longlive_triton.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.reference import build_model, get_preset
+
+ON_GPU = torch.cuda.is_available()
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _inputs(preset: str, frames: int, device, segments: int = 1):
+    p = get_preset(preset)
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, frames, 16, p.latent_height, p.latent_width, generator=gen).to(device, torch.bfloat16)
+    prompts = [torch.randn(1, p.text_len, p.text_dim, generator=gen).to(device, torch.bfloat16) for _ in range(segments)]
+    return noise, prompts
+
+
+def _run(model, noise, prompts, switches, global_sink=True):
+    torch.manual_seed(0)
+    pipe = BlockPipeline(model, PipelineConfig(global_sink=global_sink))
+    return pipe.generate(noise, prompts if len(prompts) > 1 else prompts[0], switches)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("global_sink", [True, False])
+def test_patched_tiny_model_matches_reference(device, backend, global_sink):
+    """21 latent frames of the tiny preset: the window fills, rolls three times, and a prompt switch
+    at frame 12 re-caches the window; the patched latents stay within the bf16 bound."""
+    noise, prompts = _inputs("tiny", 21, device, segments=2)
+    ref = build_model("tiny", dtype=torch.bfloat16, device=device, seed=3)
+    want = _run(ref, noise, prompts, [12], global_sink)
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=3)
+    report = patch_model(model, PatchConfig(window_attention=True, attention_backend=backend))
+    assert report.counts()["window_self_attention"] == {"applied": 2, "skipped": 0}
+    assert all(isinstance(b.self_attn, WindowSelfAttention) for b in model.blocks)
+    got = _run(model, noise, prompts, [12], global_sink)
+    assert torch.isfinite(got).all()
+    assert _rel_l2(got, want) <= 1e-2
+
+
+def test_state_dict_keeps_stock_names_and_values(device):
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patch_model(model, PatchConfig(window_attention=True))
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_fp32_model_is_skipped_and_left_untouched():
+    model = build_model("tiny", dtype=torch.float32, seed=3)
+    originals = [b.self_attn for b in model.blocks]
+    report = patch_model(model, PatchConfig(window_attention=True))
+    assert [e.reason for e in report.skipped] == ["the kernels need bf16 weights; this layer is torch.float32"] * 2
+    assert [b.self_attn for b in model.blocks] == originals
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_patched_1p3b_model_matches_reference_over_20_blocks(backend):
+    """The exact-path acceptance: 20 blocks at 1.3B shapes, relative L2 of the latents <= 1e-2."""
+    noise, prompts = _inputs("longlive-1.3b", 60, "cuda")
+    ref = build_model("longlive-1.3b", dtype=torch.bfloat16, device="cuda", seed=0)
+    want = _run(ref, noise, prompts, [])
+    del ref
+    model = build_model("longlive-1.3b", dtype=torch.bfloat16, device="cuda", seed=0)
+    patch_model(model, PatchConfig(window_attention=True, attention_backend=backend))
+    got = _run(model, noise, prompts, [])
+    per_block = [_rel_l2(got[:, i:i + 3], want[:, i:i + 3]) for i in range(0, 60, 3)]
+    print(f"{backend}: per-block relative L2 {['%.2e' % e for e in per_block]}")
+    assert _rel_l2(got, want) <= 1e-2
