@@ -5,11 +5,12 @@
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
-steps=${*:-tests parity kernels e2e profile}
-{ pip install -q --no-deps --no-build-isolation -e . || pip install -q --no-deps --no-build-isolation . ; } >"$OUT/install.log" 2>&1 \
-  || { cat "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >"$OUT/gpu.txt" 2>&1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+steps=${*:-tests parity e2e kernels profile}
+# At most 8 files come back from $OUT: the install log stays behind unless the install fails.
+{ pip install -q --no-deps --no-build-isolation -e . || pip install -q --no-deps --no-build-isolation . ; } >/tmp/install.log 2>&1 \
+  || { cat /tmp/install.log; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
