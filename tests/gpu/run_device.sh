@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
 #   bash tests/gpu/run_device.sh [parity|tests|kernels|e2e|profile ...]   (default: all of them)
-# Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity.
+# Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
+# .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
+# kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl pyyaml setuptools`).
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
 steps=${*:-tests parity e2e kernels profile}
 # At most 8 files come back from $OUT: the install log stays behind unless the install fails.
-{ pip install -q --no-deps --no-build-isolation -e . || pip install -q --no-deps --no-build-isolation . ; } >/tmp/install.log 2>&1 \
-  || { cat /tmp/install.log; exit 1; }
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0
