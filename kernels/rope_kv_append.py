@@ -52,22 +52,24 @@ def _to_bf16(x, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _rms_norm_bf16(x, w, inv_n, eps, INTERPRET: tl.constexpr):
-    # Stock rounding points: fp32 statistics, cast to bf16, then a bf16 multiply by the weight
-    # (exact in fp32, then rounded once, as torch's bf16 multiply does).
-    r = tl.math.rsqrt(tl.sum(tl.sum(x * x, 1), 0) * inv_n + eps)
-    xn = _to_bf16(x * r, INTERPRET).to(tl.float32)
-    return _to_bf16(xn * w, INTERPRET).to(tl.float32)
+    # x [T, BLOCK_H, D], one RMSNorm per token over all heads. Stock rounding points: fp32
+    # statistics, cast to bf16, then a bf16 multiply by the weight (exact in fp32, then rounded
+    # once, as torch's bf16 multiply does).
+    r = tl.math.rsqrt(tl.sum(tl.sum(x * x, 2), 1) * inv_n + eps)
+    xn = _to_bf16(x * r[:, None, None], INTERPRET).to(tl.float32)
+    return _to_bf16(xn * w[None, :, :], INTERPRET).to(tl.float32)
 
 
 @triton.jit
-def _rotate(x, cos, sin, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr):
-    re, im = tl.split(tl.reshape(x, [BLOCK_H, HEAD_DIM // 2, 2]))
-    out_re = re * cos[None, :] - im * sin[None, :]
-    out_im = re * sin[None, :] + im * cos[None, :]
-    return tl.reshape(tl.join(out_re, out_im), [BLOCK_H, HEAD_DIM])
+def _rotate(x, cos, sin, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # Adjacent pairs (2i, 2i+1) are one complex number; cos/sin are [T, D/2] per token.
+    re, im = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_H, HEAD_DIM // 2, 2]))
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    return tl.reshape(tl.join(re * c - im * s, re * s + im * c), [BLOCK_T, BLOCK_H, HEAD_DIM])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "H", "hg", "wg", "ring_lo", "ring_size"])
 def _rope_kv_append_kernel(
     ql_ptr, kl_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,
     qo_ptr, kc_ptr, vc_ptr,
@@ -77,20 +79,24 @@ def _rope_kv_append_kernel(
     stride_qob, stride_qot, stride_qoh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_tab, table_rows,
-    H, hg, wg, ring_lo, ring_size, inv_n, eps,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, T_SLOTS: tl.constexpr, HW_SLOTS: tl.constexpr,
+    n, H, hg, wg, ring_lo, ring_size, inv_n, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+    T_SLOTS: tl.constexpr, HW_SLOTS: tl.constexpr,
     HAS_SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    # BLOCK_T tokens per program: one token's 3 x H*D values are too few to keep the memory
+    # system busy, and the per-token table lookups and index math amortise over the heads.
     b = tl.program_id(1)
     b64 = b.to(tl.int64)
     HALF: tl.constexpr = HEAD_DIM // 2
 
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_j = tl.arange(0, HALF)
-    h_mask = offs_h[:, None] < H
-    row_offs = offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    t_ok = t < n
+    hd_offs = offs_h[:, None] * HEAD_DIM + offs_d[None, :]                      # [H, D]
+    mask = t_ok[:, None, None] & (offs_h[None, :, None] < H)                   # [T, H, 1]
 
     start_frame = tl.load(start_frame_ptr + b * stride_sf).to(tl.int32)
     dst_start = tl.load(dst_start_ptr + b * stride_ds).to(tl.int32)
@@ -99,24 +105,27 @@ def _rope_kv_append_kernel(
     f = t // (hg * wg)
     hh = (t // wg) % hg
     ww = t % wg
-    pos = tl.where(offs_j < T_SLOTS, start_frame + f, tl.where(offs_j < T_SLOTS + HW_SLOTS, hh, ww))
+    j = offs_j[None, :]
+    pos = tl.where(j < T_SLOTS, start_frame + f[:, None], tl.where(j < T_SLOTS + HW_SLOTS, hh[:, None], ww[:, None]))
     # Frames past the table (the stock asserts on them) must not read out of bounds.
-    pos_ok = (pos >= 0) & (pos < table_rows)
-    cos = tl.load(cos_ptr + pos * stride_tab + offs_j, mask=pos_ok, other=1.0)
-    sin = tl.load(sin_ptr + pos * stride_tab + offs_j, mask=pos_ok, other=0.0)
+    pos_ok = (pos >= 0) & (pos < table_rows) & t_ok[:, None]
+    cos = tl.load(cos_ptr + pos * stride_tab + j, mask=pos_ok, other=1.0)
+    sin = tl.load(sin_ptr + pos * stride_tab + j, mask=pos_ok, other=0.0)
 
-    q = tl.load(ql_ptr + b64 * stride_qlb + t * stride_qlt + row_offs, mask=h_mask, other=0.0).to(tl.float32)
-    wq = tl.load(wq_ptr + row_offs, mask=h_mask, other=0.0).to(tl.float32)
-    q = _rotate(_rms_norm_bf16(q, wq, inv_n, eps, INTERPRET), cos, sin, BLOCK_H, HEAD_DIM)
-    qo_offs = offs_h[:, None] * stride_qoh + offs_d[None, :]
-    tl.store(qo_ptr + b64 * stride_qob + t * stride_qot + qo_offs, _to_bf16(q, INTERPRET), mask=h_mask)
+    t64 = t.to(tl.int64)[:, None, None]
+    hd = hd_offs[None, :, :]
+    wq = tl.load(wq_ptr + hd_offs, mask=offs_h[:, None] < H, other=0.0).to(tl.float32)
+    q = tl.load(ql_ptr + b64 * stride_qlb + t64 * stride_qlt + hd, mask=mask, other=0.0).to(tl.float32)
+    q = _rotate(_rms_norm_bf16(q, wq, inv_n, eps, INTERPRET), cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
+    qo_offs = offs_h[None, :, None] * stride_qoh + offs_d[None, None, :]
+    tl.store(qo_ptr + b64 * stride_qob + t64 * stride_qot + qo_offs, _to_bf16(q, INTERPRET), mask=mask)
 
-    # Rows below row_lo are neither read nor written (masked lanes move no memory): no head is live.
-    w_mask = offs_h[:, None] < tl.where(t >= row_lo, H, 0)
-    k = tl.load(kl_ptr + b64 * stride_klb + t * stride_klt + row_offs, mask=w_mask, other=0.0).to(tl.float32)
-    wk = tl.load(wk_ptr + row_offs, mask=w_mask, other=0.0).to(tl.float32)
-    k = _rotate(_rms_norm_bf16(k, wk, inv_n, eps, INTERPRET), cos, sin, BLOCK_H, HEAD_DIM)
-    v = tl.load(v_ptr + b64 * stride_vb + t * stride_vt + row_offs, mask=w_mask, other=0.0)
+    # Rows below row_lo are neither read nor written (masked lanes move no memory).
+    w_mask = mask & (t >= row_lo)[:, None, None]
+    wk = tl.load(wk_ptr + hd_offs, mask=offs_h[:, None] < H, other=0.0).to(tl.float32)
+    k = tl.load(kl_ptr + b64 * stride_klb + t64 * stride_klt + hd, mask=w_mask, other=0.0).to(tl.float32)
+    k = _rotate(_rms_norm_bf16(k, wk, inv_n, eps, INTERPRET), cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
+    v = tl.load(v_ptr + b64 * stride_vb + t64 * stride_vt + hd, mask=w_mask, other=0.0)
 
     logical = dst_start + t
     rel = logical - ring_lo
@@ -125,9 +134,9 @@ def _rope_kv_append_kernel(
     # Triton's % truncates toward zero; fold a negative remainder back into [0, ring_size).
     rel = rel % ring_size
     rel = tl.where(rel < 0, rel + ring_size, rel)
-    slot = tl.where(logical < ring_lo, logical, ring_lo + rel)
-    kc_offs = offs_h[:, None] * stride_kch + offs_d[None, :]
-    vc_offs = offs_h[:, None] * stride_vch + offs_d[None, :]
+    slot = tl.where(logical < ring_lo, logical, ring_lo + rel).to(tl.int64)[:, None, None]
+    kc_offs = offs_h[None, :, None] * stride_kch + offs_d[None, None, :]
+    vc_offs = offs_h[None, :, None] * stride_vch + offs_d[None, None, :]
     tl.store(kc_ptr + b64 * stride_kcb + slot * stride_kcs + kc_offs, _to_bf16(k, INTERPRET), mask=w_mask)
     tl.store(vc_ptr + b64 * stride_vcb + slot * stride_vcs + vc_offs, v, mask=w_mask)
 
@@ -234,7 +243,9 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
 
     c = D // 2
     block_h = triton.next_power_of_2(H)
-    _rope_kv_append_kernel[(n, B)](
+    # Four tokens per program at real widths (H*D = 1536); the tiny test widths take more.
+    block_t = max(1, min(triton.next_power_of_2(n), 8192 // (block_h * D)))
+    _rope_kv_append_kernel[(triton.cdiv(n, block_t), B)](
         q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
         out, k_cache, v_cache,
         start_frame, dst_start, row_lo, dst_start if shift is None else shift,
@@ -244,10 +255,10 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
         out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         cos.stride(0), rows,
-        H, hg, wg, ring_lo, ring_size, 1.0 / HD, eps,
-        HEAD_DIM=D, BLOCK_H=block_h, T_SLOTS=c - 2 * (c // 3), HW_SLOTS=c // 3,
+        n, H, hg, wg, ring_lo, ring_size, 1.0 / HD, eps,
+        HEAD_DIM=D, BLOCK_H=block_h, BLOCK_T=block_t, T_SLOTS=c - 2 * (c // 3), HW_SLOTS=c // 3,
         HAS_SHIFT=shift is not None, INTERPRET=os.environ.get("TRITON_INTERPRET", "0") == "1",
-        num_warps=4 if block_h * D <= 2048 else 8,
+        num_warps=8,
     )
     return out
 

@@ -108,7 +108,8 @@ def _attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc
     return acc, l_i, m_i
 
 
-@triton.jit
+# Sizes stay runtime values: specialising a size of 1 made ptxas crash (SIGSEGV, triton 3.6, H200).
+@triton.jit(do_not_specialize=["B", "H", "Lq", "C", "ring_lo", "ring_size"])
 def _window_attn_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr,
     sink_end_ptr, win_start_ptr, win_end_ptr, shift_ptr,

@@ -18,6 +18,14 @@ class FlowMatchSchedule:
         sigmas = torch.linspace(1.0, 0.0, num_train_timesteps + 1)[:-1]
         self.sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
         self.timesteps = self.sigmas * num_train_timesteps
+        self._tables: dict = {}
+
+    def _table(self, name: str, device, dtype) -> torch.Tensor:
+        # Copied to each device once: a host-to-device copy per step would wait for the GPU.
+        key = (name, torch.device(device), dtype)
+        if key not in self._tables:
+            self._tables[key] = getattr(self, name).to(device=device, dtype=dtype)
+        return self._tables[key]
 
     def denoising_timesteps(self, steps, warp: bool = True) -> torch.Tensor:
         """The per-block step list as float32 timesteps: warped (LongLive's default) or as given."""
@@ -33,9 +41,9 @@ class FlowMatchSchedule:
 
     def _sigma(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """sigma of the table entry nearest to each timestep, shaped [N, 1, 1, 1]."""
-        timesteps = self.timesteps.to(device=timestep.device, dtype=dtype)
+        timesteps = self._table("timesteps", timestep.device, dtype)
         index = torch.argmin((timesteps.unsqueeze(0) - timestep.to(dtype).unsqueeze(1)).abs(), dim=1)
-        return self.sigmas.to(device=timestep.device, dtype=dtype)[index].reshape(-1, 1, 1, 1)
+        return self._table("sigmas", timestep.device, dtype)[index].reshape(-1, 1, 1, 1)
 
     def flow_to_x0(self, flow: torch.Tensor, xt: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """x0 = x_t - sigma(t) * v in float64 (the model predicts v = noise - x0); [N, C, H, W]."""
