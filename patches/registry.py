@@ -27,8 +27,9 @@ class Patch:
 
 def _registered() -> list[Patch]:
     # Imported here: patch modules import this file for Patch and PatchSkip.
+    from .fused_block import PATCH as fused_block
     from .window_self_attention import PATCH as window_self_attention
-    return [window_self_attention]
+    return [fused_block, window_self_attention]
 
 
 # Each kernel issue adds its entry here, in the order patch_model applies them.

@@ -1,9 +1,11 @@
 """The window self-attention patch: same latents as the unpatched reference through the block loop
 (window filling, rolling, a prompt switch with and without a global sink), both backends."""
+import dataclasses
+
 import pytest
 import torch
 
-from longlive_triton import PatchConfig, patch_model
+from longlive_triton import PatchConfig, load_preset, patch_model
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
 from longlive_triton.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.reference import build_model, get_preset
@@ -65,14 +67,16 @@ def test_fp32_model_is_skipped_and_left_untouched():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_patched_1p3b_model_matches_reference_over_20_blocks(backend):
-    """The exact-path acceptance: 20 blocks at 1.3B shapes, relative L2 of the latents <= 1e-2."""
+def test_exact_preset_1p3b_matches_reference_over_20_blocks(backend):
+    """The exact-path acceptance: the exact preset (either attention backend) over 20 blocks at
+    1.3B shapes, relative L2 of the latents <= 1e-2 against the unpatched reference."""
     noise, prompts = _inputs("longlive-1.3b", 60, "cuda")
     ref = build_model("longlive-1.3b", dtype=torch.bfloat16, device="cuda", seed=0)
     want = _run(ref, noise, prompts, [])
     del ref
     model = build_model("longlive-1.3b", dtype=torch.bfloat16, device="cuda", seed=0)
-    patch_model(model, PatchConfig(window_attention=True, attention_backend=backend))
+    report = patch_model(model, dataclasses.replace(load_preset("exact"), attention_backend=backend))
+    assert not report.skipped
     got = _run(model, noise, prompts, [])
     per_block = [_rel_l2(got[:, i:i + 3], want[:, i:i + 3]) for i in range(0, 60, 3)]
     print(f"{backend}: per-block relative L2 {['%.2e' % e for e in per_block]}")

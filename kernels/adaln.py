@@ -1,0 +1,205 @@
+"""Fused residual + LayerNorm + adaLN modulation: the glue between the big ops of a LongLive block.
+
+One pass per token row computes, in this order and each step optional,
+
+    x_new = x + y * gate        (the gated residual; `gate` None: x + y; `y` None: x_new = x)
+    h     = LN(x_new)           (no affine, or affine with weight/bias; eps)
+    h     = h * (1 + scale) + shift
+
+and writes x_new (when a residual was added) and h. The stock block runs these as 3-6 separate
+torch ops per step, each a full read and write of the [B, L, C] activation; here it is one read of
+x (and y) and one write of each output.
+
+Shapes and dtypes: x, y [B, L, C] bf16 (last dim contiguous); gate, shift, scale [B, F, C] bf16
+(any strides, e.g. chunks of the stock [B, F, 6, C] modulation) where the L tokens are F frames of
+L/F tokens, token t belonging to frame t // (L/F); weight, bias [C] bf16. eps float.
+
+Rounding follows the stock bf16 path exactly: y * gate, the residual sum, the LayerNorm output
+(fp32 statistics, one rounding after the affine), 1 + scale, the product and the final sum are each
+rounded to bf16, as torch's bf16 ops round them. Only the LayerNorm's fp32 reduction order differs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bf16(x, INTERPRET: tl.constexpr):
+    # The interpreter truncates fp32 -> bf16 casts; round to nearest even by hand there.
+    if INTERPRET:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+    else:
+        return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["L", "C", "tokens_per_frame"])
+def _adaln_kernel(
+    x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xo_ptr, h_ptr,
+    stride_xb, stride_xl, stride_yb, stride_yl,
+    stride_gb, stride_gf, stride_sb, stride_sf, stride_cb, stride_cf,
+    stride_xob, stride_xol, stride_hb, stride_hl,
+    L, C, tokens_per_frame, eps,
+    HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, HAS_LN: tl.constexpr, AFFINE: tl.constexpr,
+    MODULATE: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    frame = row // tokens_per_frame
+    offs = tl.arange(0, BLOCK_C)
+    mask = offs < C
+    x = tl.load(x_ptr + b * stride_xb + row * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        y = tl.load(y_ptr + b * stride_yb + row * stride_yl + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            g = tl.load(gate_ptr + b * stride_gb + frame * stride_gf + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _bf16(y * g, INTERPRET)
+        x = _bf16(x + y, INTERPRET)
+        tl.store(xo_ptr + b * stride_xob + row * stride_xol + offs, x.to(tl.bfloat16), mask=mask)
+    if HAS_LN:
+        mean = tl.sum(x, 0) / C
+        diff = tl.where(mask, x - mean, 0.0)
+        rstd = tl.math.rsqrt(tl.sum(diff * diff, 0) / C + eps)
+        h = diff * rstd
+        if AFFINE:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            bias = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            h = h * w + bias
+        h = _bf16(h, INTERPRET)
+        if MODULATE:
+            sc = tl.load(scale_ptr + b * stride_cb + frame * stride_cf + offs, mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(shift_ptr + b * stride_sb + frame * stride_sf + offs, mask=mask, other=0.0).to(tl.float32)
+            h = _bf16(_bf16(h * _bf16(1.0 + sc, INTERPRET), INTERPRET) + sh, INTERPRET)
+        tl.store(h_ptr + b * stride_hb + row * stride_hl + offs, h.to(tl.bfloat16), mask=mask)
+
+
+def _check_act(name: str, t: torch.Tensor, shape, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.bfloat16:
+        raise TypeError(f"{name} must be bfloat16, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _per_frame(name: str, t: torch.Tensor, B: int, C: int, device) -> tuple[torch.Tensor, int]:
+    """Accept [B, F, C] or the stock [B, F, 1, C] chunk; returns the 3-D view and F."""
+    if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] == 1:
+        t = t.squeeze(2)
+    if not isinstance(t, torch.Tensor) or t.dim() != 3:
+        raise ValueError(f"{name} must be [B, F, C] (or [B, F, 1, C]), got {getattr(t, 'shape', type(t).__name__)}")
+    _check_act(name, t, (B, t.shape[1], C), device)
+    return t, t.shape[1]
+
+
+def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+          norm: bool = True, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+          shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, eps: float = 1e-6,
+          out_x: torch.Tensor | None = None, out_h: torch.Tensor | None = None,
+          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(x_new, h) per the module docstring: x_new is None without y, h is None without norm.
+
+    out_x / out_h: optional preallocated outputs (out_x may be x itself: each row is read before
+    it is written, by the same program).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    B, L, C = x.shape
+    device = x.device
+    _check_act("x", x, (B, L, C), device)
+    if y is not None:
+        _check_act("y", y, (B, L, C), device)
+    if gate is not None and y is None:
+        raise ValueError("gate needs y: the gate multiplies the residual branch")
+    if (weight is None) != (bias is None):
+        raise ValueError("pass both LayerNorm weight and bias, or neither")
+    if (shift is None) != (scale is None):
+        raise ValueError("pass both shift and scale, or neither")
+    if not norm and (weight is not None or shift is not None):
+        raise ValueError("weight/bias and shift/scale apply to the LayerNorm output; norm=False has none")
+    if y is None and not norm:
+        raise ValueError("nothing to compute: give y (a residual) or norm=True")
+    frames = set()
+    per_frame = {}
+    for name, t in (("gate", gate), ("shift", shift), ("scale", scale)):
+        if t is not None:
+            per_frame[name], f = _per_frame(name, t, B, C, device)
+            frames.add(f)
+    if len(frames) > 1:
+        raise ValueError(f"gate/shift/scale disagree on the number of frames: {sorted(frames)}")
+    num_frames = frames.pop() if frames else 1
+    if L % num_frames:
+        raise ValueError(f"{L} tokens do not split into {num_frames} frames")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_act(name, t, (C,), device)
+
+    for name, t in (("out_x", out_x), ("out_h", out_h)):
+        if t is not None:
+            _check_act(name, t, (B, L, C), device)
+    if out_x is not None and y is None:
+        raise ValueError("out_x needs y: without a residual there is no x_new")
+    if out_h is not None and not norm:
+        raise ValueError("out_h needs norm=True")
+    x_new = (torch.empty_like(x) if out_x is None else out_x) if y is not None else None
+    h = (torch.empty_like(x) if out_h is None else out_h) if norm else None
+    if B == 0 or L == 0:
+        return x_new, h
+    dummy = x
+    g = per_frame.get("gate", dummy if gate is None else gate)
+    sh = per_frame.get("shift", dummy)
+    sc = per_frame.get("scale", dummy)
+    yy, xo, hh = (y if y is not None else dummy), (x_new if x_new is not None else dummy), (h if h is not None else dummy)
+    block_c = triton.next_power_of_2(C)
+    _adaln_kernel[(L, B)](
+        x, yy, g, weight if weight is not None else dummy, bias if bias is not None else dummy, sh, sc, xo, hh,
+        x.stride(0), x.stride(1), yy.stride(0), yy.stride(1),
+        g.stride(0), g.stride(1), sh.stride(0), sh.stride(1), sc.stride(0), sc.stride(1),
+        xo.stride(0), xo.stride(1), hh.stride(0), hh.stride(1),
+        L, C, L // num_frames, eps,
+        HAS_Y=y is not None, HAS_GATE=gate is not None, HAS_LN=norm, AFFINE=weight is not None,
+        MODULATE=shift is not None, BLOCK_C=block_c,
+        INTERPRET=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        num_warps=4 if block_c <= 2048 else 8,
+    )
+    return x_new, h
+
+
+def adaln_ref(x, *, y=None, gate=None, norm=True, weight=None, bias=None, shift=None, scale=None, eps=1e-6):
+    """The stock bf16 torch ops, in the stock order (CausalWanAttentionBlock.forward)."""
+    B, L, C = x.shape
+
+    def frames(t):
+        return t.reshape(B, t.shape[1], 1, C) if t.dim() == 3 else t
+
+    def per_frame(t, f):
+        return t.unflatten(1, (f.shape[1], L // f.shape[1]))
+
+    x_new = None
+    if y is not None:
+        if gate is not None:
+            g = frames(gate)
+            y = (per_frame(y, g) * g).flatten(1, 2)
+        x = x_new = x + y
+    h = None
+    if norm:
+        h = F.layer_norm(x, (C,), weight, bias, eps)
+        if shift is not None:
+            sc, sh = frames(scale), frames(shift)
+            h = (per_frame(h, sc) * (1 + sc) + sh).flatten(1, 2)
+    return x_new, h
+
+
+def adaln_bytes(batch: int, tokens: int, dim: int, *, residual: bool, norm: bool) -> float:
+    """Fewest bytes one call moves: x (and y) read, x_new (and h) written, bf16."""
+    return 2.0 * batch * tokens * dim * (1 + (2 if residual else 0) + (1 if norm else 0))

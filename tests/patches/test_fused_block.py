@@ -1,0 +1,49 @@
+"""The fused-glue block patch: same latents as the unpatched reference, alone and with the
+window self-attention patch, and it leaves blocks it cannot serve untouched."""
+import pytest
+import torch
+
+from longlive_triton import PatchConfig, patch_model
+from longlive_triton.patches.fused_block import FusedAttentionBlock
+from longlive_triton.patches.window_self_attention import WindowSelfAttention
+from longlive_triton.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.reference import CausalWanModel, build_model, get_preset
+
+
+def _generate(model, device, switches=(12,)):
+    p = get_preset("tiny")
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, 18, 16, p.latent_height, p.latent_width, generator=gen).to(device, torch.bfloat16)
+    prompts = [torch.randn(1, p.text_len, p.text_dim, generator=gen).to(device, torch.bfloat16) for _ in range(2)]
+    torch.manual_seed(0)
+    return BlockPipeline(model, PipelineConfig()).generate(noise, prompts, list(switches))
+
+
+@pytest.mark.parametrize("with_attention", [False, True])
+def test_fused_blocks_match_reference(device, with_attention):
+    want = _generate(build_model("tiny", dtype=torch.bfloat16, device=device, seed=4), device)
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=4)
+    report = patch_model(model, PatchConfig(fused_glue=True, window_attention=with_attention))
+    assert report.counts()["fused_block"] == {"applied": 2, "skipped": 0}
+    assert all(isinstance(b, FusedAttentionBlock) for b in model.blocks)
+    assert all(isinstance(b.self_attn, WindowSelfAttention) == with_attention for b in model.blocks)
+    got = _generate(model, device)
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel <= 1e-2, rel
+
+
+def test_block_without_affine_cross_norm_is_skipped():
+    kwargs = {**get_preset("tiny").model_kwargs(), "cross_attn_norm": False}
+    model = CausalWanModel(**kwargs).to(torch.bfloat16)
+    blocks = list(model.blocks)
+    report = patch_model(model, PatchConfig(fused_glue=True))
+    assert {e.reason for e in report.skipped} == {"norm3 is not an affine LayerNorm (cross_attn_norm off?)"}
+    assert list(model.blocks) == blocks
+
+
+def test_state_dict_unchanged(device):
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    patch_model(model, PatchConfig(fused_glue=True, window_attention=True))
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
