@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--only", nargs="+", metavar="NAME", help="kernel families to run (default: all registered)")
     k.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up time per provider (default 25)")
     k.add_argument("--rep-ms", type=float, default=100, help="do_bench timed time per provider (default 100)")
+    k.add_argument("--timing", choices=("graph", "eager"), default="graph",
+                   help="graph: replay each call from a CUDA graph (kernel time, the default); "
+                        "eager: launch from Python every time (includes launcher overhead)")
     k.set_defaults(run=kernels.run)
 
     e = sub.add_parser("e2e", help="stock reference vs patched models, ms per block and output difference")

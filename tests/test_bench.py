@@ -101,7 +101,7 @@ def test_kernels_run_path_with_stub_gpu(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(kernels.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kernels, "environment", lambda: {"gpu": "stub"})
     monkeypatch.setattr(kernels, "families", lambda: {"fake": lambda: [case], "other": lambda: []})
-    monkeypatch.setattr(kernels, "do_bench_timer", lambda warmup, rep: lambda fn: (fn(), fn(), fn()))
+    monkeypatch.setattr(kernels, "do_bench_timer", lambda warmup, rep, timing: lambda fn: (fn(), fn(), fn()))
     monkeypatch.setattr(kernels, "measure_ceilings", lambda timer: {"tflops": 1.0, "bandwidth_gbs": 8.0,
                                                                     "copy_bytes": 1, "matmul_size": 1})
     assert main(["kernels", "--only", "nope"]) == 2
