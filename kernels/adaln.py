@@ -20,8 +20,6 @@ rounded to bf16, as torch's bf16 ops round them. Only the LayerNorm's fp32 reduc
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -29,14 +27,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _bf16(x, INTERPRET: tl.constexpr):
-    # The interpreter truncates fp32 -> bf16 casts; round to nearest even by hand there.
-    if INTERPRET:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True).to(tl.float32)
-    else:
-        return x.to(tl.bfloat16).to(tl.float32)
+def _bf16(x):
+    """Round fp32 to the nearest bf16 (ties to even), kept in fp32.
+
+    Integer arithmetic on purpose: a cast pair (to bf16 and back) may be folded away by the
+    compiler, which then fuses the multiply and the add into one FMA and rounds once where torch
+    rounds twice; and the CPU interpreter truncates such casts instead of rounding."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["L", "C", "tokens_per_frame"])
@@ -47,36 +46,39 @@ def _adaln_kernel(
     stride_xob, stride_xol, stride_hb, stride_hl,
     L, C, tokens_per_frame, eps,
     HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, HAS_LN: tl.constexpr, AFFINE: tl.constexpr,
-    MODULATE: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr,
+    MODULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    # BLOCK_R rows per program: one 1536-wide row is too little work to keep loads in flight.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = tl.program_id(1).to(tl.int64)
-    frame = row // tokens_per_frame
-    offs = tl.arange(0, BLOCK_C)
-    mask = offs < C
-    x = tl.load(x_ptr + b * stride_xb + row * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
+    frame = (rows // tokens_per_frame)[:, None]
+    r = rows.to(tl.int64)[:, None]
+    offs = tl.arange(0, BLOCK_C)[None, :]
+    cmask = offs < C
+    mask = (rows < L)[:, None] & cmask
+    x = tl.load(x_ptr + b * stride_xb + r * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_Y:
-        y = tl.load(y_ptr + b * stride_yb + row * stride_yl + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + b * stride_yb + r * stride_yl + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             g = tl.load(gate_ptr + b * stride_gb + frame * stride_gf + offs, mask=mask, other=0.0).to(tl.float32)
-            y = _bf16(y * g, INTERPRET)
-        x = _bf16(x + y, INTERPRET)
-        tl.store(xo_ptr + b * stride_xob + row * stride_xol + offs, x.to(tl.bfloat16), mask=mask)
+            y = _bf16(y * g)
+        x = _bf16(x + y)
+        tl.store(xo_ptr + b * stride_xob + r * stride_xol + offs, x.to(tl.bfloat16), mask=mask)
     if HAS_LN:
-        mean = tl.sum(x, 0) / C
-        diff = tl.where(mask, x - mean, 0.0)
-        rstd = tl.math.rsqrt(tl.sum(diff * diff, 0) / C + eps)
-        h = diff * rstd
+        mean = tl.sum(x, 1) / C
+        diff = tl.where(cmask, x - mean[:, None], 0.0)
+        rstd = tl.math.rsqrt(tl.sum(diff * diff, 1) / C + eps)
+        h = diff * rstd[:, None]
         if AFFINE:
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            bias = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
+            bias = tl.load(b_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
             h = h * w + bias
-        h = _bf16(h, INTERPRET)
+        h = _bf16(h)
         if MODULATE:
             sc = tl.load(scale_ptr + b * stride_cb + frame * stride_cf + offs, mask=mask, other=0.0).to(tl.float32)
             sh = tl.load(shift_ptr + b * stride_sb + frame * stride_sf + offs, mask=mask, other=0.0).to(tl.float32)
-            h = _bf16(_bf16(h * _bf16(1.0 + sc, INTERPRET), INTERPRET) + sh, INTERPRET)
-        tl.store(h_ptr + b * stride_hb + row * stride_hl + offs, h.to(tl.bfloat16), mask=mask)
+            h = _bf16(_bf16(h * _bf16(1.0 + sc)) + sh)
+        tl.store(h_ptr + b * stride_hb + r * stride_hl + offs, h.to(tl.bfloat16), mask=mask)
 
 
 def _check_act(name: str, t: torch.Tensor, shape, device) -> None:
@@ -161,16 +163,15 @@ def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor 
     sc = per_frame.get("scale", dummy)
     yy, xo, hh = (y if y is not None else dummy), (x_new if x_new is not None else dummy), (h if h is not None else dummy)
     block_c = triton.next_power_of_2(C)
-    _adaln_kernel[(L, B)](
+    block_r = max(1, min(4, 8192 // block_c))
+    _adaln_kernel[(triton.cdiv(L, block_r), B)](
         x, yy, g, weight if weight is not None else dummy, bias if bias is not None else dummy, sh, sc, xo, hh,
         x.stride(0), x.stride(1), yy.stride(0), yy.stride(1),
         g.stride(0), g.stride(1), sh.stride(0), sh.stride(1), sc.stride(0), sc.stride(1),
         xo.stride(0), xo.stride(1), hh.stride(0), hh.stride(1),
         L, C, L // num_frames, eps,
         HAS_Y=y is not None, HAS_GATE=gate is not None, HAS_LN=norm, AFFINE=weight is not None,
-        MODULATE=shift is not None, BLOCK_C=block_c,
-        INTERPRET=os.environ.get("TRITON_INTERPRET", "0") == "1",
-        num_warps=4 if block_c <= 2048 else 8,
+        MODULATE=shift is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
     )
     return x_new, h
 

@@ -20,7 +20,8 @@ class PatchConfig:
     # our Triton window kernel ("triton") or cuDNN through SDPA ("sdpa").
     window_attention: bool = False
     attention_backend: str = "sdpa"
-    # Each layer's LayerNorms, adaLN modulation and gated residual adds as four fused passes.
+    # Each layer's LayerNorms, adaLN modulation and gated residual adds as four fused passes, and
+    # the cross-attention's query RMSNorm as one.
     fused_glue: bool = False
 
     def __post_init__(self):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from longlive_triton import PatchConfig, patch_model
+from longlive_triton.patches.cross_attention import FusedCrossAttention
 from longlive_triton.patches.fused_block import FusedAttentionBlock
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
 from longlive_triton.pipeline import BlockPipeline, PipelineConfig
@@ -25,6 +26,8 @@ def test_fused_blocks_match_reference(device, with_attention):
     model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=4)
     report = patch_model(model, PatchConfig(fused_glue=True, window_attention=with_attention))
     assert report.counts()["fused_block"] == {"applied": 2, "skipped": 0}
+    assert report.counts()["fused_cross_attention"] == {"applied": 2, "skipped": 0}
+    assert all(isinstance(b.cross_attn, FusedCrossAttention) for b in model.blocks)
     assert all(isinstance(b, FusedAttentionBlock) for b in model.blocks)
     assert all(isinstance(b.self_attn, WindowSelfAttention) == with_attention for b in model.blocks)
     got = _generate(model, device)
@@ -37,7 +40,8 @@ def test_block_without_affine_cross_norm_is_skipped():
     model = CausalWanModel(**kwargs).to(torch.bfloat16)
     blocks = list(model.blocks)
     report = patch_model(model, PatchConfig(fused_glue=True))
-    assert {e.reason for e in report.skipped} == {"norm3 is not an affine LayerNorm (cross_attn_norm off?)"}
+    assert {e.reason for e in report.skipped if e.patch == "fused_block"} == {
+        "norm3 is not an affine LayerNorm (cross_attn_norm off?)"}
     assert list(model.blocks) == blocks
 
 

@@ -1,0 +1,69 @@
+"""RMSNorm with the stock LongLive rounding points, one pass per row.
+
+x [B, L, C] bf16 (last dim contiguous), weight [C] bf16 -> [B, L, C] bf16:
+    bf16( bf16( x * rsqrt(mean(x^2) + eps) ) * weight )
+with the statistics in fp32, as `WanRMSNorm` computes them (x.float(), normalise, cast back to the
+input dtype, then the bf16 multiply by the weight). The stock path spends six passes over the
+activation on it, two of them in fp32; this is one read and one write.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .adaln import _bf16
+
+
+@triton.jit(do_not_specialize=["L", "C"])
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, stride_xb, stride_xl, stride_ob, stride_ol, L, C, eps,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = tl.program_id(1).to(tl.int64)
+    r = rows.to(tl.int64)[:, None]
+    offs = tl.arange(0, BLOCK_C)[None, :]
+    cmask = offs < C
+    mask = (rows < L)[:, None] & cmask
+    x = tl.load(x_ptr + b * stride_xb + r * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, 1) / C + eps)
+    w = tl.load(w_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
+    y = _bf16(_bf16(x * rstd[:, None]) * w)
+    tl.store(o_ptr + b * stride_ob + r * stride_ol + offs, y.to(tl.bfloat16), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """WanRMSNorm(x) for bf16 x [B, L, C] and weight [C]; see the module docstring."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    B, L, C = x.shape
+    for name, t, shape in (("x", x, (B, L, C)), ("weight", weight, (C,)), ("out", out, (B, L, C))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16:
+            raise TypeError(f"{name} must be a bfloat16 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    if out is None:
+        out = torch.empty_like(x)
+    if B == 0 or L == 0:
+        return out
+    block_c = triton.next_power_of_2(C)
+    block_r = max(1, min(4, 8192 // block_c))
+    _rms_norm_kernel[(triton.cdiv(L, block_r), B)](
+        x, weight, out, x.stride(0), x.stride(1), out.stride(0), out.stride(1), L, C, eps,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+    return out
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """WanRMSNorm.forward, literally."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rms_norm_bytes(batch: int, tokens: int, dim: int) -> float:
+    return 2.0 * 2 * batch * tokens * dim
