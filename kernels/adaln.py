@@ -48,7 +48,6 @@ def _adaln_kernel(
     HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, HAS_LN: tl.constexpr, AFFINE: tl.constexpr,
     MODULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # BLOCK_R rows per program: one 1536-wide row is too little work to keep loads in flight.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = tl.program_id(1).to(tl.int64)
     frame = (rows // tokens_per_frame)[:, None]
@@ -163,7 +162,8 @@ def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor 
     sc = per_frame.get("scale", dummy)
     yy, xo, hh = (y if y is not None else dummy), (x_new if x_new is not None else dummy), (h if h is not None else dummy)
     block_c = triton.next_power_of_2(C)
-    block_r = max(1, min(4, 8192 // block_c))
+    # One row per program, 4 warps: measured 1.6x faster than 4 rows on 8 warps at 4680 x 1536.
+    block_r = 1
     _adaln_kernel[(triton.cdiv(L, block_r), B)](
         x, yy, g, weight if weight is not None else dummy, bias if bias is not None else dummy, sh, sc, xo, hh,
         x.stride(0), x.stride(1), yy.stride(0), yy.stride(1),
@@ -171,7 +171,8 @@ def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor 
         xo.stride(0), xo.stride(1), hh.stride(0), hh.stride(1),
         L, C, L // num_frames, eps,
         HAS_Y=y is not None, HAS_GATE=gate is not None, HAS_LN=norm, AFFINE=weight is not None,
-        MODULATE=shift is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
+        MODULATE=shift is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=4 if block_c <= 2048 else 8,
     )
     return x_new, h
 

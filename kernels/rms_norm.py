@@ -52,10 +52,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: t
     if B == 0 or L == 0:
         return out
     block_c = triton.next_power_of_2(C)
-    block_r = max(1, min(4, 8192 // block_c))
+    # One row per program, 4 warps: measured 1.6x faster than 4 rows on 8 warps at 4680 x 1536.
+    block_r = 1
     _rms_norm_kernel[(triton.cdiv(L, block_r), B)](
         x, weight, out, x.stride(0), x.stride(1), out.stride(0), out.stride(1), L, C, eps,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
     return out
 
 
