@@ -135,11 +135,15 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
             continue
         # Collect first: swapping while iterating named_modules would visit the replacements.
         targets = [(name, m) for name, m in generator.named_modules() if patch.matches(m)]
+        applied = 0
         for name, module in targets:
             try:
                 _set_submodule(generator, name, patch.replace(module, config))
                 report.applied.append(PatchEntry(name, patch.name))
+                applied += 1
             except PatchSkip as why:
                 report.skipped.append(PatchEntry(name, patch.name, str(why)))
+        if applied and patch.describe is not None:
+            report.notes.append(f"{patch.name}: {patch.describe(config)}")
     setattr(generator, _MARK, config)
     return report

@@ -23,6 +23,8 @@ class Patch:
     matches: Callable[[nn.Module], bool]
     enabled: Callable[[object], bool]            # PatchConfig -> bool
     replace: Callable[[nn.Module, object], nn.Module]
+    # What the report should say about the choices made when the patch applied (e.g. the backend).
+    describe: Callable[[object], str] | None = None
 
 
 def _registered() -> list[Patch]:

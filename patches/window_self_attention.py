@@ -171,5 +171,9 @@ def _is_self_attention(m: nn.Module) -> bool:
             and not isinstance(m, WindowSelfAttention))
 
 
+_BACKEND_NAMES = {"sdpa": "cuDNN through torch SDPA", "triton": "our Triton window kernel"}
+
 PATCH = Patch(name="window_self_attention", matches=_is_self_attention,
-              enabled=lambda cfg: cfg.window_attention, replace=WindowSelfAttention.from_stock)
+              enabled=lambda cfg: cfg.window_attention, replace=WindowSelfAttention.from_stock,
+              describe=lambda cfg: f"self-attention runs on {_BACKEND_NAMES[cfg.attention_backend]} "
+                                   f"(attention_backend: {cfg.attention_backend})")

@@ -42,6 +42,7 @@ def test_patched_tiny_model_matches_reference(device, backend, global_sink):
     model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=3)
     report = patch_model(model, PatchConfig(window_attention=True, attention_backend=backend))
     assert report.counts()["window_self_attention"] == {"applied": 2, "skipped": 0}
+    assert f"(attention_backend: {backend})" in str(report)
     assert all(isinstance(b.self_attn, WindowSelfAttention) for b in model.blocks)
     got = _run(model, noise, prompts, [12], global_sink)
     assert torch.isfinite(got).all()
