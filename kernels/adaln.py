@@ -25,17 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _bf16(x):
-    """Round fp32 to the nearest bf16 (ties to even), kept in fp32.
-
-    Integer arithmetic on purpose: a cast pair (to bf16 and back) may be folded away by the
-    compiler, which then fuses the multiply and the add into one FMA and rounds once where torch
-    rounds twice; and the CPU interpreter truncates such casts instead of rounding."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+from ._common import round_bf16
 
 
 @triton.jit(do_not_specialize=["L", "C", "tokens_per_frame"])
@@ -60,8 +50,8 @@ def _adaln_kernel(
         y = tl.load(y_ptr + b * stride_yb + r * stride_yl + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             g = tl.load(gate_ptr + b * stride_gb + frame * stride_gf + offs, mask=mask, other=0.0).to(tl.float32)
-            y = _bf16(y * g)
-        x = _bf16(x + y)
+            y = round_bf16(y * g)
+        x = round_bf16(x + y)
         tl.store(xo_ptr + b * stride_xob + r * stride_xol + offs, x.to(tl.bfloat16), mask=mask)
     if HAS_LN:
         mean = tl.sum(x, 1) / C
@@ -72,11 +62,11 @@ def _adaln_kernel(
             w = tl.load(w_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
             bias = tl.load(b_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
             h = h * w + bias
-        h = _bf16(h)
+        h = round_bf16(h)
         if MODULATE:
             sc = tl.load(scale_ptr + b * stride_cb + frame * stride_cf + offs, mask=mask, other=0.0).to(tl.float32)
             sh = tl.load(shift_ptr + b * stride_sb + frame * stride_sf + offs, mask=mask, other=0.0).to(tl.float32)
-            h = _bf16(_bf16(h * _bf16(1.0 + sc)) + sh)
+            h = round_bf16(round_bf16(h * round_bf16(1.0 + sc)) + sh)
         tl.store(h_ptr + b * stride_hb + r * stride_hl + offs, h.to(tl.bfloat16), mask=mask)
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adaln import _bf16
+from ._common import round_bf16
 
 
 @triton.jit(do_not_specialize=["L", "C"])
@@ -27,7 +27,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, stride_xb, stride_xl, stride_ob, strid
     x = tl.load(x_ptr + b * stride_xb + r * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, 1) / C + eps)
     w = tl.load(w_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
-    y = _bf16(_bf16(x * rstd[:, None]) * w)
+    y = round_bf16(round_bf16(x * rstd[:, None]) * w)
     tl.store(o_ptr + b * stride_ob + r * stride_ol + offs, y.to(tl.bfloat16), mask=mask)
 
 

@@ -26,29 +26,19 @@ window [0, 512).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._common import cast_bf16, interpreting
+
 _SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _LOG2E = 1.4426950408889634
 # The launcher runs one fixed small config under the interpreter: autotuning there would time
 # every config in numpy, and small tiles exercise the tail paths at test sizes.
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
-
-
-@triton.jit
-def _to_bf16(x, INTERPRET: tl.constexpr):
-    if INTERPRET:
-        # The interpreter truncates fp32 -> bf16 casts; round to nearest even by hand there.
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(tl.bfloat16)
 
 
 @triton.jit
@@ -69,7 +59,7 @@ def _attend_tile(acc, l_i, m_i, q, k, v, valid, qk_scale, MASKED: tl.constexpr, 
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    p = _to_bf16(p, INTERPRET)
+    p = cast_bf16(p, INTERPRET)
     if INTERPRET:
         acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
     else:
@@ -192,7 +182,7 @@ def _window_attn_fwd(
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             _to_bf16(out, INTERPRET), mask=q_mask)
+             cast_bf16(out, INTERPRET), mask=q_mask)
 
 
 def _configs() -> list[triton.Config]:
@@ -226,10 +216,6 @@ _window_attn_fwd_tuned = triton.autotune(
     key=["LQ_BUCKET", "HEAD_DIM", "USE_TMA"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_window_attn_fwd)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _tma_allocator(size: int, alignment: int, stream):
@@ -331,7 +317,7 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if scale is None:
         scale = 1.0 / math.sqrt(D)
 
-    interpret = _interpreting()
+    interpret = interpreting()
     use_tma = (bool(use_tma) and not interpret and device.type == "cuda"
                and torch.cuda.get_device_capability(device)[0] >= 9)
     if use_tma:
