@@ -9,14 +9,12 @@ cuDNN through SDPA, which measured faster than our Triton kernel for 512 text ke
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.rms_norm import rms_norm
-from .registry import Patch, PatchSkip
+from .registry import Patch, PatchSkip, require_kernel_device
 
 
 class FusedCrossAttention(nn.Module):
@@ -34,8 +32,7 @@ class FusedCrossAttention(nn.Module):
             raise PatchSkip("norm_q is not a WanRMSNorm (qk_norm off?)")
         if weight.dtype != torch.bfloat16:
             raise PatchSkip(f"the rms_norm kernel runs the bf16 path; this layer is {weight.dtype}")
-        if weight.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise PatchSkip(f"the kernels need a CUDA device (or TRITON_INTERPRET=1); weights are on {weight.device}")
+        require_kernel_device(weight)
         return cls(stock)
 
     def forward(self, x, context, context_lens, crossattn_cache=None):

@@ -14,13 +14,11 @@ stock ones, shared, so other patches still apply to them and the state dict keep
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
 from ..kernels.adaln import adaln
-from .registry import Patch, PatchSkip
+from .registry import Patch, PatchSkip, require_kernel_device
 
 
 class FusedAttentionBlock(nn.Module):
@@ -39,8 +37,7 @@ class FusedAttentionBlock(nn.Module):
         mod = block.modulation
         if mod.dtype != torch.bfloat16:
             raise PatchSkip(f"the adaln kernel runs the bf16 path; this block is {mod.dtype}")
-        if mod.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise PatchSkip(f"the kernels need a CUDA device (or TRITON_INTERPRET=1); weights are on {mod.device}")
+        require_kernel_device(mod)
         for name in ("norm1", "norm2"):
             norm = getattr(block, name)
             if not isinstance(norm, nn.LayerNorm) or norm.elementwise_affine:

@@ -17,6 +17,14 @@ class PatchSkip(Exception):
     """Raised by Patch.replace when a module cannot be patched; the message is the reason."""
 
 
+def require_kernel_device(weight) -> None:
+    """PatchSkip unless the Triton kernels can run where `weight` lives (CUDA, or the interpreter)."""
+    from ..kernels._common import interpreting
+
+    if weight.device.type != "cuda" and not interpreting():
+        raise PatchSkip(f"the kernels need a CUDA device (or TRITON_INTERPRET=1); weights are on {weight.device}")
+
+
 @dataclass(frozen=True)
 class Patch:
     name: str

@@ -18,8 +18,6 @@ Our ring shift lives in the layer's cache dict under `ring_shift`; a fresh dict 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,7 +26,8 @@ from ..kernels.kv_cache_plan import (LOCAL_START, NEW_GLOBAL, NEW_LOCAL, ROW_LO,
                                      WIN_START, kv_cache_plan, kv_cache_plan_ref)
 from ..kernels.rope_kv_append import rope_kv_append, rope_tables
 from ..kernels.window_attention import window_attention
-from .registry import Patch, PatchSkip
+from ..kernels._common import interpreting
+from .registry import Patch, PatchSkip, require_kernel_device
 
 _HOST_STATE = "_longlive_triton_host"   # (global_end, local_end, shift) mirrored on the host
 _RING_SHIFT = "ring_shift"
@@ -36,25 +35,23 @@ BACKENDS = ("triton", "sdpa")
 
 
 class WindowSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, local_attn_size: int, sink_size: int, eps: float,
-                 backend: str, max_attention_size: int | None = None):
+    def __init__(self, stock: nn.Module, backend: str):
+        """Shares the stock module's Linear layers and norms; use from_stock, which checks them."""
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.local_attn_size = local_attn_size
-        self.sink_size = sink_size
-        self.eps = eps
+        self.dim = stock.dim
+        self.num_heads = stock.num_heads
+        self.head_dim = stock.dim // stock.num_heads
+        self.local_attn_size = stock.local_attn_size
+        self.sink_size = stock.sink_size
+        self.eps = stock.norm_q.eps
         self.backend = backend
-        self.max_attention_size = max_attention_size
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = nn.Module()
-        self.norm_k = nn.Module()
+        # The stock budget (local_attn_size * 1560, or what the pipeline set) is kept as is; our
+        # reference leaves it None and derives it from the frame size at run time.
+        self.max_attention_size = getattr(stock, "max_attention_size", None)
+        self.q, self.k, self.v, self.o = stock.q, stock.k, stock.v, stock.o
+        self.norm_q, self.norm_k = stock.norm_q, stock.norm_k
 
     @classmethod
     def from_stock(cls, stock: nn.Module, config) -> "WindowSelfAttention":
@@ -62,31 +59,26 @@ class WindowSelfAttention(nn.Module):
         backend = config.attention_backend
         for name in ("q", "k", "v", "o"):
             layer = getattr(stock, name, None)
-            if type(layer) is not nn.Linear:
-                raise PatchSkip(f"{name} is a {type(layer).__name__}, not a plain nn.Linear "
+            if type(layer) is not nn.Linear or layer.bias is None:
+                raise PatchSkip(f"{name} is a {type(layer).__name__}, not a plain nn.Linear with a bias "
                                 "(merge LoRA adapters first: merge_lora)")
         weight = stock.q.weight
         if weight.dtype != torch.bfloat16:
             raise PatchSkip(f"the kernels need bf16 weights; this layer is {weight.dtype}")
-        if weight.device.type != "cuda" and not _interpreting():
-            raise PatchSkip(f"the kernels need a CUDA device (or TRITON_INTERPRET=1); weights are on {weight.device}")
+        require_kernel_device(weight)
         head_dim = stock.dim // stock.num_heads
-        if head_dim not in (64, 128) and not (head_dim == 32 and _interpreting()):
+        if head_dim not in (64, 128) and not (head_dim == 32 and interpreting()):
             raise PatchSkip(f"head dim {head_dim} is not supported by the kernels (64 or 128)")
         for name in ("norm_q", "norm_k"):
             norm = getattr(stock, name)
             w = getattr(norm, "weight", None)
             if not isinstance(w, torch.Tensor) or w.shape != (stock.dim,) or getattr(norm, "eps", None) is None:
                 raise PatchSkip(f"{name} is not a WanRMSNorm over the full {stock.dim} features (qk_norm off?)")
-        # The stock budget (local_attn_size * 1560, or what the pipeline set) is copied as is;
-        # our reference leaves it None and derives it from the frame size at run time.
-        new = cls(stock.dim, stock.num_heads, stock.local_attn_size, stock.sink_size, stock.norm_q.eps, backend,
-                  getattr(stock, "max_attention_size", None))
-        new.q, new.k, new.v, new.o = stock.q, stock.k, stock.v, stock.o
-        new.norm_q, new.norm_k = stock.norm_q, stock.norm_k
+        new = cls(stock, backend)
         with torch.no_grad():
             fused_w = torch.cat([stock.q.weight, stock.k.weight, stock.v.weight])
             fused_b = torch.cat([stock.q.bias, stock.k.bias, stock.v.bias])
+        # The q, k, v weights become views into the fused matrix: one GEMM, no second copy.
         dim = stock.dim
         for i, layer in enumerate((new.q, new.k, new.v)):
             layer.weight = nn.Parameter(fused_w[i * dim:(i + 1) * dim], requires_grad=False)
@@ -159,10 +151,6 @@ class WindowSelfAttention(nn.Module):
             k, v = k_cache.index_select(1, slots), v_cache.index_select(1, slots)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _is_self_attention(m: nn.Module) -> bool:
