@@ -21,7 +21,7 @@ for step in $steps; do
   case $step in
     tests)   python3 -m pytest -q -x -m gpu tests/kernels tests/patches 2>&1 | tee "$OUT/tests.log" ;;
     parity)  LONGLIVE_SRC=.stock/LongLive PARITY_OUT="$OUT/parity.json" \
-               python3 -m pytest -q -s tests/gpu/test_stock_parity.py 2>&1 | tee "$OUT/parity.log" ;;
+               python3 -m pytest -q -s tests/gpu/test_stock_parity.py tests/reference/test_patch_stock_class.py 2>&1 | tee "$OUT/parity.log" ;;
     kernels) longlive-bench kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     e2e)     longlive-bench e2e --configs exact --blocks 16 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;

@@ -1,0 +1,45 @@
+"""patch_model on the stock LongLive v1.0 class itself (not our reference): every exact-preset patch
+applies, the stock forward and its _apply_cache_updates keep working with the patched modules, and
+the latents match the unpatched stock model within the bf16 bound, prompt switches included.
+
+Runs wherever a LongLive v1.0 checkout is available (LONGLIVE_SRC); CPU through Triton's interpreter
+here, CUDA on the GPU.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from longlive_triton import patch_model
+from longlive_triton.pipeline import PipelineConfig
+
+_SRC = os.environ.get("LONGLIVE_SRC", "")
+pytestmark = pytest.mark.skipif(
+    not _SRC or not Path(_SRC).is_dir(),
+    reason="LONGLIVE_SRC is not set to a LongLive v1.0 checkout (tests/gpu/prepare_stock_src.sh makes .stock/LongLive)",
+)
+
+
+@pytest.mark.parametrize("global_sink", [True, False], ids=["global_sink", "sink_recache"])
+def test_exact_preset_on_the_stock_class(device, global_sink):
+    from longlive_triton.reference import build_model
+    from longlive_triton.stock import build_stock_model, load_stock_longlive, parity_inputs, rel_l2, run_pipeline
+
+    stock = load_stock_longlive(_SRC)
+    weights = build_model("tiny", dtype=torch.float32, seed=6).state_dict()
+    noise, prompts = parity_inputs("tiny", 18, torch.bfloat16, device, num_prompts=2)
+    config = PipelineConfig(global_sink=global_sink)
+
+    unpatched = build_stock_model(stock, "tiny", device=device, dtype=torch.bfloat16, state_dict=weights)
+    want, _ = run_pipeline(unpatched, noise, prompts, (9,), config=config)
+    patched = build_stock_model(stock, "tiny", device=device, dtype=torch.bfloat16, state_dict=weights)
+    report = patch_model(patched, "exact")
+    assert not report.skipped, str(report)
+    assert {name: c["applied"] for name, c in report.counts().items()} == {
+        "fused_block": 2, "window_self_attention": 2, "fused_cross_attention": 2}
+    got, _ = run_pipeline(patched, noise, prompts, (9,), config=config)
+    assert torch.isfinite(got.float()).all()
+    assert rel_l2(got, want) <= 1e-2
