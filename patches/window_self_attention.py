@@ -101,6 +101,9 @@ class WindowSelfAttention(nn.Module):
                 cache_start=None, sink_recache_after_switch=False):
         if kv_cache is None:
             raise NotImplementedError("WindowSelfAttention serves LongLive's KV-cached inference path; pass kv_cache")
+        if self._qkv_weight.device != x.device or self._qkv_weight.dtype != x.dtype:
+            raise RuntimeError(f"this layer was patched for {self._qkv_weight.dtype} on {self._qkv_weight.device} but "
+                               f"runs {x.dtype} on {x.device}: call patch_model after moving the model (.to())")
         b, s = x.shape[:2]
         frames, hg, wg = (int(v) for v in grid_sizes[0].tolist())  # grid_sizes lives on the host
         if grid_sizes.shape[0] != b or any(tuple(g.tolist()) != (frames, hg, wg) for g in grid_sizes):

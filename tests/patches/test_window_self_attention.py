@@ -82,3 +82,12 @@ def test_exact_preset_1p3b_matches_reference_over_20_blocks(backend):
     per_block = [_rel_l2(got[:, i:i + 3], want[:, i:i + 3]) for i in range(0, 60, 3)]
     print(f"{backend}: per-block relative L2 {['%.2e' % e for e in per_block]}")
     assert _rel_l2(got, want) <= 1e-2
+
+
+def test_moving_the_model_after_patching_is_refused(device):
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=3)
+    patch_model(model, PatchConfig(window_attention=True))
+    model.float()
+    noise, prompts = _inputs("tiny", 3, device)
+    with pytest.raises(RuntimeError, match="call patch_model after moving the model"):
+        _run(model, noise.float(), [p.float() for p in prompts], [])
