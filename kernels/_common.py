@@ -1,8 +1,10 @@
-"""Helpers shared by the kernels: bf16 rounding that the compiler and the interpreter both honour."""
+"""Helpers shared by the kernels: bf16 rounding that the compiler and the interpreter both honour,
+and the launchers' index arguments."""
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -33,3 +35,26 @@ def cast_bf16(x, INTERPRET: tl.constexpr):
         return round_bf16(x).to(tl.bfloat16)
     else:
         return x.to(tl.bfloat16)
+
+
+def index_arg(name: str, value, *, batch: int, lo: int, hi: int, device: torch.device, where: str = "") -> torch.Tensor:
+    """A launcher's index argument as a device tensor the kernel reads (so the host never waits).
+
+    A Python int is range-checked here and becomes a one-element int32 tensor by a device fill (no
+    copy, no sync, capturable); a tensor must be int32/int64 of shape [1] or [batch] on `device`.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int tensor or an int, got bool")
+    if isinstance(value, int):
+        if not lo <= value <= hi:
+            raise ValueError(f"{name}={value} is outside {where}[{lo}, {hi}]")
+        return torch.full((1,), value, dtype=torch.int32, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int tensor or an int, got {type(value).__name__}")
+    if value.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {value.dtype}")
+    if value.dim() != 1 or value.numel() not in (1, batch):
+        raise ValueError(f"{name} must have shape [1] or [B={batch}], got {list(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device}, the kernel's inputs on {device}")
+    return value

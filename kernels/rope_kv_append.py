@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, interpreting
+from ._common import cast_bf16, index_arg, interpreting
 
 _SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
@@ -133,25 +133,6 @@ def _rope_kv_append_kernel(
     tl.store(vc_ptr + b64 * stride_vcb + slot * stride_vcs + vc_offs, v, mask=w_mask)
 
 
-def _index_arg(name: str, value, batch: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int tensor or an int, got bool")
-    if isinstance(value, int):
-        if not lo <= value <= hi:
-            raise ValueError(f"{name}={value} is outside [{lo}, {hi}]")
-        # A device fill, not a copy: no sync, and capturable.
-        return torch.full((1,), value, dtype=torch.int32, device=device)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be an int tensor or an int, got {type(value).__name__}")
-    if value.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {value.dtype}")
-    if value.dim() != 1 or value.numel() not in (1, batch):
-        raise ValueError(f"{name} must have shape [1] or [B={batch}], got {list(value.shape)}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but q_lin is on {device}")
-    return value
-
-
 def _check(name: str, t, dtype: torch.dtype, ndim: int, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -219,11 +200,11 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     ring_size = C if ring_size is None else ring_size
     if not (0 <= ring_lo and ring_size >= 1 and ring_lo + ring_size <= C):
         raise ValueError(f"ring [{ring_lo}, {ring_lo}+{ring_size}) must be a non-empty range inside the {C}-slot cache")
-    start_frame = _index_arg("start_frame", start_frame, B, 0, rows - F_, device)
-    dst_start = _index_arg("dst_start", dst_start, B, 0, C - 1, device)
-    row_lo = _index_arg("row_lo", row_lo, B, 0, n, device)
+    start_frame = index_arg("start_frame", start_frame, batch=B, lo=0, hi=rows - F_, device=device)
+    dst_start = index_arg("dst_start", dst_start, batch=B, lo=0, hi=C - 1, device=device)
+    row_lo = index_arg("row_lo", row_lo, batch=B, lo=0, hi=n, device=device)
     if shift is not None:
-        shift = _index_arg("shift", shift, B, 0, ring_size - 1, device)
+        shift = index_arg("shift", shift, batch=B, lo=0, hi=ring_size - 1, device=device)
     if out is None:
         out = torch.empty((B, n, H, D), dtype=torch.bfloat16, device=device)
     else:

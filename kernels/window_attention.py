@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, interpreting
+from ._common import cast_bf16, index_arg, interpreting
 
 _SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _LOG2E = 1.4426950408889634
@@ -222,25 +222,6 @@ def _tma_allocator(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _range_arg(name: str, value, batch: int, capacity: int, device: torch.device) -> torch.Tensor:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int tensor or an int, got bool")
-    if isinstance(value, int):
-        if not 0 <= value <= capacity:
-            raise ValueError(f"{name}={value} is outside the cache [0, {capacity}]")
-        # A device fill, not a copy: no sync, and capturable.
-        return torch.full((1,), value, dtype=torch.int32, device=device)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be an int tensor or an int, got {type(value).__name__}")
-    if value.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {value.dtype}")
-    if value.dim() != 1 or value.numel() not in (1, batch):
-        raise ValueError(f"{name} must have shape [1] or [B={batch}], got {list(value.shape)}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but q is on {device}")
-    return value
-
-
 def _check_config(config: dict) -> dict:
     if not isinstance(config, dict) or not {"BLOCK_M", "BLOCK_N"} <= set(config) or \
             not set(config) <= {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}:
@@ -297,15 +278,15 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"cache shape {list(k_cache.shape)} does not match q {list(q.shape)} in B, H or D")
     if C == 0:
         raise ValueError("the cache has no slots")
-    sink_end = _range_arg("sink_end", sink_end, B, C, device)
-    win_start = _range_arg("win_start", win_start, B, C, device)
-    win_end = _range_arg("win_end", win_end, B, C, device)
+    sink_end = index_arg("sink_end", sink_end, batch=B, lo=0, hi=C, device=device, where="the cache ")
+    win_start = index_arg("win_start", win_start, batch=B, lo=0, hi=C, device=device, where="the cache ")
+    win_end = index_arg("win_end", win_end, batch=B, lo=0, hi=C, device=device, where="the cache ")
     ring_size = C - ring_lo if ring_size is None else ring_size
     if not (isinstance(ring_lo, int) and isinstance(ring_size, int) and 0 <= ring_lo and ring_size >= 1
             and ring_lo + ring_size <= C):
         raise ValueError(f"ring [{ring_lo}, {ring_lo}+{ring_size}) must be a non-empty range inside the {C}-slot cache")
     if shift is not None:
-        shift = _range_arg("shift", shift, B, ring_size - 1, device)
+        shift = index_arg("shift", shift, batch=B, lo=0, hi=ring_size - 1, device=device, where="the ring ")
     if out is None:
         out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=device)
     else:
