@@ -1,0 +1,421 @@
+"""Token merging (ToMe-style bipartite soft matching) inside each frame of a LongLive block.
+
+Layout. x [B, L, C] (bf16 or fp32, last dim contiguous) holds F frames of T = Hg * Wg tokens each,
+token t of a frame at grid position (t // Wg, t % Wg). With stride (sh, sw), the *destinations* of a
+frame are the tokens at rows 0, sh, 2sh, ... and columns 0, sw, 2sw, ... (one per sh x sw cell,
+n_dst = (Hg/sh) * (Wg/sw), in row-major order); the other n_src = T - n_dst tokens, in ascending
+token order, are the *sources*. Nothing ever crosses a frame boundary.
+
+1. Matching (`token_match`, one Triton kernel): for every source, the cosine similarity (rows
+   normalised in fp32, eps-clamped norms; the dot products are `tl.dot` on fp32-upcast tiles with
+   IEEE precision) to every destination of its own frame; outputs the best destination (local index
+   0..n_dst-1, ties -> lowest index) and its score, each [B, F, n_src].
+2. Selection (in the launcher, plain torch, no host sync): per frame the r = floor(ratio * n_src)
+   sources with the highest score are merged, ties -> the lower source index (a stable descending
+   `torch.sort`, which is deterministic where `topk` is not).
+3. Merge (`token_merge`, one Triton kernel, one program per output row): out [B, L', C] with
+   L' = F * T', T' = T - r. Per frame the fixed layout is: the n_src - r kept sources in ascending
+   token order, then the n_dst destinations in order. A destination becomes the size-weighted mean
+   (fp32) of itself and the sources merged into it, summed in ascending source order; a kept source,
+   and a destination that received nothing, are copied bit-exactly. Also returned: the new sizes
+   [B, L'] fp32 (sizes are 1 per token unless `sizes` [B, L] is given) and the mapping [B, L] int64:
+   for every original token its row in the merged sequence (what unmerging needs).
+4. Unmerge (`token_unmerge`, one Triton kernel): out[b, t] = merged[b, mapping[b, t]], [B, L, C].
+
+The bookkeeping of step 2 (sort, group the merged sources by destination, the mapping) runs as a
+handful of small torch ops on int tensors of size B*L; the launchers never call .item().
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cast_bf16, interpreting
+
+
+@triton.jit(do_not_specialize=["T", "C", "n_src", "n_dst"])
+def _match_kernel(
+    x_ptr, src_pos_ptr, dst_pos_ptr, idx_ptr, score_ptr,
+    stride_xb, stride_xl,
+    T, C, n_src, n_dst, n_frames, eps,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    f = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = s < n_src
+    spos = tl.load(src_pos_ptr + s, mask=smask, other=0)
+    xb = x_ptr + b * stride_xb
+    srow = xb + ((f * T + spos).to(tl.int64) * stride_xl)[:, None]
+    best = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    best_i = tl.zeros([BLOCK_S], tl.int32)
+    for d0 in range(0, n_dst, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < n_dst
+        dpos = tl.load(dst_pos_ptr + d, mask=dmask, other=0)
+        drow = xb + ((f * T + dpos).to(tl.int64) * stride_xl)[:, None]
+        acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        ss = tl.zeros([BLOCK_S], tl.float32)
+        sd = tl.zeros([BLOCK_D], tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = (k < C)[None, :]
+            a = tl.load(srow + k[None, :], mask=smask[:, None] & kmask, other=0.0).to(tl.float32)
+            bt = tl.load(drow + k[None, :], mask=dmask[:, None] & kmask, other=0.0).to(tl.float32)
+            # fp32 operands: bf16 tl.dot is wrong in the interpreter; IEEE so the GPU argmax matches.
+            acc = tl.dot(a, tl.trans(bt), acc, input_precision="ieee")
+            ss += tl.sum(a * a, 1)
+            sd += tl.sum(bt * bt, 1)
+        na = tl.maximum(tl.sqrt(ss), eps)
+        nd = tl.maximum(tl.sqrt(sd), eps)
+        sc = acc / (na[:, None] * nd[None, :])
+        sc = tl.where(dmask[None, :], sc, float("-inf"))
+        m = tl.max(sc, 1)
+        mi = tl.min(tl.where(sc == m[:, None], d[None, :], 2147483647), 1)
+        upd = m > best                       # strictly greater: earlier tiles win ties
+        best_i = tl.where(upd, mi, best_i)
+        best = tl.where(upd, m, best)
+    o = (b * n_frames + f) * n_src + s
+    tl.store(idx_ptr + o, best_i.to(tl.int64), mask=smask)
+    tl.store(score_ptr + o, best, mask=smask)
+
+
+@triton.jit(do_not_specialize=["T", "T_out", "C", "n_keep", "n_dst", "r"])
+def _merge_kernel(
+    x_ptr, size_ptr, keep_ptr, dst_pos_ptr, grp_ptr, off_ptr, cnt_ptr, out_ptr, osize_ptr,
+    stride_xb, stride_xl, stride_ob, stride_ol,
+    T, T_out, C, n_frames, n_keep, n_dst, r,
+    OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    p = tl.program_id(0)
+    bf = tl.program_id(1)
+    b = bf // n_frames
+    f = bf % n_frames
+    L = n_frames * T
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C
+    xb = x_ptr + b.to(tl.int64) * stride_xb
+    sb = size_ptr + b.to(tl.int64) * L + f * T
+    orow = out_ptr + b.to(tl.int64) * stride_ob + (f * T_out + p).to(tl.int64) * stride_ol
+    osz = osize_ptr + b.to(tl.int64) * n_frames * T_out + f * T_out + p
+    bf64 = bf.to(tl.int64)
+    if p < n_keep:
+        pos = tl.load(keep_ptr + bf64 * n_keep + p)
+        v = tl.load(xb + (f * T + pos).to(tl.int64) * stride_xl + c, mask=cm)
+        tl.store(orow + c, v, mask=cm)
+        tl.store(osz, tl.load(sb + pos))
+    else:
+        j = p - n_keep
+        pos = tl.load(dst_pos_ptr + j)
+        xd = tl.load(xb + (f * T + pos).to(tl.int64) * stride_xl + c, mask=cm, other=0.0).to(tl.float32)
+        tot = tl.load(sb + pos)
+        acc = xd * tot
+        cnt = tl.load(cnt_ptr + bf64 * n_dst + j)
+        off = tl.load(off_ptr + bf64 * n_dst + j)
+        for i in range(0, cnt):
+            sp = tl.load(grp_ptr + bf64 * r + off + i)
+            ssz = tl.load(sb + sp)
+            xs = tl.load(xb + (f * T + sp).to(tl.int64) * stride_xl + c, mask=cm, other=0.0).to(tl.float32)
+            acc += xs * ssz
+            tot += ssz
+        res = tl.where(cnt == 0, xd, acc / tot)
+        if OUT_BF16:
+            res = cast_bf16(res, INTERPRET)
+        tl.store(orow + c, res, mask=cm)
+        tl.store(osz, tot)
+
+
+@triton.jit(do_not_specialize=["L", "C"])
+def _unmerge_kernel(m_ptr, map_ptr, out_ptr, stride_mb, stride_ml, stride_ob, stride_ol, L, C,
+                    BLOCK_C: tl.constexpr):
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C
+    row = tl.load(map_ptr + b * L + t).to(tl.int64)
+    v = tl.load(m_ptr + b * stride_mb + row * stride_ml + c, mask=cm)
+    tl.store(out_ptr + b * stride_ob + t.to(tl.int64) * stride_ol + c, v, mask=cm)
+
+
+class MergeResult(NamedTuple):
+    merged: torch.Tensor    # [B, L', C], x's dtype; per frame: kept sources, then destinations
+    sizes: torch.Tensor     # [B, L'] fp32: how many original tokens (or summed sizes) each row holds
+    mapping: torch.Tensor   # [B, L] int64: the merged row of every original token
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and the static per-frame layout
+
+
+def _pair(name: str, v) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v)):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+def _check(x, frames, grid, stride) -> tuple[int, int, int, tuple[int, int], tuple[int, int]]:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be bfloat16 or float32, got {x.dtype}")
+    if x.stride(-1) != 1:
+        raise ValueError("x must be contiguous in its last dimension")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames <= 0:
+        raise ValueError(f"frames must be a positive int, got {frames!r}")
+    hg, wg = _pair("grid", grid)
+    sh, sw = _pair("stride", stride)
+    if hg % sh or wg % sw:
+        raise ValueError(f"stride {(sh, sw)} must divide the frame grid {(hg, wg)}")
+    B, L, C = x.shape
+    if L != frames * hg * wg:
+        raise ValueError(f"L={L} != frames * Hg * Wg = {frames} * {hg} * {wg}")
+    if C == 0:
+        raise ValueError("x has no channels")
+    return B, L, C, (hg, wg), (sh, sw)
+
+
+def _check_ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    return float(ratio)
+
+
+def frame_layout(grid, stride, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dst_pos [n_dst], src_pos [n_src]) int64: token positions inside a frame, ascending."""
+    hg, wg = _pair("grid", grid)
+    sh, sw = _pair("stride", stride)
+    t = torch.arange(hg * wg, device=device)
+    is_dst = ((t // wg) % sh == 0) & ((t % wg) % sw == 0)
+    return t[is_dst], t[~is_dst]
+
+
+def merge_count(grid, stride, ratio) -> int:
+    """r: sources merged per frame, floor(ratio * n_src)."""
+    hg, wg = _pair("grid", grid)
+    sh, sw = _pair("stride", stride)
+    n_src = hg * wg - (hg // sh) * (wg // sw)
+    return int(math.floor(_check_ratio(ratio) * n_src))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def token_match(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), eps: float = 1e-6,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best_dst [B, F, n_src] int64 local destination index, best_score [B, F, n_src] fp32)."""
+    B, L, C, grid, stride = _check(x, frames, grid, stride)
+    dst_pos, src_pos = frame_layout(grid, stride, x.device)
+    n_src, n_dst = src_pos.numel(), dst_pos.numel()
+    idx = torch.empty(B, frames, n_src, dtype=torch.int64, device=x.device)
+    score = torch.empty(B, frames, n_src, dtype=torch.float32, device=x.device)
+    if B == 0 or n_src == 0:
+        return idx, score
+    bs = min(32, max(16, triton.next_power_of_2(n_src)))
+    bd = min(64, max(16, triton.next_power_of_2(n_dst)))
+    bk = min(32, max(16, triton.next_power_of_2(C)))
+    _match_kernel[(triton.cdiv(n_src, bs), frames, B)](
+        x, src_pos, dst_pos, idx, score, x.stride(0), x.stride(1),
+        grid[0] * grid[1], C, n_src, n_dst, frames, eps,
+        BLOCK_S=bs, BLOCK_D=bd, BLOCK_K=bk, num_warps=4,
+    )
+    return idx, score
+
+
+def _plan(best_dst, best_score, r, dst_pos, src_pos, T):
+    """Selection and bookkeeping in torch (no sync): kept / grouped token positions, counts, offsets, mapping."""
+    B, F, n_src = best_score.shape
+    n_dst = dst_pos.numel()
+    n_keep = n_src - r
+    t_out = T - r
+    dev = best_score.device
+    order = torch.sort(best_score, dim=-1, descending=True, stable=True).indices
+    merged_src = order[..., :r].sort(-1).values
+    kept_src = order[..., r:].sort(-1).values
+    mdst = best_dst.gather(-1, merged_src)
+    grp_src = (mdst * n_src + merged_src).sort(-1).values % n_src     # by destination, then source
+    cnt = torch.zeros(B, F, n_dst, dtype=torch.int64, device=dev).scatter_add_(-1, mdst, torch.ones_like(mdst))
+    off = cnt.cumsum(-1) - cnt
+    local = torch.empty(B, F, T, dtype=torch.int64, device=dev)
+    local[..., dst_pos] = n_keep + torch.arange(n_dst, device=dev)
+    local.scatter_(-1, src_pos[kept_src], torch.arange(n_keep, device=dev).expand(B, F, n_keep))
+    local.scatter_(-1, src_pos[merged_src], n_keep + mdst)
+    mapping = (local + torch.arange(F, device=dev)[:, None] * t_out).reshape(B, F * T)
+    i32 = torch.int32
+    return (src_pos[kept_src].to(i32).contiguous(), src_pos[grp_src].to(i32).contiguous(),
+            off.to(i32), cnt.to(i32), mapping)
+
+
+def _check_match(match, B, F, n_src, device):
+    if not isinstance(match, (tuple, list)) or len(match) != 2:
+        raise ValueError("match must be the (best_dst, best_score) pair token_match returns")
+    idx, score = match
+    for name, t, dt in (("best_dst", idx, torch.int64), ("best_score", score, torch.float32)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dt or tuple(t.shape) != (B, F, n_src) or t.device != device:
+            raise ValueError(f"{name} must be {dt} [{B}, {F}, {n_src}] on {device}, got "
+                             f"{getattr(t, 'dtype', None)} {list(getattr(t, 'shape', []))} on {getattr(t, 'device', None)}")
+
+
+def token_merge(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), ratio: float,
+                sizes: torch.Tensor | None = None, match=None, eps: float = 1e-6,
+                out: torch.Tensor | None = None) -> MergeResult:
+    """Match (unless `match` = token_match's output is given), select r per frame, merge.
+
+    sizes: optional [B, L] fp32 token sizes (default 1). out: optional [B, L', C] output, x's dtype.
+    """
+    B, L, C, grid, stride = _check(x, frames, grid, stride)
+    r = merge_count(grid, stride, ratio)
+    T = grid[0] * grid[1]
+    dst_pos, src_pos = frame_layout(grid, stride, x.device)
+    n_src, n_dst = src_pos.numel(), dst_pos.numel()
+    t_out = T - r
+    if sizes is None:
+        sizes = torch.ones(B, L, dtype=torch.float32, device=x.device)
+    elif (not isinstance(sizes, torch.Tensor) or sizes.dtype != torch.float32 or tuple(sizes.shape) != (B, L)
+          or sizes.device != x.device):
+        raise ValueError(f"sizes must be float32 [{B}, {L}] on {x.device}")
+    sizes = sizes.contiguous()
+    if match is None:
+        match = token_match(x, frames=frames, grid=grid, stride=stride, eps=eps)
+    else:
+        _check_match(match, B, frames, n_src, x.device)
+    if out is None:
+        out = torch.empty(B, frames * t_out, C, dtype=x.dtype, device=x.device)
+    elif (not isinstance(out, torch.Tensor) or out.dtype != x.dtype or tuple(out.shape) != (B, frames * t_out, C)
+          or out.device != x.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be {x.dtype} [{B}, {frames * t_out}, {C}] on {x.device}, last dim contiguous")
+    keep, grp, off, cnt, mapping = _plan(match[0], match[1], r, dst_pos, src_pos, T)
+    new_sizes = torch.empty(B, frames * t_out, dtype=torch.float32, device=x.device)
+    if B == 0:
+        return MergeResult(out, new_sizes, mapping)
+    dst32 = dst_pos.to(torch.int32)
+    block_c = triton.next_power_of_2(C)
+    _merge_kernel[(t_out, B * frames)](
+        x, sizes, keep, dst32, grp, off, cnt, out, new_sizes,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        T, t_out, C, frames, n_src - r, n_dst, r,
+        OUT_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(), BLOCK_C=block_c,
+        num_warps=4 if block_c <= 2048 else 8,
+    )
+    return MergeResult(out, new_sizes, mapping)
+
+
+def token_unmerge(merged: torch.Tensor, mapping: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L, C]: every original token takes the merged row `mapping` [B, L] (int64) names."""
+    if not isinstance(merged, torch.Tensor) or merged.dim() != 3:
+        raise ValueError(f"merged must be a [B, L', C] tensor, got {getattr(merged, 'shape', type(merged).__name__)}")
+    if merged.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"merged must be bfloat16 or float32, got {merged.dtype}")
+    if merged.stride(-1) != 1:
+        raise ValueError("merged must be contiguous in its last dimension")
+    B, _, C = merged.shape
+    if (not isinstance(mapping, torch.Tensor) or mapping.dtype != torch.int64 or mapping.dim() != 2
+            or mapping.shape[0] != B or mapping.device != merged.device):
+        raise ValueError(f"mapping must be int64 [B={B}, L] on {merged.device}")
+    mapping = mapping.contiguous()
+    L = mapping.shape[1]
+    if out is None:
+        out = torch.empty(B, L, C, dtype=merged.dtype, device=merged.device)
+    elif (not isinstance(out, torch.Tensor) or out.dtype != merged.dtype or tuple(out.shape) != (B, L, C)
+          or out.device != merged.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be {merged.dtype} [{B}, {L}, {C}] on {merged.device}, last dim contiguous")
+    if B == 0 or L == 0:
+        return out
+    block_c = triton.next_power_of_2(C)
+    _unmerge_kernel[(L, B)](merged, mapping, out, merged.stride(0), merged.stride(1),
+                            out.stride(0), out.stride(1), L, C, BLOCK_C=block_c,
+                            num_warps=4 if block_c <= 2048 else 8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain torch references (loops over batch and frames)
+
+
+def token_match_ref(x, *, frames, grid, stride=(2, 2), eps=1e-6):
+    B, L, C, grid, stride = _check(x, frames, grid, stride)
+    T = grid[0] * grid[1]
+    dst_pos, src_pos = frame_layout(grid, stride, x.device)
+    idx = torch.zeros(B, frames, src_pos.numel(), dtype=torch.int64, device=x.device)
+    score = torch.zeros(B, frames, src_pos.numel(), dtype=torch.float32, device=x.device)
+    if src_pos.numel() == 0:
+        return idx, score
+    ar = torch.arange(dst_pos.numel(), device=x.device)
+    for b in range(B):
+        for f in range(frames):
+            xf = x[b, f * T:(f + 1) * T].float()
+            xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(eps)
+            sim = xf[src_pos] @ xf[dst_pos].T
+            m = sim.max(-1).values
+            score[b, f] = m
+            idx[b, f] = torch.where(sim == m[:, None], ar, dst_pos.numel()).min(-1).values
+    return idx, score
+
+
+def token_merge_ref(x, *, frames, grid, stride=(2, 2), ratio, sizes=None, match=None, eps=1e-6) -> MergeResult:
+    B, L, C, grid, stride = _check(x, frames, grid, stride)
+    r = merge_count(grid, stride, ratio)
+    T = grid[0] * grid[1]
+    dst_pos, src_pos = frame_layout(grid, stride, x.device)
+    n_src, n_dst = src_pos.numel(), dst_pos.numel()
+    n_keep, t_out = n_src - r, T - r
+    if sizes is None:
+        sizes = torch.ones(B, L, dtype=torch.float32, device=x.device)
+    idx, score = match if match is not None else token_match_ref(x, frames=frames, grid=grid, stride=stride, eps=eps)
+    out = torch.empty(B, frames * t_out, C, dtype=x.dtype, device=x.device)
+    new_sizes = torch.empty(B, frames * t_out, dtype=torch.float32, device=x.device)
+    mapping = torch.empty(B, L, dtype=torch.int64, device=x.device)
+    for b in range(B):
+        for f in range(frames):
+            xf, sf = x[b, f * T:(f + 1) * T], sizes[b, f * T:(f + 1) * T]
+            order = torch.sort(score[b, f], descending=True, stable=True).indices
+            merged, kept = order[:r].sort().values, order[r:].sort().values
+            to = idx[b, f, merged]
+            acc = xf[dst_pos].float() * sf[dst_pos, None]
+            tot = sf[dst_pos].clone()
+            acc.index_add_(0, to, xf[src_pos[merged]].float() * sf[src_pos[merged], None])
+            tot.index_add_(0, to, sf[src_pos[merged]])
+            got_any = torch.zeros(n_dst, dtype=torch.bool, device=x.device)
+            got_any[to] = True
+            dst_val = torch.where(got_any[:, None], (acc / tot[:, None]).to(x.dtype), xf[dst_pos])
+            base = f * t_out
+            out[b, base:base + n_keep] = xf[src_pos[kept]]
+            out[b, base + n_keep:base + t_out] = dst_val
+            new_sizes[b, base:base + n_keep] = sf[src_pos[kept]]
+            new_sizes[b, base + n_keep:base + t_out] = tot
+            m = mapping[b, f * T:(f + 1) * T]
+            m[dst_pos] = base + n_keep + torch.arange(n_dst, device=x.device)
+            m[src_pos[kept]] = base + torch.arange(n_keep, device=x.device)
+            m[src_pos[merged]] = base + n_keep + to
+    return MergeResult(out, new_sizes, mapping)
+
+
+def token_unmerge_ref(merged, mapping):
+    B = merged.shape[0]
+    return merged[torch.arange(B, device=merged.device)[:, None], mapping]
+
+
+def token_merge_bytes(batch: int, frames: int, grid, stride, ratio: float, dim: int, *, op: str,
+                      elt: int = 2) -> float:
+    """Fewest bytes one call moves. op: "match" (x read; index + score written), "merge" (x read,
+    merged rows and sizes written), "unmerge" (merged rows read, full rows written)."""
+    hg, wg = _pair("grid", grid)
+    T = hg * wg
+    L = frames * T
+    r = merge_count(grid, stride, ratio)
+    Lm = frames * (T - r)
+    if op == "match":
+        n_src = T - (hg // _pair("stride", stride)[0]) * (wg // _pair("stride", stride)[1])
+        return float(batch * (L * dim * elt + frames * n_src * 12))
+    if op == "merge":
+        return float(batch * (L * dim * elt + Lm * dim * elt + Lm * 4 + L * 8))
+    if op == "unmerge":
+        return float(batch * (Lm * dim * elt + L * dim * elt + L * 8))
+    raise ValueError(f"op must be 'match', 'merge' or 'unmerge', got {op!r}")

@@ -1,0 +1,205 @@
+"""token_merge: per-frame bipartite matching, merge and unmerge equal their torch references."""
+import pytest
+import torch
+from hypothesis import example, given, strategies as st
+
+from longlive_triton.kernels.token_merge import (
+    frame_layout, merge_count, token_match, token_match_ref, token_merge, token_merge_bytes,
+    token_merge_ref, token_unmerge, token_unmerge_ref,
+)
+
+# Merged destinations are fp32 weighted means rounded once to x's dtype; the kernel and the reference
+# may sum in a different order (and the GPU may fuse a multiply-add): one output ulp either way.
+TOL = {torch.bfloat16: dict(atol=1e-2, rtol=1e-2), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+SCORE_TOL = 1e-5
+
+GRIDS = [((2, 4), (1, 2)), ((2, 4), (2, 2)), ((2, 4), (2, 1)), ((4, 4), (2, 2)), ((4, 4), (4, 2)),
+         ((4, 6), (2, 2)), ((4, 6), (2, 3)), ((4, 6), (1, 1))]
+
+
+def _x(device, B, F, grid, C, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, F * grid[0] * grid[1], C, generator=gen)
+    v = torch.where(v.abs() < 0.05, torch.full_like(v, 0.5), v)     # never zeros
+    return v.to(device, dtype)
+
+
+def _sim(x, frames, grid, stride):
+    """Full fp32 cosine similarity [B, F, n_src, n_dst], for judging near-ties."""
+    dst_pos, src_pos = frame_layout(grid, stride, x.device)
+    T = grid[0] * grid[1]
+    xf = x.float().unflatten(1, (frames, T))
+    xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return xf[:, :, src_pos] @ xf[:, :, dst_pos].transpose(-1, -2)
+
+
+def _case(device, B, F, gi, C, dtype, ratio, seed, with_sizes):
+    grid, stride = GRIDS[gi]
+    x = _x(device, B, F, grid, C, dtype, seed)
+    sizes = None
+    if with_sizes:
+        gen = torch.Generator().manual_seed(seed + 1)
+        sizes = torch.randint(1, 5, (B, x.shape[1]), generator=gen).float().to(device)
+    return x, dict(frames=F, grid=grid, stride=stride), ratio, sizes
+
+
+cases = dict(B=st.integers(1, 2), F=st.integers(1, 3), gi=st.integers(0, len(GRIDS) - 1),
+             C=st.sampled_from([16, 24, 48, 64]), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+             ratio=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9]), seed=st.integers(0, 2**16),
+             with_sizes=st.booleans())
+
+
+@given(**cases)
+@example(B=1, F=3, gi=5, C=64, dtype=torch.bfloat16, ratio=0.5, seed=0, with_sizes=False)
+def test_match_and_merge_equal_reference(device, B, F, gi, C, dtype, ratio, seed, with_sizes):
+    x, kw, ratio, sizes = _case(device, B, F, gi, C, dtype, ratio, seed, with_sizes)
+    x_before = x.clone()
+    idx, score = token_match(x, **kw)
+    ridx, rscore = token_match_ref(x, **kw)
+    torch.testing.assert_close(score, rscore, atol=SCORE_TOL, rtol=0)
+    if idx.numel():
+        # The same index, unless the reference itself sees a near-tie at the kernel's choice.
+        chosen = _sim(x, **kw).gather(-1, idx[..., None])[..., 0]
+        assert ((idx == ridx) | (chosen >= rscore - SCORE_TOL)).all()
+        assert (idx >= 0).all() and (idx < _sim(x, **kw).shape[-1]).all()
+
+    T = kw["grid"][0] * kw["grid"][1]
+    r = merge_count(kw["grid"], kw["stride"], ratio)
+    t_out = T - r
+    out = torch.full((B, F * t_out, x.shape[-1]), float("nan"), dtype=dtype, device=device)
+    got = token_merge(x, **kw, ratio=ratio, sizes=sizes, match=(idx, score), out=out)
+    want = token_merge_ref(x, **kw, ratio=ratio, sizes=sizes, match=(idx, score))
+    assert torch.equal(x, x_before)
+    assert got.merged is out and torch.isfinite(got.merged.float()).all()
+    assert torch.equal(got.mapping, want.mapping)
+    torch.testing.assert_close(got.sizes, want.sizes, atol=0, rtol=0)
+    torch.testing.assert_close(got.merged.float(), want.merged.float(), **TOL[dtype])
+
+    # Frames never mix: every token maps into its own frame's rows, and each frame keeps its size.
+    frame_of_token = torch.arange(F * T, device=device) // T
+    assert (got.mapping // t_out == frame_of_token).all()
+    in_sizes = torch.ones(B, F * T, device=device) if sizes is None else sizes
+    torch.testing.assert_close(got.sizes.view(B, F, t_out).sum(-1), in_sizes.view(B, F, T).sum(-1), atol=0, rtol=0)
+    # Every merged row is hit: the mapping is onto.
+    hit = torch.zeros(B, F * t_out, dtype=torch.bool, device=device)
+    hit.scatter_(1, got.mapping, True)
+    assert hit.all()
+
+    # Unmerge: all rows written, equals the reference gather, and x exactly on unmerged tokens.
+    full = torch.full_like(x, float("nan"))
+    back = token_unmerge(got.merged, got.mapping, out=full)
+    assert back is full and torch.equal(back, token_unmerge_ref(got.merged, got.mapping))
+    alone = torch.bincount((got.mapping + torch.arange(B, device=device)[:, None] * F * t_out).flatten(),
+                           minlength=B * F * t_out).view(B, F * t_out)
+    untouched = alone.gather(1, got.mapping) == 1
+    assert torch.equal(back[untouched], x[untouched])
+    assert untouched.sum() >= B * F * (T - 2 * r)
+
+
+@given(**cases)
+def test_zero_ratio_is_identity(device, B, F, gi, C, dtype, ratio, seed, with_sizes):
+    x, kw, _, sizes = _case(device, B, F, gi, C, dtype, 0.0, seed, with_sizes)
+    m = token_merge(x, **kw, ratio=0.0, sizes=sizes)
+    assert m.merged.shape == x.shape
+    assert torch.equal(token_unmerge(m.merged, m.mapping), x)
+    assert torch.equal(m.sizes.gather(1, m.mapping), torch.ones_like(m.sizes) if sizes is None else sizes)
+
+
+@given(B=st.integers(1, 2), F=st.integers(1, 3), gi=st.integers(0, len(GRIDS) - 1), seed=st.integers(0, 2**16))
+def test_full_merge_path_equals_reference(device, B, F, gi, seed):
+    """token_merge's own matching, end to end against the reference's own matching (no shared inputs)."""
+    x, kw, _, _ = _case(device, B, F, gi, 32, torch.float32, 0.5, seed, False)
+    got = token_merge(x, **kw, ratio=0.5)
+    want = token_merge_ref(x, **kw, ratio=0.5)
+    assert torch.equal(got.mapping, want.mapping)
+    torch.testing.assert_close(got.merged, want.merged, **TOL[torch.float32])
+
+
+def test_ties_go_to_lowest_indices(device):
+    """Small integers make every dot product exact: all destinations equal -> index 0; all sources
+    equal -> the merged ones are the r lowest source indices."""
+    F, grid, stride, C = 2, (4, 4), (2, 2), 16
+    x = torch.ones(1, F * 16, C, device=device)
+    x[..., ::2] = 2.0
+    idx, score = token_match(x, frames=F, grid=grid, stride=stride)
+    assert (idx == 0).all() and torch.equal(score, torch.full_like(score, score[0, 0, 0].item()))
+    m = token_merge(x, frames=F, grid=grid, stride=stride, ratio=0.5)
+    r = merge_count(grid, stride, 0.5)
+    dst_pos, src_pos = frame_layout(grid, stride, device)
+    n_keep = src_pos.numel() - r
+    for f in range(F):
+        mp = m.mapping[0, f * 16:(f + 1) * 16]
+        t_out = 16 - r
+        assert (mp[src_pos[:r]] == f * t_out + n_keep).all()                    # merged into dst 0
+        assert torch.equal(mp[src_pos[r:]], f * t_out + torch.arange(n_keep, device=device))
+    assert torch.equal(m.merged, torch.where(torch.arange(C, device=device) % 2 == 0, 2.0, 1.0).expand_as(m.merged))
+
+
+def test_layout():
+    dst, src = frame_layout((4, 6), (2, 3))
+    assert dst.tolist() == [0, 3, 12, 15]
+    assert len(src) == 20 and set(src.tolist()) | set(dst.tolist()) == set(range(24))
+    assert merge_count((4, 6), (2, 3), 0.5) == 10 and merge_count((30, 52), (2, 2), 0.5) == 585
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(ratio=1.0), "ratio"), (dict(ratio=-0.1), "ratio"), (dict(ratio=float("nan")), "ratio"),
+    (dict(ratio=True), "ratio"),
+    (dict(stride=(3, 2)), "must divide"), (dict(stride=(2, 4)), "must divide"), (dict(stride=(0, 2)), "stride"),
+    (dict(grid=(4, 8)), "L="), (dict(frames=3), "L="), (dict(frames=0), "frames"),
+])
+def test_bad_knobs_are_refused(device, change, match):
+    x = _x(device, 1, 2, (4, 6), 16, torch.bfloat16, 0)
+    kw = dict(frames=2, grid=(4, 6), stride=(2, 2), ratio=0.5) | change
+    with pytest.raises(ValueError, match=match):
+        token_merge(x, **kw)
+    if "ratio" not in change:
+        kw.pop("ratio")
+        with pytest.raises(ValueError, match=match):
+            token_match(x, **kw)
+
+
+def test_bad_tensors_are_refused(device):
+    x = _x(device, 1, 2, (4, 6), 16, torch.bfloat16, 0)
+    kw = dict(frames=2, grid=(4, 6), stride=(2, 2))
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        token_merge(x.half(), **kw, ratio=0.5)
+    with pytest.raises(ValueError, match="contiguous"):
+        token_match(x.transpose(1, 2).contiguous().transpose(1, 2), **kw)
+    with pytest.raises(ValueError, match="sizes"):
+        token_merge(x, **kw, ratio=0.5, sizes=torch.ones(1, 47, device=device))
+    with pytest.raises(ValueError, match="out must be"):
+        token_merge(x, **kw, ratio=0.5, out=torch.empty_like(x))
+    with pytest.raises(ValueError, match="best_dst"):
+        token_merge(x, **kw, ratio=0.5, match=(torch.zeros(1, 2, 3, dtype=torch.int64), torch.zeros(1, 2, 3)))
+    m = token_merge(x, **kw, ratio=0.5)
+    with pytest.raises(ValueError, match="mapping"):
+        token_unmerge(m.merged, m.mapping.int())
+    with pytest.raises(ValueError, match="out must be"):
+        token_unmerge(m.merged, m.mapping, out=torch.empty_like(m.merged))
+
+
+def test_bytes():
+    assert token_merge_bytes(1, 3, (30, 52), (2, 2), 0.5, 1536, op="unmerge") == \
+        2 * 1536 * (3 * (1560 - 585) + 4680) + 8 * 4680
+
+
+@pytest.mark.gpu
+def test_real_size():
+    """One 3-frame block of LongLive-1.3B: 3 x 30x52 tokens of width 1536, stride 2x2, ratio 0.5."""
+    device = torch.device("cuda")
+    kw = dict(frames=3, grid=(30, 52), stride=(2, 2))
+    x = _x(device, 1, 3, (30, 52), 1536, torch.bfloat16, 1)
+    idx, score = token_match(x, **kw)
+    ridx, rscore = token_match_ref(x, **kw)
+    torch.testing.assert_close(score, rscore, atol=SCORE_TOL, rtol=0)
+    chosen = _sim(x, **kw).gather(-1, idx[..., None])[..., 0]
+    assert ((idx == ridx) | (chosen >= rscore - SCORE_TOL)).all()
+    got = token_merge(x, **kw, ratio=0.5, match=(idx, score))
+    want = token_merge_ref(x, **kw, ratio=0.5, match=(idx, score))
+    assert got.merged.shape == (1, 3 * (1560 - 585), 1536)
+    assert torch.equal(got.mapping, want.mapping) and torch.equal(got.sizes, want.sizes)
+    torch.testing.assert_close(got.merged.float(), want.merged.float(), **TOL[torch.bfloat16])
+    assert (got.sizes.view(3, -1).sum(-1) == 1560).all()
+    back = token_unmerge(got.merged, got.mapping)
+    assert torch.equal(back, token_unmerge_ref(got.merged, got.mapping))
