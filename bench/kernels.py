@@ -23,6 +23,7 @@ CASE_MODULES = (
     "longlive_triton.bench.kernels_adaln",
     "longlive_triton.bench.kernels_rms_norm",
     "longlive_triton.bench.kernels_fp8",
+    "longlive_triton.bench.kernels_token_merge",
 )
 
 # A timer takes the zero-argument call and returns (median, p20, p80) in ms.
