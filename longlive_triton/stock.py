@@ -551,3 +551,25 @@ def lora_merge_figures(stock: StockLongLive | str | os.PathLike | None, preset: 
     del model, base
     free_memory(device)
     return figures
+
+
+def lora_merge_problems(figures: dict) -> list[str]:
+    """What is wrong with a `lora_merge_figures` result (empty when the merge is right)."""
+    problems = []
+    if not figures["lora_targets"] == 10 * figures["num_layers"] == len(figures["lora_layers"]):
+        problems.append(f"{len(figures['lora_layers'])} LoRA layers for {figures['num_layers']} blocks, expected 10 each")
+    if figures["merged_paths"] != sorted(figures["lora_layers"]):
+        problems.append("merge_lora did not apply on every LoRA layer")
+    if figures["merge_skipped"] or figures["lora_layers_left"]:
+        problems.append(f"skipped {figures['merge_skipped']}, left unmerged {figures['lora_layers_left']}")
+    if not figures["lora_effect_rel_l2"] > 1e-4:
+        problems.append("the LoRA adapters did not change the output")
+    if not figures["layer_max_rel_err"] <= 1e-5:  # each merged Linear equals its LoRA layer to fp32 rounding
+        problems.append(f"a merged Linear differs from its LoRA layer by {figures['layer_max_rel_err']:.1e}")
+    # LongLive attends in bf16 even in fp32, so one fp32 rounding of the weights already moves the latents
+    # by ~1e-4: the merge must stay within a few times that control (1e-5 is out of any merge's reach).
+    bound = max(1e-5, 4 * figures["rounding_control_rel_l2"])
+    if not figures["merged_vs_unmerged_rel_l2"] <= bound:
+        problems.append(f"merged vs unmerged rel L2 {figures['merged_vs_unmerged_rel_l2']:.3e} > {bound:.3e} "
+                        f"(fp32-rounding control {figures['rounding_control_rel_l2']:.3e})")
+    return problems

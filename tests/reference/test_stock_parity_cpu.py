@@ -80,20 +80,9 @@ def test_build_stock_model_refuses_foreign_weights(stock):
 def test_patch_model_merges_peft_lora_on_stock(stock):
     """patch_model folds peft LoRA on every block Linear of the stock class; the output is unchanged."""
     pytest.importorskip("peft")
-    from longlive_triton.stock import lora_merge_figures
+    from longlive_triton.stock import lora_merge_figures, lora_merge_problems
     figures = lora_merge_figures(stock, "tiny", "cpu")
     print(f"\n{figures['report']}\nmerged vs unmerged rel L2 {figures['merged_vs_unmerged_rel_l2']:.3e}; "
           f"LoRA effect {figures['lora_effect_rel_l2']:.3e}; rounding control "
           f"{figures['rounding_control_rel_l2']:.3e}; merged Linear vs LoRA layer {figures['layer_max_rel_err']:.1e}")
-    assert figures["lora_targets"] == 10 * figures["num_layers"] == len(figures["lora_layers"])
-    assert figures["merged_paths"] == sorted(figures["lora_layers"]), "merge_lora must apply on every LoRA layer"
-    assert not figures["merge_skipped"] and not figures["lora_layers_left"]
-    assert figures["lora_effect_rel_l2"] > 1e-4, "the LoRA adapters did not change the output"
-    # Each merged Linear equals its LoRA layer to fp32 rounding.
-    assert figures["layer_max_rel_err"] <= 1e-5
-    # The latents: LongLive attends in bf16 even in fp32, so one fp32 rounding of the weights already moves
-    # them by ~1e-4; the merge must stay within a few times that control (1e-5 is out of any merge's reach).
-    bound = max(1e-5, 4 * figures["rounding_control_rel_l2"])
-    assert figures["merged_vs_unmerged_rel_l2"] <= bound, (
-        f"merged vs unmerged rel L2 {figures['merged_vs_unmerged_rel_l2']:.3e} > {bound:.3e} "
-        f"(fp32-rounding control {figures['rounding_control_rel_l2']:.3e})")
+    assert not lora_merge_problems(figures), lora_merge_problems(figures)
