@@ -59,7 +59,7 @@ def test_varlen_standin_refuses_what_it_cannot_do():
 def test_lora_merge_problems_flags_each_failure():
     from longlive_triton.stock import lora_merge_problems
     good = dict(lora_targets=20, num_layers=2, lora_layers=[f"l{i}" for i in range(20)],
-                merged_paths=[f"l{i}" for i in range(20)], merge_skipped=[], lora_layers_left=[],
+                merged_paths=sorted(f"l{i}" for i in range(20)), merge_skipped=[], lora_layers_left=[],
                 lora_effect_rel_l2=1e-2, layer_max_rel_err=1e-7, rounding_control_rel_l2=1e-4,
                 merged_vs_unmerged_rel_l2=2e-4)
     assert lora_merge_problems(good) == []
