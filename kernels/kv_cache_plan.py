@@ -17,8 +17,10 @@ set, so the physical order does not matter; what it attends to, and what it writ
 the stock's.
 
 Inputs (int64 device tensors of one element): global_end (G), local_end (L), shift (updated in
-place). Host ints: current_start s, new tokens n, capacity C, sink tokens S, attention budget M,
-`local` (local_attn_size != -1) and `sink_recache` (LongLive's sink_recache_after_switch).
+place), and current_start s (a device tensor or a host int: a captured CUDA graph replays with
+whatever the tensor holds, so one graph serves every block). Host ints: new tokens n, capacity C,
+sink tokens S, attention budget M, tokens per latent frame, `local` (local_attn_size != -1) and
+`sink_recache` (LongLive's sink_recache_after_switch).
 
 Plan (int64 [PLAN_SIZE]):
     LOCAL_START   logical slot of new row 0 (ls)
@@ -29,6 +31,7 @@ Plan (int64 [PLAN_SIZE]):
     NEW_GLOBAL    pointer values after the call (unchanged on a recompute)
     NEW_LOCAL
     SHIFT         the ring shift after this call's eviction
+    START_FRAME   s // tokens per frame: the RoPE frame index of new row 0
 """
 from __future__ import annotations
 
@@ -36,13 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
-LOCAL_START, ROW_LO, SINK_END, WIN_START, WIN_END, NEW_GLOBAL, NEW_LOCAL, SHIFT = range(8)
-PLAN_SIZE = 8
+LOCAL_START, ROW_LO, SINK_END, WIN_START, WIN_END, NEW_GLOBAL, NEW_LOCAL, SHIFT, START_FRAME = range(9)
+PLAN_SIZE = 9
 
 
 @triton.jit
-def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, plan_ptr, s, n, C, S, M,
+def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, start_ptr, plan_ptr, n, C, S, M, frame_tokens,
                           LOCAL: tl.constexpr, SINK_RECACHE: tl.constexpr):
+    s = tl.load(start_ptr).to(tl.int64)
     g = tl.load(global_ptr)
     loc = tl.load(local_ptr)
     shift = tl.load(shift_ptr)
@@ -72,6 +76,7 @@ def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, plan_ptr, s, n, C, S
     tl.store(plan_ptr + 5, tl.where(is_recompute, g, e))
     tl.store(plan_ptr + 6, tl.where(is_recompute, loc, new_local))
     tl.store(plan_ptr + 7, new_shift)
+    tl.store(plan_ptr + 8, s // frame_tokens)
     tl.store(shift_ptr, new_shift)
 
 
@@ -84,16 +89,28 @@ def _check_pointer(name: str, t: torch.Tensor, device: torch.device) -> None:
 
 
 def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torch.Tensor, *,
-                  current_start: int, num_new: int, capacity: int, sink_tokens: int, budget: int,
-                  local: bool = True, sink_recache: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Plan one self-attention call's cache update and window; updates `shift` in place."""
+                  current_start: int | torch.Tensor, num_new: int, capacity: int, sink_tokens: int, budget: int,
+                  frame_tokens: int = 1, local: bool = True, sink_recache: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Plan one self-attention call's cache update and window; updates `shift` in place.
+
+    current_start: a host int, or an int64 device tensor of one element (read by the kernel, so a
+    captured launch follows its value)."""
     device = global_end.device
     for name, t in (("global_end", global_end), ("local_end", local_end), ("shift", shift)):
         _check_pointer(name, t, device)
     if num_new < 1:
         raise ValueError(f"num_new must be >= 1, got {num_new}")
-    if current_start < 0:
+    if isinstance(current_start, torch.Tensor):
+        _check_pointer("current_start", current_start, device)
+    elif isinstance(current_start, bool) or not isinstance(current_start, int):
+        raise TypeError(f"current_start must be an int or an int64 device tensor, got {type(current_start).__name__}")
+    elif current_start < 0:
         raise ValueError(f"current_start must be >= 0, got {current_start}")
+    else:
+        current_start = torch.full((1,), current_start, dtype=torch.int64, device=device)
+    if frame_tokens < 1:
+        raise ValueError(f"frame_tokens must be >= 1, got {frame_tokens}")
     if not 0 <= sink_tokens < capacity:
         raise ValueError(f"sink tokens {sink_tokens} must lie in [0, capacity {capacity})")
     if num_new > capacity:
@@ -104,13 +121,13 @@ def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torc
         out = torch.empty(PLAN_SIZE, dtype=torch.int64, device=device)
     elif out.dtype != torch.int64 or out.numel() != PLAN_SIZE or out.device != device:
         raise ValueError(f"out must be an int64 tensor of {PLAN_SIZE} elements on {device}")
-    _kv_cache_plan_kernel[(1,)](global_end, local_end, shift, out, current_start, num_new, capacity,
-                                sink_tokens, budget, LOCAL=bool(local), SINK_RECACHE=bool(sink_recache))
+    _kv_cache_plan_kernel[(1,)](global_end, local_end, shift, current_start, out, num_new, capacity,
+                                sink_tokens, budget, frame_tokens, LOCAL=bool(local), SINK_RECACHE=bool(sink_recache))
     return out
 
 
 def kv_cache_plan_ref(global_end: int, local_end: int, shift: int, *, current_start: int, num_new: int,
-                      capacity: int, sink_tokens: int, budget: int, local: bool = True,
+                      capacity: int, sink_tokens: int, budget: int, frame_tokens: int = 1, local: bool = True,
                       sink_recache: bool = False) -> list[int]:
     """The stock rules (CausalWanSelfAttention.forward + _apply_cache_updates) in plain Python."""
     g, loc, s, n, C, S, M = global_end, local_end, current_start, num_new, capacity, sink_tokens, budget
@@ -134,7 +151,7 @@ def kv_cache_plan_ref(global_end: int, local_end: int, shift: int, *, current_st
     else:
         win_start = max(0, new_local - M)
     return [local_start, min(max(write_start - local_start, 0), n), S, win_start, new_local,
-            g if is_recompute else e, loc if is_recompute else new_local, shift]
+            g if is_recompute else e, loc if is_recompute else new_local, shift, s // frame_tokens]
 
 
 def physical_slot(logical: torch.Tensor, ring_lo: int, ring_size: int, shift) -> torch.Tensor:

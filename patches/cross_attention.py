@@ -3,7 +3,8 @@
 Replaces `WanT2VCrossAttention`. The stock query RMSNorm runs six passes (two in fp32) over the
 [B, L, C] queries in every layer of every forward; `rms_norm` does it in one, with the same
 rounding. Keys and values come from the stock cross-attention cache exactly as before (computed
-from the context once, then reused until the pipeline resets the cache), and attention runs on
+from the context once, then reused until the pipeline resets the cache; written into the cache's
+own tensors when their shape fits, so their addresses never change), and attention runs on
 cuDNN through SDPA, which measured faster than our Triton kernel for 512 text keys
 (bench/RESULTS.md) and needs no flash-attn install.
 """
@@ -45,7 +46,14 @@ class FusedCrossAttention(nn.Module):
             v = self.v(context).view(b, -1, n, d)
             if crossattn_cache is not None:
                 crossattn_cache["is_init"] = True
-                crossattn_cache["k"], crossattn_cache["v"] = k, v
+                for name, new in (("k", k), ("v", v)):
+                    old = crossattn_cache.get(name)
+                    if isinstance(old, torch.Tensor) and old.shape == new.shape and old.dtype == new.dtype \
+                            and old.device == new.device:
+                        # In place: a captured CUDA graph keeps reading the same buffer after a prompt switch.
+                        old.copy_(new)
+                    else:
+                        crossattn_cache[name] = new
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.o(out.transpose(1, 2).flatten(2))
 

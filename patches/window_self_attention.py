@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.kv_cache_plan import (LOCAL_START, NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, WIN_END,
-                                     WIN_START, kv_cache_plan, kv_cache_plan_ref)
+from ..kernels.kv_cache_plan import (LOCAL_START, NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, START_FRAME,
+                                     WIN_END, WIN_START, kv_cache_plan, kv_cache_plan_ref)
 from ..kernels.rope_kv_append import rope_kv_append, rope_tables
 from ..kernels.window_attention import window_attention
 from ..kernels._common import interpreting
@@ -97,6 +97,29 @@ class WindowSelfAttention(nn.Module):
             return self.max_attention_size
         return capacity if self.local_attn_size == -1 else self.local_attn_size * frame_seqlen
 
+    def plan_args(self, kv_cache: dict, current_start: int, num_new: int, frame_seqlen: int,
+                  sink_recache: bool = False) -> dict:
+        """The host-side arguments of this layer's cache plan for one call."""
+        capacity = kv_cache["k"].shape[1]
+        return dict(current_start=int(current_start), num_new=num_new, capacity=capacity,
+                    sink_tokens=self.sink_size * frame_seqlen, budget=self._budget(frame_seqlen, capacity),
+                    frame_tokens=frame_seqlen, local=self.local_attn_size != -1, sink_recache=bool(sink_recache))
+
+    @staticmethod
+    def host_window(kv_cache: dict, plan_args: dict, *, commit: bool) -> tuple[int, int, int]:
+        """(keys attended, first physical window slot, window length) of one call, from the stock rules
+        tracked on the host (no device read); with commit, the tracked pointers move on as the call does.
+
+        The cuDNN path slices the cache with these; a CUDA graph runner keys its graphs on them and
+        commits them for each replayed call (the replay runs no Python)."""
+        plan = kv_cache_plan_ref(*kv_cache.get(_HOST_STATE, (0, 0, 0)), **plan_args)
+        if commit:
+            kv_cache[_HOST_STATE] = (plan[NEW_GLOBAL], plan[NEW_LOCAL], plan[SHIFT])
+        sink, ring = plan_args["sink_tokens"], plan_args["capacity"] - plan_args["sink_tokens"]
+        win_start, win_end = plan[WIN_START], max(plan[WIN_START], plan[WIN_END])
+        first = sink + (win_start - sink + plan[SHIFT]) % ring if win_end > win_start else sink
+        return plan[SINK_END], first, win_end - win_start
+
     def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0,
                 cache_start=None, sink_recache_after_switch=False):
         if kv_cache is None:
@@ -111,45 +134,43 @@ class WindowSelfAttention(nn.Module):
         frame_seqlen = hg * wg
         k_cache, v_cache = kv_cache["k"], kv_cache["v"]
         capacity = k_cache.shape[1]
-        sink = self.sink_size * frame_seqlen
-        budget = self._budget(frame_seqlen, capacity)
-        plan_args = dict(current_start=current_start, num_new=s, capacity=capacity, sink_tokens=sink,
-                         budget=budget, local=self.local_attn_size != -1, sink_recache=bool(sink_recache_after_switch))
+        plan_args = self.plan_args(kv_cache, current_start, s, frame_seqlen, sink_recache_after_switch)
         shift = kv_cache.get(_RING_SHIFT)
         if shift is None:
             shift = kv_cache[_RING_SHIFT] = torch.zeros(1, dtype=torch.long, device=k_cache.device)
-        plan = kv_cache_plan(kv_cache["global_end_index"], kv_cache["local_end_index"], shift, **plan_args)
+        # A DeviceIndex (from the CUDA-graph runner) carries the start on the device: the plan kernel
+        # reads it there, so a captured graph follows the value the runner writes before each replay.
+        device_start = getattr(current_start, "tensor", None)
+        plan = kv_cache_plan(kv_cache["global_end_index"], kv_cache["local_end_index"], shift,
+                             **dict(plan_args, current_start=plan_args["current_start"] if device_start is None
+                                    else device_start))
 
         qkv = F.linear(x, self._qkv_weight, self._qkv_bias)
         d = self.dim
+        sink = plan_args["sink_tokens"]
         ring = dict(ring_lo=sink, ring_size=capacity - sink, shift=plan[SHIFT:SHIFT + 1])
         q = rope_kv_append(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], self.norm_q.weight, self.norm_k.weight,
                            self._cos, self._sin, k_cache, v_cache, (frames, hg, wg),
-                           current_start // frame_seqlen, plan[LOCAL_START:LOCAL_START + 1],
+                           plan[START_FRAME:START_FRAME + 1], plan[LOCAL_START:LOCAL_START + 1],
                            plan[ROW_LO:ROW_LO + 1], eps=self.eps, **ring)
         if self.backend == "triton":
             out = window_attention(q, k_cache, v_cache, plan[SINK_END:SINK_END + 1], plan[WIN_START:WIN_START + 1],
                                    plan[WIN_END:WIN_END + 1], **ring)
         else:
-            out = self._sdpa(q, k_cache, v_cache, kv_cache, plan_args)
+            out = self._sdpa(q, k_cache, v_cache, self.host_window(kv_cache, plan_args, commit=True), sink,
+                             capacity - sink)
         out = self.o(out.flatten(2))
         return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
 
     @staticmethod
-    def _sdpa(q, k_cache, v_cache, kv_cache, plan_args) -> torch.Tensor:
+    def _sdpa(q, k_cache, v_cache, window: tuple[int, int, int], sink: int, ring: int) -> torch.Tensor:
         """cuDNN attention over the window, read in place when it is one physical range."""
-        state = kv_cache.get(_HOST_STATE, (0, 0, 0))
-        plan = kv_cache_plan_ref(*state, **plan_args)
-        kv_cache[_HOST_STATE] = (plan[NEW_GLOBAL], plan[NEW_LOCAL], plan[SHIFT])
-        sink, ring = plan_args["sink_tokens"], plan_args["capacity"] - plan_args["sink_tokens"]
-        win_start, win_end = plan[WIN_START], max(plan[WIN_START], plan[WIN_END])
-        first = sink + (win_start - sink + plan[SHIFT]) % ring if win_end > win_start else sink
-        length = win_end - win_start
+        sink_end, first, length = window
         if first == sink or length == ring:
             # The usual cases (a filling cache; a full window): sink + window are slots [0, sink + length).
             k, v = k_cache[:, :sink + length], v_cache[:, :sink + length]
         else:
-            slots = torch.cat([torch.arange(plan[SINK_END]), sink + (torch.arange(win_start, win_end) - sink + plan[SHIFT]) % ring])
+            slots = torch.cat([torch.arange(sink_end), sink + (torch.arange(first - sink, first - sink + length) % ring)])
             slots = slots.to(k_cache.device)
             k, v = k_cache.index_select(1, slots), v_cache.index_select(1, slots)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))

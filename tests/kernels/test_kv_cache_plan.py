@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from longlive_triton.kernels.kv_cache_plan import (NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, WIN_END,
-                                                   WIN_START, LOCAL_START, kv_cache_plan, kv_cache_plan_ref,
+                                                   WIN_START, LOCAL_START, START_FRAME, kv_cache_plan, kv_cache_plan_ref,
                                                    physical_slot)
 
 
@@ -82,16 +82,20 @@ def test_ring_cache_attends_to_the_stock_keys(case):
 
 @given(g=st.integers(0, 400), loc=st.integers(0, 96), shift=st.integers(0, 71), s=st.integers(0, 400),
        n=st.integers(1, 96), sink=st.sampled_from([0, 8, 24]), budget=st.sampled_from([8, 72, 96, 120]),
-       local=st.booleans(), sink_recache=st.booleans())
-def test_plan_kernel_equals_stock_rules(g, loc, shift, s, n, sink, budget, local, sink_recache):
+       local=st.booleans(), sink_recache=st.booleans(), frame_tokens=st.sampled_from([1, 8, 13]),
+       start_on_device=st.booleans())
+def test_plan_kernel_equals_stock_rules(g, loc, shift, s, n, sink, budget, local, sink_recache, frame_tokens,
+                                        start_on_device):
     C = 96
-    args = dict(current_start=s, num_new=n, capacity=C, sink_tokens=sink, budget=budget, local=local,
-                sink_recache=sink_recache)
+    args = dict(num_new=n, capacity=C, sink_tokens=sink, budget=budget, local=local, sink_recache=sink_recache,
+                frame_tokens=frame_tokens)
     shift_t = torch.tensor([shift])
-    got = kv_cache_plan(torch.tensor([g]), torch.tensor([loc]), shift_t, **args)
-    want = kv_cache_plan_ref(g, loc, shift % (C - sink), **args) if sink < C else None
+    start = torch.tensor([s]) if start_on_device else s
+    got = kv_cache_plan(torch.tensor([g]), torch.tensor([loc]), shift_t, current_start=start, **args)
+    want = kv_cache_plan_ref(g, loc, shift % (C - sink), current_start=s, **args)
     assert got.tolist()[:SHIFT] == want[:SHIFT]
     assert got[SHIFT].item() % (C - sink) == want[SHIFT]
+    assert got[START_FRAME].item() == want[START_FRAME] == s // frame_tokens
     assert shift_t.item() == got[SHIFT].item()
 
 
@@ -119,6 +123,7 @@ def test_longlive_trace():
     (dict(sink_tokens=96), "sink tokens"),
     (dict(num_new=97), "do not fit"),
     (dict(budget=0), "budget"),
+    (dict(frame_tokens=0), "frame_tokens"),
 ])
 def test_bad_arguments(bad, match):
     args = dict(current_start=0, num_new=8, capacity=96, sink_tokens=24, budget=96, **{})
@@ -126,6 +131,15 @@ def test_bad_arguments(bad, match):
     one = torch.zeros(1, dtype=torch.long)
     with pytest.raises(ValueError, match=match):
         kv_cache_plan(one, one.clone(), one.clone(), **args)
+
+
+def test_device_start_is_checked():
+    one = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(TypeError, match="current_start"):
+        kv_cache_plan(one, one.clone(), one.clone(), current_start=torch.zeros(1, dtype=torch.int32), num_new=8,
+                      capacity=96, sink_tokens=24, budget=96)
+    with pytest.raises(TypeError, match="current_start"):
+        kv_cache_plan(one, one.clone(), one.clone(), current_start=2.0, num_new=8, capacity=96, sink_tokens=24, budget=96)
 
 
 def test_pointer_dtype_is_checked():
