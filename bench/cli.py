@@ -23,13 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--preset-model", choices=["longlive-1.3b", "tiny"],
                    help="model shapes (default: longlive-1.3b with a GPU, tiny without)")
     e.add_argument("--configs", nargs="*", default=["exact"], metavar="CONFIG",
-                   help="patch presets or YAML paths, one row each (default: exact; none: stock only)")
+                   help="patch presets or YAML paths, one row each, optionally with overrides "
+                        "(e.g. exact,cuda_graphs=false); default: exact; none: stock only")
     e.add_argument("--blocks", type=int, default=16, help="blocks to generate (default 16)")
     e.add_argument("--warmup-blocks", type=int,
                    help="blocks left out of the statistics (default: until the KV window is full, 4 at defaults)")
     e.add_argument("--frames-per-block", type=int, default=3, help="latent frames per block (default 3)")
     e.add_argument("--dtype", choices=sorted(e2e.DTYPES), default="bf16", help="model and latent dtype (default bf16)")
     e.add_argument("--seed", type=int, default=0, help="weights, noise and prompt seed (default 0)")
+    e.add_argument("--profile", action="store_true",
+                   help="also profile two extra blocks per row: time by kind of work, and the GPU's idle share")
     e.set_defaults(run=e2e.run)
 
     for p in (k, e):

@@ -7,22 +7,41 @@ window is full, so every block attends to the same number of tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
 
 import torch
+import yaml
 
-from longlive_triton.config import load_preset
+from longlive_triton.config import PatchConfig, load_preset
+from longlive_triton.graphs import graph_runner
 from longlive_triton.patch import patch_model
 from longlive_triton.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.reference import build_model, get_preset
 
+from .breakdown import format_breakdown, profile_block
 from .results import environment, fmt, format_table, quantiles, save
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Wan's causal VAE turns each latent frame into 4 video frames once past the first block.
 VIDEO_FRAMES_PER_LATENT = 4
+
+
+def config_from_spec(spec: str) -> PatchConfig:
+    """A preset name or YAML path, optionally with overrides: "exact,cuda_graphs=false"."""
+    name, *overrides = spec.split(",")
+    config = load_preset(name)
+    if not overrides:
+        return config
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config override {item!r} in {spec!r} is not key=value")
+        changes[key.strip()] = yaml.safe_load(value)
+    return dataclasses.replace(config, name=spec, **changes)
 
 
 def steady_start(local_attn_size: int, frames_per_block: int) -> int:
@@ -31,8 +50,10 @@ def steady_start(local_attn_size: int, frames_per_block: int) -> int:
 
 
 def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompt: torch.Tensor,
-               seed: int) -> tuple[list[float], torch.Tensor]:
-    """Stream every block; returns the ms per block and all latents [B, F, C, H, W] on noise's device."""
+               seed: int, profile: bool = False) -> tuple[list[float], torch.Tensor, dict | None]:
+    """Stream every block; returns the ms per block, all latents [B, F, C, H, W] on noise's device and,
+    with profile, the breakdown of the last two blocks (not timed): one eager with module annotations
+    (the split by kind of work), one as configured (CUDA graphs included: its idle share)."""
     on_cuda = noise.device.type == "cuda"
 
     def mark():
@@ -47,14 +68,32 @@ def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompt: tor
     fpb = pipe_cfg.num_frame_per_block
     out = torch.empty_like(noise)
     torch.manual_seed(seed)  # the pipeline's re-noising draws: identical for every row
-    marks = [mark()]
-    for start, x0 in pipe.iter_blocks(noise, prompt):
+    blocks = pipe.iter_blocks(noise, prompt)
+
+    def one_block():
+        start, x0 = next(blocks)
         out[:, start:start + fpb].copy_(x0)  # a copy: a captured graph may hand back a reused buffer
+
+    count = noise.shape[1] // fpb
+    marks = [mark()]
+    for _ in range(count - 2 if profile else count):
+        one_block()
         marks.append(mark())
+    profiles = None
+    if profile:
+        runner = graph_runner(model)
+        enabled = runner is not None and runner.enabled
+        if runner is not None:
+            runner.enabled = False
+        by_kind = profile_block(one_block, model)
+        if runner is not None:
+            runner.enabled = enabled
+        profiles = {"eager_annotated": by_kind, "as_run": profile_block(one_block), "graphs": enabled}
+    next(blocks, None)  # let the pipeline finish its loop
     if on_cuda:
         torch.cuda.synchronize()
-        return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])], out
-    return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])], out
+        return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])], out, profiles
+    return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])], out, profiles
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -79,8 +118,16 @@ def measure_row(args, config, pipe_cfg, noise, prompt) -> tuple[dict, torch.Tens
         # Reset after building and patching: transients there (fp32 init, LoRA merge, quantization) are one-off.
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    block_ms, latents = run_blocks(model, pipe_cfg, noise, prompt, args.seed)
+    block_ms, latents, profiles = run_blocks(model, pipe_cfg, noise, prompt, args.seed, profile=args.profile)
     row["peak_mem_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    runner = graph_runner(model)
+    if runner is not None:
+        row["graphs"] = dataclasses.asdict(runner.stats)
+    if profiles is not None:
+        row["breakdown"] = profiles
+        print(format_breakdown(f"{row['config']}: one block eager, by kind", profiles["eager_annotated"]))
+        print(format_breakdown(f"{row['config']}: one block as run (graphs {'on' if profiles['graphs'] else 'off'})",
+                               profiles["as_run"]))
     del model
     median, p20, p80 = quantiles(block_ms[args.warmup_blocks:])
     per_frame = median / (VIDEO_FRAMES_PER_LATENT * args.frames_per_block)
@@ -111,7 +158,7 @@ def run(args) -> int:
         args.preset_model = "longlive-1.3b" if on_cuda else "tiny"
         print(f"e2e: model preset {args.preset_model} (the default on a machine with{'' if on_cuda else ' no'} GPU)")
     try:
-        configs = [load_preset(name) for name in args.configs]  # a bad name fails before any model is built
+        configs = [config_from_spec(spec) for spec in args.configs]  # a bad name fails before any model is built
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"e2e: {e}", file=sys.stderr)
         return 2
@@ -121,9 +168,10 @@ def run(args) -> int:
     steady = steady_start(preset.local_attn_size, fpb)
     if args.warmup_blocks is None:
         args.warmup_blocks = steady
-    if args.blocks <= args.warmup_blocks:
+    profiled = 2 if args.profile else 0
+    if args.blocks - profiled <= args.warmup_blocks:
         print(f"e2e: --blocks {args.blocks} leaves no timed block after {args.warmup_blocks} warm-up blocks "
-              f"(the window is full from block {steady})", file=sys.stderr)
+              f"(the window is full from block {steady}){' and 2 profiled blocks' if profiled else ''}", file=sys.stderr)
         return 2
     if args.warmup_blocks < steady:
         print(f"e2e: note: blocks {args.warmup_blocks}..{steady - 1} are timed before the window is full "
@@ -156,6 +204,6 @@ def run(args) -> int:
     settings = {"preset_model": args.preset_model, "device": str(device), "dtype": args.dtype, "blocks": args.blocks,
                 "warmup_blocks": args.warmup_blocks, "steady_start": steady, "frames_per_block": fpb,
                 "video_frames_per_block": VIDEO_FRAMES_PER_LATENT * fpb, "local_attn_size": preset.local_attn_size,
-                "seed": args.seed, "configs": list(args.configs)}
+                "seed": args.seed, "configs": list(args.configs), "profile": args.profile}
     save({"kind": "e2e", "env": environment(), "settings": settings, "rows": rows}, args.json, args.append)
     return 1 if any(r["status"] != "ok" for r in rows) else 0

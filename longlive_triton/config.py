@@ -23,6 +23,9 @@ class PatchConfig:
     # Each layer's LayerNorms, adaLN modulation and gated residual adds as four fused passes, and
     # the cross-attention's query RMSNorm as one.
     fused_glue: bool = False
+    # Capture each distinct generator forward in a CUDA graph and replay it (longlive_triton/graphs.py).
+    # Needs window_attention and a model on CUDA; elsewhere it is left off and the report says why.
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import PatchConfig, as_config
+from .graphs import install_graphs
 from .patches.registry import PATCHES, Patch, PatchSkip
 
 _MARK = "_longlive_triton_patch"
@@ -145,5 +146,18 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
                 report.skipped.append(PatchEntry(name, patch.name, str(why)))
         if applied and patch.describe is not None:
             report.notes.append(f"{patch.name}: {patch.describe(config)}")
+    if config.cuda_graphs:
+        report.notes.append(f"cuda_graphs: {_install_graphs(generator)}")
     setattr(generator, _MARK, config)
     return report
+
+
+def _install_graphs(generator: nn.Module) -> str:
+    device = next(generator.parameters()).device
+    if device.type != "cuda":
+        return f"off (the model is on {device}; graphs need CUDA)"
+    try:
+        install_graphs(generator)
+    except ValueError as why:
+        return f"off ({why})"
+    return "on (each distinct forward captured on its second call and replayed after; see longlive_triton/graphs.py)"

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .graphs import graph_runner, install_graphs
 from .scheduler import FlowMatchSchedule
 
 
@@ -31,6 +32,9 @@ class PipelineConfig:
     local_attn_size: int = 12          # latent frames held in the KV cache; -1: the whole video
     global_sink: bool = True           # keep the first prompt's sink across prompt switches
     frame_seqlen: int | None = None    # tokens per latent frame; None: from the latent size
+    # CUDA graphs (longlive_triton/graphs.py): None keeps what patch_model set up, False runs this
+    # pipeline eagerly, True installs the graph runner if patch_model did not (a patched CUDA model).
+    cuda_graphs: bool | None = None
 
     def __post_init__(self):
         if self.num_frame_per_block < 1:
@@ -78,10 +82,27 @@ class BlockPipeline:
 
     # -- caches ---------------------------------------------------------------------------------
     def init_caches(self, batch_size: int, num_frames: int, dtype: torch.dtype, device) -> Caches:
-        """Zeroed KV caches (window or whole video) and cross-attention caches, stock layout."""
+        """Zeroed KV caches (window or whole video) and cross-attention caches, stock layout.
+
+        Caches of the same shape are reset in place rather than allocated again, so a new video
+        reuses the previous one's buffers (and the CUDA graphs captured on their addresses)."""
         n, d = self.num_heads, self.head_dim
         frames = num_frames if self.config.local_attn_size == -1 else self.config.local_attn_size
         size = frames * self.frame_seqlen
+        if self._caches_fit(batch_size, size, dtype, device):
+            for cache in self.caches.kv:
+                cache["k"].zero_()
+                cache["v"].zero_()
+                cache["global_end_index"].zero_()
+                cache["local_end_index"].zero_()
+                # Patched layers keep their ring state beside the stock entries: start it afresh.
+                for extra in [key for key in cache if key not in ("k", "v", "global_end_index", "local_end_index")]:
+                    if isinstance(cache[extra], torch.Tensor):
+                        cache[extra].zero_()
+                    else:
+                        del cache[extra]
+            self.reset_crossattn_cache()
+            return self.caches
 
         def zeros(length: int) -> torch.Tensor:
             return torch.zeros([batch_size, length, n, d], dtype=dtype, device=device)
@@ -95,6 +116,16 @@ class BlockPipeline:
                        for _ in range(self.num_layers)],
         )
         return self.caches
+
+    def _caches_fit(self, batch_size: int, size: int, dtype: torch.dtype, device) -> bool:
+        if len(self.caches.kv) != self.num_layers or len(self.caches.crossattn) != self.num_layers:
+            return False
+        kv = (batch_size, size, self.num_heads, self.head_dim)
+        text = (batch_size, self.text_len, self.num_heads, self.head_dim)
+        return all(cache[name].shape == shape and cache[name].dtype == dtype
+                   and cache[name].device == torch.device(device)
+                   for caches, shape in ((self.caches.kv, kv), (self.caches.crossattn, text))
+                   for cache in caches for name in ("k", "v"))
 
     def reset_crossattn_cache(self) -> None:
         for cache in self.caches.crossattn:
@@ -168,6 +199,11 @@ class BlockPipeline:
         if noise.dim() != 5:
             raise ValueError(f"noise must be [B, F, C, H, W], got shape {tuple(noise.shape)}")
         b, f = noise.shape[:2]
+        param = next(_inner_model(self.model).parameters())
+        if noise.device != param.device:
+            raise ValueError(f"noise is on {noise.device}, but the generator is on {param.device}")
+        if noise.dtype != param.dtype:
+            raise TypeError(f"noise is {noise.dtype}, but the generator's weights are {param.dtype}")
         if f % self.config.num_frame_per_block:
             raise ValueError(f"{f} latent frames is not a multiple of num_frame_per_block "
                              f"{self.config.num_frame_per_block}")
@@ -196,20 +232,46 @@ class BlockPipeline:
         self._check_inputs(noise, prompts, switches)
         b, num_frames, _, h, w = noise.shape
         self.frame_seqlen = self.config.frame_seqlen or (h // self.patch_size[1]) * (w // self.patch_size[2])
+        per_block = self.config.num_frame_per_block
+        runner = self._graph_runner(b)
         self.init_caches(b, num_frames, noise.dtype, noise.device)
         self._set_attention_budget()
         output = torch.zeros_like(noise)
         segment = 0
-        per_block = self.config.num_frame_per_block
-        with torch.no_grad():
-            for start in range(0, num_frames, per_block):
-                if segment < len(switches) and start >= switches[segment]:
-                    segment += 1
-                    self.recache_after_switch(output, start, prompts[segment])
-                x0 = self.denoise_block(noise[:, start:start + per_block], prompts[segment], start)
-                output[:, start:start + per_block] = x0
-                self.cache_pass(x0, prompts[segment], start)
-                yield start, x0
+        enabled = runner.enabled if runner is not None else None
+        try:
+            if runner is not None:
+                runner.enabled = self.config.cuda_graphs is not False
+            with torch.no_grad():
+                for start in range(0, num_frames, per_block):
+                    if segment < len(switches) and start >= switches[segment]:
+                        segment += 1
+                        self.recache_after_switch(output, start, prompts[segment])
+                    x0 = self.denoise_block(noise[:, start:start + per_block], prompts[segment], start)
+                    output[:, start:start + per_block] = x0
+                    self.cache_pass(x0, prompts[segment], start)
+                    if runner is not None and runner.enabled:
+                        runner.pipeline_shape = (b, per_block)
+                    yield start, x0
+        finally:
+            if runner is not None:
+                runner.enabled = enabled
+
+    def _graph_runner(self, batch_size: int):
+        """The model's CUDA-graph runner for this run (installed if config.cuda_graphs asks), after
+        refusing a batch size or block length other than the one its graphs were captured for."""
+        inner = _inner_model(self.model)
+        runner = graph_runner(inner)
+        if runner is None and self.config.cuda_graphs:
+            runner = install_graphs(inner)  # a clear error if the model is not patched or not on CUDA
+        if runner is None or self.config.cuda_graphs is False:
+            return runner
+        shape = (batch_size, self.config.num_frame_per_block)
+        if runner.graphs and runner.pipeline_shape not in (None, shape):
+            raise ValueError(f"this model's CUDA graphs were captured for batch {runner.pipeline_shape[0]} with "
+                             f"{runner.pipeline_shape[1]} latent frames per block; got batch {shape[0]} with "
+                             f"{shape[1]}: call graph_runner(model).release() first, or run with cuda_graphs=False")
+        return runner
 
     def generate(self, noise: torch.Tensor, prompt_embeds: torch.Tensor | Sequence[torch.Tensor],
                  switch_frame_indices: Sequence[int] = (),

@@ -1,0 +1,230 @@
+"""CUDA-graph capture of the patched generator's forward: one graph per distinct call, replayed after.
+
+    from longlive_triton import patch_model
+    patch_model(model)                      # on CUDA, installs a GraphedGenerator (cuda_graphs: true)
+    ...LongLive's own loop, or BlockPipeline, calls the model exactly as before...
+
+What is captured: one whole generator forward (30 layers: GEMMs, the cache plan, RoPE + cache
+append, attention, glue, the head), the unit LongLive's loop calls 5 times per block (4 denoising
+steps and the cache pass). The five calls of a block differ only in their inputs (latents, timestep)
+and in device-side cache state, so in steady state one graph serves all of them and every later
+block: the runner copies the inputs into the graph's static buffers, writes `current_start` into a
+device scalar the patched layers read (a `DeviceIndex`), replays, and returns a copy of the output.
+Between replays the host only does the scheduler's few small ops, so it stays ahead of the GPU.
+
+Graphs are keyed by everything a replay would otherwise get wrong: input shapes, strides and dtypes,
+the addresses of every cache tensor, and the attention window each layer reads. With the cuDNN
+backend that window's length is a host-side shape, so the first blocks of a stream (while the KV
+window fills: 4 blocks at LongLive's settings) each get their own graph, and the full window one
+graph for the rest of the stream; with the Triton backend the window is read on the device and every
+block shares one graph. All graphs share one memory pool (they never run concurrently).
+
+A key's first call runs eagerly on the capture stream (Triton autotuning and cuDNN planning happen
+there, not during capture); its second call is captured and replayed; every later call replays.
+Calls that cannot be replayed run eagerly: a cross-attention cache being (re)filled after a prompt
+switch, a window that wraps the ring in two ranges (a gathered copy), grad mode, non-tensor context.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .device_index import DeviceIndex
+
+__all__ = ["GraphedGenerator", "install_graphs", "graph_runner"]
+
+_RUNNER = "_longlive_triton_graphs"
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    out: torch.Tensor
+
+
+@dataclass
+class GraphStats:
+    eager: int = 0
+    captures: int = 0
+    replays: int = 0
+    evicted: int = 0
+    eager_reasons: dict[str, int] = field(default_factory=dict)
+
+    def note_eager(self, reason: str) -> None:
+        self.eager += 1
+        self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
+
+
+class GraphedGenerator:
+    """Stands in for a patched CausalWanModel's forward; see the module docstring."""
+
+    def __init__(self, generator: nn.Module, max_graphs: int = 8):
+        layers = [getattr(block, "self_attn", None) for block in generator.blocks]
+        # WindowSelfAttention by what the runner uses (importing it here would close an import cycle).
+        if not all(callable(getattr(layer, "host_window", None)) for layer in layers):
+            raise ValueError("CUDA graphs need every self-attention layer patched (window_attention: true): the stock "
+                             "layer reads its cache pointers with .item(), which a graph cannot replay")
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.generator = generator
+        self.layers = layers
+        self.max_graphs = max_graphs
+        self.enabled = True
+        self.stats = GraphStats()
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._seen: set[tuple] = set()
+        self._eager = type(generator).forward.__get__(generator)
+        device = next(generator.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the generator on a CUDA device; it is on {device}")
+        self.device = device
+        self._pool = torch.cuda.graph_pool_handle()
+        self._stream = torch.cuda.Stream(device)
+        self._start = torch.zeros(1, dtype=torch.int64, device=device)
+        # (batch, frames per call) a BlockPipeline captured with; it refuses another (see pipeline.py).
+        self.pipeline_shape: tuple[int, int] | None = None
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def release(self) -> None:
+        """Drop every graph (and the pool's memory once nothing else holds it)."""
+        self.graphs.clear()
+        self._seen.clear()
+        self.pipeline_shape = None
+
+    def _windows(self, kv_cache, current_start: int, num_new: int, frame_seqlen: int, sink_recache: bool,
+                 commit: bool) -> tuple:
+        out = []
+        for layer, cache in zip(self.layers, kv_cache):
+            args = layer.plan_args(cache, current_start, num_new, frame_seqlen, sink_recache)
+            out.append(layer.host_window(cache, args, commit=commit))
+        return tuple(out)
+
+    @staticmethod
+    def _addresses(kv_cache, crossattn_cache) -> tuple:
+        ptrs = []
+        for cache in kv_cache:
+            for name in ("k", "v", "global_end_index", "local_end_index", "ring_shift"):
+                t = cache.get(name)
+                ptrs.append(t.data_ptr() if isinstance(t, torch.Tensor) else None)
+        for cache in crossattn_cache:
+            ptrs += [cache["k"].data_ptr(), cache["v"].data_ptr()]
+        return tuple(ptrs)
+
+    # -- the call -----------------------------------------------------------------------------
+    def __call__(self, x, *args, **kwargs):
+        kv_cache, crossattn_cache = kwargs.get("kv_cache"), kwargs.get("crossattn_cache")
+        t, context = kwargs.get("t"), kwargs.get("context")
+        for name, v in (("x", x), ("t", t), ("context", context)):
+            if isinstance(v, torch.Tensor) and v.device != self.device:
+                raise ValueError(f"{name} is on {v.device}, but this graphed generator runs on {self.device}")
+        dtype = self.generator.patch_embedding.weight.dtype
+        if isinstance(x, torch.Tensor) and x.dtype != dtype:
+            raise TypeError(f"x is {x.dtype}, but the generator's weights are {dtype}")
+        reason = None
+        if not self.enabled:
+            reason = "disabled"
+        elif args or kv_cache is None or crossattn_cache is None:
+            reason = "not the KV-cached inference call"
+        elif not all(isinstance(v, torch.Tensor) for v in (x, t, context)):
+            reason = "x, t and context must be tensors"
+        elif torch.is_grad_enabled():
+            reason = "grad mode"
+        elif not all(c.get("is_init", False) for c in crossattn_cache):
+            reason = "cross-attention cache being filled"
+        elif len(kv_cache) != len(self.layers):
+            reason = "kv_cache has a different number of layers"
+        if reason is not None:
+            self.stats.note_eager(reason)
+            return self._eager(x, *args, **kwargs)
+
+        current_start = int(kwargs.get("current_start", 0))
+        sink_recache = bool(kwargs.get("sink_recache_after_switch", False))
+        pt = self.generator.patch_size
+        frame_seqlen = (x.shape[3] // pt[1]) * (x.shape[4] // pt[2])
+        num_new = (x.shape[2] // pt[0]) * frame_seqlen
+        windows = self._windows(kv_cache, current_start, num_new, frame_seqlen, sink_recache, commit=False)
+        if any(first != layer.sink_size * frame_seqlen and length != cache["k"].shape[1] - layer.sink_size * frame_seqlen
+               for (_, first, length), layer, cache in zip(windows, self.layers, kv_cache)
+               if layer.backend == "sdpa"):
+            self.stats.note_eager("window wraps the ring (gathered keys)")
+            return self._eager(x, *args, **kwargs)
+        key = (tuple(x.shape), x.stride(), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype,
+               kwargs.get("seq_len"), kwargs.get("cache_start"), sink_recache,
+               tuple(w if layer.backend == "sdpa" else None for w, layer in zip(windows, self.layers)),
+               self._addresses(kv_cache, crossattn_cache))
+
+        graph = self.graphs.get(key)
+        if graph is None and key not in self._seen:
+            self._seen.add(key)
+            self.stats.note_eager("first call of its kind (warm-up)")
+            return self._on_capture_stream(lambda: self._eager(x, **kwargs))
+        if graph is None:
+            graph = self._capture(key, x, kwargs, current_start)
+        else:
+            self.graphs.move_to_end(key)
+        graph.x.copy_(x)
+        graph.t.copy_(t)
+        graph.context.copy_(context)
+        self._start.fill_(current_start)
+        graph.graph.replay()
+        self.stats.replays += 1
+        # The replay ran no Python: move the host-side window bookkeeping on as the call did.
+        self._windows(kv_cache, current_start, num_new, frame_seqlen, sink_recache, commit=True)
+        return graph.out.clone()
+
+    def _on_capture_stream(self, fn):
+        main = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(main)
+        with torch.cuda.stream(self._stream):
+            out = fn()
+        main.wait_stream(self._stream)
+        return out
+
+    def _capture(self, key, x, kwargs, current_start: int) -> _Graph:
+        static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        static_t = torch.empty_like(kwargs["t"])
+        static_ctx = torch.empty_like(kwargs["context"])
+        call = dict(kwargs, t=static_t, context=static_ctx, current_start=DeviceIndex(current_start, self._start))
+        # Capturing runs the forward's Python (not its kernels): keep the host bookkeeping it moves.
+        saved = [dict(cache) for cache in kwargs["kv_cache"]]
+        graph = torch.cuda.CUDAGraph()
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            out = self._eager(static_x, **call)
+        for cache, before in zip(kwargs["kv_cache"], saved):
+            cache.clear()
+            cache.update(before)
+        entry = _Graph(graph, static_x, static_t, static_ctx, out)
+        self.graphs[key] = entry
+        self.stats.captures += 1
+        while len(self.graphs) > self.max_graphs:
+            old_key, _ = self.graphs.popitem(last=False)
+            self._seen.discard(old_key)
+            self.stats.evicted += 1
+        return entry
+
+
+def install_graphs(generator: nn.Module, max_graphs: int = 8) -> GraphedGenerator:
+    """Route the generator's calls through a GraphedGenerator (idempotent); returns it."""
+    runner = getattr(generator, _RUNNER, None)
+    if runner is None:
+        runner = GraphedGenerator(generator, max_graphs)
+        setattr(generator, _RUNNER, runner)
+        # An instance attribute: nn.Module.__call__ finds it before the class's forward.
+        generator.forward = runner
+    return runner
+
+
+def graph_runner(model: nn.Module) -> GraphedGenerator | None:
+    """The GraphedGenerator installed on model's generator (through a peft wrapper), if any."""
+    for m in model.modules():
+        runner = getattr(m, _RUNNER, None)
+        if runner is not None:
+            return runner
+    return None

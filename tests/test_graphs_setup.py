@@ -1,0 +1,84 @@
+"""CUDA-graph plumbing that runs without a GPU: the device-side start index gives the same result as
+the int, caches are reused in place across videos, and graphs are refused clearly off CUDA.
+(Graph capture itself is tested on the GPU: tests/gpu/test_graphs.py.)"""
+import pytest
+import torch
+
+from longlive_triton import patch_model
+from longlive_triton.device_index import DeviceIndex
+from longlive_triton.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.reference import build_model, get_preset
+
+
+def _inputs(frames: int):
+    p = get_preset("tiny")
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, frames, 16, p.latent_height, p.latent_width, generator=gen).to(torch.bfloat16)
+    prompt = torch.randn(1, p.text_len, p.text_dim, generator=gen).to(torch.bfloat16)
+    return noise, prompt
+
+
+def _patched():
+    model = build_model("tiny", dtype=torch.bfloat16, seed=3)
+    report = patch_model(model, "exact")
+    assert any(n.startswith("cuda_graphs: off (the model is on cpu") for n in report.notes), report.notes
+    return model
+
+
+def _generate(pipe, noise, prompt):
+    torch.manual_seed(0)
+    return pipe.generate(noise, prompt)
+
+
+def test_device_start_index_equals_the_int():
+    noise, prompt = _inputs(6)
+    plain = _generate(BlockPipeline(_patched()), noise, prompt)
+    model = _patched()
+    forward = model.forward
+
+    def with_device_start(*args, current_start=0, **kwargs):
+        start = torch.full((1,), current_start + 5, dtype=torch.int64)
+        start.sub_(5)  # the tensor, not the int, must carry the value the kernels read
+        return forward(*args, current_start=DeviceIndex(current_start, start), **kwargs)
+
+    model.forward = with_device_start
+    assert torch.equal(_generate(BlockPipeline(model), noise, prompt), plain)
+
+
+def test_a_second_video_reuses_the_caches_in_place():
+    noise, prompt = _inputs(6)
+    pipe = BlockPipeline(_patched())
+    first = _generate(pipe, noise, prompt)
+    pointers = [c["k"].data_ptr() for c in pipe.caches.kv] + [c["k"].data_ptr() for c in pipe.caches.crossattn]
+    second = _generate(pipe, noise, prompt)
+    assert torch.equal(first, second)
+    assert pointers == [c["k"].data_ptr() for c in pipe.caches.kv] + [c["k"].data_ptr() for c in pipe.caches.crossattn]
+
+
+def test_graphs_off_cuda_are_refused_clearly():
+    noise, prompt = _inputs(3)
+    pipe = BlockPipeline(_patched(), PipelineConfig(cuda_graphs=True))
+    with pytest.raises(ValueError, match="CUDA graphs need the generator on a CUDA device"):
+        next(pipe.iter_blocks(noise, prompt))
+
+
+def test_graphs_need_the_patched_attention():
+    model = build_model("tiny", dtype=torch.bfloat16, seed=3)
+    patch_model(model, {"window_attention": False, "cuda_graphs": False})
+    noise, prompt = _inputs(3)
+    with pytest.raises(ValueError, match="every self-attention layer patched"):
+        next(BlockPipeline(model, PipelineConfig(cuda_graphs=True)).iter_blocks(noise, prompt))
+
+
+def test_wrong_noise_device_or_dtype_is_refused():
+    noise, prompt = _inputs(3)
+    pipe = BlockPipeline(_patched())
+    with pytest.raises(TypeError, match="noise is torch.float32"):
+        next(pipe.iter_blocks(noise.float(), prompt))
+
+
+def test_device_index_needs_a_long_scalar_tensor():
+    with pytest.raises(TypeError, match="int64 tensor of one element"):
+        DeviceIndex(3, torch.zeros(2, dtype=torch.int64))
+    i = DeviceIndex(7, torch.full((1,), 7))
+    assert i == 7 and i // 2 == 3 and int(i.tensor) == 7
