@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [parity|tests|kernels|e2e|profile ...]   (default: all of them)
+#   bash tests/gpu/run_device.sh [tests|graphs|parity|e2e|kernels|profile ...]   (default: all of them)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
 # .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
 # kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
@@ -8,7 +8,7 @@
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
-steps=${*:-tests parity e2e kernels profile}
+steps=${*:-tests graphs parity e2e kernels profile}
 # At most 8 files come back from $OUT: the install log stays behind unless the install fails.
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
@@ -23,7 +23,8 @@ for step in $steps; do
     parity)  LONGLIVE_SRC=.stock/LongLive PARITY_OUT="$OUT/parity.json" \
                python3 -m pytest -q -s tests/gpu/test_stock_parity.py tests/reference/test_patch_stock_class.py 2>&1 | tee "$OUT/parity.log" ;;
     kernels) longlive-bench kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
-    e2e)     longlive-bench e2e --configs exact --blocks 16 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+    graphs)  python3 -m pytest -q -s tests/gpu/test_graphs.py 2>&1 | tee "$OUT/graphs.log" ;;
+    e2e)     longlive-bench e2e --configs exact exact,cuda_graphs=false --blocks 16 --profile --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
