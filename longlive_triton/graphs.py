@@ -29,10 +29,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import sys
+
 import torch
 import torch.nn as nn
 
 from .device_index import DeviceIndex
+from .reference.model import sinusoidal_embedding_1d
 
 __all__ = ["GraphedGenerator", "install_graphs", "graph_runner"]
 
@@ -195,8 +198,12 @@ class GraphedGenerator:
         saved = [dict(cache) for cache in kwargs["kv_cache"]]
         graph = torch.cuda.CUDAGraph()
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-            out = self._eager(static_x, **call)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                out = self._eager(static_x, **call)
+        except RuntimeError as e:
+            raise RuntimeError(f"capturing the generator's forward in a CUDA graph failed ({e}); run with "
+                               "cuda_graphs: false (patch config) or PipelineConfig(cuda_graphs=False)") from e
         for cache, before in zip(kwargs["kv_cache"], saved):
             cache.clear()
             cache.update(before)
@@ -215,10 +222,19 @@ def install_graphs(generator: nn.Module, max_graphs: int = 8) -> GraphedGenerato
     runner = getattr(generator, _RUNNER, None)
     if runner is None:
         runner = GraphedGenerator(generator, max_graphs)
+        _capture_safe_time_embedding(generator)
         setattr(generator, _RUNNER, runner)
         # An instance attribute: nn.Module.__call__ finds it before the class's forward.
         generator.forward = runner
     return runner
+
+
+def _capture_safe_time_embedding(generator: nn.Module) -> None:
+    """The stock forward builds its timestep embedding from a CPU arange copied to the GPU, which a
+    capture refuses; its module's function is swapped for ours (same float64 values, made on the GPU)."""
+    module = sys.modules.get(type(generator).__module__)
+    if module is not None and callable(getattr(module, "sinusoidal_embedding_1d", None)):
+        module.sinusoidal_embedding_1d = sinusoidal_embedding_1d
 
 
 def graph_runner(model: nn.Module) -> GraphedGenerator | None:

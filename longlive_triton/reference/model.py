@@ -42,7 +42,9 @@ def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sinusoidal embedding needs an even dim, got {dim}")
     half = dim // 2
     position = position.type(torch.float64)
-    sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half).to(position).div(half)))
+    # arange made on the position's device: the same values, and no host copy inside a CUDA graph.
+    steps = torch.arange(half, dtype=torch.float64, device=position.device)
+    sinusoid = torch.outer(position, torch.pow(10000, -steps.div(half)))
     return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
 
 
