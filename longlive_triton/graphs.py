@@ -17,7 +17,10 @@ the addresses of every cache tensor, and the attention window each layer reads. 
 backend that window's length is a host-side shape, so the first blocks of a stream (while the KV
 window fills: 4 blocks at LongLive's settings) each get their own graph, and the full window one
 graph for the rest of the stream; with the Triton backend the window is read on the device and every
-block shares one graph. All graphs share one memory pool (they never run concurrently).
+block shares one graph. A block's first step reads its latents as a strided slice of the noise and
+the later calls contiguous tensors, so each of those is two graphs (same kernels, other strides):
+about 10 graphs while the window fills, 2 in steady state. All graphs share one memory pool (they
+never run concurrently), so a graph costs little beyond its static inputs and output.
 
 A key's first call runs eagerly on the capture stream (Triton autotuning and cuDNN planning happen
 there, not during capture); its second call is captured and replayed; every later call replays.
@@ -67,7 +70,7 @@ class GraphStats:
 class GraphedGenerator:
     """Stands in for a patched CausalWanModel's forward; see the module docstring."""
 
-    def __init__(self, generator: nn.Module, max_graphs: int = 8):
+    def __init__(self, generator: nn.Module, max_graphs: int = 16):
         layers = [getattr(block, "self_attn", None) for block in generator.blocks]
         # WindowSelfAttention by what the runner uses (importing it here would close an import cycle).
         if not all(callable(getattr(layer, "host_window", None)) for layer in layers):
@@ -159,7 +162,9 @@ class GraphedGenerator:
             return self._eager(x, *args, **kwargs)
         key = (tuple(x.shape), x.stride(), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype,
                kwargs.get("seq_len"), kwargs.get("cache_start"), sink_recache,
-               tuple(w if layer.backend == "sdpa" else None for w, layer in zip(windows, self.layers)),
+               # cuDNN reads slots [0, sink + length): the length is the shape; where the window starts
+               # in the ring does not matter once it is full (and a wrapped window never gets here).
+               tuple(length if layer.backend == "sdpa" else None for (_, _, length), layer in zip(windows, self.layers)),
                self._addresses(kv_cache, crossattn_cache))
 
         graph = self.graphs.get(key)
@@ -217,7 +222,7 @@ class GraphedGenerator:
         return entry
 
 
-def install_graphs(generator: nn.Module, max_graphs: int = 8) -> GraphedGenerator:
+def install_graphs(generator: nn.Module, max_graphs: int = 16) -> GraphedGenerator:
     """Route the generator's calls through a GraphedGenerator (idempotent); returns it."""
     runner = getattr(generator, _RUNNER, None)
     if runner is None:
