@@ -7,6 +7,7 @@ here, CUDA on the GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -43,3 +44,9 @@ def test_exact_preset_on_the_stock_class(device, global_sink):
     got, _ = run_pipeline(patched, noise, prompts, (9,), config=config)
     assert torch.isfinite(got.float()).all()
     assert rel_l2(got, want) <= 1e-2
+    if device.type == "cuda":
+        # On CUDA the stock class runs through CUDA graphs (on by default): the eager patched path agrees.
+        from longlive_triton.graphs import graph_runner
+        assert graph_runner(patched).stats.replays > 0
+        eager, _ = run_pipeline(patched, noise, prompts, (9,), config=dataclasses.replace(config, cuda_graphs=False))
+        assert rel_l2(got, eager) <= 1e-3
