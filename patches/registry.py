@@ -39,8 +39,9 @@ def _registered() -> list[Patch]:
     # Imported here: patch modules import this file for Patch and PatchSkip.
     from .cross_attention import PATCH as fused_cross_attention
     from .fused_block import PATCH as fused_block
+    from .fused_head import PATCH as fused_head
     from .window_self_attention import PATCH as window_self_attention
-    return [fused_block, window_self_attention, fused_cross_attention]
+    return [fused_block, window_self_attention, fused_cross_attention, fused_head]
 
 
 # Each kernel issue adds its entry here, in the order patch_model applies them.

@@ -6,6 +6,7 @@ import torch
 from longlive_triton import PatchConfig, patch_model
 from longlive_triton.patches.cross_attention import FusedCrossAttention
 from longlive_triton.patches.fused_block import FusedAttentionBlock
+from longlive_triton.patches.fused_head import FusedHead
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
 from longlive_triton.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.reference import CausalWanModel, build_model, get_preset
@@ -51,3 +52,29 @@ def test_state_dict_unchanged(device):
     patch_model(model, PatchConfig(fused_glue=True, window_attention=True))
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_fused_head_matches_stock_head(device, frames):
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=4)
+    stock = model.head
+    torch.nn.init.normal_(stock.head.weight, std=0.05)  # the stock init leaves the head at zero
+    patch_model(model, PatchConfig(fused_glue=True))
+    assert isinstance(model.head, FusedHead) and model.head.head is stock.head
+    gen = torch.Generator().manual_seed(9)
+    L = frames * get_preset("tiny").frame_seqlen
+    x = (torch.randn(2, L, stock.dim, generator=gen) * 3).to(device, torch.bfloat16)
+    e = torch.randn(2, frames, 1, stock.dim, generator=gen).to(device, torch.bfloat16)
+    want, got = stock(x, e), model.head(x, e)
+    assert got.shape == want.shape
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel <= 1e-2, rel
+
+
+def test_fp32_head_is_skipped():
+    model = build_model("tiny", dtype=torch.float32, seed=4)
+    head = model.head
+    report = patch_model(model, PatchConfig(fused_glue=True))
+    assert model.head is head
+    assert {e.reason for e in report.skipped if e.patch == "fused_head"} == {
+        "the adaln kernel runs the bf16 path; this head is torch.float32"}
