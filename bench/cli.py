@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--frames-per-block", type=int, default=3, help="latent frames per block (default 3)")
     e.add_argument("--dtype", choices=sorted(e2e.DTYPES), default="bf16", help="model and latent dtype (default bf16)")
     e.add_argument("--seed", type=int, default=0, help="weights, noise and prompt seed (default 0)")
+    e.add_argument("--switch-block", type=int, default=None, metavar="N",
+                   help="switch to a second prompt at block N (timed apart from the steady median)")
     e.add_argument("--profile", action="store_true",
                    help="also profile two extra blocks per row: time by kind of work, and the GPU's idle share")
     e.set_defaults(run=e2e.run)

@@ -49,8 +49,8 @@ def steady_start(local_attn_size: int, frames_per_block: int) -> int:
     return math.ceil(local_attn_size / frames_per_block)
 
 
-def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompt: torch.Tensor,
-               seed: int, profile: bool = False) -> tuple[list[float], torch.Tensor, dict | None]:
+def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompts: list[torch.Tensor],
+               switches: list[int], seed: int, profile: bool = False) -> tuple[list[float], torch.Tensor, dict | None]:
     """Stream every block; returns the ms per block, all latents [B, F, C, H, W] on noise's device and,
     with profile, the breakdown of the last two blocks (not timed): one eager with module annotations
     (the split by kind of work), one as configured (CUDA graphs included: its idle share)."""
@@ -68,7 +68,7 @@ def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompt: tor
     fpb = pipe_cfg.num_frame_per_block
     out = torch.empty_like(noise)
     torch.manual_seed(seed)  # the pipeline's re-noising draws: identical for every row
-    blocks = pipe.iter_blocks(noise, prompt)
+    blocks = pipe.iter_blocks(noise, prompts, switches)
 
     def one_block():
         start, x0 = next(blocks)
@@ -104,7 +104,7 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return rel, cos
 
 
-def measure_row(args, config, pipe_cfg, noise, prompt) -> tuple[dict, torch.Tensor]:
+def measure_row(args, config, pipe_cfg, noise, prompts) -> tuple[dict, torch.Tensor]:
     """Build (and patch, if config is given) a model, run it, and return its timing row and latents."""
     device = noise.device
     model = build_model(args.preset_model, dtype=noise.dtype, device=device, seed=args.seed)
@@ -118,7 +118,8 @@ def measure_row(args, config, pipe_cfg, noise, prompt) -> tuple[dict, torch.Tens
         # Reset after building and patching: transients there (fp32 init, LoRA merge, quantization) are one-off.
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    block_ms, latents, profiles = run_blocks(model, pipe_cfg, noise, prompt, args.seed, profile=args.profile)
+    switches = [] if args.switch_block is None else [args.switch_block * args.frames_per_block]
+    block_ms, latents, profiles = run_blocks(model, pipe_cfg, noise, prompts, switches, args.seed, profile=args.profile)
     row["peak_mem_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     runner = graph_runner(model)
     if runner is not None:
@@ -129,7 +130,13 @@ def measure_row(args, config, pipe_cfg, noise, prompt) -> tuple[dict, torch.Tens
         print(format_breakdown(f"{row['config']}: one block as run (graphs {'on' if profiles['graphs'] else 'off'})",
                                profiles["as_run"]))
     del model
-    median, p20, p80 = quantiles(block_ms[args.warmup_blocks:])
+    timed = [ms for i, ms in enumerate(block_ms) if i >= args.warmup_blocks and i != args.switch_block]
+    median, p20, p80 = quantiles(timed)
+    if args.switch_block is not None:
+        # The block that starts the new prompt re-caches the window first (LongLive's rule).
+        row.update(switch_block_ms=block_ms[args.switch_block], switch_extra_ms=block_ms[args.switch_block] - median)
+        print(f"{row['config']}: the prompt-switch block took {block_ms[args.switch_block]:.1f} ms, "
+              f"{block_ms[args.switch_block] - median:+.1f} ms over the steady median {median:.1f} ms")
     per_frame = median / (VIDEO_FRAMES_PER_LATENT * args.frames_per_block)
     row.update(status="ok", block_ms=block_ms, median_ms=median, p20_ms=p20, p80_ms=p80,
                ms_per_video_frame=per_frame, fps=1e3 / per_frame)
@@ -169,6 +176,10 @@ def run(args) -> int:
     if args.warmup_blocks is None:
         args.warmup_blocks = steady
     profiled = 2 if args.profile else 0
+    if args.switch_block is not None and not args.warmup_blocks <= args.switch_block < args.blocks - profiled - 1:
+        print(f"e2e: --switch-block {args.switch_block} must be a timed block before the last one "
+              f"({args.warmup_blocks}..{args.blocks - profiled - 2})", file=sys.stderr)
+        return 2
     if args.blocks - profiled <= args.warmup_blocks:
         print(f"e2e: --blocks {args.blocks} leaves no timed block after {args.warmup_blocks} warm-up blocks "
               f"(the window is full from block {steady}){' and 2 profiled blocks' if profiled else ''}", file=sys.stderr)
@@ -184,14 +195,15 @@ def run(args) -> int:
     gen = torch.Generator(device).manual_seed(args.seed)
     noise = torch.randn([1, args.blocks * fpb, preset.in_dim, preset.latent_height, preset.latent_width],
                         generator=gen, device=device).to(dtype)
-    prompt = torch.randn([1, preset.text_len, preset.text_dim], generator=gen, device=device).to(dtype)
+    prompts = [torch.randn([1, preset.text_len, preset.text_dim], generator=gen, device=device).to(dtype)
+               for _ in range(1 if args.switch_block is None else 2)]
 
-    stock, ref = measure_row(args, None, pipe_cfg, noise, prompt)
+    stock, ref = measure_row(args, None, pipe_cfg, noise, prompts)
     stock.update(rel_l2=0.0, cosine=1.0, speedup=1.0)
     rows = [stock]
     for config in configs:
         try:
-            row, latents = measure_row(args, config, pipe_cfg, noise, prompt)
+            row, latents = measure_row(args, config, pipe_cfg, noise, prompts)
         except Exception as e:  # noqa: BLE001 - a broken config is a row of the table, the others still run
             rows.append({"config": config.name, "status": "failed", "error": f"{type(e).__name__}: {e}"})
             continue
@@ -204,6 +216,7 @@ def run(args) -> int:
     settings = {"preset_model": args.preset_model, "device": str(device), "dtype": args.dtype, "blocks": args.blocks,
                 "warmup_blocks": args.warmup_blocks, "steady_start": steady, "frames_per_block": fpb,
                 "video_frames_per_block": VIDEO_FRAMES_PER_LATENT * fpb, "local_attn_size": preset.local_attn_size,
-                "seed": args.seed, "configs": list(args.configs), "profile": args.profile}
+                "seed": args.seed, "configs": list(args.configs), "profile": args.profile,
+                "switch_block": args.switch_block}
     save({"kind": "e2e", "env": environment(), "settings": settings, "rows": rows}, args.json, args.append)
     return 1 if any(r["status"] != "ok" for r in rows) else 0

@@ -32,7 +32,24 @@ def test_e2e_tiny_writes_json(tmp_path, capsys):
     assert "not steady state" in printed  # 2 warm-up blocks: the window is not full yet, and we say so
 
 
+def test_e2e_config_overrides_and_prompt_switch(tmp_path):
+    out = tmp_path / "e2e.json"
+    rc = main(["e2e", "--preset-model", "tiny", "--blocks", "4", "--warmup-blocks", "1", "--dtype", "fp32",
+               "--configs", "exact,cuda_graphs=false,fused_glue=false", "--switch-block", "2", "--json", str(out)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    row = record["rows"][1]
+    assert row["config"] == "exact,cuda_graphs=false,fused_glue=false" and row["status"] == "ok"
+    assert row["switch_block_ms"] == row["block_ms"][2]
+    assert row["switch_extra_ms"] == pytest.approx(row["block_ms"][2] - row["median_ms"])
+    assert record["settings"]["switch_block"] == 2
+
+
 def test_e2e_refuses_bad_arguments(capsys):
+    assert main(["e2e", "--preset-model", "tiny", "--configs", "exact,no_such_key=1"]) == 2
+    assert main(["e2e", "--preset-model", "tiny", "--configs", "exact,cuda_graphs"]) == 2
+    assert main(["e2e", "--preset-model", "tiny", "--blocks", "6", "--switch-block", "5"]) == 2
+    assert "switch-block" in capsys.readouterr().err
     assert main(["e2e", "--preset-model", "tiny", "--configs", "no-such-preset"]) == 2
     assert main(["e2e", "--preset-model", "tiny", "--blocks", "4"]) == 2  # the window fills at block 4
     assert "no timed block" in capsys.readouterr().err
