@@ -7,11 +7,14 @@ n_dst = (Hg/sh) * (Wg/sw), in row-major order); the other n_src = T - n_dst toke
 token order, are the *sources*. Nothing ever crosses a frame boundary.
 
 1. Matching (`token_match`, one Triton kernel): for every source, the cosine similarity (rows
-   normalised in fp32, eps-clamped norms; the dot products are `tl.dot` on fp32-upcast tiles with
-   IEEE precision) to every destination of its own frame; outputs the best destination (local index
+   normalised in fp32, eps-clamped norms) to every destination of its own frame; the dot products
+   accumulate in fp32: bf16 x goes to the tensor cores as is on the GPU (bf16 products are exact in
+   fp32, so this costs no accuracy), fp32 x and every x in the interpreter are upcast tiles with
+   IEEE precision; outputs the best destination (local index
    0..n_dst-1, ties -> lowest index) and its score, each [B, F, n_src].
-2. Selection (in the launcher, plain torch, no host sync): per frame the r = floor(ratio * n_src)
-   sources with the highest score are merged, ties -> the lower source index (a stable descending
+2. Selection (in the launcher, plain torch, no host sync): per frame the r = floor(ratio * T)
+   sources with the highest score are merged (ratio is the fraction of the frame's tokens merged
+   away, so the module after the merge sees T - r tokens per frame; r may not exceed n_src), ties -> the lower source index (a stable descending
    `torch.sort`, which is deterministic where `topk` is not).
 3. Merge (`token_merge`, one Triton kernel, one program per output row): out [B, L', C] with
    L' = F * T', T' = T - r. Per frame the fixed layout is: the n_src - r kept sources in ascending
@@ -42,7 +45,7 @@ def _match_kernel(
     x_ptr, src_pos_ptr, dst_pos_ptr, idx_ptr, score_ptr,
     stride_xb, stride_xl,
     T, C, n_src, n_dst, n_frames, eps,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     f = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -64,12 +67,18 @@ def _match_kernel(
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = (k < C)[None, :]
-            a = tl.load(srow + k[None, :], mask=smask[:, None] & kmask, other=0.0).to(tl.float32)
-            bt = tl.load(drow + k[None, :], mask=dmask[:, None] & kmask, other=0.0).to(tl.float32)
-            # fp32 operands: bf16 tl.dot is wrong in the interpreter; IEEE so the GPU argmax matches.
-            acc = tl.dot(a, tl.trans(bt), acc, input_precision="ieee")
-            ss += tl.sum(a * a, 1)
-            sd += tl.sum(bt * bt, 1)
+            a = tl.load(srow + k[None, :], mask=smask[:, None] & kmask, other=0.0)
+            bt = tl.load(drow + k[None, :], mask=dmask[:, None] & kmask, other=0.0)
+            if UPCAST:
+                # bf16 tl.dot is wrong in the interpreter; fp32 x keeps IEEE fp32 (tf32 would move the argmax).
+                acc = tl.dot(a.to(tl.float32), tl.trans(bt.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                # The similarity is a small GEMM: on FMA units it would cost more than the FFN time it saves.
+                acc = tl.dot(a, tl.trans(bt), acc)
+            af = a.to(tl.float32)
+            bf = bt.to(tl.float32)
+            ss += tl.sum(af * af, 1)
+            sd += tl.sum(bf * bf, 1)
         na = tl.maximum(tl.sqrt(ss), eps)
         nd = tl.maximum(tl.sqrt(sd), eps)
         sc = acc / (na[:, None] * nd[None, :])
@@ -197,11 +206,18 @@ def frame_layout(grid, stride, device=None) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def merge_count(grid, stride, ratio) -> int:
-    """r: sources merged per frame, floor(ratio * n_src)."""
+    """r: sources merged away per frame, floor(ratio * T); refused when a frame has fewer sources."""
     hg, wg = _pair("grid", grid)
     sh, sw = _pair("stride", stride)
-    n_src = hg * wg - (hg // sh) * (wg // sw)
-    return int(math.floor(_check_ratio(ratio) * n_src))
+    if hg % sh or wg % sw:
+        raise ValueError(f"stride {(sh, sw)} must divide the frame grid {(hg, wg)}")
+    T = hg * wg
+    n_src = T - (hg // sh) * (wg // sw)
+    r = int(math.floor(_check_ratio(ratio) * T))
+    if r > n_src:
+        raise ValueError(f"ratio {ratio} merges {r} of the {T} tokens of a {hg}x{wg} frame, but stride {(sh, sw)} "
+                         f"leaves only {n_src} sources (the ratio can be at most {n_src}/{T} = {n_src / T:.4g})")
+    return r
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,13 +234,14 @@ def token_match(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), eps: float
     score = torch.empty(B, frames, n_src, dtype=torch.float32, device=x.device)
     if B == 0 or n_src == 0:
         return idx, score
+    upcast = interpreting() or x.dtype == torch.float32
     bs = min(32, max(16, triton.next_power_of_2(n_src)))
     bd = min(64, max(16, triton.next_power_of_2(n_dst)))
-    bk = min(32, max(16, triton.next_power_of_2(C)))
+    bk = min(32 if upcast else 64, max(16, triton.next_power_of_2(C)))
     _match_kernel[(triton.cdiv(n_src, bs), frames, B)](
         x, src_pos, dst_pos, idx, score, x.stride(0), x.stride(1),
         grid[0] * grid[1], C, n_src, n_dst, frames, eps,
-        BLOCK_S=bs, BLOCK_D=bd, BLOCK_K=bk, num_warps=4,
+        UPCAST=upcast, BLOCK_S=bs, BLOCK_D=bd, BLOCK_K=bk, num_warps=4,
     )
     return idx, score
 
