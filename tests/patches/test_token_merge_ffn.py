@@ -142,3 +142,26 @@ def test_the_ffn_alone_is_refused_with_a_reason():
     patch_model(model, PatchConfig(token_merge_ratio=0.5))
     with pytest.raises(RuntimeError, match="call the block"):
         model.blocks[0].ffn(torch.randn(1, 3 * FS, TINY.dim))
+
+
+@pytest.mark.gpu
+def test_real_shape_layer_ffn():
+    """One 1.3B layer's FFN on a 3-frame block (3 x 30x52 tokens, 1536 -> 8960 -> 1536, bf16), ratio 0.5:
+    equals the FFN run on the torch reference's merge of the same matching, copied back by the reference."""
+    from longlive_triton.kernels.token_merge import token_match
+
+    torch.manual_seed(0)
+    ffn = torch.nn.Sequential(torch.nn.Linear(1536, 8960), torch.nn.GELU(approximate="tanh"),
+                              torch.nn.Linear(8960, 1536)).to("cuda", torch.bfloat16)
+    merged_ffn = TokenMergedFFN(ffn, 0.5, (2, 2))
+    merged_ffn.grid = (3, 30, 52)
+    x = torch.randn(1, 4680, 1536, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = merged_ffn(x)
+        kw = dict(frames=3, grid=(30, 52), stride=(2, 2))
+        ref = token_merge_ref(x, **kw, ratio=0.5, match=token_match(x, **kw))
+        assert ref.merged.shape[1] == 2340
+        want = token_unmerge_ref(ffn(ref.merged), ref.mapping)
+    # The merged rows may differ by one bf16 ulp (summation order), which the FFN carries through.
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert (got == want).float().mean() > 0.9
