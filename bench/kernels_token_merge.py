@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.token_merge import (
-    merge_count, token_match, token_match_ref, token_merge, token_merge_bytes, token_merge_ref, token_unmerge,
+    merge_count, merge_plan, merge_plan_ref, token_match, token_match_ref, token_merge, token_merge_bytes, token_merge_ref, token_unmerge,
     token_unmerge_ref,
 )
 from .registry import KernelCase, register
@@ -29,11 +29,21 @@ def _match(fn):
 
 
 def _merge(fn):
-    """Merge given the matching (the selection and bookkeeping are timed, the similarity is not)."""
+    """Merge given the matching (the plan is timed too, the similarity is not); the torch provider
+    runs the torch plan and merge."""
     def setup():
         x = _x()
         match = token_match(x, **KW)
         return lambda: fn(x, **KW, ratio=RATIO, match=match)
+    return setup
+
+
+def _plan(fn):
+    """Selection and bookkeeping alone, given the matching."""
+    def setup():
+        best, score = token_match(_x(), **KW)
+        r = merge_count(GRID, STRIDE, RATIO)
+        return lambda: fn(best, score, r, GRID, STRIDE)
     return setup
 
 
@@ -54,7 +64,9 @@ def cases() -> list[KernelCase]:
         KernelCase(name="token_merge", shape=f"match {LABEL}",
                    providers={"ours": _match(token_match), "torch": _match(token_match_ref)},
                    baseline="torch", ceiling="bandwidth", bytes=nbytes("match")),
-        KernelCase(name="token_merge", shape=f"merge {LABEL}",
+        KernelCase(name="token_merge", shape=f"plan {LABEL}",
+                   providers={"ours": _plan(merge_plan), "torch": _plan(merge_plan_ref)}, baseline="torch"),
+        KernelCase(name="token_merge", shape=f"plan+merge {LABEL}",
                    providers={"ours": _merge(token_merge), "torch": _merge(token_merge_ref)},
                    baseline="torch", ceiling="bandwidth", bytes=nbytes("merge")),
         KernelCase(name="token_merge", shape=f"unmerge {LABEL}",

@@ -4,7 +4,7 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from longlive_triton.kernels.token_merge import (
-    frame_layout, merge_count, token_match, token_match_ref, token_merge, token_merge_bytes,
+    frame_layout, merge_count, merge_plan, merge_plan_ref, token_match, token_match_ref, token_merge, token_merge_bytes,
     token_merge_ref, token_unmerge, token_unmerge_ref,
 )
 
@@ -123,6 +123,31 @@ def test_full_merge_path_equals_reference(device, B, F, gi, seed):
     torch.testing.assert_close(got.merged, want.merged, **TOL[torch.float32])
 
 
+# Plus grids past one 64-wide tile of the plan kernels (144 and 150 sources).
+PLAN_GRIDS = GRIDS + [((12, 16), (2, 2)), ((10, 20), (2, 5))]
+
+
+@given(B=st.integers(1, 2), F=st.integers(1, 3), gi=st.integers(0, len(PLAN_GRIDS) - 1), frac=st.floats(0, 1),
+       levels=st.sampled_from([2, 3, 1000]), seed=st.integers(0, 2**16))
+@example(B=1, F=3, gi=1, frac=0.5, levels=2, seed=0)
+@example(B=2, F=2, gi=len(GRIDS), frac=0.6, levels=3, seed=1)
+@example(B=1, F=1, gi=len(GRIDS) + 1, frac=1.0, levels=1000, seed=2)
+def test_plan_equals_reference(device, B, F, gi, frac, levels, seed):
+    """Selection and bookkeeping, exactly, on scores with many ties (few levels) and destinations
+    that gather many sources or none."""
+    grid, stride = PLAN_GRIDS[gi]
+    dst_pos, src_pos = frame_layout(grid, stride)
+    n_src, n_dst = src_pos.numel(), dst_pos.numel()
+    r = round(frac * n_src)
+    gen = torch.Generator().manual_seed(seed)
+    score = (torch.randint(0, levels, (B, F, n_src), generator=gen).float() / levels - 0.5).to(device)
+    best = torch.randint(0, n_dst, (B, F, n_src), generator=gen).to(device)
+    got = merge_plan(best, score, r, grid, stride)
+    want = merge_plan_ref(best, score, r, grid, stride)
+    for name, g, w in zip(("keep", "grp", "off", "cnt", "mapping"), got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), name
+
+
 def test_ties_go_to_lowest_indices(device):
     """Small integers make every dot product exact: all destinations equal -> index 0; all sources
     equal -> the merged ones are the r lowest source indices."""
@@ -207,6 +232,9 @@ def test_real_size():
     torch.testing.assert_close(score, rscore, atol=SCORE_TOL, rtol=0)
     chosen = _sim(x, **kw).gather(-1, idx[..., None])[..., 0]
     assert ((idx == ridx) | (chosen >= rscore - SCORE_TOL)).all()
+    for plan, want_plan in zip(merge_plan(idx, score, 780, (30, 52), (2, 2)),
+                               merge_plan_ref(idx, score, 780, (30, 52), (2, 2))):
+        assert torch.equal(plan, want_plan)
     got = token_merge(x, **kw, ratio=0.5, match=(idx, score))
     want = token_merge_ref(x, **kw, ratio=0.5, match=(idx, score))
     assert got.merged.shape == (1, 3 * (1560 - 780), 1536)
