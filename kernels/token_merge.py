@@ -268,9 +268,15 @@ def frame_layout(grid, stride, device=None) -> tuple[torch.Tensor, torch.Tensor]
     """(dst_pos [n_dst], src_pos [n_src]) int64: token positions inside a frame, ascending."""
     hg, wg = _pair("grid", grid)
     sh, sw = _pair("stride", stride)
+    # Sizes from the host and no boolean-mask indexing: a mask index waits for the device
+    # (nonzero), which a CUDA graph capture refuses (GPU run 1).
+    rows, cols = -(-hg // sh), -(-wg // sw)
+    k = torch.arange(rows * cols, device=device)
+    dst = (k // cols) * (sh * wg) + (k % cols) * sw
     t = torch.arange(hg * wg, device=device)
     is_dst = ((t // wg) % sh == 0) & ((t % wg) % sw == 0)
-    return t[is_dst], t[~is_dst]
+    src = torch.sort(is_dst.to(torch.int32), stable=True).indices[:hg * wg - rows * cols]
+    return dst, src
 
 
 def merge_count(grid, stride, ratio) -> int:

@@ -243,3 +243,26 @@ def test_real_size():
     assert (got.sizes.view(3, -1).sum(-1) == 1560).all()
     back = token_unmerge(got.merged, got.mapping)
     assert torch.equal(back, token_unmerge_ref(got.merged, got.mapping))
+
+
+@pytest.mark.gpu
+def test_capturable_in_a_cuda_graph():
+    """Match, plan, merge and unmerge at the real shape run inside a CUDA graph (no host sync), and a
+    replay on new input equals the eager call."""
+    device = torch.device("cuda")
+    kw = dict(frames=3, grid=(30, 52), stride=(2, 2), ratio=0.5)
+    x = _x(device, 1, 3, (30, 52), 1536, torch.bfloat16, 2)
+
+    def step():
+        m = token_merge(x, **kw)
+        return m.merged, m.sizes, m.mapping, token_unmerge(m.merged, m.mapping)
+
+    step()                                   # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.copy_(_x(device, 1, 3, (30, 52), 1536, torch.bfloat16, 3))
+    graph.replay()
+    for got, want in zip(captured, step()):
+        assert torch.equal(got, want)
