@@ -104,6 +104,37 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return rel, cos
 
 
+def drift_per_block(out: torch.Tensor, ref: torch.Tensor, frames_per_block: int) -> dict:
+    """Relative L2 and cosine of each block's latents against the same block of `ref`, and of all."""
+    blocks = [compare(out[:, i:i + frames_per_block], ref[:, i:i + frames_per_block])
+              for i in range(0, out.shape[1], frames_per_block)]
+    rel_all, cos_all = compare(out, ref)
+    return {"rel_l2": [b[0] for b in blocks], "cosine": [b[1] for b in blocks], "rel_l2_all": rel_all,
+            "cosine_all": cos_all}
+
+
+def add_drift(rows: list[dict], latents: dict[str, torch.Tensor], frames_per_block: int) -> str:
+    """Per-block drift of every ok row against the stock row and, when it ran, the `exact` row (the
+    speed/quality presets change the output on purpose: exact is what they are judged against).
+    Adds `drift_vs_stock` / `drift_vs_exact` to the rows; returns the table to print."""
+    body = []
+    for r in rows:
+        if r["status"] != "ok" or r["config"] not in latents:
+            continue
+        out = latents[r["config"]]
+        for ref_name in ("stock", "exact"):
+            if ref_name in latents:
+                r[f"drift_vs_{ref_name}"] = drift_per_block(out, latents[ref_name], frames_per_block)
+        d = r.get("drift_vs_exact")
+        body.append([r["config"], str(r.get("local_attn_size", "-")),
+                     fmt(d and d["rel_l2_all"], ".2e"), fmt(d and d["rel_l2"][-1], ".2e"),
+                     fmt(d and max(d["rel_l2"]), ".2e"), fmt(d and d["cosine_all"], ".6f"),
+                     fmt(d and min(d["cosine"]), ".6f")])
+    headers = ["config", "window", "rel L2 all", "rel L2 last block", "rel L2 worst block", "cosine all",
+               "cosine worst block"]
+    return format_table("drift of the latents against the exact row, per block (JSON: drift_vs_exact)", headers, body)
+
+
 def measure_row(args, config, pipe_cfg, noise, prompts) -> tuple[dict, torch.Tensor]:
     """Build (and patch, if config is given) a model, run it, and return its timing row and latents."""
     device = noise.device
@@ -120,6 +151,7 @@ def measure_row(args, config, pipe_cfg, noise, prompts) -> tuple[dict, torch.Ten
         torch.cuda.reset_peak_memory_stats()
     switches = [] if args.switch_block is None else [args.switch_block * args.frames_per_block]
     block_ms, latents, profiles = run_blocks(model, pipe_cfg, noise, prompts, switches, args.seed, profile=args.profile)
+    row["local_attn_size"] = model.local_attn_size       # the window the row's pipeline used
     row["peak_mem_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     runner = graph_runner(model)
     if runner is not None:
@@ -171,7 +203,8 @@ def run(args) -> int:
         return 2
     preset = get_preset(args.preset_model)
     fpb = args.frames_per_block
-    pipe_cfg = PipelineConfig(num_frame_per_block=fpb, local_attn_size=preset.local_attn_size)
+    # No window here: each row's pipeline takes its model's (a preset such as window9 sets its own).
+    pipe_cfg = PipelineConfig(num_frame_per_block=fpb)
     steady = steady_start(preset.local_attn_size, fpb)
     if args.warmup_blocks is None:
         args.warmup_blocks = steady
@@ -201,6 +234,7 @@ def run(args) -> int:
     stock, ref = measure_row(args, None, pipe_cfg, noise, prompts)
     stock.update(rel_l2=0.0, cosine=1.0, speedup=1.0)
     rows = [stock]
+    latents_by_config = {"stock": ref}
     for config in configs:
         try:
             row, latents = measure_row(args, config, pipe_cfg, noise, prompts)
@@ -210,8 +244,10 @@ def run(args) -> int:
         row["rel_l2"], row["cosine"] = compare(latents, ref)
         row["speedup"] = stock["median_ms"] / row["median_ms"]
         rows.append(row)
-        del latents
+        latents_by_config[config.name] = latents
+    drift = add_drift(rows, latents_by_config, fpb)
     print(table(rows))
+    print(drift)
 
     settings = {"preset_model": args.preset_model, "device": str(device), "dtype": args.dtype, "blocks": args.blocks,
                 "warmup_blocks": args.warmup_blocks, "steady_start": steady, "frames_per_block": fpb,

@@ -7,12 +7,20 @@ n_dst = (Hg/sh) * (Wg/sw), in row-major order); the other n_src = T - n_dst toke
 token order, are the *sources*. Nothing ever crosses a frame boundary.
 
 1. Matching (`token_match`, one Triton kernel): for every source, the cosine similarity (rows
-   normalised in fp32, eps-clamped norms; the dot products are `tl.dot` on fp32-upcast tiles with
-   IEEE precision) to every destination of its own frame; outputs the best destination (local index
+   normalised in fp32, eps-clamped norms) to every destination of its own frame; the dot products
+   accumulate in fp32: bf16 x goes to the tensor cores as is on the GPU (bf16 products are exact in
+   fp32, so this costs no accuracy), fp32 x and every x in the interpreter are upcast tiles with
+   IEEE precision; outputs the best destination (local index
    0..n_dst-1, ties -> lowest index) and its score, each [B, F, n_src].
-2. Selection (in the launcher, plain torch, no host sync): per frame the r = floor(ratio * n_src)
-   sources with the highest score are merged, ties -> the lower source index (a stable descending
-   `torch.sort`, which is deterministic where `topk` is not).
+2. Selection (`merge_plan`, two Triton kernels, no sort, no host sync): per frame the
+   r = floor(ratio * T) sources with the highest score are merged (ratio is the fraction of the
+   frame's tokens merged away, so the module after the merge sees T - r tokens per frame; r may not
+   exceed n_src), ties -> the lower source index. `_rank_kernel` ranks every source by counting
+   the sources ahead of it; `_layout_kernel` counts again to place each source (kept: its row;
+   merged: its slot in the list grouped by destination, then source) and writes every token's
+   merged row. O(n_src^2) comparisons in registers (a frame has at most a few thousand sources)
+   in two launches, in place of the sorts and some twenty small launches of `merge_plan_ref`
+   (the two are timed side by side in the `token_merge` benchmark).
 3. Merge (`token_merge`, one Triton kernel, one program per output row): out [B, L', C] with
    L' = F * T', T' = T - r. Per frame the fixed layout is: the n_src - r kept sources in ascending
    token order, then the n_dst destinations in order. A destination becomes the size-weighted mean
@@ -22,8 +30,7 @@ token order, are the *sources*. Nothing ever crosses a frame boundary.
    for every original token its row in the merged sequence (what unmerging needs).
 4. Unmerge (`token_unmerge`, one Triton kernel): out[b, t] = merged[b, mapping[b, t]], [B, L, C].
 
-The bookkeeping of step 2 (sort, group the merged sources by destination, the mapping) runs as a
-handful of small torch ops on int tensors of size B*L; the launchers never call .item().
+The launchers never call .item(): the whole path can sit inside a CUDA graph.
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ def _match_kernel(
     x_ptr, src_pos_ptr, dst_pos_ptr, idx_ptr, score_ptr,
     stride_xb, stride_xl,
     T, C, n_src, n_dst, n_frames, eps,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     f = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -64,12 +71,18 @@ def _match_kernel(
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = (k < C)[None, :]
-            a = tl.load(srow + k[None, :], mask=smask[:, None] & kmask, other=0.0).to(tl.float32)
-            bt = tl.load(drow + k[None, :], mask=dmask[:, None] & kmask, other=0.0).to(tl.float32)
-            # fp32 operands: bf16 tl.dot is wrong in the interpreter; IEEE so the GPU argmax matches.
-            acc = tl.dot(a, tl.trans(bt), acc, input_precision="ieee")
-            ss += tl.sum(a * a, 1)
-            sd += tl.sum(bt * bt, 1)
+            a = tl.load(srow + k[None, :], mask=smask[:, None] & kmask, other=0.0)
+            bt = tl.load(drow + k[None, :], mask=dmask[:, None] & kmask, other=0.0)
+            if UPCAST:
+                # bf16 tl.dot is wrong in the interpreter; fp32 x keeps IEEE fp32 (tf32 would move the argmax).
+                acc = tl.dot(a.to(tl.float32), tl.trans(bt.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                # The similarity is a small GEMM: on FMA units it would cost more than the FFN time it saves.
+                acc = tl.dot(a, tl.trans(bt), acc)
+            af = a.to(tl.float32)
+            bf = bt.to(tl.float32)
+            ss += tl.sum(af * af, 1)
+            sd += tl.sum(bf * bf, 1)
         na = tl.maximum(tl.sqrt(ss), eps)
         nd = tl.maximum(tl.sqrt(sd), eps)
         sc = acc / (na[:, None] * nd[None, :])
@@ -82,6 +95,70 @@ def _match_kernel(
     o = (b * n_frames + f) * n_src + s
     tl.store(idx_ptr + o, best_i.to(tl.int64), mask=smask)
     tl.store(score_ptr + o, best, mask=smask)
+
+
+@triton.jit(do_not_specialize=["n_src"])
+def _rank_kernel(score_ptr, rank_ptr, n_src, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr):
+    """rank[s] = how many sources of the frame come first in (score descending, index ascending)."""
+    bf = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    sm = s < n_src
+    base = score_ptr + bf * n_src
+    sc = tl.load(base + s, mask=sm, other=0.0)
+    rank = tl.zeros([BLOCK_S], tl.int32)
+    for j0 in range(0, n_src, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        jm = j < n_src
+        sj = tl.load(base + j, mask=jm, other=0.0)
+        first = (sj[None, :] > sc[:, None]) | ((sj[None, :] == sc[:, None]) & (j[None, :] < s[:, None]))
+        rank += tl.sum((first & jm[None, :]).to(tl.int32), 1)
+    tl.store(rank_ptr + bf * n_src + s, rank, mask=sm)
+
+
+@triton.jit(do_not_specialize=["n_src", "n_dst", "r", "T", "T_out"])
+def _layout_kernel(
+    idx_ptr, rank_ptr, src_pos_ptr, dst_pos_ptr, keep_ptr, grp_ptr, off_ptr, cnt_ptr, map_ptr,
+    n_src, n_dst, r, T, T_out, n_frames,
+    BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """The merge's bookkeeping from the ranks, by counting (no sort): per frame, the kept sources in
+    ascending order, the merged ones grouped by destination (then source), each destination's count
+    and offset in that list, and every token's merged row."""
+    bf = tl.program_id(1).to(tl.int64)
+    b = bf // n_frames
+    f = bf % n_frames
+    n_keep = n_src - r
+    t = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)    # this program's sources, and destinations
+    sm = t < n_src
+    dm = t < n_dst
+    merged = (tl.load(rank_ptr + bf * n_src + t, mask=sm, other=0) < r) & sm
+    ds = tl.load(idx_ptr + bf * n_src + t, mask=sm, other=0).to(tl.int32)
+    merged_before = tl.zeros([BLOCK_S], tl.int32)    # merged sources with a lower index
+    slot = tl.zeros([BLOCK_S], tl.int32)             # merged sources ahead in (destination, index) order
+    cnt = tl.zeros([BLOCK_S], tl.int32)              # sources merged into destination t
+    off = tl.zeros([BLOCK_S], tl.int32)              # sources merged into destinations below t
+    for j0 in range(0, n_src, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        jm = j < n_src
+        mj = (tl.load(rank_ptr + bf * n_src + j, mask=jm, other=0) < r) & jm
+        dj = tl.load(idx_ptr + bf * n_src + j, mask=jm, other=0).to(tl.int32)
+        lower = j[None, :] < t[:, None]
+        merged_before += tl.sum((mj[None, :] & lower).to(tl.int32), 1)
+        ahead = (dj[None, :] < ds[:, None]) | ((dj[None, :] == ds[:, None]) & lower)
+        slot += tl.sum((mj[None, :] & ahead).to(tl.int32), 1)
+        cnt += tl.sum((mj[None, :] & (dj[None, :] == t[:, None])).to(tl.int32), 1)
+        off += tl.sum((mj[None, :] & (dj[None, :] < t[:, None])).to(tl.int32), 1)
+    keep_row = t - merged_before
+    spos = tl.load(src_pos_ptr + t, mask=sm, other=0).to(tl.int32)
+    tl.store(keep_ptr + bf * n_keep + keep_row, spos, mask=sm & ~merged)
+    tl.store(grp_ptr + bf * r + slot, spos, mask=merged)
+    tl.store(cnt_ptr + bf * n_dst + t, cnt, mask=dm)
+    tl.store(off_ptr + bf * n_dst + t, off, mask=dm)
+    mrow = b * n_frames * T + f * T
+    orow = f * T_out + n_keep
+    tl.store(map_ptr + mrow + spos, tl.where(merged, orow + ds, f * T_out + keep_row).to(tl.int64), mask=sm)
+    dpos = tl.load(dst_pos_ptr + t, mask=dm, other=0)
+    tl.store(map_ptr + mrow + dpos, (orow + t).to(tl.int64), mask=dm)
 
 
 @triton.jit(do_not_specialize=["T", "T_out", "C", "n_keep", "n_dst", "r"])
@@ -191,17 +268,30 @@ def frame_layout(grid, stride, device=None) -> tuple[torch.Tensor, torch.Tensor]
     """(dst_pos [n_dst], src_pos [n_src]) int64: token positions inside a frame, ascending."""
     hg, wg = _pair("grid", grid)
     sh, sw = _pair("stride", stride)
+    # Sizes from the host and no boolean-mask indexing: a mask index waits for the device
+    # (nonzero), which a CUDA graph capture refuses (GPU run 1).
+    rows, cols = -(-hg // sh), -(-wg // sw)
+    k = torch.arange(rows * cols, device=device)
+    dst = (k // cols) * (sh * wg) + (k % cols) * sw
     t = torch.arange(hg * wg, device=device)
     is_dst = ((t // wg) % sh == 0) & ((t % wg) % sw == 0)
-    return t[is_dst], t[~is_dst]
+    src = torch.sort(is_dst.to(torch.int32), stable=True).indices[:hg * wg - rows * cols]
+    return dst, src
 
 
 def merge_count(grid, stride, ratio) -> int:
-    """r: sources merged per frame, floor(ratio * n_src)."""
+    """r: sources merged away per frame, floor(ratio * T); refused when a frame has fewer sources."""
     hg, wg = _pair("grid", grid)
     sh, sw = _pair("stride", stride)
-    n_src = hg * wg - (hg // sh) * (wg // sw)
-    return int(math.floor(_check_ratio(ratio) * n_src))
+    if hg % sh or wg % sw:
+        raise ValueError(f"stride {(sh, sw)} must divide the frame grid {(hg, wg)}")
+    T = hg * wg
+    n_src = T - (hg // sh) * (wg // sw)
+    r = int(math.floor(_check_ratio(ratio) * T))
+    if r > n_src:
+        raise ValueError(f"ratio {ratio} merges {r} of the {T} tokens of a {hg}x{wg} frame, but stride {(sh, sw)} "
+                         f"leaves only {n_src} sources (the ratio can be at most {n_src}/{T} = {n_src / T:.4g})")
+    return r
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,19 +308,60 @@ def token_match(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), eps: float
     score = torch.empty(B, frames, n_src, dtype=torch.float32, device=x.device)
     if B == 0 or n_src == 0:
         return idx, score
+    upcast = interpreting() or x.dtype == torch.float32
     bs = min(32, max(16, triton.next_power_of_2(n_src)))
-    bd = min(64, max(16, triton.next_power_of_2(n_dst)))
-    bk = min(32, max(16, triton.next_power_of_2(C)))
+    # Wider tiles on the tensor-core path: each source tile is reloaded once per destination tile.
+    bd = min(64 if upcast else 128, max(16, triton.next_power_of_2(n_dst)))
+    bk = min(32 if upcast else 64, max(16, triton.next_power_of_2(C)))
     _match_kernel[(triton.cdiv(n_src, bs), frames, B)](
         x, src_pos, dst_pos, idx, score, x.stride(0), x.stride(1),
         grid[0] * grid[1], C, n_src, n_dst, frames, eps,
-        BLOCK_S=bs, BLOCK_D=bd, BLOCK_K=bk, num_warps=4,
+        UPCAST=upcast, BLOCK_S=bs, BLOCK_D=bd, BLOCK_K=bk, num_warps=4,
     )
     return idx, score
 
 
-def _plan(best_dst, best_score, r, dst_pos, src_pos, T):
-    """Selection and bookkeeping in torch (no sync): kept / grouped token positions, counts, offsets, mapping."""
+def merge_plan(best_dst: torch.Tensor, best_score: torch.Tensor, r: int, grid, stride):
+    """Selection and bookkeeping, two Triton kernels (no sync, no sort): returns (keep [B, F, n_src - r],
+    grp [B, F, r] int32 token positions in the frame; off, cnt [B, F, n_dst] int32; mapping [B, F*T] int64).
+
+    The r sources with the highest score are merged (ties: the lower source index); keep lists the
+    others ascending; grp the merged ones grouped by destination, ascending within a group, the
+    group of destination d at grp[off[d] : off[d] + cnt[d]]; mapping every token's merged row.
+    """
+    dst_pos, src_pos = frame_layout(grid, stride, best_score.device)
+    B, F, n_src = best_score.shape
+    n_dst, T = dst_pos.numel(), src_pos.numel() + dst_pos.numel()
+    if not 0 <= r <= n_src:
+        raise ValueError(f"r={r} is outside [0, n_src={n_src}]")
+    dev = best_score.device
+
+    def nonempty(*shape):
+        # A view of a non-empty buffer: a kernel argument must not be a null pointer when r = 0 or n_src.
+        n = math.prod(shape)
+        return torch.empty(max(n, 1), dtype=torch.int32, device=dev)[:n].view(shape)
+
+    rank = nonempty(B, F, n_src)
+    keep = nonempty(B, F, n_src - r)
+    grp = nonempty(B, F, r)
+    off = torch.empty(B, F, n_dst, dtype=torch.int32, device=dev)
+    cnt = torch.empty(B, F, n_dst, dtype=torch.int32, device=dev)
+    mapping = torch.empty(B, F * T, dtype=torch.int64, device=dev)
+    if B == 0 or F == 0:
+        return keep, grp, off, cnt, mapping
+    if n_src:
+        _rank_kernel[(triton.cdiv(n_src, 64), B * F)](best_score.contiguous(), rank, n_src, BLOCK_S=64, BLOCK_J=64)
+    _layout_kernel[(triton.cdiv(max(n_src, n_dst), 64), B * F)](
+        best_dst.contiguous(), rank, src_pos, dst_pos, keep, grp, off, cnt, mapping,
+        n_src, n_dst, r, T, T - r, F, BLOCK_S=64, BLOCK_J=64,
+    )
+    return keep, grp, off, cnt, mapping
+
+
+def merge_plan_ref(best_dst, best_score, r, grid, stride):
+    """merge_plan in plain torch (sorts and scatters; no sync)."""
+    dst_pos, src_pos = frame_layout(grid, stride, best_score.device)
+    T = dst_pos.numel() + src_pos.numel()
     B, F, n_src = best_score.shape
     n_dst = dst_pos.numel()
     n_keep = n_src - r
@@ -291,7 +422,7 @@ def token_merge(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), ratio: flo
     elif (not isinstance(out, torch.Tensor) or out.dtype != x.dtype or tuple(out.shape) != (B, frames * t_out, C)
           or out.device != x.device or out.stride(-1) != 1):
         raise ValueError(f"out must be {x.dtype} [{B}, {frames * t_out}, {C}] on {x.device}, last dim contiguous")
-    keep, grp, off, cnt, mapping = _plan(match[0], match[1], r, dst_pos, src_pos, T)
+    keep, grp, off, cnt, mapping = merge_plan(match[0], match[1], r, grid, stride)
     new_sizes = torch.empty(B, frames * t_out, dtype=torch.float32, device=x.device)
     if B == 0:
         return MergeResult(out, new_sizes, mapping)

@@ -26,6 +26,13 @@ class PatchConfig:
     # Capture each distinct generator forward in a CUDA graph and replay it (longlive_triton/graphs.py).
     # Needs window_attention and a model on CUDA; elsewhere it is left off and the report says why.
     cuda_graphs: bool = True
+    # Speed levers that change the output (off in `exact`). The KV window in latent frames, sink
+    # included (None: keep the model's; must hold the sink and one block, checked by patch_model).
+    local_attn_size: int | None = None
+    # Token merging before each block's FFN: the fraction of every latent frame's tokens merged into
+    # a destination grid of one token per stride cell (0: off); the FFN runs on the rest.
+    token_merge_ratio: float = 0.0
+    token_merge_stride: tuple[int, int] = (2, 2)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -35,6 +42,20 @@ class PatchConfig:
                 raise TypeError(f"PatchConfig.{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
         if self.attention_backend not in ("sdpa", "triton"):
             raise ValueError(f"attention_backend must be 'sdpa' or 'triton', got {self.attention_backend!r}")
+        window = self.local_attn_size
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"local_attn_size must be None (keep the model's) or a positive number of latent "
+                             f"frames, got {window!r}")
+        ratio = self.token_merge_ratio
+        if not 0.0 <= ratio < 1.0:  # also refuses NaN
+            raise ValueError(f"token_merge_ratio must be in [0, 1) (the fraction of each frame's tokens merged "
+                             f"before the FFN; 0 is off), got {ratio!r}")
+        stride = self.token_merge_stride
+        if (not isinstance(stride, (tuple, list)) or len(stride) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in stride)):
+            raise ValueError(f"token_merge_stride must be two positive ints [rows, columns] of the latent token "
+                             f"grid, got {stride!r}")
+        object.__setattr__(self, "token_merge_stride", tuple(stride))  # YAML gives a list
 
     @classmethod
     def from_dict(cls, data: dict) -> "PatchConfig":

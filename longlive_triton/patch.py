@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .config import PatchConfig, as_config
 from .graphs import install_graphs
+from .patches.attention_window import set_attention_window
 from .patches.registry import PATCHES, Patch, PatchSkip
 
 _MARK = "_longlive_triton_patch"
@@ -117,6 +118,10 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
     if previous is not None:
         report.notes.append(f"already patched with config {previous.name!r}: nothing done")
         return report
+
+    if config.local_attn_size is not None:
+        # First, so a refused window leaves the model untouched.
+        report.notes.append(set_attention_window(generator, config.local_attn_size))
 
     lora_layers = [name for name, m in model.named_modules() if _is_lora_layer(m)]
     if lora_layers:

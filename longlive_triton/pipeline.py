@@ -12,7 +12,7 @@ seeded run reproduces LongLive's latents.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -29,7 +29,10 @@ class PipelineConfig:
     warp_denoising_step: bool = True
     timestep_shift: float = 5.0
     context_noise: float = 0.0
-    local_attn_size: int = 12          # latent frames held in the KV cache; -1: the whole video
+    # Latent frames held in the KV cache, sink included; -1: the whole video. None: the model's own
+    # `local_attn_size` (its constructor's, or the window patch_model set), as LongLive's pipeline
+    # takes it from the model's arguments.
+    local_attn_size: int | None = None
     global_sink: bool = True           # keep the first prompt's sink across prompt switches
     frame_seqlen: int | None = None    # tokens per latent frame; None: from the latent size
     # CUDA graphs (longlive_triton/graphs.py): None keeps what patch_model set up, False runs this
@@ -39,7 +42,7 @@ class PipelineConfig:
     def __post_init__(self):
         if self.num_frame_per_block < 1:
             raise ValueError(f"num_frame_per_block must be >= 1, got {self.num_frame_per_block}")
-        if self.local_attn_size != -1 and self.local_attn_size < self.num_frame_per_block:
+        if self.local_attn_size not in (None, -1) and self.local_attn_size < self.num_frame_per_block:
             raise ValueError(f"local_attn_size {self.local_attn_size} is smaller than one block "
                              f"({self.num_frame_per_block} frames)")
 
@@ -62,11 +65,18 @@ class BlockPipeline:
 
     def __init__(self, model: nn.Module, config: PipelineConfig | None = None):
         self.model = model
-        self.config = config or PipelineConfig()
+        config = config or PipelineConfig()
         inner = _inner_model(model)
         for attr in ("num_layers", "num_heads", "dim", "text_len", "patch_size"):
             if not hasattr(inner, attr):
                 raise TypeError(f"{type(inner).__name__} is not a LongLive CausalWanModel (no {attr!r})")
+        if config.local_attn_size is None:
+            config = replace(config, local_attn_size=inner.local_attn_size)
+        window, sink = config.local_attn_size, getattr(inner, "sink_size", 0)
+        if window != -1 and window < sink + config.num_frame_per_block:
+            raise ValueError(f"a window of {window} latent frames cannot hold the {sink}-frame sink and one "
+                             f"{config.num_frame_per_block}-frame block")
+        self.config = config
         self.num_layers = inner.num_layers
         self.num_heads = inner.num_heads
         self.head_dim = inner.dim // inner.num_heads

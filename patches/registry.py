@@ -40,8 +40,10 @@ def _registered() -> list[Patch]:
     from .cross_attention import PATCH as fused_cross_attention
     from .fused_block import PATCH as fused_block
     from .fused_head import PATCH as fused_head
+    from .token_merge_ffn import PATCH as token_merge_ffn
     from .window_self_attention import PATCH as window_self_attention
-    return [fused_block, window_self_attention, fused_cross_attention, fused_head]
+    # token_merge_ffn after fused_block: it patches the block that runs (and hooks it for the grid).
+    return [fused_block, window_self_attention, fused_cross_attention, fused_head, token_merge_ffn]
 
 
 # Each kernel issue adds its entry here, in the order patch_model applies them.

@@ -4,7 +4,7 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from longlive_triton.kernels.token_merge import (
-    frame_layout, merge_count, token_match, token_match_ref, token_merge, token_merge_bytes,
+    frame_layout, merge_count, merge_plan, merge_plan_ref, token_match, token_match_ref, token_merge, token_merge_bytes,
     token_merge_ref, token_unmerge, token_unmerge_ref,
 )
 
@@ -33,8 +33,16 @@ def _sim(x, frames, grid, stride):
     return xf[:, :, src_pos] @ xf[:, :, dst_pos].transpose(-1, -2)
 
 
-def _case(device, B, F, gi, C, dtype, ratio, seed, with_sizes):
+def _ratio(frac, grid, stride):
+    """The merge ratio (fraction of a frame's tokens merged away) that is `frac` of the most the
+    stride allows (all sources merged)."""
+    dst_pos, src_pos = frame_layout(grid, stride)
+    return frac * src_pos.numel() / (grid[0] * grid[1])
+
+
+def _case(device, B, F, gi, C, dtype, frac, seed, with_sizes):
     grid, stride = GRIDS[gi]
+    ratio = _ratio(frac, grid, stride)
     x = _x(device, B, F, grid, C, dtype, seed)
     sizes = None
     if with_sizes:
@@ -45,14 +53,14 @@ def _case(device, B, F, gi, C, dtype, ratio, seed, with_sizes):
 
 cases = dict(B=st.integers(1, 2), F=st.integers(1, 3), gi=st.integers(0, len(GRIDS) - 1),
              C=st.sampled_from([16, 24, 48, 64]), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
-             ratio=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9]), seed=st.integers(0, 2**16),
+             frac=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]), seed=st.integers(0, 2**16),
              with_sizes=st.booleans())
 
 
 @given(**cases)
-@example(B=1, F=3, gi=5, C=64, dtype=torch.bfloat16, ratio=0.5, seed=0, with_sizes=False)
-def test_match_and_merge_equal_reference(device, B, F, gi, C, dtype, ratio, seed, with_sizes):
-    x, kw, ratio, sizes = _case(device, B, F, gi, C, dtype, ratio, seed, with_sizes)
+@example(B=1, F=3, gi=5, C=64, dtype=torch.bfloat16, frac=2 / 3, seed=0, with_sizes=False)
+def test_match_and_merge_equal_reference(device, B, F, gi, C, dtype, frac, seed, with_sizes):
+    x, kw, ratio, sizes = _case(device, B, F, gi, C, dtype, frac, seed, with_sizes)
     x_before = x.clone()
     idx, score = token_match(x, **kw)
     ridx, rscore = token_match_ref(x, **kw)
@@ -97,7 +105,7 @@ def test_match_and_merge_equal_reference(device, B, F, gi, C, dtype, ratio, seed
 
 
 @given(**cases)
-def test_zero_ratio_is_identity(device, B, F, gi, C, dtype, ratio, seed, with_sizes):
+def test_zero_ratio_is_identity(device, B, F, gi, C, dtype, frac, seed, with_sizes):
     x, kw, _, sizes = _case(device, B, F, gi, C, dtype, 0.0, seed, with_sizes)
     m = token_merge(x, **kw, ratio=0.0, sizes=sizes)
     assert m.merged.shape == x.shape
@@ -108,11 +116,36 @@ def test_zero_ratio_is_identity(device, B, F, gi, C, dtype, ratio, seed, with_si
 @given(B=st.integers(1, 2), F=st.integers(1, 3), gi=st.integers(0, len(GRIDS) - 1), seed=st.integers(0, 2**16))
 def test_full_merge_path_equals_reference(device, B, F, gi, seed):
     """token_merge's own matching, end to end against the reference's own matching (no shared inputs)."""
-    x, kw, _, _ = _case(device, B, F, gi, 32, torch.float32, 0.5, seed, False)
-    got = token_merge(x, **kw, ratio=0.5)
-    want = token_merge_ref(x, **kw, ratio=0.5)
+    x, kw, ratio, _ = _case(device, B, F, gi, 32, torch.float32, 0.5, seed, False)
+    got = token_merge(x, **kw, ratio=ratio)
+    want = token_merge_ref(x, **kw, ratio=ratio)
     assert torch.equal(got.mapping, want.mapping)
     torch.testing.assert_close(got.merged, want.merged, **TOL[torch.float32])
+
+
+# Plus grids past one 64-wide tile of the plan kernels (144 and 150 sources).
+PLAN_GRIDS = GRIDS + [((12, 16), (2, 2)), ((10, 20), (2, 5))]
+
+
+@given(B=st.integers(1, 2), F=st.integers(1, 3), gi=st.integers(0, len(PLAN_GRIDS) - 1), frac=st.floats(0, 1),
+       levels=st.sampled_from([2, 3, 1000]), seed=st.integers(0, 2**16))
+@example(B=1, F=3, gi=1, frac=0.5, levels=2, seed=0)
+@example(B=2, F=2, gi=len(GRIDS), frac=0.6, levels=3, seed=1)
+@example(B=1, F=1, gi=len(GRIDS) + 1, frac=1.0, levels=1000, seed=2)
+def test_plan_equals_reference(device, B, F, gi, frac, levels, seed):
+    """Selection and bookkeeping, exactly, on scores with many ties (few levels) and destinations
+    that gather many sources or none."""
+    grid, stride = PLAN_GRIDS[gi]
+    dst_pos, src_pos = frame_layout(grid, stride)
+    n_src, n_dst = src_pos.numel(), dst_pos.numel()
+    r = round(frac * n_src)
+    gen = torch.Generator().manual_seed(seed)
+    score = (torch.randint(0, levels, (B, F, n_src), generator=gen).float() / levels - 0.5).to(device)
+    best = torch.randint(0, n_dst, (B, F, n_src), generator=gen).to(device)
+    got = merge_plan(best, score, r, grid, stride)
+    want = merge_plan_ref(best, score, r, grid, stride)
+    for name, g, w in zip(("keep", "grp", "off", "cnt", "mapping"), got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), name
 
 
 def test_ties_go_to_lowest_indices(device):
@@ -139,12 +172,16 @@ def test_layout():
     dst, src = frame_layout((4, 6), (2, 3))
     assert dst.tolist() == [0, 3, 12, 15]
     assert len(src) == 20 and set(src.tolist()) | set(dst.tolist()) == set(range(24))
-    assert merge_count((4, 6), (2, 3), 0.5) == 10 and merge_count((30, 52), (2, 2), 0.5) == 585
+    # ratio is the fraction of a frame's tokens merged away, up to every source.
+    assert merge_count((4, 6), (2, 3), 0.5) == 12 and merge_count((30, 52), (2, 2), 0.5) == 780
+    assert merge_count((30, 52), (2, 2), 0.75) == 1170 and merge_count((4, 6), (1, 1), 0.0) == 0
+    with pytest.raises(ValueError, match="at most 1170/1560"):
+        merge_count((30, 52), (2, 2), 0.76)
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(ratio=1.0), "ratio"), (dict(ratio=-0.1), "ratio"), (dict(ratio=float("nan")), "ratio"),
-    (dict(ratio=True), "ratio"),
+    (dict(ratio=True), "ratio"), (dict(ratio=0.8), "only 18 sources"),
     (dict(stride=(3, 2)), "must divide"), (dict(stride=(2, 4)), "must divide"), (dict(stride=(0, 2)), "stride"),
     (dict(grid=(4, 8)), "L="), (dict(frames=3), "L="), (dict(frames=0), "frames"),
 ])
@@ -181,7 +218,7 @@ def test_bad_tensors_are_refused(device):
 
 def test_bytes():
     assert token_merge_bytes(1, 3, (30, 52), (2, 2), 0.5, 1536, op="unmerge") == \
-        2 * 1536 * (3 * (1560 - 585) + 4680) + 8 * 4680
+        2 * 1536 * (3 * (1560 - 780) + 4680) + 8 * 4680
 
 
 @pytest.mark.gpu
@@ -195,11 +232,37 @@ def test_real_size():
     torch.testing.assert_close(score, rscore, atol=SCORE_TOL, rtol=0)
     chosen = _sim(x, **kw).gather(-1, idx[..., None])[..., 0]
     assert ((idx == ridx) | (chosen >= rscore - SCORE_TOL)).all()
+    for plan, want_plan in zip(merge_plan(idx, score, 780, (30, 52), (2, 2)),
+                               merge_plan_ref(idx, score, 780, (30, 52), (2, 2))):
+        assert torch.equal(plan, want_plan)
     got = token_merge(x, **kw, ratio=0.5, match=(idx, score))
     want = token_merge_ref(x, **kw, ratio=0.5, match=(idx, score))
-    assert got.merged.shape == (1, 3 * (1560 - 585), 1536)
+    assert got.merged.shape == (1, 3 * (1560 - 780), 1536)
     assert torch.equal(got.mapping, want.mapping) and torch.equal(got.sizes, want.sizes)
     torch.testing.assert_close(got.merged.float(), want.merged.float(), **TOL[torch.bfloat16])
     assert (got.sizes.view(3, -1).sum(-1) == 1560).all()
     back = token_unmerge(got.merged, got.mapping)
     assert torch.equal(back, token_unmerge_ref(got.merged, got.mapping))
+
+
+@pytest.mark.gpu
+def test_capturable_in_a_cuda_graph():
+    """Match, plan, merge and unmerge at the real shape run inside a CUDA graph (no host sync), and a
+    replay on new input equals the eager call."""
+    device = torch.device("cuda")
+    kw = dict(frames=3, grid=(30, 52), stride=(2, 2), ratio=0.5)
+    x = _x(device, 1, 3, (30, 52), 1536, torch.bfloat16, 2)
+
+    def step():
+        m = token_merge(x, **kw)
+        return m.merged, m.sizes, m.mapping, token_unmerge(m.merged, m.mapping)
+
+    step()                                   # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.copy_(_x(device, 1, 3, (30, 52), 1536, torch.bfloat16, 3))
+    graph.replay()
+    for got, want in zip(captured, step()):
+        assert torch.equal(got, want)
