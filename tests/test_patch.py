@@ -35,7 +35,8 @@ def test_patch_with_an_empty_patch_list_reports_nothing():
     report = patch_model(model, patches=[])
     assert isinstance(report, PatchReport)
     assert report.config.name == "exact"
-    assert report.applied == [] and report.skipped == [] and report.notes == []
+    assert report.applied == [] and report.skipped == []
+    assert report.notes == ["cuda_graphs: off (the model is on cpu; graphs need CUDA)"]
     assert "no module patched" in str(report)
     assert "exact" in str(report)
     assert torch.equal(generate(model), before)
@@ -313,7 +314,8 @@ def test_merge_lora_false_leaves_adapters_with_a_note():
     paths = insert_lora(model)
     report = patch_model(model, {"merge_lora": False}, patches=[])
     assert report.applied == [] and report.skipped == []
-    assert len(report.notes) == 1 and "3 unmerged LoRA layers" in report.notes[0] and "merge_lora" in report.notes[0]
+    assert "3 unmerged LoRA layers" in report.notes[0] and "merge_lora" in report.notes[0]
+    assert report.notes[1:] == ["cuda_graphs: off (the model is on cpu; graphs need CUDA)"]
     assert all(isinstance(model.get_submodule(p), FakeLoraLinear) for p in paths)
 
 
