@@ -66,7 +66,8 @@ def _fp8_tile(acc, l_i, m_i, q, q_scale, k8, k_s, v8, v_s, valid,
         s = tl.where(valid[None, :], s, float("-inf"))
         # Slots past the range may hold anything (a TMA tile reads real slots there): 0 * NaN is NaN.
         v_s = tl.where(valid, v_s, 0.0)
-        v8 = tl.where(valid[:, None], v8.to(tl.int8, bitcast=True), 0).to(v8.dtype, bitcast=True)
+        v8i = v8.to(tl.int8, bitcast=True)
+        v8 = tl.where(valid[:, None], v8i, tl.zeros_like(v8i)).to(v8.dtype, bitcast=True)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
