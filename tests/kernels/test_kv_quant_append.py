@@ -47,7 +47,8 @@ def check_kv_quant_append(case, device):
     else:
         q_lin, k_lin, v = (torch.randn(B, n, HD, generator=gen).to(device, torch.bfloat16) for _ in range(3))
     # Rows of very different magnitudes, so a scale that mixes rows or heads up would show.
-    v = v * torch.exp2(torch.randint(-6, 6, (B, n, H, 1), generator=gen).float()).to(device, torch.bfloat16).repeat_interleave(D, 3).flatten(2)
+    row_scale = torch.exp2(torch.randint(-6, 6, (B, n, H, 1), generator=gen).float()).expand(B, n, H, D)
+    v = v * row_scale.reshape(B, n, HD).to(device, torch.bfloat16)
     wq, wk = ((1 + 0.5 * torch.randn(HD, generator=gen)).to(device, torch.bfloat16) for _ in range(2))
     k_cache, k_scale = _fp8_cache(B, C, H, D, gen, device)
     v_cache, v_scale = _fp8_cache(B, C, H, D, gen, device)
