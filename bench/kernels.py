@@ -19,6 +19,7 @@ from .results import environment, fmt, format_table, save
 # The case modules, listed explicitly so that a typo or a missing file is visible, not silently globbed.
 CASE_MODULES = (
     "longlive_triton.bench.kernels_attention",
+    "longlive_triton.bench.kernels_attention_fp8",
     "longlive_triton.bench.kernels_rope",
     "longlive_triton.bench.kernels_adaln",
     "longlive_triton.bench.kernels_rms_norm",

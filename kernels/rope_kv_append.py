@@ -61,6 +61,31 @@ def _rotate(x, cos, sin, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM:
     return tl.reshape(tl.join(re * c - im * s, re * s + im * c), [BLOCK_T, BLOCK_H, HEAD_DIM])
 
 
+@triton.jit
+def _token_tables(cos_ptr, sin_ptr, t, t_ok, start_frame, hg, wg, stride_tab, table_rows,
+                  HALF: tl.constexpr, T_SLOTS: tl.constexpr, HW_SLOTS: tl.constexpr):
+    # cos/sin [T, D/2] for tokens t = (f*Hg + h)*Wg + w: temporal, height and width slots.
+    f = t // (hg * wg)
+    hh = (t // wg) % hg
+    ww = t % wg
+    j = tl.arange(0, HALF)[None, :]
+    pos = tl.where(j < T_SLOTS, start_frame + f[:, None], tl.where(j < T_SLOTS + HW_SLOTS, hh[:, None], ww[:, None]))
+    # Frames past the table (the stock asserts on them) must not read out of bounds.
+    pos_ok = (pos >= 0) & (pos < table_rows) & t_ok[:, None]
+    cos = tl.load(cos_ptr + pos * stride_tab + j, mask=pos_ok, other=1.0)
+    sin = tl.load(sin_ptr + pos * stride_tab + j, mask=pos_ok, other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def _ring_slot(logical, ring_lo, ring_size, shift):
+    """Physical cache slot of a logical one (module docstring); int64."""
+    rel = (logical - ring_lo + shift) % ring_size
+    # Triton's % truncates toward zero; fold a negative remainder back into [0, ring_size).
+    rel = tl.where(rel < 0, rel + ring_size, rel)
+    return tl.where(logical < ring_lo, logical, ring_lo + rel).to(tl.int64)
+
+
 @triton.jit(do_not_specialize=["n", "H", "hg", "wg", "ring_lo", "ring_size"])
 def _rope_kv_append_kernel(
     ql_ptr, kl_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,
@@ -80,12 +105,10 @@ def _rope_kv_append_kernel(
     # system busy, and the per-token table lookups and index math amortise over the heads.
     b = tl.program_id(1)
     b64 = b.to(tl.int64)
-    HALF: tl.constexpr = HEAD_DIM // 2
 
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_j = tl.arange(0, HALF)
     t_ok = t < n
     hd_offs = offs_h[:, None] * HEAD_DIM + offs_d[None, :]                      # [H, D]
     mask = t_ok[:, None, None] & (offs_h[None, :, None] < H)                   # [T, H, 1]
@@ -93,16 +116,8 @@ def _rope_kv_append_kernel(
     start_frame = tl.load(start_frame_ptr + b * stride_sf).to(tl.int32)
     dst_start = tl.load(dst_start_ptr + b * stride_ds).to(tl.int32)
     row_lo = tl.load(row_lo_ptr + b * stride_rl).to(tl.int32)
-
-    f = t // (hg * wg)
-    hh = (t // wg) % hg
-    ww = t % wg
-    j = offs_j[None, :]
-    pos = tl.where(j < T_SLOTS, start_frame + f[:, None], tl.where(j < T_SLOTS + HW_SLOTS, hh[:, None], ww[:, None]))
-    # Frames past the table (the stock asserts on them) must not read out of bounds.
-    pos_ok = (pos >= 0) & (pos < table_rows) & t_ok[:, None]
-    cos = tl.load(cos_ptr + pos * stride_tab + j, mask=pos_ok, other=1.0)
-    sin = tl.load(sin_ptr + pos * stride_tab + j, mask=pos_ok, other=0.0)
+    cos, sin = _token_tables(cos_ptr, sin_ptr, t, t_ok, start_frame, hg, wg, stride_tab, table_rows,
+                             HEAD_DIM // 2, T_SLOTS, HW_SLOTS)
 
     t64 = t.to(tl.int64)[:, None, None]
     hd = hd_offs[None, :, :]
@@ -119,14 +134,10 @@ def _rope_kv_append_kernel(
     k = _rotate(_rms_norm_bf16(k, wk, inv_n, eps, INTERPRET), cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
     v = tl.load(v_ptr + b64 * stride_vb + t64 * stride_vt + hd, mask=w_mask, other=0.0)
 
-    logical = dst_start + t
-    rel = logical - ring_lo
+    shift = 0
     if HAS_SHIFT:
-        rel += tl.load(shift_ptr + b * stride_shift).to(tl.int32)
-    # Triton's % truncates toward zero; fold a negative remainder back into [0, ring_size).
-    rel = rel % ring_size
-    rel = tl.where(rel < 0, rel + ring_size, rel)
-    slot = tl.where(logical < ring_lo, logical, ring_lo + rel).to(tl.int64)[:, None, None]
+        shift = tl.load(shift_ptr + b * stride_shift).to(tl.int32)
+    slot = _ring_slot(dst_start + t, ring_lo, ring_size, shift)[:, None, None]
     kc_offs = offs_h[None, :, None] * stride_kch + offs_d[None, None, :]
     vc_offs = offs_h[None, :, None] * stride_vch + offs_d[None, None, :]
     tl.store(kc_ptr + b64 * stride_kcb + slot * stride_kcs + kc_offs, cast_bf16(k, INTERPRET), mask=w_mask)
@@ -146,18 +157,10 @@ def _check(name: str, t, dtype: torch.dtype, ndim: int, device: torch.device) ->
         raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
 
 
-def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
-                   norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   grid_sizes: tuple[int, int, int], start_frame, dst_start, row_lo, *,
-                   ring_lo: int = 0, ring_size: int | None = None, shift=None, eps: float = 1e-6,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """RMSNorm + RoPE q and k, write roped k and raw v rows [row_lo, n) into the caches; return q.
-
-    See the module docstring for layouts and the slot rule. ring_size defaults to the cache size C;
-    shift (int tensor [1]/[B] on the device, or an int) rotates the ring.
-    """
+def check_append_inputs(q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, cache_shape,
+                        grid_sizes, start_frame, dst_start, row_lo, ring_lo, ring_size, shift):
+    """Validate the inputs that rope_kv_append and kv_quant_append share (everything but the caches'
+    dtypes); returns (start_frame, dst_start, row_lo, shift) as device tensors and the ring size."""
     if not isinstance(q_lin, torch.Tensor):
         raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
     device = q_lin.device
@@ -166,16 +169,12 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     if k_lin.shape != q_lin.shape or v.shape != q_lin.shape:
         raise ValueError(f"q_lin {list(q_lin.shape)}, k_lin {list(k_lin.shape)} and v {list(v.shape)} "
                          "must have the same shape [B, n, H*D]")
-    _check("k_cache", k_cache, torch.bfloat16, 4, device)
-    _check("v_cache", v_cache, torch.bfloat16, 4, device)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
     B, n, HD = q_lin.shape
-    Bc, C, H, D = k_cache.shape
+    Bc, C, H, D = cache_shape
     if D not in _SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported; expected one of {_SUPPORTED_HEAD_DIMS}")
     if Bc != B or H * D != HD:
-        raise ValueError(f"cache shape {list(k_cache.shape)} does not match q_lin {list(q_lin.shape)}: "
+        raise ValueError(f"cache shape {list(cache_shape)} does not match q_lin {list(q_lin.shape)}: "
                          f"need B={B} and H*D={HD}")
     if n > C:
         raise ValueError(f"the cache has {C} slots, too few for {n} new rows")
@@ -205,19 +204,55 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     row_lo = index_arg("row_lo", row_lo, batch=B, lo=0, hi=n, device=device)
     if shift is not None:
         shift = index_arg("shift", shift, batch=B, lo=0, hi=ring_size - 1, device=device)
+    return start_frame, dst_start, row_lo, shift, ring_size
+
+
+def check_q_out(out, B, n, H, D, device) -> torch.Tensor:
+    """The roped-q output buffer: allocated, or checked."""
     if out is None:
-        out = torch.empty((B, n, H, D), dtype=torch.bfloat16, device=device)
-    else:
-        _check("out", out, torch.bfloat16, 4, device)
-        if tuple(out.shape) != (B, n, H, D):
-            raise ValueError(f"out has shape {list(out.shape)}, expected {[B, n, H, D]}")
+        return torch.empty((B, n, H, D), dtype=torch.bfloat16, device=device)
+    _check("out", out, torch.bfloat16, 4, device)
+    if tuple(out.shape) != (B, n, H, D):
+        raise ValueError(f"out has shape {list(out.shape)}, expected {[B, n, H, D]}")
+    return out
+
+
+def append_block_t(n: int, H: int, D: int) -> int:
+    """Tokens per program: four at real widths (H*D = 1536); the tiny test widths take more."""
+    return max(1, min(triton.next_power_of_2(n), 8192 // (triton.next_power_of_2(H) * D)))
+
+
+def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
+                   norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   grid_sizes: tuple[int, int, int], start_frame, dst_start, row_lo, *,
+                   ring_lo: int = 0, ring_size: int | None = None, shift=None, eps: float = 1e-6,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm + RoPE q and k, write roped k and raw v rows [row_lo, n) into the caches; return q.
+
+    See the module docstring for layouts and the slot rule. ring_size defaults to the cache size C;
+    shift (int tensor [1]/[B] on the device, or an int) rotates the ring.
+    """
+    if not isinstance(q_lin, torch.Tensor):
+        raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
+    device = q_lin.device
+    _check("k_cache", k_cache, torch.bfloat16, 4, device)
+    _check("v_cache", v_cache, torch.bfloat16, 4, device)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
+    start_frame, dst_start, row_lo, shift, ring_size = check_append_inputs(
+        q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, k_cache.shape, grid_sizes,
+        start_frame, dst_start, row_lo, ring_lo, ring_size, shift)
+    B, n, _ = q_lin.shape
+    _, C, H, D = k_cache.shape
+    out = check_q_out(out, B, n, H, D, device)
     if B == 0 or n == 0:
         return out
 
     c = D // 2
-    block_h = triton.next_power_of_2(H)
-    # Four tokens per program at real widths (H*D = 1536); the tiny test widths take more.
-    block_t = max(1, min(triton.next_power_of_2(n), 8192 // (block_h * D)))
+    block_t = append_block_t(n, H, D)
+    _, hg, wg = grid_sizes
     _rope_kv_append_kernel[(triton.cdiv(n, block_t), B)](
         q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
         out, k_cache, v_cache,
@@ -227,9 +262,9 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
         q_lin.stride(0), q_lin.stride(1), k_lin.stride(0), k_lin.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        cos.stride(0), rows,
-        n, H, hg, wg, ring_lo, ring_size, 1.0 / HD, eps,
-        HEAD_DIM=D, BLOCK_H=block_h, BLOCK_T=block_t, T_SLOTS=c - 2 * (c // 3), HW_SLOTS=c // 3,
+        cos.stride(0), cos.shape[0],
+        n, H, hg, wg, ring_lo, ring_size, 1.0 / (H * D), eps,
+        HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(H), BLOCK_T=block_t, T_SLOTS=c - 2 * (c // 3), HW_SLOTS=c // 3,
         HAS_SHIFT=shift is not None, INTERPRET=interpreting(),
         num_warps=8,
     )

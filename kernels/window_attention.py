@@ -98,6 +98,42 @@ def _attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc
     return acc, l_i, m_i
 
 
+@triton.jit
+def _window_ranges(sink_end_ptr, win_start_ptr, win_end_ptr, shift_ptr, b,
+                   stride_sink, stride_wstart, stride_wend, stride_shift, C, ring_lo, ring_size,
+                   RING: tl.constexpr):
+    """Sample b's physical key ranges [0, sink_end) U [win_start, win_end) U [ring_lo, wrap_end)
+    (the last empty unless RING) from the device range values (module docstring)."""
+    # Clamp on the device: the host never sees these values.
+    sink_end = tl.load(sink_end_ptr + b * stride_sink).to(tl.int32)
+    win_start = tl.load(win_start_ptr + b * stride_wstart).to(tl.int32)
+    win_end = tl.load(win_end_ptr + b * stride_wend).to(tl.int32)
+    sink_end = tl.minimum(tl.maximum(sink_end, 0), C)
+    win_end = tl.minimum(tl.maximum(win_end, 0), C)
+    # The union of the two ranges: the window starts no earlier than the sink ends.
+    win_start = tl.minimum(tl.maximum(win_start, sink_end), C)
+    # A rotated ring maps the logical window to physical [win_start, win_end) plus [ring_lo, wrap_end).
+    if RING:
+        sink_end = tl.minimum(sink_end, ring_lo)
+        win_start = tl.maximum(win_start, ring_lo)
+        length = tl.minimum(tl.maximum(win_end - win_start, 0), ring_size)
+        rel = (win_start - ring_lo + tl.load(shift_ptr + b * stride_shift).to(tl.int32)) % ring_size
+        # Triton's % truncates toward zero; fold a negative remainder back into [0, ring_size).
+        rel = tl.where(rel < 0, rel + ring_size, rel)
+        head = tl.minimum(length, ring_size - rel)
+        win_start = ring_lo + rel
+        win_end = win_start + head
+        wrap_end = ring_lo + length - head
+    else:
+        wrap_end = ring_lo
+    # Steady state has the window right behind the sink: one range, one ragged tile instead of two.
+    if win_start == sink_end:
+        sink_end = tl.maximum(win_end, sink_end)
+        win_start = sink_end
+        win_end = sink_end
+    return sink_end, win_start, win_end, wrap_end
+
+
 # Sizes stay runtime values: specialising a size of 1 made ptxas crash (SIGSEGV, triton 3.6, H200).
 @triton.jit(do_not_specialize=["B", "H", "Lq", "C", "ring_lo", "ring_size"])
 def _window_attn_fwd(
@@ -119,31 +155,9 @@ def _window_attn_fwd(
     h = pid_bh % H
     b64 = b.to(tl.int64)
 
-    # Clamp on the device: the host never sees these values.
-    sink_end = tl.load(sink_end_ptr + b * stride_sink).to(tl.int32)
-    win_start = tl.load(win_start_ptr + b * stride_wstart).to(tl.int32)
-    win_end = tl.load(win_end_ptr + b * stride_wend).to(tl.int32)
-    sink_end = tl.minimum(tl.maximum(sink_end, 0), C)
-    win_end = tl.minimum(tl.maximum(win_end, 0), C)
-    # The union of the two ranges: the window starts no earlier than the sink ends.
-    win_start = tl.minimum(tl.maximum(win_start, sink_end), C)
-    # A rotated ring maps the logical window to physical [win_start, win_end) plus [ring_lo, wrap_end).
-    if RING:
-        sink_end = tl.minimum(sink_end, ring_lo)
-        win_start = tl.maximum(win_start, ring_lo)
-        length = tl.minimum(tl.maximum(win_end - win_start, 0), ring_size)
-        rel = (win_start - ring_lo + tl.load(shift_ptr + b * stride_shift).to(tl.int32)) % ring_size
-        # Triton's % truncates toward zero; fold a negative remainder back into [0, ring_size).
-        rel = tl.where(rel < 0, rel + ring_size, rel)
-        head = tl.minimum(length, ring_size - rel)
-        win_start = ring_lo + rel
-        win_end = win_start + head
-        wrap_end = ring_lo + length - head
-    # Steady state has the window right behind the sink: one range, one ragged tile instead of two.
-    if win_start == sink_end:
-        sink_end = tl.maximum(win_end, sink_end)
-        win_start = sink_end
-        win_end = sink_end
+    sink_end, win_start, win_end, wrap_end = _window_ranges(
+        sink_end_ptr, win_start_ptr, win_end_ptr, shift_ptr, b, stride_sink, stride_wstart, stride_wend,
+        stride_shift, C, ring_lo, ring_size, RING)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)

@@ -20,6 +20,12 @@ class PatchConfig:
     # our Triton window kernel ("triton") or cuDNN through SDPA ("sdpa").
     window_attention: bool = False
     attention_backend: str = "sdpa"
+    # The self-attention KV cache in bf16, or in e4m3 with one fp32 scale per (token, head) (half
+    # the memory and the bytes attention reads; needs window_attention with the "triton" backend).
+    kv_cache_dtype: str = "bf16"
+    # With the fp8 cache, which attention dots run in fp8: "both" (QK^T and PV), "qk", "pv", or
+    # "none" (bf16 dots on the upcast cache).
+    fp8_attention_dots: str = "both"
     # Each layer's LayerNorms, adaLN modulation and gated residual adds as four fused passes, and
     # the cross-attention's query RMSNorm as one.
     fused_glue: bool = False
@@ -56,6 +62,13 @@ class PatchConfig:
             raise ValueError(f"token_merge_stride must be two positive ints [rows, columns] of the latent token "
                              f"grid, got {stride!r}")
         object.__setattr__(self, "token_merge_stride", tuple(stride))  # YAML gives a list
+        if self.kv_cache_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'bf16' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.fp8_attention_dots not in ("both", "qk", "pv", "none"):
+            raise ValueError(f"fp8_attention_dots must be 'both', 'qk', 'pv' or 'none', got {self.fp8_attention_dots!r}")
+        if self.kv_cache_dtype == "fp8" and not (self.window_attention and self.attention_backend == "triton"):
+            raise ValueError("kv_cache_dtype 'fp8' needs window_attention: true and attention_backend: 'triton' "
+                             "(cuDNN's SDPA cannot read the fp8 cache)")
 
     @classmethod
     def from_dict(cls, data: dict) -> "PatchConfig":

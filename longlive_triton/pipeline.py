@@ -132,7 +132,8 @@ class BlockPipeline:
             return False
         kv = (batch_size, size, self.num_heads, self.head_dim)
         text = (batch_size, self.text_len, self.num_heads, self.head_dim)
-        return all(cache[name].shape == shape and cache[name].dtype == dtype
+        # A patched layer may keep its KV cache in e4m3 (kv_cache_dtype: fp8): same slots, reused as well.
+        return all(cache[name].shape == shape and cache[name].dtype in (dtype, torch.float8_e4m3fn)
                    and cache[name].device == torch.device(device)
                    for caches, shape in ((self.caches.kv, kv), (self.caches.crossattn, text))
                    for cache in caches for name in ("k", "v"))

@@ -15,6 +15,14 @@ Replaces `CausalWanSelfAttention`. Per call (one layer of one forward):
 The stock model commits the pointers from what each layer returns; we return the new values as
 device scalars, so its `_apply_cache_updates` leaves them right (a recompute returns the old ones).
 Our ring shift lives in the layer's cache dict under `ring_shift`; a fresh dict starts a fresh ring.
+
+With `kv_cache_dtype: fp8` the layer keeps its cache in e4m3 with fp32 scales per (token, head):
+on the first call with a dict whose "k"/"v" are still the pipeline's bf16 tensors it quantizes
+them (whatever they hold, so no host read of the pointers is needed) and replaces the entries by
+e4m3 tensors of the same shape plus "k_scale"/"v_scale" [B, C, H]; the bf16 tensors are then freed.
+A pipeline that zeroes "k"/"v" on a prompt switch zeroes the e4m3 values (0 times any scale is
+0, as in bf16), and one that re-creates the dicts gets them swapped again. Steps 3-4 become
+`kv_quant_append` and `window_attention_fp8`.
 """
 from __future__ import annotations
 
@@ -24,8 +32,11 @@ import torch.nn.functional as F
 
 from ..kernels.kv_cache_plan import (LOCAL_START, NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, START_FRAME,
                                      WIN_END, WIN_START, kv_cache_plan, kv_cache_plan_ref)
+from ..kernels.fp8_quant import FP8_DTYPE
+from ..kernels.kv_quant_append import kv_quant_append, quantize_kv_rows
 from ..kernels.rope_kv_append import rope_kv_append, rope_tables
 from ..kernels.window_attention import window_attention
+from ..kernels.window_attention_fp8 import window_attention_fp8
 from ..kernels._common import interpreting
 from .registry import Patch, PatchSkip, require_kernel_device
 
@@ -35,7 +46,7 @@ BACKENDS = ("triton", "sdpa")
 
 
 class WindowSelfAttention(nn.Module):
-    def __init__(self, stock: nn.Module, backend: str):
+    def __init__(self, stock: nn.Module, backend: str, kv_cache_dtype: str = "bf16", fp8_dots: str = "both"):
         """Shares the stock module's Linear layers and norms; use from_stock, which checks them."""
         super().__init__()
         if backend not in BACKENDS:
@@ -47,6 +58,10 @@ class WindowSelfAttention(nn.Module):
         self.sink_size = stock.sink_size
         self.eps = stock.norm_q.eps
         self.backend = backend
+        if kv_cache_dtype == "fp8" and backend != "triton":
+            raise ValueError("the fp8 KV cache needs the triton attention backend")
+        self.kv_cache_dtype = kv_cache_dtype
+        self.fp8_dots = fp8_dots
         # The stock budget (local_attn_size * 1560, or what the pipeline set) is kept as is; our
         # reference leaves it None and derives it from the frame size at run time.
         self.max_attention_size = getattr(stock, "max_attention_size", None)
@@ -74,7 +89,11 @@ class WindowSelfAttention(nn.Module):
             w = getattr(norm, "weight", None)
             if not isinstance(w, torch.Tensor) or w.shape != (stock.dim,) or getattr(norm, "eps", None) is None:
                 raise PatchSkip(f"{name} is not a WanRMSNorm over the full {stock.dim} features (qk_norm off?)")
-        new = cls(stock, backend)
+        if config.kv_cache_dtype == "fp8" and weight.device.type == "cuda" \
+                and torch.cuda.get_device_capability(weight.device) < (8, 9):
+            raise PatchSkip(f"the fp8 KV cache needs FP8 support (compute capability >= 8.9); this GPU is "
+                            f"{torch.cuda.get_device_capability(weight.device)}")
+        new = cls(stock, backend, config.kv_cache_dtype, config.fp8_attention_dots)
         with torch.no_grad():
             fused_w = torch.cat([stock.q.weight, stock.k.weight, stock.v.weight])
             fused_b = torch.cat([stock.q.bias, stock.k.bias, stock.v.bias])
@@ -90,7 +109,8 @@ class WindowSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.num_heads}, window={self.local_attn_size} frames, "
-                f"sink={self.sink_size} frames, backend={self.backend}")
+                f"sink={self.sink_size} frames, backend={self.backend}, kv_cache={self.kv_cache_dtype}"
+                + (f", fp8_dots={self.fp8_dots}" if self.kv_cache_dtype == "fp8" else ""))
 
     def _budget(self, frame_seqlen: int, capacity: int) -> int:
         if self.max_attention_size is not None:
@@ -132,6 +152,8 @@ class WindowSelfAttention(nn.Module):
         if grid_sizes.shape[0] != b or any(tuple(g.tolist()) != (frames, hg, wg) for g in grid_sizes):
             raise ValueError("WindowSelfAttention needs one latent grid shared by the whole batch")
         frame_seqlen = hg * wg
+        if self.kv_cache_dtype == "fp8":
+            self._use_fp8_cache(kv_cache)
         k_cache, v_cache = kv_cache["k"], kv_cache["v"]
         capacity = k_cache.shape[1]
         plan_args = self.plan_args(kv_cache, current_start, s, frame_seqlen, sink_recache_after_switch)
@@ -149,6 +171,10 @@ class WindowSelfAttention(nn.Module):
         d = self.dim
         sink = plan_args["sink_tokens"]
         ring = dict(ring_lo=sink, ring_size=capacity - sink, shift=plan[SHIFT:SHIFT + 1])
+        if self.kv_cache_dtype == "fp8":
+            out = self._append_attend_fp8(qkv, kv_cache, plan, ring, (frames, hg, wg), plan[START_FRAME:START_FRAME + 1])
+            out = self.o(out.flatten(2))
+            return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
         q = rope_kv_append(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], self.norm_q.weight, self.norm_k.weight,
                            self._cos, self._sin, k_cache, v_cache, (frames, hg, wg),
                            plan[START_FRAME:START_FRAME + 1], plan[LOCAL_START:LOCAL_START + 1],
@@ -161,6 +187,26 @@ class WindowSelfAttention(nn.Module):
                              capacity - sink)
         out = self.o(out.flatten(2))
         return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
+
+    @staticmethod
+    def _use_fp8_cache(kv_cache: dict) -> None:
+        """Replace a bf16 "k"/"v" pair by its e4m3 quantization and scales (module docstring)."""
+        if kv_cache["k"].dtype == FP8_DTYPE and "k_scale" in kv_cache:
+            return
+        for name in ("k", "v"):
+            x8, scale = quantize_kv_rows(kv_cache[name])
+            kv_cache[name], kv_cache[f"{name}_scale"] = x8, scale
+
+    def _append_attend_fp8(self, qkv, kv_cache, plan, ring, grid, start_frame) -> torch.Tensor:
+        """Steps 3-4 on the fp8 cache: quantize/append k and v, attend over sink + window."""
+        d = self.dim
+        k_cache, v_cache, k_scale, v_scale = (kv_cache[n] for n in ("k", "v", "k_scale", "v_scale"))
+        q = kv_quant_append(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], self.norm_q.weight, self.norm_k.weight,
+                            self._cos, self._sin, k_cache, v_cache, k_scale, v_scale, grid, start_frame,
+                            plan[LOCAL_START:LOCAL_START + 1], plan[ROW_LO:ROW_LO + 1], eps=self.eps, **ring)
+        return window_attention_fp8(q, k_cache, v_cache, k_scale, v_scale, plan[SINK_END:SINK_END + 1],
+                                    plan[WIN_START:WIN_START + 1], plan[WIN_END:WIN_END + 1],
+                                    fp8_dots=self.fp8_dots, **ring)
 
     @staticmethod
     def _sdpa(q, k_cache, v_cache, window: tuple[int, int, int], sink: int, ring: int) -> torch.Tensor:
@@ -188,4 +234,6 @@ _BACKEND_NAMES = {"sdpa": "cuDNN through torch SDPA", "triton": "our Triton wind
 PATCH = Patch(name="window_self_attention", matches=_is_self_attention,
               enabled=lambda cfg: cfg.window_attention, replace=WindowSelfAttention.from_stock,
               describe=lambda cfg: f"self-attention runs on {_BACKEND_NAMES[cfg.attention_backend]} "
-                                   f"(attention_backend: {cfg.attention_backend})")
+                                   f"(attention_backend: {cfg.attention_backend})"
+                                   + (f", over an fp8 KV cache (fp8 dots: {cfg.fp8_attention_dots})"
+                                      if cfg.kv_cache_dtype == "fp8" else ""))
