@@ -7,7 +7,8 @@ latent frames (random, 16 x 60 x 104 for 480x832 by default) per call, exactly a
 each), timed with CUDA events around each call, with no sync inside the loop. Weights are random
 (seeded), bf16 by default; every provider holds the same weights.
 
-Providers: `reference` (our decoder, bit-exact with the stock code: the baseline), `patched`
+Providers: `reference` (our decoder, bit-exact with the stock code: the baseline), the reference
+with its Conv3d weights stored channels-last (the layout change alone, stock ops otherwise), `patched`
 (`patch_vae` on it) and, with --stock-src (or $LONGLIVE_SRC), the stock `WanVAE_` itself before and
 after `patch_vae`. rel L2 compares each provider's last block with the reference's.
 
@@ -70,27 +71,33 @@ def _row(name: str, ms: list[float], out: torch.Tensor, ref_out: torch.Tensor | 
 
 
 def measure_vae(*, latent_hw=(60, 104), frames_per_block: int = 3, blocks: int = 12, warmup: int = 2,
-                dtype: torch.dtype = torch.bfloat16, seed: int = 0, stock_src: str | None = None) -> dict:
+                dtype: torch.dtype = torch.bfloat16, seed: int = 0, stock_src: str | None = None,
+                preset: str = "wan2.1", device="cuda") -> dict:
     """Time the streaming block decode per provider (module docstring); returns the settings and rows."""
-    device = torch.device("cuda")
+    device = torch.device(device)
     h, w = latent_hw
     gen = torch.Generator(device).manual_seed(seed)
     zs = [torch.randn(1, 16, frames_per_block, h, w, generator=gen, device=device).to(dtype) for _ in range(blocks)]
     video_frames = 4 * frames_per_block
-    reference = build_vae_decoder("wan2.1", dtype=dtype, device=device, seed=seed)
+    reference = build_vae_decoder(preset, dtype=dtype, device=device, seed=seed)
     flops = block_flops(reference, zs[0])
 
     providers: list[tuple[str, Callable[[], Callable]]] = []
 
-    def ours(patched: bool):
+    def ours(how: str):
         def setup():
             vae = copy.deepcopy(reference)
-            if patched:
+            if how == "patched":
                 print(patch_vae(vae))
+            elif how == "channels_last":  # the layout alone, stock ops otherwise (the earlier 203 ms probe)
+                for m in vae.modules():
+                    if isinstance(m, torch.nn.Conv3d):
+                        m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
             return StreamingVAEDecoder(vae).decode_block
         return setup
 
-    providers += [("reference", ours(False)), ("patched", ours(True))]
+    providers += [("reference", ours("reference")), ("reference, channels-last weights", ours("channels_last")),
+                  ("patched", ours("patched"))]
     if stock_src:
         from longlive_triton.stock_vae import build_stock_vae, load_stock_vae, stock_cached_decode
         sv = load_stock_vae(stock_src)
@@ -122,9 +129,9 @@ def measure_vae(*, latent_hw=(60, 104), frames_per_block: int = 3, blocks: int =
         rows.append(row)
         del decode, out
         torch.cuda.empty_cache()
-    settings = {"latent_hw": list(latent_hw), "frames_per_block": frames_per_block, "video_frames_per_block":
+    settings = {"cudnn_benchmark": torch.backends.cudnn.benchmark, "latent_hw": list(latent_hw), "frames_per_block": frames_per_block, "video_frames_per_block":
                 video_frames, "blocks": blocks, "warmup": warmup, "dtype": str(dtype), "seed": seed,
-                "flops_per_block": flops, "stock_src": stock_src}
+                "flops_per_block": flops, "stock_src": stock_src, "preset": preset}
     return {"settings": settings, "rows": rows}
 
 
@@ -191,9 +198,11 @@ def run(args) -> int:
         print(f"vae: --blocks {args.blocks} leaves no timed block after {args.warmup} warm-up blocks", file=sys.stderr)
         return 2
     stock_src = args.stock_src or os.environ.get("LONGLIVE_SRC") or None
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     h, w = args.latent_hw
     print(f"vae: Wan2.1 decoder, random weights, {args.dtype}, latents 16x{h}x{w} ({8 * h}x{8 * w} pixels), "
-          f"{args.frames_per_block} latent frames per block, {args.blocks} blocks, {args.warmup} warm-up")
+          f"{args.frames_per_block} latent frames per block, {args.blocks} blocks, {args.warmup} warm-up, "
+          f"cudnn.benchmark {args.cudnn_benchmark}")
     result = measure_vae(latent_hw=(h, w), frames_per_block=args.frames_per_block, blocks=args.blocks,
                          warmup=args.warmup, dtype=DTYPES[args.dtype], seed=args.seed, stock_src=stock_src)
     print(f"FLOPs per steady-state block: {result['settings']['flops_per_block'] / 1e12:.1f} T")
@@ -218,6 +227,8 @@ def add_parser(sub) -> None:
     v.add_argument("--warmup", type=int, default=2, help="blocks left out of the statistics (default 2)")
     v.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and latents (default bf16)")
     v.add_argument("--seed", type=int, default=0, help="weights and latents seed (default 0)")
+    v.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its algorithms for each convolution shape (all providers)")
     v.add_argument("--stock-src", metavar="DIR", help="LongLive v1.0 checkout: also time the stock WanVAE_ "
                    "(default: $LONGLIVE_SRC if set)")
     v.add_argument("--generator", nargs="*", metavar="CONFIG",
