@@ -73,6 +73,8 @@ def patch_vae(vae) -> VAEPatchReport:
             report.applied.append(name)
         except PatchSkip as why:
             report.skipped.append((name, str(why)))
-    if report.applied and callable(getattr(root, "clear_cache", None)):
-        root.clear_cache()
+    if report.applied:  # the stock WanVAE_ (also inside LongLive's WanVAEWrapper) keeps its stream cache
+        for m in root.modules():
+            if callable(getattr(m, "clear_cache", None)):
+                m.clear_cache()
     return report

@@ -55,6 +55,8 @@ def _check(device, dtype, B, C, T, H, W, residual, silu, bias, sum_out, into_buf
        into_buffer=st.booleans(), seed=st.integers(0, 2**16))
 @example(dtype=torch.bfloat16, B=1, C=96, T=4, H=3, W=5, residual=True, silu=True, bias=False, sum_out=True,
          into_buffer=True, seed=1)
+@example(dtype=torch.float32, B=2, C=100, T=4, H=5, W=6, residual=True, silu=True, bias=True, sum_out=True,
+         into_buffer=True, seed=2)  # several programs per batch (in the interpreter too) and a ragged last one
 def test_matches_stock_ops(device, dtype, B, C, T, H, W, residual, silu, bias, sum_out, into_buffer, seed):
     _check(device, dtype, B, C, T, H, W, residual, silu, bias, sum_out, into_buffer, seed)
 
