@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,6 +108,16 @@ def test_patch_twice_and_refusals():
         patch_vae(object())
     with pytest.raises(TypeError, match="holds the decoder"):
         patch_vae(build_vae_decoder("tiny", seed=0).decoder)
+
+
+def test_holder_objects_are_patched_through_model():
+    """LongLive's WanVAE keeps the VAE module as .model on a plain object; WanVAEWrapper as a child."""
+    holder = SimpleNamespace(model=build_vae_decoder("tiny", seed=0))
+    assert patch_vae(holder).applied == ["decoder"]
+    wrapper = nn.Module()
+    wrapper.model = build_vae_decoder("tiny", seed=0)
+    assert patch_vae(wrapper).applied == ["model.decoder"]
+    assert isinstance(wrapper.model.decoder, FastDecoder3d)
 
 
 def test_unknown_structure_is_skipped_with_reason():
