@@ -50,6 +50,19 @@ def time_stream(decode_block: Callable[[torch.Tensor], torch.Tensor], blocks: li
     return [s.elapsed_time(e) for s, e in marks], out
 
 
+def profile_block(vae, z: torch.Tensor, rows: int) -> str:
+    """The top GPU ops of one steady-state block (after two warm-up blocks), by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+    stream = StreamingVAEDecoder(vae)
+    stream.decode_block(z)
+    stream.decode_block(z)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        stream.decode_block(z)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
 def block_flops(vae, z: torch.Tensor) -> float:
     """FLOPs of one steady-state block (convolutions, GEMMs, attention), counted by torch on the reference."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -214,6 +227,17 @@ def run(args) -> int:
         text, totals = total_table(gen, result["rows"], 4 * args.frames_per_block)
         print(text)
         record["totals"] = totals
+    if args.profile:
+        h, w = args.latent_hw
+        z = torch.randn(1, 16, args.frames_per_block, h, w, device="cuda").to(DTYPES[args.dtype])
+        for name in ("reference", "patched"):
+            vae = build_vae_decoder("wan2.1", dtype=DTYPES[args.dtype], device="cuda", seed=args.seed)
+            if name == "patched":
+                patch_vae(vae)
+            print(f"--- {name}: one steady-state block, top {args.profile} ops by GPU time")
+            print(profile_block(vae, z, args.profile))
+            del vae
+            torch.cuda.empty_cache()
     save(record, args.json, args.append)
     return 1 if any(r["status"] != "ok" for r in result["rows"]) else 0
 
@@ -235,6 +259,8 @@ def add_parser(sub) -> None:
                    help="also time the 1.3B generator (stock and these patch presets) and report totals")
     v.add_argument("--generator-blocks", type=int, default=8,
                    help="blocks the generator runs per row (default 8; statistics from the full window)")
+    v.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="also print the top ROWS GPU ops of one block, reference and patched (torch.profiler)")
     v.add_argument("--json", metavar="PATH", help="write the run as one JSON document")
     v.add_argument("--append", metavar="PATH", help="append the run as one line of a JSON-lines log")
     v.set_defaults(run=run)
