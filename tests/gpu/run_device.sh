@@ -27,7 +27,7 @@ for step in $steps; do
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae)     { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
                  tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py \
-               && LONGLIVE_SRC=.stock/LongLive longlive-bench vae --json "$OUT/vae.json"; } 2>&1 | tee "$OUT/vae.log" ;;
+               && LONGLIVE_SRC=.stock/LongLive longlive-bench vae --profile 25 --json "$OUT/vae.json"; } 2>&1 | tee "$OUT/vae.log" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
