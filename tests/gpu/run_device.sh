@@ -26,8 +26,9 @@ for step in $steps; do
     e2e)     longlive-bench e2e --configs exact --blocks 16 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae)     { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
-                 tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py \
-               && LONGLIVE_SRC=.stock/LongLive longlive-bench vae --profile 25 --json "$OUT/vae.json"; } 2>&1 | tee "$OUT/vae.log" ;;
+                 tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py; t=$?
+               LONGLIVE_SRC=.stock/LongLive longlive-bench vae --profile 25 --json "$OUT/vae.json"; b=$?
+               [ $t = 0 ] && [ $b = 0 ]; } 2>&1 | tee "$OUT/vae.log" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
