@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import e2e, kernels
+from . import e2e, kernels, vae
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (k, e):
         p.add_argument("--json", metavar="PATH", help="write the run as one JSON document")
         p.add_argument("--append", metavar="PATH", help="append the run as one line of a JSON-lines log")
+    vae.add_parser(sub)
     return parser
 
 

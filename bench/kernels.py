@@ -25,6 +25,7 @@ CASE_MODULES = (
     "longlive_triton.bench.kernels_rms_norm",
     "longlive_triton.bench.kernels_fp8",
     "longlive_triton.bench.kernels_token_merge",
+    "longlive_triton.bench.kernels_vae_rms_norm_silu",
 )
 
 # A timer takes the zero-argument call and returns (median, p20, p80) in ms.

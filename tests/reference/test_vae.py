@@ -5,10 +5,7 @@ checkout is available (LONGLIVE_SRC, as tests/reference/test_stock_parity_cpu.py
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -300,39 +297,12 @@ def test_loader_errors_name_keys(vae, tmp_path):
 _SRC = os.environ.get("LONGLIVE_SRC", "")
 
 
-def _import_stock_vae(src: str):
-    """Import wan/modules/vae.py alone. einops (for two `rearrange` patterns) gets a minimal stand-in
-    when it is not installed, present in sys.modules only during the import."""
-    stand_in = None
-    if importlib.util.find_spec("einops") is None:
-        stand_in = types.ModuleType("einops")
-
-        def rearrange(x, pattern, **kw):
-            if pattern.replace(" ", "") == "bcthw->(bt)chw":
-                b, c, t, h, w = x.shape
-                return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-            assert pattern.replace(" ", "") == "(bt)chw->bcthw", pattern
-            t = kw["t"]
-            bt, c, h, w = x.shape
-            return x.reshape(bt // t, t, c, h, w).permute(0, 2, 1, 3, 4)
-
-        stand_in.rearrange = rearrange
-        sys.modules["einops"] = stand_in
-    try:
-        spec = importlib.util.spec_from_file_location("_stock_wan_vae", Path(src) / "wan/modules/vae.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        if stand_in is not None:
-            sys.modules.pop("einops", None)
-    return mod
-
-
 @pytest.mark.skipif(not _SRC or not (Path(_SRC) / "wan/modules/vae.py").is_file(),
                     reason="LONGLIVE_SRC is not set to a LongLive v1.0 checkout")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_stock_wan_vae(dtype, tmp_path):
-    sv = _import_stock_vae(_SRC)
+    from longlive_triton.stock_vae import load_stock_vae
+    sv = load_stock_vae(_SRC)
     with torch.device("meta"):
         stock_big = sv.WanVAE_(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                temperal_downsample=[False, True, True])

@@ -1,0 +1,326 @@
+"""A faster drop-in for the Wan2.1 VAE's `Decoder3d` (stock `wan/modules/vae.py` and our reference alike).
+
+`FastDecoder3d.from_stock(decoder)` adopts the decoder's own submodules (same names, same parameters,
+so state dicts are unchanged) and replaces only how one chunk of latent frames runs through them:
+
+* Layout: activations and convolution weights are channels-last 3-D (`torch.channels_last_3d`), which
+  cuDNN runs faster than the stock channel-first layout, and which makes each video frame one
+  contiguous slab of memory.
+* Causal convolutions: each 3x3x3 (and the 3x1x1 `time_conv`) owns a time-padded input buffer
+  [B, C, 2 + T, H, W] whose first two frames are its cache. The op before the convolution writes its
+  output straight into the frames after them, the convolution runs over the buffer with spatial
+  padding only, and afterwards the last two frames move to the front for the next chunk. The stock
+  code instead clones the cache frames, concatenates them to the input and pads the result: three
+  copies of the whole input per convolution.
+* Glue: RMS_norm + SiLU run as one Triton kernel (`kernels/vae_rms_norm_silu.py`), fused with the
+  residual add that precedes it; it writes both the sum (the next residual) and the normalised input.
+* Resampling: the time interleave of `upsample3d` and the nearest 2x upsample are one copy (no fp32
+  round trip: nearest copies values, so bf16 gives the same numbers); 1x1 convolutions are GEMMs.
+
+The cache protocol is the caller's: the stock `decoder(x, feat_cache=list, feat_idx=[0])` and our
+`decoder(x, FeatCache)` both work. The fast decoder keeps its per-stream state (the time-padded
+buffers, the chunk count) in the first slot of the caller's cache, so `clear_cache()` / `new_cache()`
+start a new stream exactly as before, and several streams can run side by side. Without a cache the
+stock (uncached) forward runs unchanged.
+
+Numerics: the same operations in the same order as the stock decoder, except that the norm's math
+runs in fp32 with one rounding at the end (the stock rounds after each op in bf16) and the
+convolution algorithms may differ; in bf16 the decoded pixels agree within relative L2 1e-2.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels.vae_rms_norm_silu import vae_rms_norm_silu
+from .registry import PatchSkip, require_kernel_device
+
+__all__ = ["FastDecoder3d", "is_wan_decoder"]
+
+CL3 = torch.channels_last_3d
+CACHE_T = 2
+
+
+# --- recognising the stock structure -------------------------------------------------------------
+
+def is_wan_decoder(m: nn.Module) -> bool:
+    """A Wan VAE Decoder3d, by structure: conv1, middle, upsamples, head (stock or reference class)."""
+    return (all(isinstance(getattr(m, a, None), nn.Module) for a in ("conv1", "middle", "upsamples", "head"))
+            and _is_causal_conv(m.conv1) and not isinstance(m, FastDecoder3d))
+
+
+def _is_causal_conv(m) -> bool:
+    return isinstance(m, nn.Conv3d) and isinstance(getattr(m, "_padding", None), (tuple, list))
+
+
+def _check_conv(m, where: str, kernel: tuple, padding: tuple) -> None:
+    if not _is_causal_conv(m):
+        raise PatchSkip(f"{where} is {type(m).__name__}, not a CausalConv3d")
+    if tuple(m.kernel_size) != kernel or tuple(m._padding) != padding:
+        raise PatchSkip(f"{where}: kernel {tuple(m.kernel_size)} / causal padding {tuple(m._padding)}, "
+                        f"expected {kernel} / {padding}")
+    if tuple(m.stride) != (1, 1, 1) or tuple(m.dilation) != (1, 1, 1) or m.groups != 1:
+        raise PatchSkip(f"{where}: strided, dilated or grouped convolutions are not in the Wan decoder")
+
+
+def _check_norm(m, where: str) -> None:
+    gamma = getattr(m, "gamma", None)
+    if not isinstance(gamma, nn.Parameter) or not getattr(m, "channel_first", False):
+        raise PatchSkip(f"{where} is {type(m).__name__}, not a channel-first RMS_norm")
+    if not math.isclose(float(m.scale), gamma.shape[0] ** 0.5):
+        raise PatchSkip(f"{where}: scale {m.scale} is not sqrt(dim)")
+    if not isinstance(m.bias, torch.Tensor) and m.bias != 0.0:
+        raise PatchSkip(f"{where}: a constant bias {m.bias} is not the stock RMS_norm's")
+
+
+def _norm_bias(m) -> torch.Tensor | None:
+    return m.bias if isinstance(m.bias, torch.Tensor) else None
+
+
+def _classify(m: nn.Module, where: str) -> str:
+    """'res', 'attn' or 'up', after checking the block is laid out as the stock one."""
+    if isinstance(getattr(m, "residual", None), nn.Sequential) and hasattr(m, "shortcut"):
+        layers = list(m.residual)
+        kinds = [type(x).__name__ for x in layers]
+        if len(layers) != 7 or not isinstance(layers[1], nn.SiLU) or not isinstance(layers[4], nn.SiLU) \
+                or not isinstance(layers[5], nn.Dropout):
+            raise PatchSkip(f"{where}: residual layers {kinds} are not RMS_norm, SiLU, conv, RMS_norm, SiLU, "
+                            "Dropout, conv")
+        if layers[5].p != 0.0 and m.training:
+            raise PatchSkip(f"{where}: dropout {layers[5].p} in training mode")
+        _check_norm(layers[0], f"{where}.residual.0")
+        _check_norm(layers[3], f"{where}.residual.3")
+        _check_conv(layers[2], f"{where}.residual.2", (3, 3, 3), (1, 1, 1, 1, 2, 0))
+        _check_conv(layers[6], f"{where}.residual.6", (3, 3, 3), (1, 1, 1, 1, 2, 0))
+        if not isinstance(m.shortcut, nn.Identity):
+            _check_conv(m.shortcut, f"{where}.shortcut", (1, 1, 1), (0, 0, 0, 0, 0, 0))
+        return "res"
+    if all(hasattr(m, a) for a in ("to_qkv", "proj", "norm")):
+        _check_norm(m.norm, f"{where}.norm")
+        for name in ("to_qkv", "proj"):
+            conv = getattr(m, name)
+            if not isinstance(conv, nn.Conv2d) or tuple(conv.kernel_size) != (1, 1):
+                raise PatchSkip(f"{where}.{name} is not a 1x1 Conv2d")
+        return "attn"
+    mode = getattr(m, "mode", None)
+    if mode in ("upsample2d", "upsample3d"):
+        up, conv = m.resample[0], m.resample[1]
+        if getattr(up, "mode", "nearest") != "nearest" or list(up.parameters()):
+            raise PatchSkip(f"{where}.resample.0 is not a nearest upsample")
+        if tuple(getattr(up, "scale_factor", None) or (2.0, 2.0)) != (2.0, 2.0):
+            raise PatchSkip(f"{where}.resample.0 scales by {up.scale_factor}, not 2x2")
+        if not isinstance(conv, nn.Conv2d) or tuple(conv.kernel_size) != (3, 3) or tuple(conv.padding) != (1, 1) \
+                or tuple(conv.stride) != (1, 1):
+            raise PatchSkip(f"{where}.resample.1 is not a 3x3 Conv2d with padding 1")
+        if mode == "upsample3d":
+            _check_conv(m.time_conv, f"{where}.time_conv", (3, 1, 1), (0, 0, 0, 0, 2, 0))
+        return "up"
+    raise PatchSkip(f"{where} ({type(m).__name__}, mode {mode!r}) is not a decoder block the fast decoder knows")
+
+
+# --- per-stream state ----------------------------------------------------------------------------
+
+class _TimePadded:
+    """One causal convolution's input buffer [B, C, 2 + T, H, W], channels-last, its cache in front."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+
+    def frames(self, b: int, c: int, t: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """The [B, C, T, H, W] view that this chunk's input is to be written into."""
+        shape = (b, c, t + CACHE_T, h, w)
+        old = self.buf
+        if old is None or old.shape != shape or old.dtype != like.dtype or old.device != like.device:
+            if old is not None and (old.shape[:2] + old.shape[3:] != shape[:2] + shape[3:]
+                                    or old.dtype != like.dtype or old.device != like.device):
+                raise ValueError(f"a decoder chunk of shape {tuple(like.shape)} ({like.dtype}, {like.device}) does "
+                                 f"not continue the stream cached as {tuple(old.shape)} ({old.dtype}, {old.device});"
+                                 " clear the cache to start a new stream")
+            new = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL3)
+            if old is None:  # the causal zero padding of a stream's start
+                new[:, :, :CACHE_T].zero_()
+            else:  # more frames per chunk than last time (after the first chunk): keep the cache,
+                new[:, :, :CACHE_T].copy_(old[:, :, :CACHE_T])  # which conv() moved to the front
+            self.buf = new
+        return self.buf[:, :, CACHE_T:]
+
+    def conv(self, conv: nn.Conv3d) -> torch.Tensor:
+        """Run `conv` over cache + chunk, then keep the last two input frames as the next cache."""
+        buf = self.buf
+        pw, ph = conv._padding[0], conv._padding[2]
+        out = F.conv3d(buf, conv.weight, conv.bias, padding=(0, ph, pw))
+        t = buf.shape[2] - CACHE_T
+        if t >= CACHE_T:
+            buf[:, :, :CACHE_T].copy_(buf[:, :, t:])
+        else:  # overlapping ranges: one frame at a time, front first
+            for i in range(CACHE_T):
+                buf[:, :, i].copy_(buf[:, :, i + 1])
+        return out.contiguous(memory_format=CL3)
+
+
+class _Stream:
+    """What the fast decoder remembers of one stream: kept in slot 0 of the caller's feature cache."""
+
+    def __init__(self):
+        self.chunks = 0
+        self.inputs: dict[str, _TimePadded] = {}
+
+    def input(self, name: str) -> _TimePadded:
+        if name not in self.inputs:
+            self.inputs[name] = _TimePadded()
+        return self.inputs[name]
+
+
+# --- helpers on channels-last video tensors ------------------------------------------------------
+
+def _empty_cl(b, c, t, h, w, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty((b, c, t, h, w), dtype=like.dtype, device=like.device, memory_format=CL3)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1(x1) convolution of channels-last x [B, C, T, H, W] as one GEMM over the positions."""
+    b, c, t, h, w = x.shape
+    cout = weight.shape[0]
+    y = F.linear(x.permute(0, 2, 3, 4, 1).reshape(-1, c), weight.reshape(cout, c), bias)
+    return y.view(b, t, h, w, cout).permute(0, 4, 1, 2, 3)
+
+
+class FastDecoder3d(nn.Module):
+    """Decoder3d with the stock parameter names, run channels-last with fused glue (module docstring)."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.conv1 = decoder.conv1
+        self.middle = decoder.middle
+        self.upsamples = decoder.upsamples
+        self.head = decoder.head
+        for attr in ("dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_upsample"):
+            if hasattr(decoder, attr):
+                setattr(self, attr, getattr(decoder, attr))
+        self._plan = [(kind, f"middle.{i}", m) for i, (kind, m) in enumerate(_plan_of(decoder.middle, "middle"))]
+        self._plan += [(kind, f"upsamples.{i}", m)
+                       for i, (kind, m) in enumerate(_plan_of(decoder.upsamples, "upsamples"))]
+        # The stock forward without a cache (all convolutions zero-padded, no temporal upsampling).
+        self._uncached_forward = type(decoder).forward
+
+    @classmethod
+    @torch.no_grad()
+    def from_stock(cls, decoder: nn.Module) -> "FastDecoder3d":
+        """Check the structure (PatchSkip if it is not the Wan decoder), store weights channels-last."""
+        if not is_wan_decoder(decoder):
+            raise PatchSkip(f"{type(decoder).__name__} is not a Wan VAE Decoder3d (conv1, middle, upsamples, head)")
+        require_kernel_device(decoder.conv1.weight)
+        _check_conv(decoder.conv1, "conv1", (3, 3, 3), (1, 1, 1, 1, 2, 0))
+        head = list(decoder.head)
+        if len(head) != 3 or not isinstance(head[1], nn.SiLU):
+            raise PatchSkip(f"head is {[type(x).__name__ for x in head]}, not RMS_norm, SiLU, conv")
+        _check_norm(head[0], "head.0")
+        _check_conv(head[2], "head.2", (3, 3, 3), (1, 1, 1, 1, 2, 0))
+        fast = cls(decoder)  # classifies (and so checks) every block before anything changes
+        for m in fast.modules():
+            if isinstance(m, nn.Conv3d) and m.kernel_size != (1, 1, 1):
+                m.weight.data = m.weight.data.contiguous(memory_format=CL3)
+            elif isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        return fast
+
+    def extra_repr(self) -> str:
+        return "channels-last 3-D, time-padded conv inputs, fused RMS_norm+SiLU (Triton)"
+
+    # --- one chunk ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, feat_cache=None, feat_idx=None) -> torch.Tensor:
+        if feat_cache is None:
+            return self._uncached_forward(self, x)
+        slots = getattr(feat_cache, "slots", feat_cache)  # our FeatCache, or the stock list
+        state = slots[0]
+        if state is None:
+            state = slots[0] = _Stream()
+        elif not isinstance(state, _Stream):
+            raise ValueError("this feature cache was filled by the unpatched decoder; clear it "
+                             "(clear_cache() / new_cache()) before decoding with the patched one")
+        if x.dim() != 5:
+            raise ValueError(f"decoder input must be [B, C, T, H, W], got shape {tuple(x.shape)}")
+        out = self._chunk(x, state)
+        state.chunks += 1
+        if feat_idx is not None:  # the stock protocol: the cursor ends past the last slot
+            feat_idx[0] = len(slots)
+        return out
+
+    def _chunk(self, x: torch.Tensor, st: _Stream) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        inp = st.input("conv1")
+        inp.frames(b, c, t, h, w, x).copy_(x)
+        a, r = inp.conv(self.conv1), None  # the activation is a + r (r None: a alone), the add deferred
+        for kind, name, m in self._plan:
+            if kind == "res":
+                a, r = self._residual(m, name, a, r, st)
+            elif kind == "attn":
+                a, r = self._attention(m, a, r)
+            else:
+                a, r = self._resample(m, name, a, r, st), None
+        norm, conv = self.head[0], self.head[2]
+        inp = st.input("head")
+        vae_rms_norm_silu(a, norm.gamma, _norm_bias(norm), residual=r, scale=norm.scale,
+                          out=inp.frames(*a.shape, a))
+        return inp.conv(conv).contiguous()
+
+    def _norm_into(self, norm, a, r, out, *, silu=True) -> torch.Tensor:
+        """out <- silu(norm(a + r)); returns a + r (materialised only when r is given)."""
+        s = a if r is None else _empty_cl(*a.shape, a)
+        vae_rms_norm_silu(a, norm.gamma, _norm_bias(norm), residual=r, silu=silu, scale=norm.scale, out=out,
+                          sum_out=None if r is None else s)
+        return s
+
+    def _residual(self, m, name, a, r, st):
+        n1, c1, n2, c2 = m.residual[0], m.residual[2], m.residual[3], m.residual[6]
+        b, c, t, h, w = a.shape
+        in1 = st.input(f"{name}.residual.2")
+        s = self._norm_into(n1, a, r, in1.frames(b, c, t, h, w, a))
+        identity = s if isinstance(m.shortcut, nn.Identity) else _pointwise(s, m.shortcut.weight, m.shortcut.bias)
+        y = in1.conv(c1)
+        in2 = st.input(f"{name}.residual.6")
+        vae_rms_norm_silu(y, n2.gamma, _norm_bias(n2), scale=n2.scale, out=in2.frames(*y.shape, y))
+        return in2.conv(c2), identity
+
+    def _attention(self, m, a, r):
+        b, c, t, h, w = a.shape
+        y = _empty_cl(b, c, t, h, w, a)
+        s = self._norm_into(m.norm, a, r, y, silu=False)
+        qkv = F.linear(y.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c),
+                       m.to_qkv.weight.reshape(3 * c, c), m.to_qkv.bias)
+        q, k, v = qkv.chunk(3, dim=-1)  # the stock split of its [bt, 1, hw, 3c] tensor
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.linear(o.reshape(-1, c), m.proj.weight.reshape(c, c), m.proj.bias)
+        return o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3), s
+
+    def _resample(self, m, name, a, r, st):
+        b, c, t, h, w = a.shape
+        if m.mode == "upsample3d" and st.chunks > 0:  # the stock 'Rep' rule: no time doubling on chunk 0
+            inp = st.input(f"{name}.time_conv")
+            xin = inp.frames(b, c, t, h, w, a)
+            if r is None:
+                xin.copy_(a)
+            else:
+                torch.add(a, r, out=xin)
+            y = inp.conv(m.time_conv)  # [B, 2C, T, H, W]: channel j*C + c is frame 2t + j
+            frames = y.permute(0, 2, 3, 4, 1).view(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5)
+            t = 2 * t
+        else:
+            s = a if r is None else a + r
+            frames = s.permute(0, 2, 3, 4, 1)
+        frames = frames.reshape(b * t, h, w, c)
+        # nearest 2x: one copy from the low-resolution frames (also doing the time interleave above)
+        up = frames[:, :, None, :, None, :].expand(b * t, h, 2, w, 2, c).reshape(b * t, 2 * h, 2 * w, c)
+        conv = m.resample[1]
+        o = F.conv2d(up.permute(0, 3, 1, 2), conv.weight, conv.bias, padding=1)
+        co = o.shape[1]
+        o = o.permute(0, 2, 3, 1).reshape(b, t, 2 * h, 2 * w, co)  # a view when cuDNN kept channels-last
+        return o.permute(0, 4, 1, 2, 3)
+
+
+def _plan_of(seq: nn.Sequential, where: str) -> list[tuple[str, nn.Module]]:
+    return [(_classify(m, f"{where}.{i}"), m) for i, m in enumerate(seq)]

@@ -1,0 +1,96 @@
+"""vae_rms_norm_silu: the fused (residual add +) RMS_norm (+ SiLU) equals the stock VAE ops, channels-last."""
+import pytest
+import torch
+from hypothesis import example, given, strategies as st
+
+from longlive_triton.kernels.vae_rms_norm_silu import (vae_rms_norm_silu, vae_rms_norm_silu_bytes,
+                                                       vae_rms_norm_silu_ref)
+
+CL = torch.channels_last_3d
+# Against the same math in fp32: fp32 differs only in summation order; bf16 rounds once at the end.
+TOL_FP32 = dict(atol=1e-5, rtol=1e-5)
+TOL_BF16 = dict(atol=8e-3, rtol=8e-3)      # one bf16 rounding of values of order one
+TOL_BF16_STOCK = dict(atol=4e-2, rtol=3e-2)  # the stock rounds after each of its five ops
+
+
+def _video(gen, shape, dtype, device, offset=0.0):
+    return (torch.randn(shape, generator=gen) * 2 + offset).to(dtype).to(device).contiguous(memory_format=CL)
+
+
+def _check(device, dtype, B, C, T, H, W, residual, silu, bias, sum_out, into_buffer, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = _video(gen, (B, C, T, H, W), dtype, device, 0.3)
+    r = _video(gen, (B, C, T, H, W), dtype, device) if residual else None
+    g = (1 + 0.3 * torch.randn(C, 1, 1, 1, generator=gen)).to(dtype).to(device)
+    bvec = (0.1 * torch.randn(C, 1, 1, 1, generator=gen)).to(dtype).to(device) if bias else None
+    if into_buffer:  # the decoder's case: outputs are the frames after two cached ones of a larger buffer
+        buf = torch.full((B, C, T + 2, H, W), float("nan"), dtype=dtype, device=device).contiguous(memory_format=CL)
+        out = buf[:, :, 2:]
+        cached = torch.randn(B, C, 2, H, W, generator=gen).to(dtype).to(device)
+        buf[:, :, :2] = cached
+    else:
+        out = torch.full((B, C, T, H, W), float("nan"), dtype=dtype, device=device).contiguous(memory_format=CL)
+    s_out = torch.full((B, C, T, H, W), float("nan"), dtype=dtype, device=device).contiguous(memory_format=CL) \
+        if sum_out else None
+    got = vae_rms_norm_silu(x, g, bvec, residual=r, silu=silu, out=out, sum_out=s_out)
+    assert got is out and torch.isfinite(got.float()).all()
+
+    y_stock, s_stock = vae_rms_norm_silu_ref(x, g, bvec, residual=r, silu=silu)
+    up = (lambda t: None if t is None else t.double())
+    y_exact, s_exact = vae_rms_norm_silu_ref(x.double(), g.double(), up(bvec), residual=up(r), silu=silu)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, y_stock, **TOL_FP32)
+    else:
+        torch.testing.assert_close(got.double(), y_exact, **TOL_BF16)
+        torch.testing.assert_close(got.float(), y_stock.float(), **TOL_BF16_STOCK)
+    if sum_out:
+        assert torch.equal(s_out, s_stock)  # one rounding of the sum, as torch's add
+    if into_buffer:
+        assert torch.equal(buf[:, :, :2], cached)  # the cached frames are not touched
+
+
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), B=st.integers(1, 2),
+       C=st.sampled_from([8, 32, 96, 100]), T=st.integers(1, 4), H=st.integers(1, 5), W=st.integers(1, 6),
+       residual=st.booleans(), silu=st.booleans(), bias=st.booleans(), sum_out=st.booleans(),
+       into_buffer=st.booleans(), seed=st.integers(0, 2**16))
+@example(dtype=torch.bfloat16, B=1, C=96, T=4, H=3, W=5, residual=True, silu=True, bias=False, sum_out=True,
+         into_buffer=True, seed=1)
+@example(dtype=torch.float32, B=2, C=100, T=4, H=5, W=6, residual=True, silu=True, bias=True, sum_out=True,
+         into_buffer=True, seed=2)  # several programs per batch (in the interpreter too) and a ragged last one
+def test_matches_stock_ops(device, dtype, B, C, T, H, W, residual, silu, bias, sum_out, into_buffer, seed):
+    _check(device, dtype, B, C, T, H, W, residual, silu, bias, sum_out, into_buffer, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,T,H,W", [(96, 4, 480, 832), (192, 4, 240, 416), (384, 1, 60, 104)])
+def test_matches_stock_ops_at_real_size(C, T, H, W):
+    """The decoder's three widths at 480x832, steady-state frame counts, into a time-padded buffer."""
+    _check(torch.device("cuda"), torch.bfloat16, 1, C, T, H, W, residual=True, silu=True, bias=False,
+           sum_out=True, into_buffer=True, seed=C)
+
+
+def _inputs(device):
+    x = torch.randn(1, 8, 2, 3, 4, device=device).contiguous(memory_format=CL)
+    return x, torch.ones(8, device=device)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x, g: vae_rms_norm_silu(x.contiguous(), g), ValueError, "channels-last"),
+    (lambda x, g: vae_rms_norm_silu(x[:, :, 0], g), ValueError, "5 dims"),
+    (lambda x, g: vae_rms_norm_silu(x.half(), g), TypeError, "bfloat16 or float32"),
+    (lambda x, g: vae_rms_norm_silu(x, g[:4]), ValueError, "8 channels"),
+    (lambda x, g: vae_rms_norm_silu(x, g, residual=x[:, :, :1]), ValueError, "residual has shape"),
+    (lambda x, g: vae_rms_norm_silu(x, g, residual=x.bfloat16()), TypeError, "residual is torch.bfloat16"),
+    (lambda x, g: vae_rms_norm_silu(x, g, out=torch.empty_like(x).contiguous()), ValueError, "out must be channels"),
+    (lambda x, g: vae_rms_norm_silu(x, g, sum_out=x[:, :4]), ValueError, "sum_out has shape"),
+    (lambda x, g: vae_rms_norm_silu(x, "g"), TypeError, "gamma must be a tensor"),
+])
+def test_bad_input_is_refused(device, call, error, match):
+    x, g = _inputs(device)
+    with pytest.raises(error, match=match):
+        call(x, g)
+
+
+def test_bytes():
+    assert vae_rms_norm_silu_bytes(10, 2, residual=True, sum_out=True) == 80
+    assert vae_rms_norm_silu_bytes(10, 4, residual=False, sum_out=False) == 80

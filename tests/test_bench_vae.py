@@ -1,0 +1,49 @@
+"""bench/vae.py's pieces that run without a GPU: FLOP counting, the tables, the CLI's refusal."""
+import torch
+
+from longlive_triton.bench import vae as bench_vae
+from longlive_triton.bench.cli import build_parser, main
+from longlive_triton.reference.vae import build_vae_decoder
+
+
+def test_block_flops_counts_the_convolutions():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions on a shared CPU: one thread is many times faster
+    try:
+        _check_block_flops()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_block_flops():
+    vae = build_vae_decoder("tiny", seed=0)
+    z = torch.randn(1, 16, 3, 2, 3)
+    flops = bench_vae.block_flops(vae, z)
+    # lower bound: the 6 full-resolution 3x3x3 convolutions of the last stage (8 -> 8 channels) alone
+    last_stage = 6 * 2 * 8 * 8 * 27 * (3 * 4) * 16 * 24
+    assert flops > last_stage
+    assert bench_vae.block_flops(vae, torch.randn(1, 16, 3, 4, 6)) > 3.5 * flops  # 4x the positions
+
+
+def test_tables():
+    rows = [{"provider": "reference", "status": "ok", "median_ms": 200.0, "p20_ms": 199.0, "p80_ms": 201.0,
+             "ms_per_video_frame": 200 / 12, "tflops": 200.0, "peak_mem_bytes": 2 ** 31, "rel_l2": 0.0,
+             "speedup": 1.0},
+            {"provider": "patched", "status": "ok", "median_ms": 100.0, "p20_ms": 99.0, "p80_ms": 101.0,
+             "ms_per_video_frame": 100 / 12, "tflops": 400.0, "peak_mem_bytes": 2 ** 31, "rel_l2": 3e-3,
+             "speedup": 2.0},
+            {"provider": "stock WanVAE_", "status": "failed", "error": "ValueError: x"}]
+    text = bench_vae.table(rows)
+    assert "patched" in text and "2.00x" in text and "FAILED" in text and "ValueError: x" in text
+    text, totals = bench_vae.total_table([{"config": "stock", "generator_ms": 400.0},
+                                          {"config": "exact", "generator_ms": 260.0}], rows, 12)
+    assert [t["vae"] for t in totals] == ["reference", "patched"]
+    assert totals[1]["total_ms"] == 360.0 and totals[1]["ms_per_video_frame"] == 30.0
+    assert "360.0" in text
+
+
+def test_cli_parses_and_refuses_without_gpu():
+    args = build_parser().parse_args(["vae", "--latent-hw", "30", "52", "--generator", "exact"])
+    assert args.latent_hw == [30, 52] and args.generator == ["exact"]
+    if not torch.cuda.is_available():
+        assert main(["vae"]) == 2
