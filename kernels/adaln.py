@@ -14,6 +14,12 @@ Shapes and dtypes: x, y [B, L, C] bf16 (last dim contiguous); gate, shift, scale
 (any strides, e.g. chunks of the stock [B, F, 6, C] modulation) where the L tokens are F frames of
 L/F tokens, token t belonging to frame t // (L/F); weight, bias [C] bf16. eps float.
 
+With fp8=True the LayerNorm branch's output h is handed to the next GEMM already quantized: instead
+of h in bf16 the kernel writes q = h / scale in float8_e4m3fn and one fp32 scale per token
+(amax |h| / 448 over the row, which one program holds whole), the per-token rule of
+kernels/fp8_quant.quantize_rowwise applied to the bf16-rounded h, so no quantization pass reads h
+again. The result is an Fp8Activation(q [B, L, C], scale [B, L]) that kernels/fp8_gemm consumes.
+
 Rounding follows the stock bf16 path exactly: y * gate, the residual sum, the LayerNorm output
 (fp32 statistics, one rounding after the affine), 1 + scale, the product and the final sum are each
 rounded to bf16, as torch's bf16 ops round them. Only the LayerNorm's fp32 reduction order differs.
@@ -25,18 +31,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import round_bf16
+from ._common import interpreting, round_bf16
+from .fp8_quant import FP8_DTYPE, FP8_MAX, Fp8Activation, _cast_fp8, quantize_rowwise_ref
 
 
 @triton.jit(do_not_specialize=["L", "C", "tokens_per_frame"])
 def _adaln_kernel(
-    x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xo_ptr, h_ptr,
+    x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, xo_ptr, h_ptr, hs_ptr,
     stride_xb, stride_xl, stride_yb, stride_yl,
     stride_gb, stride_gf, stride_sb, stride_sf, stride_cb, stride_cf,
-    stride_xob, stride_xol, stride_hb, stride_hl,
+    stride_xob, stride_xol, stride_hb, stride_hl, stride_hsb,
     L, C, tokens_per_frame, eps,
     HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, HAS_LN: tl.constexpr, AFFINE: tl.constexpr,
-    MODULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODULATE: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = tl.program_id(1).to(tl.int64)
@@ -67,7 +75,15 @@ def _adaln_kernel(
             sc = tl.load(scale_ptr + b * stride_cb + frame * stride_cf + offs, mask=mask, other=0.0).to(tl.float32)
             sh = tl.load(shift_ptr + b * stride_sb + frame * stride_sf + offs, mask=mask, other=0.0).to(tl.float32)
             h = round_bf16(round_bf16(h * round_bf16(1.0 + sc)) + sh)
-        tl.store(h_ptr + b * stride_hb + r * stride_hl + offs, h.to(tl.bfloat16), mask=mask)
+        if FP8_OUT:
+            # Masked columns hold 0 here. div_rn: IEEE rounding, as torch divides.
+            amax = tl.max(tl.abs(h), 1)
+            hscale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, FP8_MAX))
+            q = tl.minimum(tl.maximum(h * tl.math.div_rn(1.0, hscale)[:, None], -FP8_MAX), FP8_MAX)
+            tl.store(h_ptr + b * stride_hb + r * stride_hl + offs, _cast_fp8(q, INTERPRET), mask=mask)
+            tl.store(hs_ptr + b * stride_hsb + rows, hscale, mask=rows < L)
+        else:
+            tl.store(h_ptr + b * stride_hb + r * stride_hl + offs, h.to(tl.bfloat16), mask=mask)
 
 
 def _check_act(name: str, t: torch.Tensor, shape, device) -> None:
@@ -96,12 +112,13 @@ def _per_frame(name: str, t: torch.Tensor, B: int, C: int, device) -> tuple[torc
 def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor | None = None,
           norm: bool = True, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
           shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, eps: float = 1e-6,
-          out_x: torch.Tensor | None = None, out_h: torch.Tensor | None = None,
-          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+          out_x: torch.Tensor | None = None, out_h: torch.Tensor | Fp8Activation | None = None,
+          fp8: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | Fp8Activation | None]:
     """(x_new, h) per the module docstring: x_new is None without y, h is None without norm.
 
+    fp8: h comes back as an Fp8Activation (q [B, L, C] float8_e4m3fn, scale [B, L] fp32).
     out_x / out_h: optional preallocated outputs (out_x may be x itself: each row is read before
-    it is written, by the same program).
+    it is written, by the same program); with fp8, out_h is an Fp8Activation of contiguous tensors.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
@@ -135,40 +152,67 @@ def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor 
         if t is not None:
             _check_act(name, t, (C,), device)
 
-    for name, t in (("out_x", out_x), ("out_h", out_h)):
-        if t is not None:
-            _check_act(name, t, (B, L, C), device)
+    if out_x is not None:
+        _check_act("out_x", out_x, (B, L, C), device)
     if out_x is not None and y is None:
         raise ValueError("out_x needs y: without a residual there is no x_new")
     if out_h is not None and not norm:
         raise ValueError("out_h needs norm=True")
+    if fp8 and not norm:
+        raise ValueError("fp8 quantizes the LayerNorm output h; norm=False has none")
     x_new = (torch.empty_like(x) if out_x is None else out_x) if y is not None else None
-    h = (torch.empty_like(x) if out_h is None else out_h) if norm else None
+    h = h_scale = None
+    if fp8:
+        h, h_scale = _fp8_out(out_h, B, L, C, device)
+    elif norm:
+        if out_h is not None:
+            _check_act("out_h", out_h, (B, L, C), device)
+        h = torch.empty_like(x) if out_h is None else out_h
+    result_h = Fp8Activation(h, h_scale) if fp8 else h
     if B == 0 or L == 0:
-        return x_new, h
+        return x_new, result_h
     dummy = x
     g = per_frame.get("gate", dummy if gate is None else gate)
     sh = per_frame.get("shift", dummy)
     sc = per_frame.get("scale", dummy)
     yy, xo, hh = (y if y is not None else dummy), (x_new if x_new is not None else dummy), (h if h is not None else dummy)
+    hs = h_scale if fp8 else dummy
     block_c = triton.next_power_of_2(C)
     # One row per program, 4 warps: measured 1.6x faster than 4 rows on 8 warps at 4680 x 1536.
     block_r = 1
     _adaln_kernel[(triton.cdiv(L, block_r), B)](
-        x, yy, g, weight if weight is not None else dummy, bias if bias is not None else dummy, sh, sc, xo, hh,
+        x, yy, g, weight if weight is not None else dummy, bias if bias is not None else dummy, sh, sc, xo, hh, hs,
         x.stride(0), x.stride(1), yy.stride(0), yy.stride(1),
         g.stride(0), g.stride(1), sh.stride(0), sh.stride(1), sc.stride(0), sc.stride(1),
-        xo.stride(0), xo.stride(1), hh.stride(0), hh.stride(1),
+        xo.stride(0), xo.stride(1), hh.stride(0), hh.stride(1), hs.stride(0),
         L, C, L // num_frames, eps,
         HAS_Y=y is not None, HAS_GATE=gate is not None, HAS_LN=norm, AFFINE=weight is not None,
-        MODULATE=shift is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        MODULATE=shift is not None, FP8_OUT=bool(fp8), FP8_MAX=FP8_MAX, INTERPRET=interpreting(),
+        BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=4 if block_c <= 2048 else 8,
     )
-    return x_new, h
+    return x_new, result_h
 
 
-def adaln_ref(x, *, y=None, gate=None, norm=True, weight=None, bias=None, shift=None, scale=None, eps=1e-6):
-    """The stock bf16 torch ops, in the stock order (CausalWanAttentionBlock.forward)."""
+def _fp8_out(out_h, B: int, L: int, C: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (q, scale) buffers of an FP8 h: out_h's, checked, or new ones."""
+    if out_h is None:
+        return (torch.empty((B, L, C), dtype=FP8_DTYPE, device=device),
+                torch.empty((B, L), dtype=torch.float32, device=device))
+    if not isinstance(out_h, Fp8Activation):
+        raise TypeError(f"with fp8=True, out_h must be an Fp8Activation, got {type(out_h).__name__}")
+    q, s = out_h
+    for name, t, dtype, shape in (("out_h.q", q, FP8_DTYPE, (B, L, C)), ("out_h.scale", s, torch.float32, (B, L))):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape or t.device != device \
+                or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)} on {device}")
+    return q, s
+
+
+def adaln_ref(x, *, y=None, gate=None, norm=True, weight=None, bias=None, shift=None, scale=None, eps=1e-6,
+              fp8=False):
+    """The stock bf16 torch ops, in the stock order (CausalWanAttentionBlock.forward); with fp8, h
+    quantized per token by the torch quantizer (an Fp8Activation)."""
     B, L, C = x.shape
 
     def frames(t):
@@ -189,9 +233,14 @@ def adaln_ref(x, *, y=None, gate=None, norm=True, weight=None, bias=None, shift=
         if shift is not None:
             sc, sh = frames(scale), frames(shift)
             h = (per_frame(h, sc) * (1 + sc) + sh).flatten(1, 2)
+    if fp8:
+        h = Fp8Activation(*quantize_rowwise_ref(h))
     return x_new, h
 
 
-def adaln_bytes(batch: int, tokens: int, dim: int, *, residual: bool, norm: bool) -> float:
-    """Fewest bytes one call moves: x (and y) read, x_new (and h) written, bf16."""
-    return 2.0 * batch * tokens * dim * (1 + (2 if residual else 0) + (1 if norm else 0))
+def adaln_bytes(batch: int, tokens: int, dim: int, *, residual: bool, norm: bool, fp8: bool = False) -> float:
+    """Fewest bytes one call moves: x (and y) read, x_new written, bf16; h written in bf16, or in
+    fp8 with one fp32 scale per token."""
+    rows = batch * tokens
+    h = (rows * dim + 4.0 * rows if fp8 else 2.0 * rows * dim) if norm else 0.0
+    return 2.0 * rows * dim * (1 + (2 if residual else 0)) + h

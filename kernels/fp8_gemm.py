@@ -1,23 +1,40 @@
 """W8A8 FP8 GEMM with row-wise scales: the Linear layers of a LongLive block in float8_e4m3fn.
 
-    out[M, N] = act((a_fp8[M, K] @ w_fp8[N, K]^T) * a_scale[M, None] * w_scale[None, N] + bias[N])
+    out[M, N] = act((a_fp8[M, K] @ w_fp8[N, K]^T) * a_scale * w_scale[None, N] + bias[N])
 
 Shapes, layout and dtypes:
-- a_fp8:   [M, K] float8_e4m3fn, K contiguous (row stride any multiple of 16): the activation,
-           quantized per token by kernels/fp8_quant.quantize_rowwise.
-- a_scale: [M] (or [M, 1]) float32, contiguous: one scale per token.
+- a_fp8:   [M, K] float8_e4m3fn, K contiguous (row stride any multiple of 16): the activation.
+- a_scale: float32, either one scale per token, [M] (or [M, 1]), as kernels/fp8_quant.quantize_rowwise
+           and the adaln kernel's FP8 output make it; or one scale per token and group of 128
+           features, [M, K / 128] (last dim contiguous), as this GEMM's own FP8 output makes it.
+           Group scales are applied to each 128-wide K-tile's partial product before it is
+           accumulated (BLOCK_K is 128 then), so they need K % 128 == 0.
 - w_fp8:   [N, K] float8_e4m3fn, K contiguous: the nn.Linear weight layout, quantized once per
            output channel by kernels/fp8_quant.quantize_weight_per_channel.
 - w_scale: [N] (or [1, N] / [N, 1]) float32, contiguous.
 - bias:    [N] bf16 or fp32, optional.
 - gelu:    apply GELU with the tanh approximation (the Wan FFN's activation) in the epilogue.
 - out:     [M, N] bf16, N contiguous (any row stride), optional preallocated.
+- out_fp8: instead of bf16, emit the result quantized for the next GEMM: (q [M, N] fp8,
+           scale [M, N / 128] fp32), one scale per token and 128 output columns, computed from the
+           fp32 epilogue value (amax / 448, the row-wise rule per group); needs N % 128 == 0. This is
+           how the FFN up GEMM hands its GELU output to the FFN down GEMM without a quantization pass.
 K must be a multiple of 16 (the fp8 MMA's K step) and the operands 16-byte aligned.
 
 Accumulation is fp32 (tl.dot on fp8 operands: wgmma on Hopper); the scales, bias and GELU are
-applied to the fp32 accumulator and the result is rounded to bf16 once.
+applied to the fp32 accumulator and the result is rounded once (to bf16, or to fp8 with out_fp8).
 
-`fp8_linear(x, w_fp8, w_scale, bias, gelu)` quantizes a bf16 activation [..., K] and runs the GEMM.
+Two kernels, one epilogue:
+- `_fp8_gemm_tma_kernel` (Hopper, compute capability >= 9, and Triton's interpreter): persistent
+  (one program per SM walks the output tiles in GROUP_M-swizzled order) with operand tiles loaded
+  through device-side TMA descriptors (`tl.make_tensor_descriptor`). `flatten` lets Triton fuse the
+  tile and K loops so the next tile's loads overlap this tile's epilogue; `warp_specialize` asks
+  Triton to split producer and consumer warps. Each is a launcher flag so a GPU or Triton version
+  that cannot compile it can be switched off without editing the kernel.
+- `_fp8_gemm_kernel`: plain pointer loads, one program per tile: Ada (8.9) and the fallback.
+
+`fp8_linear(x, w_fp8, w_scale, bias, gelu)` takes a bf16 activation (quantized per token here) or
+an `Fp8Activation` from a fused producer, and runs the GEMM.
 """
 from __future__ import annotations
 
@@ -27,11 +44,28 @@ import triton
 import triton.language as tl
 
 from ._common import cast_bf16, interpreting
-from .fp8_quant import FP8_DTYPE, quantize_rowwise
+from .fp8_quant import ACT_GROUP, FP8_DTYPE, FP8_MAX, Fp8Activation, _cast_fp8, quantize_rowwise
 
-# The interpreter runs one fixed small config: autotuning there would time every config in numpy,
-# and small tiles exercise the ragged M/N tails and the masked K tail at test sizes.
+# The interpreter runs fixed small configs: autotuning there would time every config in numpy, and
+# small tiles exercise the ragged M/N tails and the K tail at test sizes. Group-scaled A needs
+# BLOCK_K = ACT_GROUP, FP8 output BLOCK_N = ACT_GROUP.
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+# Few programs in the interpreter, so each persistent program walks several tiles.
+_INTERPRET_SMS = 3
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: compute capability >= 8.9 (Ada, Hopper and later); the interpreter emulates."""
+    if interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Device-side TMA descriptors: Hopper (compute capability >= 9) or Triton's interpreter."""
+    if interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit
@@ -43,26 +77,63 @@ def _gelu_tanh(x):
     return 0.5 * x * (1.0 + t)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _fp8_gemm_kernel(
-    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, o_ptr,
-    M, N, K,
-    stride_am, stride_wn, stride_om,
-    M_BUCKET: tl.constexpr,  # autotune key only
-    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
+@triton.jit
+def _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     # Grouped ("swizzled") order: GROUP_M row tiles share each column tile while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
+    group_id = tile_id // num_pid_in_group
     first_pid_m = group_id * GROUP_M
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
+
+@triton.jit
+def _epilogue(acc, pid_m, pid_n, M, N, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr, stride_om, stride_osm,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, A_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+              GELU: tl.constexpr, OUT_FP8: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """Scales, bias, GELU and the one rounding of a [BLOCK_M, BLOCK_N] fp32 tile; masked stores."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    # Columns past N get w_scale 0 and bias 0, so they hold GELU(0) = 0 and never raise a group amax.
+    w_s = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    if A_GROUPED:
+        acc = acc * w_s[None, :]  # the token scales were applied per K-tile
+    else:
+        a_s = tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)
+        acc = acc * a_s[:, None] * w_s[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = _gelu_tanh(acc)
+    rows = offs_m.to(tl.int64)[:, None]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if OUT_FP8:
+        # BLOCK_N is one group: the tile holds the whole group of each row. div_rn as torch divides.
+        amax = tl.max(tl.abs(acc), 1)
+        scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, FP8_MAX))
+        inv = tl.math.div_rn(1.0, scale)
+        q = tl.minimum(tl.maximum(acc * inv[:, None], -FP8_MAX), FP8_MAX)
+        tl.store(o_ptr + rows * stride_om + offs_n[None, :], _cast_fp8(q, INTERPRET), mask=mask)
+        tl.store(os_ptr + offs_m.to(tl.int64) * stride_osm + pid_n, scale, mask=m_ok)
+    else:
+        tl.store(o_ptr + rows * stride_om + offs_n[None, :], cast_bf16(acc, INTERPRET), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fp8_gemm_kernel(
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr,
+    M, N, K,
+    stride_am, stride_wn, stride_asm, stride_om, stride_osm,
+    M_BUCKET: tl.constexpr,  # autotune key only
+    A_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
+    EVEN_K: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -82,24 +153,67 @@ def _fp8_gemm_kernel(
             k_ok = offs_k < K - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, w, acc)
+        if A_GROUPED:
+            s = tl.load(as_ptr + rows_a * stride_asm + k0)
+            acc += tl.dot(a, w) * s[:, None]
+        else:
+            acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    a_s = tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)
-    w_s = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-    acc = acc * a_s[:, None] * w_s[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        acc = _gelu_tanh(acc)
-    o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(o_ptrs, cast_bf16(acc, INTERPRET), mask=m_ok[:, None] & n_ok[None, :])
+    _epilogue(acc, pid_m, pid_n, M, N, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr, stride_om, stride_osm,
+              BLOCK_M, BLOCK_N, A_GROUPED, HAS_BIAS, GELU, OUT_FP8, FP8_MAX, INTERPRET)
 
 
-def _configs() -> list[triton.Config]:
+@triton.jit(do_not_specialize=["M"])
+def _fp8_gemm_tma_kernel(
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr,
+    M, N, K,
+    stride_am, stride_wn, stride_asm, stride_om, stride_osm,
+    M_BUCKET: tl.constexpr,  # autotune key only
+    A_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr,
+    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    # TMA zero-fills reads past M, N and K, so no load needs a mask.
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    start = tl.program_id(0)
+    # The epilogue recomputes its tile from its own counter (as Triton's persistent matmul does), so
+    # a flattened loop can run it while the next tile's loads are in flight.
+    tile_id_c = start - NUM_SMS
+    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if A_GROUPED:
+            rows_a = tl.minimum(off_m + tl.arange(0, BLOCK_M), M - 1).to(tl.int64)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            w = w_desc.load([off_n, ki * BLOCK_K])
+            if A_GROUPED:
+                s = tl.load(as_ptr + rows_a * stride_asm + ki)
+                acc += tl.dot(a, w.T) * s[:, None]
+            else:
+                acc = tl.dot(a, w.T, acc)
+        tile_id_c += NUM_SMS
+        pid_m_c, pid_n_c = _tile_ids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        _epilogue(acc, pid_m_c, pid_n_c, M, N, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr, stride_om, stride_osm,
+                  BLOCK_M, BLOCK_N, A_GROUPED, HAS_BIAS, GELU, OUT_FP8, FP8_MAX, INTERPRET)
+
+
+def _configs(tma: bool) -> list[triton.Config]:
+    if tma:
+        # LongLive's shapes (M = 4680; N, K in 1536..8960) fill 132 SMs with 128-row tiles; a
+        # 128 x 256 fp32 accumulator needs two warpgroups; fp8 tiles of 128 x 128 (A) + 256 x 128 (W)
+        # are 48 KiB a stage, so 4 stages fit the H200's 227 KiB of shared memory.
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=s)
+                for bn in (128, 256) for s in (3, 4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm in (64, 128)
@@ -116,6 +230,9 @@ def _prune_configs(configs, named_args, **kwargs):
     kept = []
     for cfg in configs:
         bm, bn, w = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps
+        # FP8 output: one tile column is one scale group.
+        if args["OUT_FP8"] and bn != ACT_GROUP:
+            continue
         # 64-row tiles only pay when 128-row tiles are too few to fill 132 SMs.
         if bm == 64 and m_bucket >= 2048:
             continue
@@ -128,11 +245,23 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_fp8_gemm_tuned = triton.autotune(
-    configs=_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_BIAS", "GELU"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_fp8_gemm_kernel)
+_KEY = ["M_BUCKET", "N", "K", "A_GROUPED", "HAS_BIAS", "GELU", "OUT_FP8"]
+_fp8_gemm_tuned = triton.autotune(configs=_configs(False), key=_KEY,
+                                  prune_configs_by={"early_config_prune": _prune_configs})(_fp8_gemm_kernel)
+_fp8_gemm_tma_tuned = triton.autotune(configs=_configs(True), key=_KEY + ["FLATTEN", "WARP_SPECIALIZE"],
+                                      prune_configs_by={"early_config_prune": _prune_configs})(_fp8_gemm_tma_kernel)
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    # Scratch for the device-side descriptors (128 bytes each); the caching allocator makes this cheap
+    # and keeps it legal inside CUDA graph capture.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _num_sms(device: torch.device) -> int:
+    if interpreting():
+        return _INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check_config(config: dict) -> dict:
@@ -177,13 +306,29 @@ def _vector(name, t, n, device):
     return t
 
 
+def _activation_scale(a_scale, M: int, K: int, device) -> tuple[torch.Tensor, bool]:
+    """(scale, grouped): [M] per token, or [M, K / 128] per token and group (K = 128 is both)."""
+    groups = K // ACT_GROUP
+    if isinstance(a_scale, torch.Tensor) and a_scale.dim() == 2 and groups > 1 and a_scale.shape[1] != 1:
+        if K % ACT_GROUP:
+            raise ValueError(f"group-wise a_scale needs K={K} to be a multiple of {ACT_GROUP}")
+        _check_tensor("a_scale", a_scale, torch.float32, (M, groups), device)
+        return a_scale, True
+    return _vector("a_scale", a_scale, M, device), False
+
+
 def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None = None, *, gelu: bool = False, out: torch.Tensor | None = None,
-             config: dict | None = None) -> torch.Tensor:
-    """out [M, N] bf16 = act((a_fp8 @ w_fp8.T) * a_scale[:, None] * w_scale[None, :] + bias).
+             out_fp8: bool = False, out_scale: torch.Tensor | None = None, use_tma: bool | None = None,
+             flatten: bool = True, warp_specialize: bool = False, config: dict | None = None):
+    """act((a_fp8 @ w_fp8.T) * scales + bias): bf16 [M, N], or with out_fp8 an Fp8Activation
+    (q [M, N] fp8, scale [M, N / 128]).
 
-    See the module docstring for layouts. config ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
-    "num_warps", "num_stages"}) skips autotuning on the GPU; the interpreter always runs small tiles.
+    See the module docstring for layouts. use_tma: None picks the persistent TMA kernel where it runs
+    (compute capability >= 9, and the interpreter), True insists (ValueError where it cannot run),
+    False takes the pointer kernel. flatten / warp_specialize: Triton loop options of the TMA kernel.
+    config ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}) skips
+    autotuning on the GPU; the interpreter always runs small tiles.
     No host sync: capturable in a CUDA graph once autotuned.
     """
     if not isinstance(a_fp8, torch.Tensor):
@@ -205,48 +350,109 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
         raise ValueError("w_fp8 has N = 0 output channels")
     _check_aligned("a_fp8", a_fp8, 1)
     _check_aligned("w_fp8", w_fp8, 1)
-    a_scale = _vector("a_scale", a_scale, M, device)
+    a_scale, grouped = _activation_scale(a_scale, M, K, device)
     w_scale = _vector("w_scale", w_scale, N, device)
     if bias is not None:
         _check_tensor("bias", bias, (torch.bfloat16, torch.float32), (N,), device, contiguous=True)
-    if out is None:
-        out = torch.empty((M, N), dtype=torch.bfloat16, device=device)
+    if out_fp8:
+        if N % ACT_GROUP:
+            raise ValueError(f"out_fp8 needs N={N} to be a multiple of {ACT_GROUP} (one scale per {ACT_GROUP} columns)")
+        if out is None:
+            out = torch.empty((M, N), dtype=FP8_DTYPE, device=device)
+        else:
+            _check_tensor("out", out, FP8_DTYPE, (M, N), device)
+        if out_scale is None:
+            out_scale = torch.empty((M, N // ACT_GROUP), dtype=torch.float32, device=device)
+        else:
+            _check_tensor("out_scale", out_scale, torch.float32, (M, N // ACT_GROUP), device)
     else:
-        _check_tensor("out", out, torch.bfloat16, (M, N), device)
+        if out_scale is not None:
+            raise ValueError("out_scale is the FP8 output's scale: pass out_fp8=True")
+        if out is None:
+            out = torch.empty((M, N), dtype=torch.bfloat16, device=device)
+        else:
+            _check_tensor("out", out, torch.bfloat16, (M, N), device)
+    result = Fp8Activation(out, out_scale) if out_fp8 else out
     if M == 0:
-        return out
+        return result
 
+    if use_tma is None:
+        use_tma = tma_supported(device)
+    elif use_tma and not tma_supported(device):
+        raise ValueError(f"use_tma=True needs a CUDA GPU of compute capability >= 9 (or the interpreter); "
+                         f"a_fp8 is on {device}")
     interpret = interpreting()
-    args = (a_fp8, w_fp8, a_scale, w_scale, bias if bias is not None else w_scale, out,
-            M, N, K, a_fp8.stride(0), w_fp8.stride(0), out.stride(0))
-    meta = dict(M_BUCKET=min(triton.next_power_of_2(M), 8192), HAS_BIAS=bias is not None, GELU=bool(gelu),
-                INTERPRET=interpret)
     if config is not None:
         config = _check_config(config)
-    if interpret or config is not None:
-        cfg = dict(_INTERPRET_CONFIG if interpret else config)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _fp8_gemm_kernel[grid](*args, **meta, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
+        if grouped and config["BLOCK_K"] != ACT_GROUP:
+            raise ValueError(f"group-wise a_scale needs config BLOCK_K = {ACT_GROUP}")
+        if out_fp8 and config["BLOCK_N"] != ACT_GROUP:
+            raise ValueError(f"out_fp8 needs config BLOCK_N = {ACT_GROUP}")
+    args = (a_fp8, w_fp8, a_scale, w_scale, bias if bias is not None else w_scale, out,
+            out_scale if out_fp8 else w_scale, M, N, K, a_fp8.stride(0), w_fp8.stride(0),
+            a_scale.stride(0) if grouped else 0, out.stride(0), out_scale.stride(0) if out_fp8 else 0)
+    meta = dict(M_BUCKET=min(triton.next_power_of_2(M), 8192), A_GROUPED=grouped, HAS_BIAS=bias is not None,
+                GELU=bool(gelu), OUT_FP8=bool(out_fp8), FP8_MAX=FP8_MAX, INTERPRET=interpret)
+    fixed = None
+    if interpret:
+        fixed = dict(_INTERPRET_CONFIG)
+        if grouped:
+            fixed["BLOCK_K"] = ACT_GROUP
+        if out_fp8:
+            fixed["BLOCK_N"] = ACT_GROUP
+    elif config is not None:
+        fixed = dict(config)
+
+    def tiles(cfg):
+        return triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+
+    if use_tma:
+        triton.set_allocator(_tma_allocator)
+        sms = _num_sms(device)
+        meta.update(NUM_SMS=sms, FLATTEN=bool(flatten), WARP_SPECIALIZE=bool(warp_specialize))
+        if fixed is not None:
+            _fp8_gemm_tma_kernel[(min(sms, tiles(fixed)),)](*args, **meta, **fixed)
+        else:
+            _fp8_gemm_tma_tuned[lambda cfg: (min(sms, tiles(cfg)),)](*args, **meta)
+    elif fixed is not None:
+        _fp8_gemm_kernel[(tiles(fixed),)](*args, **meta, EVEN_K=K % fixed["BLOCK_K"] == 0, **fixed)
     else:
-        def grid(cfg):
-            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         # All autotune configs use BLOCK_K = 128.
-        _fp8_gemm_tuned[grid](*args, **meta, EVEN_K=K % 128 == 0)
-    return out
+        _fp8_gemm_tuned[lambda cfg: (tiles(cfg),)](*args, **meta, EVEN_K=K % 128 == 0)
+    return result
 
 
-def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-               *, gelu: bool = False) -> torch.Tensor:
-    """x [..., K] bf16 (2-D or 3-D) -> [..., N] bf16: quantize x per token, then fp8_gemm."""
-    q, s = quantize_rowwise(x)
-    K = x.shape[-1]
-    out = fp8_gemm(q.view(-1, K), w_fp8, s.view(-1), w_scale, bias, gelu=gelu)
-    return out.view(*x.shape[:-1], w_fp8.shape[0])
+def fp8_linear(x, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               *, gelu: bool = False, out_fp8: bool = False, **gemm_options):
+    """x [..., K] -> [..., N]: bf16, or with out_fp8 an Fp8Activation with 128-column group scales.
+
+    x is a bf16 tensor (2-D or 3-D; quantized per token here, one extra pass) or an Fp8Activation
+    from a fused producer (its scales per token or per 128-feature group). gemm_options go to
+    fp8_gemm (use_tma, flatten, warp_specialize, config).
+    """
+    if isinstance(x, Fp8Activation):
+        q, s = x
+    else:
+        q, s = quantize_rowwise(x)
+    K = q.shape[-1]
+    lead = q.shape[:-1]
+    grouped = s.dim() == q.dim()
+    s2 = s.reshape(-1, s.shape[-1]) if grouped else s.reshape(-1)
+    out = fp8_gemm(q.reshape(-1, K), w_fp8, s2, w_scale, bias, gelu=gelu, out_fp8=out_fp8, **gemm_options)
+    N = w_fp8.shape[0]
+    if out_fp8:
+        return Fp8Activation(out.q.view(*lead, N), out.scale.view(*lead, N // ACT_GROUP))
+    return out.view(*lead, N)
 
 
 def fp8_gemm_ref(a_fp8, w_fp8, a_scale, w_scale, bias=None, *, gelu: bool = False) -> torch.Tensor:
-    """The EMULATED path: dequantize both operands to fp32, matmul in fp32; returns fp32 [M, N]."""
-    a = a_fp8.float() * a_scale.reshape(-1, 1).float()
+    """The EMULATED path: dequantize both operands to fp32, matmul in fp32; returns fp32 [M, N].
+    a_scale is per token ([M] / [M, 1]) or per token and 128-feature group ([M, K / 128])."""
+    K = a_fp8.shape[-1]
+    if a_scale.dim() == 2 and a_scale.shape[1] == K // ACT_GROUP and a_scale.shape[1] > 1:
+        a = (a_fp8.float().unflatten(-1, (-1, ACT_GROUP)) * a_scale.float()[..., None]).flatten(-2)
+    else:
+        a = a_fp8.float() * a_scale.reshape(-1, 1).float()
     w = w_fp8.float() * w_scale.reshape(-1, 1).float()
     out = a @ w.t()
     if bias is not None:
@@ -260,6 +466,8 @@ def fp8_gemm_flops(m: int, n: int, k: int) -> float:
     return 2.0 * m * n * k
 
 
-def fp8_gemm_bytes(m: int, n: int, k: int) -> float:
-    """Fewest bytes one call moves: read both fp8 operands and the scales once, write bf16 out."""
-    return m * k + n * k + 4.0 * (m + n) + 2.0 * m * n
+def fp8_gemm_bytes(m: int, n: int, k: int, *, out_fp8: bool = False) -> float:
+    """Fewest bytes one call moves: read both fp8 operands and the scales once, write the output
+    (bf16, or fp8 plus one fp32 scale per 128 columns)."""
+    out = m * n + 4.0 * m * (n // ACT_GROUP) if out_fp8 else 2.0 * m * n
+    return m * k + n * k + 4.0 * (m + n) + out

@@ -10,9 +10,19 @@ The scale is computed with IEEE-rounded divisions, so it equals the torch refere
 Weights: `quantize_weight_per_channel(w)` (plain torch, done once at patch time) quantizes a
 Linear weight [N, K] with one fp32 scale per output channel: (w_fp8 [N, K], w_scale [N]).
 
+Block-wise activations (`quantize_groupwise_ref`, `dequantize_groupwise`): one scale per token and
+group of ACT_GROUP = 128 consecutive features, as the FFN up GEMM emits its GELU output
+(kernels/fp8_gemm.py, out_fp8=True): a tile of the GEMM sees 128 columns of a row, never the whole
+row, so a per-row scale would need a second pass.
+
+`Fp8Activation(q, scale)` carries a quantized activation between the op that produced it and the
+GEMM that consumes it: q [..., K] fp8 and scale [...] (per token) or [..., K / 128] (per group).
+
 These feed kernels/fp8_gemm.py, whose epilogue multiplies by a_scale[m] * w_scale[n].
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -22,6 +32,29 @@ from ._common import interpreting
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+ACT_GROUP = 128  # features per scale in block-wise activations (one MMA K-tile)
+
+
+class Fp8Activation(NamedTuple):
+    """An e4m3 activation and its scales: q [..., K] and scale [...] (per token) or [..., K / ACT_GROUP]."""
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def grouped(self) -> bool:
+        return self.scale.dim() == self.q.dim()
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 values (for references and debugging)."""
+        return dequantize_groupwise(self.q, self.scale) if self.grouped else dequantize_rowwise(self.q, self.scale)
 
 
 @triton.jit
@@ -120,6 +153,21 @@ def quantize_rowwise_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q * scale in fp32 (scale has q's shape without the last dim)."""
     return q.float() * scale[..., None].float()
+
+
+def quantize_groupwise_ref(x: torch.Tensor, group: int = ACT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: one scale per `group` consecutive features of each row (the last dim must divide
+    into groups). Returns (q [..., K] fp8, scale [..., K / group] fp32), the row-wise rule per group."""
+    if x.shape[-1] % group:
+        raise ValueError(f"the last dim {x.shape[-1]} does not split into groups of {group}")
+    q, scale = quantize_rowwise_ref(x.unflatten(-1, (x.shape[-1] // group, group)))
+    return q.flatten(-2), scale
+
+
+def dequantize_groupwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q * scale in fp32, with scale [..., K / group] (one scale per group of features)."""
+    groups = scale.shape[-1]
+    return (q.float().unflatten(-1, (groups, q.shape[-1] // groups)) * scale[..., None].float()).flatten(-2)
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

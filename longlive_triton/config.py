@@ -39,6 +39,26 @@ class PatchConfig:
     # a destination grid of one token per stride cell (0: off); the FFN runs on the rest.
     token_merge_ratio: float = 0.0
     token_merge_stride: tuple[int, int] = (2, 2)
+    # Linear layers as W8A8 FP8 GEMMs (patches/fp8_linear.py): e4m3 weights with one scale per
+    # output channel, quantized once at patch time (after the LoRA merge), e4m3 activations with one
+    # scale per token, handed over already quantized by the block's adaln where fused_glue is on.
+    # Needs FP8 tensor cores (compute capability >= 8.9); elsewhere the layers stay bf16 and the
+    # report says why.
+    fp8_linear: bool = False
+    # Linear layers kept bf16 under fp8_linear: fnmatch patterns over their paths in the generator
+    # (e.g. "blocks.*.self_attn.o", "blocks.*.cross_attn.*"). The default keeps the conditioning and
+    # output layers (text/time embeddings, time projection, head), which see a handful of tokens.
+    fp8_exclude: tuple = ("text_embedding.*", "time_embedding.*", "time_projection.*", "head.*")
+    # The FFN's hidden activation: True: the up GEMM's epilogue (bias, GELU) writes it in FP8 with
+    # one scale per token and 128 columns, and the down GEMM applies them per K-tile; False: the up
+    # GEMM writes bf16, a Triton pass quantizes it per token, then the down GEMM.
+    fp8_ffn_fused: bool = True
+    # Hopper paths of the FP8 GEMM, each switchable without touching the kernel: the persistent
+    # kernel with TMA-descriptor loads (else pointer loads, one program per tile), Triton's loop
+    # flattening in it, and Triton's warp specialisation in it.
+    fp8_gemm_tma: bool = True
+    fp8_gemm_flatten: bool = True
+    fp8_gemm_warp_specialize: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -46,6 +66,11 @@ class PatchConfig:
             expected = {"str": str, "bool": bool, "int": int, "float": (int, float)}.get(str(f.type))
             if expected is not None and not isinstance(value, expected):
                 raise TypeError(f"PatchConfig.{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
+        exclude = self.fp8_exclude
+        if isinstance(exclude, str) or not isinstance(exclude, (list, tuple)) \
+                or not all(isinstance(p, str) for p in exclude):
+            raise TypeError(f"PatchConfig.fp8_exclude must be a list of path patterns (str), got {exclude!r}")
+        object.__setattr__(self, "fp8_exclude", tuple(exclude))  # frozen: hashable, comparable
         if self.attention_backend not in ("sdpa", "triton"):
             raise ValueError(f"attention_backend must be 'sdpa' or 'triton', got {self.attention_backend!r}")
         window = self.local_attn_size

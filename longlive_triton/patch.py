@@ -143,6 +143,10 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
         targets = [(name, m) for name, m in generator.named_modules() if patch.matches(m)]
         applied = 0
         for name, module in targets:
+            kept = patch.keep(name, module, config) if patch.keep is not None else None
+            if kept:
+                report.skipped.append(PatchEntry(name, patch.name, kept))
+                continue
             try:
                 _set_submodule(generator, name, patch.replace(module, config))
                 report.applied.append(PatchEntry(name, patch.name))

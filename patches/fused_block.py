@@ -9,7 +9,9 @@ each stretch between two big ops is one `adaln` kernel:
     x = x + y;                h = LN2(x) * (1 + scale_ffn) + shift_ffn -> FFN
     x = x + y * gate_ffn
 
-with the stock bf16 rounding points. The submodules (self_attn, cross_attn, ffn, norms) are the
+with the stock bf16 rounding points. Where the self-attention or the FFN `accepts_fp8` (the fp8
+patches, patches/fp8_linear.py), the adaln before it writes h in FP8 with one scale per token, so
+the FP8 GEMM reads it as is and no quantization pass runs. The submodules (self_attn, cross_attn, ffn, norms) are the
 stock ones, shared, so other patches still apply to them and the state dict keeps its names.
 """
 from __future__ import annotations
@@ -52,12 +54,12 @@ class FusedAttentionBlock(nn.Module):
         if kv_cache is None:
             raise NotImplementedError("FusedAttentionBlock serves LongLive's KV-cached inference path; pass kv_cache")
         e = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
-        _, h = adaln(x, shift=e[0], scale=e[1], eps=self.norm1.eps)
+        _, h = adaln(x, shift=e[0], scale=e[1], eps=self.norm1.eps, fp8=getattr(self.self_attn, "accepts_fp8", False))
         y, cache_info = self.self_attn(h, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start,
                                        cache_start, sink_recache_after_switch)
         x, h = adaln(x, y=y, gate=e[2], weight=self.norm3.weight, bias=self.norm3.bias, eps=self.norm3.eps)
         y = self.cross_attn(h, context, context_lens, crossattn_cache=crossattn_cache)
-        x, h = adaln(x, y=y, shift=e[3], scale=e[4], eps=self.norm2.eps)
+        x, h = adaln(x, y=y, shift=e[3], scale=e[4], eps=self.norm2.eps, fp8=getattr(self.ffn, "accepts_fp8", False))
         x, _ = adaln(x, y=self.ffn(h), gate=e[5], norm=False, out_x=x)
         return x, cache_info
 

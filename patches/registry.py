@@ -33,17 +33,23 @@ class Patch:
     replace: Callable[[nn.Module, object], nn.Module]
     # What the report should say about the choices made when the patch applied (e.g. the backend).
     describe: Callable[[object], str] | None = None
+    # A config rule over module paths: (path in the generator, module, PatchConfig) -> the reason to
+    # leave this module as it is (it goes into the report), or None to patch it.
+    keep: Callable[[str, nn.Module, object], str | None] | None = None
 
 
 def _registered() -> list[Patch]:
     # Imported here: patch modules import this file for Patch and PatchSkip.
     from .cross_attention import PATCH as fused_cross_attention
+    from .fp8_linear import PATCHES as fp8_patches
     from .fused_block import PATCH as fused_block
     from .fused_head import PATCH as fused_head
     from .token_merge_ffn import PATCH as token_merge_ffn
     from .window_self_attention import PATCH as window_self_attention
     # token_merge_ffn after fused_block: it patches the block that runs (and hooks it for the grid).
-    return [fused_block, window_self_attention, fused_cross_attention, fused_head, token_merge_ffn]
+    # FP8 last: it quantizes the fused q|k|v weight that window_self_attention builds, and the
+    # Linear layers the other patches left as plain nn.Linear (after merge_lora ran).
+    return [fused_block, window_self_attention, fused_cross_attention, fused_head, token_merge_ffn, *fp8_patches]
 
 
 # Each kernel issue adds its entry here, in the order patch_model applies them.

@@ -67,6 +67,9 @@ class WindowSelfAttention(nn.Module):
         self.max_attention_size = getattr(stock, "max_attention_size", None)
         self.q, self.k, self.v, self.o = stock.q, stock.k, stock.v, stock.o
         self.norm_q, self.norm_k = stock.norm_q, stock.norm_k
+        # The fp8 patch (patches/fp8_linear.py) sets this to an FP8 GEMM over the fused q|k|v
+        # weight: a callable taking x in bf16 or already quantized (an Fp8Activation).
+        self.qkv_fp8 = None
 
     @classmethod
     def from_stock(cls, stock: nn.Module, config) -> "WindowSelfAttention":
@@ -144,9 +147,6 @@ class WindowSelfAttention(nn.Module):
                 cache_start=None, sink_recache_after_switch=False):
         if kv_cache is None:
             raise NotImplementedError("WindowSelfAttention serves LongLive's KV-cached inference path; pass kv_cache")
-        if self._qkv_weight.device != x.device or self._qkv_weight.dtype != x.dtype:
-            raise RuntimeError(f"this layer was patched for {self._qkv_weight.dtype} on {self._qkv_weight.device} but "
-                               f"runs {x.dtype} on {x.device}: call patch_model after moving the model (.to())")
         b, s = x.shape[:2]
         frames, hg, wg = (int(v) for v in grid_sizes[0].tolist())  # grid_sizes lives on the host
         if grid_sizes.shape[0] != b or any(tuple(g.tolist()) != (frames, hg, wg) for g in grid_sizes):
@@ -167,7 +167,7 @@ class WindowSelfAttention(nn.Module):
                              **dict(plan_args, current_start=plan_args["current_start"] if device_start is None
                                     else device_start))
 
-        qkv = F.linear(x, self._qkv_weight, self._qkv_bias)
+        qkv = self._project_qkv(x)
         d = self.dim
         sink = plan_args["sink_tokens"]
         ring = dict(ring_lo=sink, ring_size=capacity - sink, shift=plan[SHIFT:SHIFT + 1])
@@ -187,6 +187,20 @@ class WindowSelfAttention(nn.Module):
                              capacity - sink)
         out = self.o(out.flatten(2))
         return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
+
+    @property
+    def accepts_fp8(self) -> bool:
+        """Whether forward takes x already quantized (the block's adaln then writes it in FP8)."""
+        return self.qkv_fp8 is not None
+
+    def _project_qkv(self, x):
+        """x [B, L, C] -> q|k|v [B, L, 3C] bf16, one GEMM."""
+        if self.qkv_fp8 is not None:
+            return self.qkv_fp8(x)
+        if self._qkv_weight.device != x.device or self._qkv_weight.dtype != x.dtype:
+            raise RuntimeError(f"this layer was patched for {self._qkv_weight.dtype} on {self._qkv_weight.device} but "
+                               f"runs {x.dtype} on {x.device}: call patch_model after moving the model (.to())")
+        return F.linear(x, self._qkv_weight, self._qkv_bias)
 
     @staticmethod
     def _use_fp8_cache(kv_cache: dict) -> None:

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from longlive_triton.kernels.adaln import adaln, adaln_bytes, adaln_ref
+from longlive_triton.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, Fp8Activation, quantize_rowwise_ref
 
 # The kernel rounds at the stock's points; only the LayerNorm's fp32 reduction order differs, which
 # can move a bf16 output by one ulp (2^-8 relative) and, through the modulation, its neighbours.
@@ -77,6 +78,63 @@ def test_matches_stock_ops_at_real_size(B, variant):
     _check(torch.device("cuda"), B, 3, 1560, 1536, variant, seed=B)
 
 
+def fp8_step(v: torch.Tensor) -> torch.Tensor:
+    """The spacing of float8_e4m3fn at |v| (3 mantissa bits; subnormal spacing 2^-9 below 2^-6)."""
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -6))) - 3)
+
+
+def _check_fp8(device, B, F, T, C, variant, seed):
+    """fp8=True: x_new exactly as the bf16 call; h quantized per token from the bf16 h the same
+    kernel computes (scales bit-exact, values within one fp8 step: the interpreter's cast may differ
+    from torch's), and within the fp8 error of the stock ops' h."""
+    x, kw = _case(device, B, F, T, C, VARIANTS[variant], seed)
+    B, L, C = x.shape
+    out_h = Fp8Activation(torch.full((B, L, C), float("nan"), device=device).to(FP8_DTYPE),
+                          torch.full((B, L), float("nan"), device=device))
+    got_x, got = adaln(x, **kw, fp8=True, out_h=out_h)
+    bf16_x, bf16_h = adaln(x, **kw)
+    assert isinstance(got, Fp8Activation) and got.q is out_h.q and got.scale is out_h.scale
+    if "y" in kw:
+        assert torch.equal(got_x, bf16_x)
+    q_ref, s_ref = quantize_rowwise_ref(bf16_h)
+    assert torch.equal(got.scale, s_ref)
+    g, w = got.q.float(), q_ref.float()
+    assert g.abs().max() <= FP8_MAX
+    bad = (g - w).abs() > fp8_step(torch.maximum(g.abs(), w.abs()))
+    assert not bad.any(), f"{int(bad.sum())} values more than one fp8 step off"
+    _, stock = adaln_ref(x, **kw)
+    err = (got.dequantize() - stock.float()).abs()
+    assert (err <= fp8_step(g) * got.scale[..., None] + ATOL).all()
+
+
+FP8_VARIANTS = sorted(k for k, v in VARIANTS.items() if v.get("norm", True))
+
+
+@given(B=st.integers(1, 2), F=st.integers(1, 3), T=st.integers(1, 6), C=st.sampled_from([16, 48, 100, 128]),
+       variant=st.sampled_from(FP8_VARIANTS), seed=st.integers(0, 2**16))
+def test_fp8_output(device, B, F, T, C, variant, seed):
+    _check_fp8(device, B, F, T, C, variant, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", FP8_VARIANTS)
+def test_fp8_output_at_real_size(variant):
+    _check_fp8(torch.device("cuda"), 1, 3, 1560, 1536, variant, seed=3)
+
+
+def test_fp8_ref_and_bad_fp8_calls(device):
+    x, kw = _case(device, 1, 2, 4, 48, VARIANTS["residual + modulated LN (after cross-attention)"], 5)
+    _, h = adaln_ref(x, **kw, fp8=True)
+    assert isinstance(h, Fp8Activation) and h.q.dtype == FP8_DTYPE and h.scale.shape == (1, 8)
+    with pytest.raises(ValueError, match="norm=False has none"):
+        adaln(x, y=kw["y"], norm=False, fp8=True)
+    with pytest.raises(TypeError, match="out_h must be an Fp8Activation"):
+        adaln(x, **kw, fp8=True, out_h=torch.empty_like(x))
+    with pytest.raises(ValueError, match="out_h.scale must be"):
+        adaln(x, **kw, fp8=True, out_h=Fp8Activation(torch.empty(1, 8, 48, device=device).to(FP8_DTYPE),
+                                                      torch.empty(1, 8, 1, device=device)))
+
+
 def test_in_place_residual(device):
     x, kw = _case(device, 1, 2, 3, 48, VARIANTS["gated residual + affine LN (after self-attention)"], 7)
     want_x, want_h = adaln_ref(x, **kw)
@@ -110,3 +168,4 @@ def test_tokens_must_split_into_frames(device):
 
 def test_bytes():
     assert adaln_bytes(1, 4680, 1536, residual=True, norm=True) == 2 * 4680 * 1536 * 4
+    assert adaln_bytes(1, 10, 16, residual=False, norm=True, fp8=True) == 2 * 160 + 160 + 40
