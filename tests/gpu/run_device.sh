@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [tests|graphs|parity|e2e|kernels|profile|vae ...]   (default: all but vae)
+#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae ...]   (default: all but vae)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
 # .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
 # kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
@@ -24,12 +24,14 @@ for step in $steps; do
                python3 -m pytest -q -s tests/gpu/test_stock_parity.py tests/reference/test_patch_stock_class.py 2>&1 | tee "$OUT/parity.log" ;;
     kernels) longlive-bench kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     graphs)  python3 -m pytest -q -s tests/gpu/test_graphs.py 2>&1 | tee "$OUT/graphs.log" ;;
-    e2e)     longlive-bench e2e --configs exact exact,cuda_graphs=false --blocks 16 --profile --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+    e2e)     longlive-bench e2e --configs exact exact,cuda_graphs=false fp8 window9 tome fastest --blocks 20 --profile \
+               --switch-block 10 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae)     { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
                  tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py; t=$?
                LONGLIVE_SRC=.stock/LongLive longlive-bench vae --profile 25 --json "$OUT/vae.json"; b=$?
                [ $t = 0 ] && [ $b = 0 ]; } 2>&1 | tee "$OUT/vae.log" ;;
+    install) ;;  # the package is installed above: nothing more
     *) echo "unknown step $step"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
