@@ -144,8 +144,10 @@ def quantize_rowwise_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch, same arithmetic as the kernel: (q [..., K] fp8, scale [...] fp32)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
-    inv = 1.0 / scale
+    # Tensor / tensor: on CUDA, torch divides by a Python scalar as a multiply by its reciprocal,
+    # which is not the IEEE division the kernel does (tl.math.div_rn).
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, FP8_MAX))
+    inv = torch.ones_like(scale) / scale
     q = (xf * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 

@@ -163,8 +163,10 @@ def quantize_kv_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch quantizer: x [..., D] -> (e4m3 [..., D], fp32 scale [...]), one scale per last-dim row."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
-    q = (xf * (1.0 / scale)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    # Tensor / tensor: on CUDA, torch divides by a Python scalar as a multiply by its reciprocal,
+    # which is not the IEEE division the kernel does (tl.math.div_rn).
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, FP8_MAX))
+    q = (xf * (torch.ones_like(scale) / scale)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
