@@ -92,7 +92,11 @@ def check_kv_quant_append(case, device):
             ref = dequantize_kv(cache_w[b, s], scale_w[b, s])
             err = (dequantize_kv(cache[b, s], scale[b, s]) - ref).abs()
             sw = scale_w[b, s][..., None]
-            bad = err > (STEP_REL + 2 * scale_tol) * ref.abs() + SUBNORMAL_STEP * sw
+            # k also carries the kernel's fp32 RoPE against the reference's float64 one: the bf16 k can
+            # differ by one bf16 step of the row's largest element (amax = 448 * scale), which matters
+            # for elements near zero (seen on the GPU at 1.3B shapes, run S2-6).
+            rope = (2.0 ** -8) * 448.0 * sw if name == "k" else 0.0
+            bad = err > (STEP_REL + 2 * scale_tol) * ref.abs() + SUBNORMAL_STEP * sw + rope
             assert not bad.any(), f"{name}: {int(bad.sum())} elements off by more than one e4m3 step"
 
 
