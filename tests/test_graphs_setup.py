@@ -82,3 +82,15 @@ def test_device_index_needs_a_long_scalar_tensor():
         DeviceIndex(3, torch.zeros(2, dtype=torch.int64))
     i = DeviceIndex(7, torch.full((1,), 7))
     assert i == 7 and i // 2 == 3 and int(i.tensor) == 7
+
+
+def test_a_batch_of_two_matches_the_unpatched_reference():
+    p = get_preset("tiny")
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn(2, 6, 16, p.latent_height, p.latent_width, generator=gen).to(torch.bfloat16)
+    prompt = torch.randn(2, p.text_len, p.text_dim, generator=gen).to(torch.bfloat16)
+    want = _generate(BlockPipeline(build_model("tiny", dtype=torch.bfloat16, seed=3)), noise, prompt)
+    got = _generate(BlockPipeline(_patched()), noise, prompt)
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel <= 1e-2, rel
+    assert not torch.equal(got[0], got[1])
