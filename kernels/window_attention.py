@@ -259,6 +259,37 @@ def _check_bhld(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")
 
 
+def window_launch_args(q, k_cache, sink_end, win_start, win_end, ring_lo, ring_size, shift, out):
+    """The checks and device index arguments every window-attention launcher shares (q and the
+    caches already checked for layout): (B, Lq, H, D, C, sink_end, win_start, win_end, ring_size,
+    shift, out)."""
+    device = q.device
+    B, Lq, H, D = q.shape
+    if D not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported; expected one of {_SUPPORTED_HEAD_DIMS}")
+    Bk, C, Hk, Dk = k_cache.shape
+    if (Bk, Hk, Dk) != (B, H, D):
+        raise ValueError(f"cache shape {list(k_cache.shape)} does not match q {list(q.shape)} in B, H or D")
+    if C == 0:
+        raise ValueError("the cache has no slots")
+    sink_end = index_arg("sink_end", sink_end, batch=B, lo=0, hi=C, device=device, where="the cache ")
+    win_start = index_arg("win_start", win_start, batch=B, lo=0, hi=C, device=device, where="the cache ")
+    win_end = index_arg("win_end", win_end, batch=B, lo=0, hi=C, device=device, where="the cache ")
+    ring_size = C - ring_lo if ring_size is None else ring_size
+    if not (isinstance(ring_lo, int) and isinstance(ring_size, int) and 0 <= ring_lo and ring_size >= 1
+            and ring_lo + ring_size <= C):
+        raise ValueError(f"ring [{ring_lo}, {ring_lo}+{ring_size}) must be a non-empty range inside the {C}-slot cache")
+    if shift is not None:
+        shift = index_arg("shift", shift, batch=B, lo=0, hi=ring_size - 1, device=device, where="the ring ")
+    if out is None:
+        out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=device)
+    else:
+        _check_bhld("out", out, device)
+        if out.shape != q.shape:
+            raise ValueError(f"out has shape {list(out.shape)}, expected {list(q.shape)}")
+    return B, Lq, H, D, C, sink_end, win_start, win_end, ring_size, shift, out
+
+
 def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      sink_end, win_start, win_end, *, ring_lo: int = 0, ring_size: int | None = None,
                      shift=None, scale: float | None = None,
@@ -282,31 +313,10 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_bhld("q", q, device)
     _check_bhld("k_cache", k_cache, device)
     _check_bhld("v_cache", v_cache, device)
-    B, Lq, H, D = q.shape
-    if D not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {D} is not supported; expected one of {_SUPPORTED_HEAD_DIMS}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
-    Bk, C, Hk, Dk = k_cache.shape
-    if (Bk, Hk, Dk) != (B, H, D):
-        raise ValueError(f"cache shape {list(k_cache.shape)} does not match q {list(q.shape)} in B, H or D")
-    if C == 0:
-        raise ValueError("the cache has no slots")
-    sink_end = index_arg("sink_end", sink_end, batch=B, lo=0, hi=C, device=device, where="the cache ")
-    win_start = index_arg("win_start", win_start, batch=B, lo=0, hi=C, device=device, where="the cache ")
-    win_end = index_arg("win_end", win_end, batch=B, lo=0, hi=C, device=device, where="the cache ")
-    ring_size = C - ring_lo if ring_size is None else ring_size
-    if not (isinstance(ring_lo, int) and isinstance(ring_size, int) and 0 <= ring_lo and ring_size >= 1
-            and ring_lo + ring_size <= C):
-        raise ValueError(f"ring [{ring_lo}, {ring_lo}+{ring_size}) must be a non-empty range inside the {C}-slot cache")
-    if shift is not None:
-        shift = index_arg("shift", shift, batch=B, lo=0, hi=ring_size - 1, device=device, where="the ring ")
-    if out is None:
-        out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=device)
-    else:
-        _check_bhld("out", out, device)
-        if out.shape != q.shape:
-            raise ValueError(f"out has shape {list(out.shape)}, expected {list(q.shape)}")
+    B, Lq, H, D, C, sink_end, win_start, win_end, ring_size, shift, out = window_launch_args(
+        q, k_cache, sink_end, win_start, win_end, ring_lo, ring_size, shift, out)
     if B == 0 or Lq == 0 or H == 0:
         return out
     if scale is None:

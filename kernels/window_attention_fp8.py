@@ -37,7 +37,7 @@ import triton.language as tl
 from ._common import cast_bf16, index_arg, interpreting
 from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
 from .kv_quant_append import check_fp8_cache, dequantize_kv
-from .window_attention import (_LOG2E, _check_bhld, _check_config, _configs, _INTERPRET_CONFIG, _prune_configs,
+from .window_attention import (_LOG2E, window_launch_args, _check_bhld, _check_config, _configs, _INTERPRET_CONFIG, _prune_configs,
                                _tma_allocator, _window_ranges, window_attention_ref)
 
 FP8_DOTS = ("both", "qk", "pv", "none")
@@ -219,29 +219,8 @@ def window_attention_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     check_fp8_cache(k_cache, v_cache, k_scale, v_scale, device)
     if fp8_dots not in FP8_DOTS:
         raise ValueError(f"fp8_dots must be one of {FP8_DOTS}, got {fp8_dots!r}")
-    B, Lq, H, D = q.shape
-    if D not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {D} is not supported; expected one of {_SUPPORTED_HEAD_DIMS}")
-    Bk, C, Hk, Dk = k_cache.shape
-    if (Bk, Hk, Dk) != (B, H, D):
-        raise ValueError(f"cache shape {list(k_cache.shape)} does not match q {list(q.shape)} in B, H or D")
-    if C == 0:
-        raise ValueError("the cache has no slots")
-    sink_end = index_arg("sink_end", sink_end, batch=B, lo=0, hi=C, device=device, where="the cache ")
-    win_start = index_arg("win_start", win_start, batch=B, lo=0, hi=C, device=device, where="the cache ")
-    win_end = index_arg("win_end", win_end, batch=B, lo=0, hi=C, device=device, where="the cache ")
-    ring_size = C - ring_lo if ring_size is None else ring_size
-    if not (isinstance(ring_lo, int) and isinstance(ring_size, int) and 0 <= ring_lo and ring_size >= 1
-            and ring_lo + ring_size <= C):
-        raise ValueError(f"ring [{ring_lo}, {ring_lo}+{ring_size}) must be a non-empty range inside the {C}-slot cache")
-    if shift is not None:
-        shift = index_arg("shift", shift, batch=B, lo=0, hi=ring_size - 1, device=device, where="the ring ")
-    if out is None:
-        out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=device)
-    else:
-        _check_bhld("out", out, device)
-        if out.shape != q.shape:
-            raise ValueError(f"out has shape {list(out.shape)}, expected {list(q.shape)}")
+    B, Lq, H, D, C, sink_end, win_start, win_end, ring_size, shift, out = window_launch_args(
+        q, k_cache, sink_end, win_start, win_end, ring_lo, ring_size, shift, out)
     if B == 0 or Lq == 0 or H == 0:
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else scale
