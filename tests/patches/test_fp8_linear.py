@@ -32,12 +32,12 @@ class LoraLinear(nn.Module):
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * 0.2)
         self.to(base.weight.device, base.weight.dtype)
 
-# Latents of the fp8 preset against the unpatched bf16 model (tiny, 6 blocks): the fp8 rounding of
+# Latents of the fp8 preset against the unpatched bf16 model (tiny, 3 blocks): the fp8 rounding of
 # weights and activations in every block; the bound for the 1.3B model is cosine >= 0.99.
-MAX_REL_L2, MIN_COSINE = 0.1, 0.99
+MAX_REL_L2, MIN_COSINE = 0.03, 0.99  # measured in the interpreter: 8.3e-3, 0.99997
 
 
-def _generate(model, device, blocks=6):
+def _generate(model, device, blocks=3):
     p = get_preset("tiny")
     gen = torch.Generator().manual_seed(5)
     noise = torch.randn(1, 3 * blocks, 16, p.latent_height, p.latent_width, generator=gen).to(device, torch.bfloat16)
@@ -131,6 +131,7 @@ def test_fp8_preset_generates_close_to_reference(device, monkeypatch):
     assert fed_bf16 <= {(dim, dim)}                                    # only cross-attention k/v (the text)
 
     rel, cos = _drift(got, want)
+    print(f"fp8 preset vs unpatched, tiny, 3 blocks: rel L2 {rel:.4g}, cosine {cos:.6f}")
     assert torch.isfinite(got.float()).all()
     assert rel <= MAX_REL_L2 and cos >= MIN_COSINE, (rel, cos)
 
@@ -150,9 +151,6 @@ def test_exclusion_rule(device):
     reasons = {(e.path, e.reason) for e in report.skipped}
     assert ("blocks.1.ffn", "kept bf16 by fp8_exclude pattern 'blocks.1.ffn.2'") in reasons
     assert ("blocks.0.self_attn", "kept bf16 by fp8_exclude pattern 'blocks.*.self_attn.k'") in reasons
-    rel, cos = _drift(_generate(model, device, blocks=2),
-                      _generate(build_model("tiny", dtype=torch.bfloat16, device=device, seed=4), device, blocks=2))
-    assert rel <= MAX_REL_L2 and cos >= MIN_COSINE, (rel, cos)
 
 
 def test_lora_is_merged_before_quantization(device):
