@@ -44,9 +44,14 @@ PLAN_SIZE = 9
 
 
 @triton.jit
-def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, start_ptr, plan_ptr, n, C, S, M, frame_tokens,
-                          LOCAL: tl.constexpr, SINK_RECACHE: tl.constexpr):
-    s = tl.load(start_ptr).to(tl.int64)
+def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, start_ptr, start, plan_ptr, n, C, S, M, frame_tokens,
+                          START_ON_DEVICE: tl.constexpr, LOCAL: tl.constexpr, SINK_RECACHE: tl.constexpr):
+    # An eager call passes the host int (no fill kernel per layer); a graph-captured one reads the
+    # device scalar, so a replay follows what the runner wrote there.
+    if START_ON_DEVICE:
+        s = tl.load(start_ptr).to(tl.int64)
+    else:
+        s = start.to(tl.int64)
     g = tl.load(global_ptr)
     loc = tl.load(local_ptr)
     shift = tl.load(shift_ptr)
@@ -101,14 +106,13 @@ def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torc
         _check_pointer(name, t, device)
     if num_new < 1:
         raise ValueError(f"num_new must be >= 1, got {num_new}")
-    if isinstance(current_start, torch.Tensor):
+    on_device = isinstance(current_start, torch.Tensor)
+    if on_device:
         _check_pointer("current_start", current_start, device)
     elif isinstance(current_start, bool) or not isinstance(current_start, int):
         raise TypeError(f"current_start must be an int or an int64 device tensor, got {type(current_start).__name__}")
     elif current_start < 0:
         raise ValueError(f"current_start must be >= 0, got {current_start}")
-    else:
-        current_start = torch.full((1,), current_start, dtype=torch.int64, device=device)
     if frame_tokens < 1:
         raise ValueError(f"frame_tokens must be >= 1, got {frame_tokens}")
     if not 0 <= sink_tokens < capacity:
@@ -121,8 +125,10 @@ def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torc
         out = torch.empty(PLAN_SIZE, dtype=torch.int64, device=device)
     elif out.dtype != torch.int64 or out.numel() != PLAN_SIZE or out.device != device:
         raise ValueError(f"out must be an int64 tensor of {PLAN_SIZE} elements on {device}")
-    _kv_cache_plan_kernel[(1,)](global_end, local_end, shift, current_start, out, num_new, capacity,
-                                sink_tokens, budget, frame_tokens, LOCAL=bool(local), SINK_RECACHE=bool(sink_recache))
+    _kv_cache_plan_kernel[(1,)](global_end, local_end, shift, current_start if on_device else global_end,
+                                0 if on_device else current_start, out, num_new, capacity, sink_tokens, budget,
+                                frame_tokens, START_ON_DEVICE=on_device, LOCAL=bool(local),
+                                SINK_RECACHE=bool(sink_recache))
     return out
 
 
