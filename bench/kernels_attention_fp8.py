@@ -1,10 +1,11 @@
 """Benchmark cases for the FP8 KV cache: attention over it, and the fused quantize/append.
 
-window_attention_fp8, steady state of LongLive-1.3B (q = 4680 tokens, kv = sink + window = 18720
-slots, 12 heads x 128): our kernel with each choice of fp8 dots ("both", "qk", "pv", and "none",
-the bf16 dots on the upcast cache), against cuDNN SDPA and our bf16 window kernel on a bf16 cache.
-The case's extra field records the KV cache bytes of all 30 layers, bf16 against e4m3 + scales,
-summed over the tensors the patched layer really allocates.
+window_attention_fp8 (kernels/window_attention.py's FP8 path: e4m3 q, k, v, both dots on the FP8
+tensor cores) at LongLive-1.3B's shapes (q = 4680 tokens, 12 heads x 128): the steady-state
+window (kv = sink + window = 18720 slots), the 9-frame window (14040) and the fill levels, with
+its launch options (split-KV, TMA), against cuDNN SDPA and our bf16 kernel on a
+bf16 cache. The steady-state case's extra field records the KV cache bytes of all 30 layers, bf16
+against the FP8 layout, summed over the tensors the patched layer really allocates.
 
 kv_quant_append against rope_kv_append: one steady-state block's append (n = 4680 rows at slots
 [14040, 18720)), bandwidth against the fewest bytes each must move.
@@ -14,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.kv_quant_append import kv_quant_append, kv_quant_append_bytes, quantize_kv_rows
+from ..kernels.kv_quant_append import (fp8_kv_cache, k_head_scale, kv_quant_append, kv_quant_append_bytes,
+                                       quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref)
 from ..kernels.rope_kv_append import rope_kv_append, rope_kv_append_bytes, rope_tables
-from ..kernels.window_attention import window_attention, window_attention_flops
-from ..kernels.window_attention_fp8 import FP8_DOTS, window_attention_fp8, window_attention_fp8_bytes
+from ..kernels.window_attention import window_attention, window_attention_bytes, window_attention_flops, window_attention_fp8
 from .registry import KernelCase, register
 
 HEADS, HEAD_DIM, LQ = 12, 128, 4680
@@ -27,72 +28,84 @@ GRID = (3, 30, 52)
 DST, START_FRAME = 14040, 12
 
 
-def _fp8_cache():
-    k = torch.randn(1, CACHE, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+def _fp8_operands(lkv: int):
+    q = torch.randn(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, lkv, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    return (*quantize_kv_rows(k), *quantize_kv_rows(v))
+    k_scale = (k.float().abs().amax(dim=(0, 1, 3)) / 448.0).contiguous()
+    return (*quantize_rows_ref(q), quantize_k_ref(k, k_scale), k_scale, *quantize_v_groups_ref(v))
 
 
-def _ours_fp8(fp8_dots: str, use_tma: bool = False):
+def _ours_fp8(lkv: int, sink_end: int, **options):
     def setup():
-        q = torch.randn(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        k8, ks, v8, vs = _fp8_cache()
-        ranges = [torch.tensor([x], dtype=torch.int64, device="cuda") for x in (SINK, SINK, CACHE)]
-        out = torch.empty_like(q)
-        return lambda: window_attention_fp8(q, k8, v8, ks, vs, *ranges, fp8_dots=fp8_dots, out=out, use_tma=use_tma)
+        ops = _fp8_operands(lkv)
+        ranges = [torch.tensor([x], dtype=torch.int64, device="cuda") for x in (sink_end, sink_end, lkv)]
+        out = torch.empty(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        return lambda: window_attention_fp8(*ops, *ranges, out=out, **options)
     return setup
 
 
-def _ours_bf16():
-    q = torch.randn(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, CACHE, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    ranges = [torch.tensor([x], dtype=torch.int64, device="cuda") for x in (SINK, SINK, CACHE)]
-    out = torch.empty_like(q)
-    return lambda: window_attention(q, k, v, *ranges, out=out)
+def _ours_bf16(lkv: int, sink_end: int, **options):
+    def setup():
+        q = torch.randn(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, lkv, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        ranges = [torch.tensor([x], dtype=torch.int64, device="cuda") for x in (sink_end, sink_end, lkv)]
+        out = torch.empty_like(q)
+        return lambda: window_attention(q, k, v, *ranges, out=out, **options)
+    return setup
 
 
-def _cudnn():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _cudnn(lkv: int):
+    def setup():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.randn(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, CACHE, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
+        q = torch.randn(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, lkv, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
 
-    def call():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return call
+        def call():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return call
+    return setup
 
 
 def kv_cache_bytes() -> dict:
     """All layers' self-attention KV cache at 1.3B shapes, from real allocations: the pipeline's bf16
-    "k"/"v" of one layer, then what WindowSelfAttention swaps in for them, times the layers."""
-    from ..patches.window_self_attention import WindowSelfAttention
-
-    cache = {name: torch.zeros(1, CACHE, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda") for name in ("k", "v")}
-    bf16 = sum(t.numel() * t.element_size() for t in cache.values())
-    WindowSelfAttention._use_fp8_cache(cache)
-    fp8 = sum(cache[n].numel() * cache[n].element_size() for n in ("k", "v", "k_scale", "v_scale"))
+    "k"/"v" of one layer against the FP8 layout's tensors, times the layers."""
+    bf16 = 2 * CACHE * HEADS * HEAD_DIM * 2
+    k8, v8, v_scale = fp8_kv_cache(1, CACHE, HEADS, HEAD_DIM, "cuda")
+    fp8 = sum(t.untyped_storage().nbytes() for t in (k8, v8, v_scale))
     return {"layers": LAYERS, "bf16_bytes": LAYERS * bf16, "fp8_bytes": LAYERS * fp8, "ratio": fp8 / bf16}
+
+
+# Launch options compared: split-KV shares, TMA loads.
+FP8_OPTIONS = {"ours_fp8": {}, "ours_fp8_split2": dict(split=2), "ours_fp8_tma": dict(use_tma=True),
+               "ours_fp8_tma_split2": dict(use_tma=True, split=2)}
+
+
+def _attention_case(lkv: int, extra: dict | None = None) -> KernelCase:
+    providers = {name: _ours_fp8(lkv, SINK, **opts) for name, opts in FP8_OPTIONS.items()}
+    providers["ours_bf16"] = _ours_bf16(lkv, SINK)
+    providers["ours_bf16_tma_split2"] = _ours_bf16(lkv, SINK, use_tma=True, split=2)
+    providers["cudnn"] = _cudnn(lkv)
+    return KernelCase(
+        name="window_attention_fp8",
+        shape=f"q{LQ} kv{lkv}",
+        providers=providers,
+        baseline="cudnn",
+        flops=window_attention_flops(1, LQ, lkv, HEADS, HEAD_DIM),
+        bytes=window_attention_bytes(1, LQ, lkv, HEADS, HEAD_DIM, fp8=True),
+        ceiling="tflops",
+        extra=extra or {},
+    )
 
 
 @register("window_attention_fp8")
 def attention_cases() -> list[KernelCase]:
-    providers = {f"ours_fp8_{mode}": _ours_fp8(mode) for mode in FP8_DOTS}
-    providers["ours_fp8_both_tma"] = _ours_fp8("both", use_tma=True)
-    providers["ours_bf16"] = _ours_bf16
-    providers["cudnn"] = _cudnn
-    return [KernelCase(
-        name="window_attention_fp8",
-        shape=f"q{LQ} kv{CACHE}",
-        providers=providers,
-        baseline="cudnn",
-        flops=window_attention_flops(1, LQ, CACHE, HEADS, HEAD_DIM),
-        bytes=window_attention_fp8_bytes(1, LQ, CACHE, HEADS, HEAD_DIM),
-        ceiling="tflops",
-        extra={"kv_cache": kv_cache_bytes()},
-    )]
+    cases = [_attention_case(CACHE, {"kv_cache": kv_cache_bytes()}), _attention_case(14040)]
+    return cases + [_attention_case(lkv) for lkv in (4680, 9360)]
 
 
 def _append_inputs():
@@ -106,9 +119,10 @@ def _append_inputs():
 
 
 def _quant_append():
-    q_lin, k_lin, v, wq, wk, cos, sin, index, out = _append_inputs()
-    k8, ks, v8, vs = _fp8_cache()
-    return lambda: kv_quant_append(q_lin, k_lin, v, wq, wk, cos, sin, k8, v8, ks, vs, GRID, *index, out=out)
+    q_lin, k_lin, v, wq, wk, cos, sin, index, _ = _append_inputs()
+    k8, v8, v_scale = fp8_kv_cache(1, CACHE, HEADS, HEAD_DIM, "cuda")
+    k_scale = k_head_scale(wk, HEADS)
+    return lambda: kv_quant_append(q_lin, k_lin, v, wq, wk, cos, sin, k8, k_scale, v8, v_scale, GRID, *index)
 
 
 def _bf16_append():

@@ -2,6 +2,7 @@
 and the launchers' index arguments."""
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -58,3 +59,11 @@ def index_arg(name: str, value, *, batch: int, lo: int, hi: int, device: torch.d
     if value.device != device:
         raise ValueError(f"{name} is on {value.device}, the kernel's inputs on {device}")
     return value
+
+
+def autotune(**kwargs):
+    """triton.autotune that keeps its timings on disk (Triton's cache dir) where this Triton can,
+    so a new process skips the search: a GPU suite or a second run starts at the tuned speed."""
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs.setdefault("cache_results", True)
+    return triton.autotune(**kwargs)

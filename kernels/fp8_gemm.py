@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, interpreting
+from ._common import autotune, cast_bf16, interpreting
 from .fp8_quant import ACT_GROUP, FP8_DTYPE, FP8_MAX, Fp8Activation, _cast_fp8, quantize_rowwise
 
 # The interpreter runs fixed small configs: autotuning there would time every config in numpy, and
@@ -246,9 +246,9 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 _KEY = ["M_BUCKET", "N", "K", "A_GROUPED", "HAS_BIAS", "GELU", "OUT_FP8"]
-_fp8_gemm_tuned = triton.autotune(configs=_configs(False), key=_KEY,
+_fp8_gemm_tuned = autotune(configs=_configs(False), key=_KEY,
                                   prune_configs_by={"early_config_prune": _prune_configs})(_fp8_gemm_kernel)
-_fp8_gemm_tma_tuned = triton.autotune(configs=_configs(True), key=_KEY + ["FLATTEN", "WARP_SPECIALIZE"],
+_fp8_gemm_tma_tuned = autotune(configs=_configs(True), key=_KEY + ["FLATTEN", "WARP_SPECIALIZE"],
                                       prune_configs_by={"early_config_prune": _prune_configs})(_fp8_gemm_tma_kernel)
 
 

@@ -1,25 +1,31 @@
-"""q/k RMSNorm + causal RoPE + FP8 KV-cache append: rope_kv_append with an e4m3 cache, in one pass.
+"""q/k RMSNorm + causal RoPE + FP8 KV-cache append: rope_kv_append into the FP8 cache that
+kernels/window_attention.py's FP8 path reads, with q handed over quantized, in one launch.
 
 Same inputs, math and slot rule as kernels/rope_kv_append.py (same plan values: dst_start,
-row_lo, ring_lo/ring_size/shift), except the caches:
-- k_cache, v_cache: [B, C, H, D] float8_e4m3fn, written in place;
-- k_scale, v_scale: [B, C, H] float32, one scale per (slot, head), written with the row.
-- returns q: [B, n, H, D] bf16, roped (not quantized: attention quantizes it per tile if it wants).
+row_lo, ring_lo/ring_size/shift). What it writes (layouts of kernels/window_attention.py):
+- q8 [B, n, H, D] e4m3 and q_scale [B, n, H] fp32: each roped q row (token, head), rounded to bf16
+  as the bf16 path would hand it over, with scale = amax|row| / 448 (1 for a row of zeros).
+- k8 [B, C, H, D] e4m3: the roped k rows (rounded to bf16, exactly what the bf16 cache would hold)
+  divided by k_scale [H], a static scale per head that `k_head_scale` derives from the RMSNorm
+  weight: after the norm no element of a row exceeds sqrt(H*D) * max|w| of its head, RoPE keeps
+  the norm of each pair, so no key can overflow e4m3; e4m3 keeps 3 mantissa bits anywhere in its
+  2^15 range, so the loose bound costs no precision for any key that matters.
+- v8 (a [B, C, H, D] view of [B, H, D, C]: tokens contiguous) and v_scale [B, ceil(C / 128), H]:
+  V rows share one scale per group of V_GROUP = 128 physical slots and head, so attention applies
+  it once per key tile. A group that this call fills only partly keeps its other slots (written
+  by other calls, the sink, or not yet): its scale becomes max(old scale, amax(new) / 448), and
+  when that grows, the old slots are re-rounded to it (one more e4m3 rounding of values already
+  in the cache; values move by at most half a step of the new scale). A scale of 0 marks a group
+  that holds nothing (its v8 are zero); attention reads it as 1.
 
-Each written (token, head) row x of D values (k: the roped k rounded to bf16, exactly what the
-bf16 cache would hold; v: the raw bf16 v) becomes
-
-    scale = amax|x| / 448          (1 for a row of zeros)
-    x8    = e4m3(clamp(x / scale, -448, 448))      so x ~= x8 * scale.
-
-Why per (token, head) and not per block of tokens: a row's scale depends on that row alone, so a
-call writes its rows without reading any other slot (rows of one cache block are written by
-different calls: the ring wraps, a recompute rewrites a block), and the error is never larger than
-with a shared block scale (a block's amax is >= each of its rows'); tests/kernels/
-test_kv_quant_append.py measures both on the reference model's k and v. The scales cost 4 bytes per
-D values: 3% of the fp8 cache at D = 128.
+One launch, two kinds of programs: the first cdiv(n, BLOCK_T) handle BLOCK_T tokens x all heads
+of q and k (RMSNorm needs whole rows); the others own one (V group, head) each over the whole
+cache and return at once when this call writes none of the group's slots, so the grid depends only
+on shapes (capturable in a CUDA graph) and each V group is read and written by one program.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -28,7 +34,8 @@ import triton.language as tl
 from ._common import cast_bf16, interpreting
 from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
 from .rope_kv_append import (_check, _ring_slot, _rms_norm_bf16, _rotate, _token_tables, append_block_t,
-                             check_append_inputs, check_q_out)
+                             check_append_inputs)
+from .window_attention import V_GROUP, check_fp8_cache
 
 
 @triton.jit
@@ -41,164 +48,273 @@ def _quant_rows(x, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr):
     return _cast_fp8(q, INTERPRET), scale
 
 
-@triton.jit(do_not_specialize=["n", "H", "hg", "wg", "ring_lo", "ring_size"])
-def _kv_quant_append_kernel(
-    ql_ptr, kl_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,
-    qo_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
-    start_frame_ptr, dst_start_ptr, row_lo_ptr, shift_ptr,
-    stride_sf, stride_ds, stride_rl, stride_shift,
-    stride_qlb, stride_qlt, stride_klb, stride_klt, stride_vb, stride_vt,
-    stride_qob, stride_qot, stride_qoh,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    stride_ksb, stride_kss, stride_vsb, stride_vss,
-    stride_tab, table_rows,
-    n, H, hg, wg, ring_lo, ring_size, inv_n, eps,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-    T_SLOTS: tl.constexpr, HW_SLOTS: tl.constexpr, FP8_MAX: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    b = tl.program_id(1)
-    b64 = b.to(tl.int64)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+@triton.jit
+def _qk_rows(ql_ptr, kl_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, qs_ptr, kc_ptr, ks_ptr,
+             b64, pid, start_frame, dst_start, row_lo, shift,
+             stride_qlb, stride_qlt, stride_klb, stride_klt, stride_qob, stride_qot, stride_qsb, stride_qst,
+             stride_kcb, stride_kcs, stride_tab, table_rows,
+             n, H, hg, wg, ring_lo, ring_size, inv_n, eps,
+             HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+             T_SLOTS: tl.constexpr, HW_SLOTS: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """BLOCK_T tokens x all heads: q to q8 + row scales, k to the cache with the head scales."""
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     t_ok = t < n
     h_ok = offs_h < H
     hd_offs = offs_h[:, None] * HEAD_DIM + offs_d[None, :]
     mask = t_ok[:, None, None] & h_ok[None, :, None]
-
-    start_frame = tl.load(start_frame_ptr + b * stride_sf).to(tl.int32)
-    dst_start = tl.load(dst_start_ptr + b * stride_ds).to(tl.int32)
-    row_lo = tl.load(row_lo_ptr + b * stride_rl).to(tl.int32)
     cos, sin = _token_tables(cos_ptr, sin_ptr, t, t_ok, start_frame, hg, wg, stride_tab, table_rows,
                              HEAD_DIM // 2, T_SLOTS, HW_SLOTS)
-
     t64 = t.to(tl.int64)[:, None, None]
     hd = hd_offs[None, :, :]
+
     wq = tl.load(wq_ptr + hd_offs, mask=h_ok[:, None], other=0.0).to(tl.float32)
     q = tl.load(ql_ptr + b64 * stride_qlb + t64 * stride_qlt + hd, mask=mask, other=0.0).to(tl.float32)
     q = _rotate(_rms_norm_bf16(q, wq, inv_n, eps, INTERPRET), cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
-    qo_offs = offs_h[None, :, None] * stride_qoh + offs_d[None, None, :]
-    tl.store(qo_ptr + b64 * stride_qob + t64 * stride_qot + qo_offs, cast_bf16(q, INTERPRET), mask=mask)
+    # Quantize the q the bf16 path would hand to attention.
+    q8, q_scale = _quant_rows(cast_bf16(q, INTERPRET).to(tl.float32), FP8_MAX, INTERPRET)
+    tl.store(qo_ptr + b64 * stride_qob + t64 * stride_qot + hd, q8, mask=mask)
+    tl.store(qs_ptr + b64 * stride_qsb + t.to(tl.int64)[:, None] * stride_qst + offs_h[None, :], q_scale,
+             mask=t_ok[:, None] & h_ok[None, :])
 
+    # Rows below row_lo are neither read nor written (masked lanes move no memory).
     w_mask = mask & (t >= row_lo)[:, None, None]
     wk = tl.load(wk_ptr + hd_offs, mask=h_ok[:, None], other=0.0).to(tl.float32)
     k = tl.load(kl_ptr + b64 * stride_klb + t64 * stride_klt + hd, mask=w_mask, other=0.0).to(tl.float32)
     k = _rotate(_rms_norm_bf16(k, wk, inv_n, eps, INTERPRET), cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
-    # Quantize what the bf16 cache would hold, so the fp8 cache is one rounding away from it.
-    k8, k_scale = _quant_rows(cast_bf16(k, INTERPRET).to(tl.float32), FP8_MAX, INTERPRET)
-    v = tl.load(v_ptr + b64 * stride_vb + t64 * stride_vt + hd, mask=w_mask, other=0.0).to(tl.float32)
-    v8, v_scale = _quant_rows(v, FP8_MAX, INTERPRET)
+    inv_ks = tl.math.div_rn(1.0, tl.load(ks_ptr + offs_h, mask=h_ok, other=1.0))
+    k = cast_bf16(k, INTERPRET).to(tl.float32) * inv_ks[None, :, None]
+    k8 = _cast_fp8(tl.minimum(tl.maximum(k, -FP8_MAX), FP8_MAX), INTERPRET)
+    slot = _ring_slot(dst_start + t, ring_lo, ring_size, shift)[:, None, None]
+    tl.store(kc_ptr + b64 * stride_kcb + slot * stride_kcs + hd, k8, mask=w_mask)
 
+
+@triton.jit
+def _v_group(v_ptr, vc_ptr, vs_ptr, b64, g, h, dst_start, row_lo, shift,
+             stride_vb, stride_vt, stride_vcb, stride_vch, stride_vcd, stride_vsb, stride_vsg,
+             n, C, ring_lo, ring_size,
+             HEAD_DIM: tl.constexpr, V_GROUP: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """V group g (physical slots [g*V_GROUP, +V_GROUP)) of head h: the rows this call writes there,
+    quantized with the group's (possibly grown) scale; the group's other rows re-rounded if it grew."""
+    p = g * V_GROUP + tl.arange(0, V_GROUP)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # The row t of this call a physical slot receives, if any: below ring_lo slots are logical ones;
+    # a ring slot receives logical ring_lo + rel (+ any multiple of ring_size), the inverse of _ring_slot.
+    rel = (p - ring_lo - shift) % ring_size
+    rel = tl.where(rel < 0, rel + ring_size, rel)
+    lo = tl.maximum(row_lo, ring_lo - dst_start)
+    in_ring = (p >= ring_lo) & (p < ring_lo + ring_size)
+    t_ring = ring_lo + rel - dst_start - lo
+    t_ring = lo + (t_ring % ring_size + ring_size) % ring_size
+    t = tl.where(in_ring, t_ring, p - dst_start)
+    new = (p < C) & (t >= row_lo) & (t < n) & (in_ring | (p < ring_lo))
+    if tl.sum(new.to(tl.int32), 0) > 0:
+        old = (p < C) & ~new
+        vs_ptr_g = vs_ptr + b64 * stride_vsb + g * stride_vsg + h
+        old_scale = tl.load(vs_ptr_g)
+        v_new = tl.load(v_ptr + b64 * stride_vb + t.to(tl.int64)[:, None] * stride_vt + h * HEAD_DIM + offs_d[None, :],
+                        mask=new[:, None], other=0.0).to(tl.float32)
+        # IEEE divisions, as torch's, so the scale equals the reference's bit for bit.
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(tl.abs(v_new), 1), 0), FP8_MAX), old_scale)
+        inv = tl.where(scale > 0.0, tl.math.div_rn(1.0, scale), 0.0)
+        vt_ptrs = vc_ptr + b64 * stride_vcb + h * stride_vch + offs_d[None, :] * stride_vcd + p[:, None]
+        # Old rows are read, re-rounded and written back only when the group's scale grew.
+        # Vectors, not scalars, on both sides of &: the interpreter cannot mix them.
+        zero = tl.zeros([V_GROUP], tl.float32)
+        old_rw = old & (zero + scale > zero + old_scale) & (zero + old_scale > 0.0)
+        v_old = tl.load(vt_ptrs, mask=old_rw[:, None], other=0.0).to(tl.float32) * old_scale
+        vals = tl.where(new[:, None], v_new, v_old) * inv
+        v8 = _cast_fp8(tl.minimum(tl.maximum(vals, -FP8_MAX), FP8_MAX), INTERPRET)
+        tl.store(vt_ptrs, v8, mask=(new | old_rw)[:, None])
+        tl.store(vs_ptr_g, scale)
+
+
+@triton.jit(do_not_specialize=["n", "H", "hg", "wg", "C", "ring_lo", "ring_size"])
+def _kv_quant_append_kernel(
+    ql_ptr, kl_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,
+    qo_ptr, qs_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr,
+    start_frame_ptr, dst_start_ptr, row_lo_ptr, shift_ptr,
+    stride_sf, stride_ds, stride_rl, stride_shift,
+    stride_qlb, stride_qlt, stride_klb, stride_klt, stride_vb, stride_vt,
+    stride_qob, stride_qot, stride_qsb, stride_qst,
+    stride_kcb, stride_kcs, stride_vcb, stride_vch, stride_vcd, stride_vsb, stride_vsg,
+    stride_tab, table_rows,
+    n, H, hg, wg, C, ring_lo, ring_size, inv_n, eps, qk_programs,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+    T_SLOTS: tl.constexpr, HW_SLOTS: tl.constexpr, V_GROUP: tl.constexpr, FP8_MAX: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    dst_start = tl.load(dst_start_ptr + b * stride_ds).to(tl.int32)
+    row_lo = tl.load(row_lo_ptr + b * stride_rl).to(tl.int32)
     shift = 0
     if HAS_SHIFT:
         shift = tl.load(shift_ptr + b * stride_shift).to(tl.int32)
-    slot = _ring_slot(dst_start + t, ring_lo, ring_size, shift)[:, None]
-    kc_offs = offs_h[None, :, None] * stride_kch + offs_d[None, None, :]
-    vc_offs = offs_h[None, :, None] * stride_vch + offs_d[None, None, :]
-    tl.store(kc_ptr + b64 * stride_kcb + slot[:, :, None] * stride_kcs + kc_offs, k8, mask=w_mask)
-    tl.store(vc_ptr + b64 * stride_vcb + slot[:, :, None] * stride_vcs + vc_offs, v8, mask=w_mask)
-    s_mask = (t_ok & (t >= row_lo))[:, None] & h_ok[None, :]
-    tl.store(ks_ptr + b64 * stride_ksb + slot * stride_kss + offs_h[None, :], k_scale, mask=s_mask)
-    tl.store(vs_ptr + b64 * stride_vsb + slot * stride_vss + offs_h[None, :], v_scale, mask=s_mask)
+    if pid < qk_programs:
+        start_frame = tl.load(start_frame_ptr + b * stride_sf).to(tl.int32)
+        _qk_rows(ql_ptr, kl_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, qs_ptr, kc_ptr, ks_ptr,
+                 b64, pid, start_frame, dst_start, row_lo, shift,
+                 stride_qlb, stride_qlt, stride_klb, stride_klt, stride_qob, stride_qot, stride_qsb, stride_qst,
+                 stride_kcb, stride_kcs, stride_tab, table_rows,
+                 n, H, hg, wg, ring_lo, ring_size, inv_n, eps,
+                 HEAD_DIM, BLOCK_H, BLOCK_T, T_SLOTS, HW_SLOTS, FP8_MAX, INTERPRET)
+    else:
+        v_pid = pid - qk_programs
+        _v_group(v_ptr, vc_ptr, vs_ptr, b64, v_pid // H, v_pid % H, dst_start, row_lo, shift,
+                 stride_vb, stride_vt, stride_vcb, stride_vch, stride_vcd, stride_vsb, stride_vsg,
+                 n, C, ring_lo, ring_size, HEAD_DIM, V_GROUP, FP8_MAX, INTERPRET)
 
 
-def check_fp8_cache(k_cache, v_cache, k_scale, v_scale, device) -> None:
-    """An FP8 KV cache: e4m3 [B, C, H, D] k and v (last dim contiguous), fp32 [B, C, H] scales
-    (last dim contiguous)."""
-    _check("k_cache", k_cache, FP8_DTYPE, 4, device)
-    _check("v_cache", v_cache, FP8_DTYPE, 4, device)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        _check(name, s, torch.float32, 3, device)
-        if s.shape != k_cache.shape[:3]:
-            raise ValueError(f"{name} must have shape {list(k_cache.shape[:3])} (B, C, H), got {list(s.shape)}")
+def k_head_scale(norm_k_weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The static per-head k scale [H] fp32 (module docstring): sqrt(H*D) * max|w| of the head, with
+    margin for the bf16 roundings of the norm, the weight product and the roped k, over 448."""
+    HD = norm_k_weight.numel()
+    if HD % heads:
+        raise ValueError(f"norm_k_weight has {HD} elements, not a multiple of {heads} heads")
+    wmax = norm_k_weight.detach().float().abs().reshape(heads, -1).amax(dim=1)
+    scale = wmax * math.sqrt(HD) * (1 + 2.0 ** -7) ** 3 / FP8_MAX
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).contiguous()
+
+
+def _v_buffer(batch: int, slots: int, heads: int, head_dim: int, device) -> torch.Tensor:
+    """A zero e4m3 [B, C, H, D] view of a [B, H, D, C'] buffer, C' = C rounded up to 16 (rows
+    16-byte aligned for TMA; the padding is never read)."""
+    buf = torch.zeros(batch, heads, head_dim, -(-slots // 16) * 16, dtype=FP8_DTYPE, device=device)
+    return buf[..., :slots].permute(0, 3, 1, 2)
+
+
+def fp8_kv_cache(batch: int, slots: int, heads: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
+    """An empty FP8 cache: (k8 [B, C, H, D], v8 [B, C, H, D] view of [B, H, D, C'], v_scale
+    [B, ceil(C / 128), H]), all zero (a zero v scale marks an empty group)."""
+    k8 = torch.zeros(batch, slots, heads, head_dim, dtype=FP8_DTYPE, device=device)
+    v8 = _v_buffer(batch, slots, heads, head_dim, device)
+    v_scale = torch.zeros(batch, triton.cdiv(slots, V_GROUP), heads, dtype=torch.float32, device=device)
+    return k8, v8, v_scale
 
 
 def kv_quant_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
                     norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                    k8: torch.Tensor, k_scale: torch.Tensor, v8: torch.Tensor, v_scale: torch.Tensor,
                     grid_sizes: tuple[int, int, int], start_frame, dst_start, row_lo, *,
                     ring_lo: int = 0, ring_size: int | None = None, shift=None, eps: float = 1e-6,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """rope_kv_append into an FP8 cache: rows [row_lo, n) of roped k and raw v are quantized per
-    (token, head) and written with their scales; returns roped q [B, n, H, D] bf16."""
+                    q_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_kv_append into the FP8 cache (module docstring): rows [row_lo, n) of roped k and raw v
+    written; returns (q8 [B, n, H, D] e4m3, q_scale [B, n, H] fp32), into q_out if given."""
     if not isinstance(q_lin, torch.Tensor):
         raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
     device = q_lin.device
-    check_fp8_cache(k_cache, v_cache, k_scale, v_scale, device)
+    check_fp8_cache(k8, k_scale, v8, v_scale, device)
     start_frame, dst_start, row_lo, shift, ring_size = check_append_inputs(
-        q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, k_cache.shape, grid_sizes,
+        q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, k8.shape, grid_sizes,
         start_frame, dst_start, row_lo, ring_lo, ring_size, shift)
     B, n, _ = q_lin.shape
-    _, C, H, D = k_cache.shape
-    out = check_q_out(out, B, n, H, D, device)
+    _, C, H, D = k8.shape
+    if q_out is None:
+        q_out = (torch.empty(B, n, H, D, dtype=FP8_DTYPE, device=device),
+                 torch.empty(B, n, H, dtype=torch.float32, device=device))
+    q8, q_scale = q_out
+    _check("q8", q8, FP8_DTYPE, 4, device)
+    _check("q_scale", q_scale, torch.float32, 3, device)
+    if tuple(q8.shape) != (B, n, H, D) or tuple(q_scale.shape) != (B, n, H):
+        raise ValueError(f"q_out must be ([B, n, H, D], [B, n, H]) = ({[B, n, H, D]}, {[B, n, H]}), got "
+                         f"({list(q8.shape)}, {list(q_scale.shape)})")
     if B == 0 or n == 0:
-        return out
+        return q8, q_scale
     c = D // 2
     block_t = append_block_t(n, H, D)
+    qk_programs = triton.cdiv(n, block_t)
+    v_programs = triton.cdiv(C, V_GROUP) * H
     _, hg, wg = grid_sizes
-    _kv_quant_append_kernel[(triton.cdiv(n, block_t), B)](
+    _kv_quant_append_kernel[(qk_programs + v_programs, B)](
         q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
-        out, k_cache, v_cache, k_scale, v_scale,
+        q8, q_scale, k8, k_scale, v8, v_scale,
         start_frame, dst_start, row_lo, dst_start if shift is None else shift,
         0 if start_frame.numel() == 1 else 1, 0 if dst_start.numel() == 1 else 1, 0 if row_lo.numel() == 1 else 1,
         0 if shift is None or shift.numel() == 1 else 1,
         q_lin.stride(0), q_lin.stride(1), k_lin.stride(0), k_lin.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
+        q8.stride(0), q8.stride(1), q_scale.stride(0), q_scale.stride(1),
+        k8.stride(0), k8.stride(1), v8.stride(0), v8.stride(2), v8.stride(3), v_scale.stride(0), v_scale.stride(1),
         cos.stride(0), cos.shape[0],
-        n, H, hg, wg, ring_lo, ring_size, 1.0 / (H * D), eps,
+        n, H, hg, wg, C, ring_lo, ring_size, 1.0 / (H * D), eps, qk_programs,
         HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(H), BLOCK_T=block_t, T_SLOTS=c - 2 * (c // 3), HW_SLOTS=c // 3,
-        FP8_MAX=FP8_MAX, HAS_SHIFT=shift is not None, INTERPRET=interpreting(),
+        V_GROUP=V_GROUP, FP8_MAX=FP8_MAX, HAS_SHIFT=shift is not None, INTERPRET=interpreting(),
         num_warps=8,
     )
-    return out
+    return q8, q_scale
 
 
-def quantize_kv_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch quantizer: x [..., D] -> (e4m3 [..., D], fp32 scale [...]), one scale per last-dim row."""
+def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 [..., D], fp32 scale [...]), one scale per last-dim row (torch's division
+    tensor by tensor: on CUDA torch divides by a Python scalar as a multiply by its reciprocal)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    # Tensor / tensor: on CUDA, torch divides by a Python scalar as a multiply by its reciprocal,
-    # which is not the IEEE division the kernel does (tl.math.div_rn).
     scale = torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, FP8_MAX))
     q = (xf * (torch.ones_like(scale) / scale)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
-def dequantize_kv(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x8 [..., D] e4m3 times its row scale [...], in fp32."""
-    return x8.float() * scale[..., None]
+def quantize_k_ref(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
+    """k [..., H, D] (bf16 values) -> e4m3 with the static per-head scales [H]."""
+    inv = torch.ones_like(k_scale) / k_scale
+    return (k.float() * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def kv_quant_append_ref(q_lin, k_lin, v, norm_q_weight, norm_k_weight, k_cache, v_cache, k_scale, v_scale,
-                        grid_sizes, start_frame, dst_start, row_lo, **kwargs) -> torch.Tensor:
-    """rope_kv_append_ref into bf16 scratch caches, then the torch quantizer on the rows written.
-    Writes the fp8 caches and scales in place; returns roped q. kwargs: those of rope_kv_append_ref."""
+def quantize_v_groups_ref(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole bf16 V cache [B, C, H, D] -> (v8 view of [B, H, D, C], v_scale [B, ceil(C/128), H]),
+    one scale per group of 128 slots and head (as if every group were written at once)."""
+    B, C, H, D = v.shape
+    G = triton.cdiv(C, V_GROUP)
+    vp = torch.nn.functional.pad(v.float(), (0, 0, 0, 0, 0, G * V_GROUP - C))
+    scale = vp.reshape(B, G, V_GROUP, H, D).abs().amax(dim=(2, 4)) / FP8_MAX
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale)).repeat_interleave(V_GROUP, dim=1)[:, :C]
+    v8 = _v_buffer(B, C, H, D, v.device)
+    v8.copy_((v.float() * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+    return v8, scale.contiguous()
+
+
+def kv_quant_append_ref(q_lin, k_lin, v, norm_q_weight, norm_k_weight, k8, k_scale, v8, v_scale,
+                        grid_sizes, start_frame, dst_start, row_lo, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_kv_append_ref into bf16 scratch caches, then the torch quantizers: k with the head
+    scales, each V group touched with max(old scale, amax(new) / 448) and its old rows re-rounded
+    when that grew. Writes the FP8 cache in place; returns (q8, q_scale)."""
     from .rope_kv_append import rope_kv_append_ref
 
-    B, C, H, D = k_cache.shape
+    B, C, H, D = k8.shape
     # NaN marks the slots the bf16 reference does not write; they are left as they are.
-    k_bf = torch.full((B, C, H, D), float("nan"), dtype=torch.bfloat16, device=k_cache.device)
+    k_bf = torch.full((B, C, H, D), float("nan"), dtype=torch.bfloat16, device=k8.device)
     v_bf = k_bf.clone()
     q = rope_kv_append_ref(q_lin, k_lin, v, norm_q_weight, norm_k_weight, k_bf, v_bf, grid_sizes,
                            start_frame, dst_start, row_lo, **kwargs)
     written = ~torch.isnan(k_bf[..., 0, 0])  # a written row has no NaN: RoPE of finite inputs is finite
-    for src, cache, scale in ((k_bf, k_cache, k_scale), (v_bf, v_cache, v_scale)):
-        x8, s = quantize_kv_rows(src[written])
-        cache.view(torch.uint8)[written] = x8.view(torch.uint8)  # torch has no fp8 index_put
-        scale[written] = s
-    return q
+    k8.view(torch.uint8)[written] = quantize_k_ref(k_bf[written], k_scale).view(torch.uint8)
+    for b in range(B):
+        for g in range(triton.cdiv(C, V_GROUP)):
+            lo, hi = g * V_GROUP, min(C, (g + 1) * V_GROUP)
+            new = written[b, lo:hi]
+            if not new.any():
+                continue
+            old_scale = v_scale[b, g].clone()
+            vals = v8[b, lo:hi].float() * old_scale[None, :, None]
+            vals[new] = v_bf[b, lo:hi][new].float()
+            amax = v_bf[b, lo:hi][new].float().abs().amax(dim=(0, 2))
+            scale = torch.maximum(amax / torch.full_like(amax, FP8_MAX), old_scale)
+            inv = torch.where(scale > 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
+            requant = (~new)[:, None] & (scale > old_scale)[None, :] & (old_scale > 0)[None, :]  # [slots, H]
+            rewrite = new[:, None] | requant
+            q8 = (vals * inv[None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            block = v8[b, lo:hi]
+            block.view(torch.uint8)[rewrite] = q8.view(torch.uint8)[rewrite]
+            v_scale[b, g] = scale
+    return quantize_rows_ref(q.to(torch.bfloat16))
 
 
 def kv_quant_append_bytes(batch: int, n: int, heads: int, head_dim: int, rows_written: int | None = None) -> float:
     """Fewest bytes one call must move: read bf16 q_lin, k_lin and v for the rows written; write
-    bf16 q, and e4m3 k, v with one fp32 scale each per (row, head)."""
+    e4m3 q with a scale per (row, head), and e4m3 k and v (v's group scales are negligible)."""
     rows_written = n if rows_written is None else rows_written
     row = heads * head_dim
-    return batch * (n * row * 4.0 + rows_written * (row * 2.0 * 2 + row * 2.0 + heads * 8.0))
-
+    return batch * (n * row * 2.0 + n * (row + heads * 4.0) + rows_written * (row * 2.0 * 2 + row * 2.0))

@@ -1,21 +1,42 @@
-"""Attention of new queries over the sink + window slots of a KV cache, read in place.
+"""Attention of new queries over the sink + window slots of a KV cache, read in place: one kernel
+for the bf16 cache and for the FP8 cache.
 
-Shapes, layout and dtypes:
+Shapes, layout and dtypes (bf16 cache, `window_attention`):
 - q:        [B, Lq, H, D] bf16, already roped (any Lq; any strides with the last one 1).
 - k_cache:  [B, C, H, D] bf16, the stock slot-major cache layout, read in place.
 - v_cache:  [B, C, H, D] bf16, same shape as k_cache.
-- sink_end, win_start, win_end: int32/int64 tensors of shape [1] (shared) or [B] (per sample) on
-  q's device, or Python ints. The keys attended are the union of slots [0, sink_end) and
-  [win_start, win_end); they form a set (no mask, no order), so a ring-buffer window is fine.
 - out:      [B, Lq, H, D] bf16.
-- ring_lo, ring_size, shift (optional): the ring-buffer layout of kernels/kv_cache_plan.py. With a
-  shift (int tensor [1]/[B] on the device, or an int) the ranges are logical slots: the sink range
-  lies below ring_lo and is read as is, the window lies inside [ring_lo, ring_lo + ring_size) and
-  logical slot l is read from ring_lo + ((l - ring_lo + shift) mod ring_size), at most two
-  physical ranges. Without a shift the ranges are physical slots.
-D is 32, 64 or 128. Scale 1/sqrt(D) unless given. Softmax is online (flash style) with fp32
-statistics and fp32 accumulation.
+FP8 cache (`window_attention_fp8`, written by kernels/kv_quant_append.py):
+- q8:       [B, Lq, H, D] float8_e4m3fn with q_scale [B, Lq, H] fp32: one scale per row (token, head).
+- k8:       [B, C, H, D] e4m3 with k_scale [H] fp32: one static scale per head (kv_quant_append
+            derives it from the RMSNorm weight so that no key can overflow).
+- v8:       [B, C, H, D] e4m3, a view of a [B, H, D, C'] buffer, C' >= C (tokens contiguous: Hopper's
+            FP8 MMA wants P.V's reduction axis, the tokens, K-major; C' rounds C up to 16 bytes for
+            TMA), with v_scale [B, ceil(C / 128), H]
+            fp32: one scale per group of V_GROUP = 128 physical slots and head.
+Ranges (both): sink_end, win_start, win_end: int32/int64 tensors of shape [1] or [B] on q's device,
+or Python ints. The keys attended are the union of slots [0, sink_end) and [win_start, win_end);
+they form a set (no mask, no order), so a ring-buffer window is fine. ring_lo, ring_size, shift
+(optional): with a shift (int tensor [1]/[B] on the device, or an int) the ranges are logical slots:
+the sink range lies below ring_lo and is read as is, the window lies inside [ring_lo, ring_lo +
+ring_size) and logical slot l is read from ring_lo + ((l - ring_lo + shift) mod ring_size), at
+most two physical ranges. D is 32, 64 or 128. Scale 1/sqrt(D) unless given.
 
+The kernel (flash style, online softmax with fp32 statistics and accumulator):
+- Key tiles start on multiples of BLOCK_N in physical slots; a range that starts or ends inside a
+  tile reads that tile masked. With the FP8 cache BLOCK_N = V_GROUP, so every tile has one v
+  scale per head.
+- Scales cost nothing per score: the q row scale and the k head scale fold into the per-row factor
+  that turns dots into log2-domain scores; the tile's v scale vs rides in the exponent, P~ = 448 vs
+  exp2(x - m) (m tracks max(x + log2 vs), so P~ <= 448, e4m3's range), with l summing P~ / vs, so
+  that sum P~ v8 / l is the softmax times V (448 cancels). P~ is cast to e4m3 for the P.V dot,
+  whose tile result is added to the fp32 accumulator outside the MMA (see _tile).
+- SPLIT > 1 (split-KV): the key tiles of every (query tile, head) are cut into SPLIT contiguous
+  shares, one program each. At LongLive's shape 37 query tiles x 12 heads = 444 programs of 128
+  rows fill 132 SMs 3.36 times: the last wave leaves most of the GPU idle, and splitting makes the
+  waves finer. Each share writes its fp32 partial (acc, m, l) to a workspace and bumps a counter;
+  the last to arrive merges all shares in split order (so the result does not depend on the order
+  of arrival) and resets the counter.
 The range values are read on the device: the grid depends only on shapes, so no host sync happens
 and the launch can be captured in a CUDA graph (autotune in warm-up, before capture). Tensor range
 values are clamped to [0, C] inside the kernel; Python ints are checked on the host.
@@ -32,70 +53,118 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, index_arg, interpreting
+from ._common import autotune, cast_bf16, index_arg, interpreting
+from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
 
 _SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _LOG2E = 1.4426950408889634
+V_GROUP = 128  # physical slots per v scale in the FP8 cache, and the FP8 kernel's key tile
 # The launcher runs one fixed small config under the interpreter: autotuning there would time
 # every config in numpy, and small tiles exercise the tail paths at test sizes.
-_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+_INTERPRET_BLOCK_M = 16
+_INTERPRET_BLOCK_N = 16
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k, v, valid, qk_scale, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
-    # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there.
-    if INTERPRET:
-        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+def _dot(a, b, acc, FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there (fp8 dots are right).
+    if INTERPRET and not FP8:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
-        qk = tl.dot(q, tl.trans(k))
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, a_row, k, v, vs, valid, MASKED: tl.constexpr, FP8: tl.constexpr,
+          INTERPRET: tl.constexpr):
+    """One key tile into the running (acc, l, m). vs: the tile's v scale (FP8), else unused."""
+    s = _dot(q, tl.trans(k), None, FP8, INTERPRET)
     if MASKED:
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        # Rows past the range may hold anything (a TMA tile reads real slots there): 0 * NaN is NaN.
-        v = tl.where(valid[:, None], v, 0.0)
-    # The scale (times log2 e) is applied to the fp32 scores in one FMA rather than folded into q,
-    # which would round q*scale to bf16 and cost accuracy for no speed.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    p = cast_bf16(p, INTERPRET)
-    if INTERPRET:
-        acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
+        s = tl.where(valid[None, :], s, float("-inf"))
+    if FP8:
+        log_vs = tl.math.log2(vs)
+        # log2(448) keeps P~ in e4m3's range: the largest score of a row maps to 448 * vs / vs_max.
+        shift = log_vs + 8.807354922057604
     else:
-        acc = tl.dot(p, v, acc)
+        log_vs = 0.0
+        shift = 0.0
+    m_new = tl.maximum(m_i, tl.max(s, 1) * a_row + log_vs)
+    p = tl.math.exp2(s * a_row[:, None] - (m_new - shift)[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    if FP8:
+        l_i = l_i * alpha + tl.sum(p, 1) * (1.0 / vs)
+        if INTERPRET:
+            p = _cast_fp8(p, INTERPRET)
+        else:
+            p = p.to(tl.float8e4nv)
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = cast_bf16(p, INTERPRET)
+    if FP8:
+        # Each tile's P.V into a fresh accumulator, added in fp32: Hopper's FP8 MMA accumulates with
+        # far fewer mantissa bits than fp32, and a running sum over ~150 tiles of a flat softmax
+        # then loses most of each tile (relative L2 0.3 against 3e-3 at 1.3B shapes, measured).
+        acc = acc * alpha[:, None] + _dot(p, v, None, FP8, INTERPRET)
+    else:
+        acc = _dot(p, v, acc * alpha[:, None], FP8, INTERPRET)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
-                  desc_row, desc_col, start, end, qk_scale,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
-                  INTERPRET: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
+def _load_tile(k_base, v_base, vs_base, k_desc, v_desc, desc_k_row, desc_v_row, desc_col, n0, valid,
+               stride_kn, stride_vn, stride_vsg,
+               MASKED: tl.constexpr, FP8: tl.constexpr, USE_TMA: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """k [BLOCK_N, D], v [BLOCK_N, D] (from V^T for FP8) and the tile's v scale, at slot n0."""
+    rows = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    # Full tiles run unmasked; only the one ragged tile at the end of the range pays for masks.
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-    for n0 in tl.range(start, full_end, BLOCK_N):
-        if USE_TMA:
-            k = k_desc.load([desc_row + n0, desc_col])
-            v = v_desc.load([desc_row + n0, desc_col])
+    if USE_TMA:
+        k = k_desc.load([desc_k_row + n0, desc_col])
+        if FP8:
+            v = tl.trans(v_desc.load([desc_v_row, n0]))
         else:
-            rows = n0 + offs_n
-            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :])
-            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :])
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, offs_n, qk_scale, False, INTERPRET)
-    if full_end < end:
-        rows = full_end + offs_n
-        valid = rows < end
-        if USE_TMA:
-            k = k_desc.load([desc_row + full_end, desc_col])
-            v = v_desc.load([desc_row + full_end, desc_col])
+            v = v_desc.load([desc_k_row + n0, desc_col])
+        if MASKED:
+            # Slots outside the range may hold anything (a TMA tile reads real slots): 0 * NaN is NaN.
+            if FP8:
+                vi = v.to(tl.int8, bitcast=True)
+                v = tl.where(valid[:, None], vi, tl.zeros_like(vi)).to(v.dtype, bitcast=True)
+            else:
+                v = tl.where(valid[:, None], v, 0.0)
+    elif MASKED:
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if FP8:
+            v = tl.trans(tl.load(v_base + offs_d[:, None] * stride_vn + rows[None, :], mask=valid[None, :], other=0.0))
         else:
-            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, valid, qk_scale, True, INTERPRET)
-    return acc, l_i, m_i
+    else:
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :])
+        if FP8:
+            v = tl.trans(tl.load(v_base + offs_d[:, None] * stride_vn + rows[None, :]))
+        else:
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :])
+    vs = 1.0
+    if FP8:
+        vs = tl.load(vs_base + (n0 // BLOCK_N) * stride_vsg)
+        # 0 marks a group that holds nothing: its v8 are zero, so any scale is right.
+        vs = tl.where(vs > 0.0, vs, 1.0)
+    return k, v, vs
+
+
+@triton.jit
+def _edges(start, end, BLOCK_N: tl.constexpr):
+    """Keys [start, end) in tiles aligned to BLOCK_N: (first tile, start of the full tiles, end of
+    the full tiles). The tile at `first` is partial when first < start, the one at `hi_full` when
+    hi_full < end; those two are read masked, the full tiles between them not."""
+    first = start // BLOCK_N * BLOCK_N
+    lo_full = tl.where(first < start, first + BLOCK_N, first)
+    hi_full = tl.maximum(end // BLOCK_N * BLOCK_N, lo_full)
+    return first, lo_full, hi_full
+
+
+@triton.jit
+def _pick(r, a, b, c):
+    return tl.where(r == 0, a, tl.where(r == 1, b, c))
 
 
 @triton.jit
@@ -134,106 +203,221 @@ def _window_ranges(sink_end_ptr, win_start_ptr, win_end_ptr, shift_ptr, b,
     return sink_end, win_start, win_end, wrap_end
 
 
+@triton.jit
+def _share(lo_t, hi_t, off_t, start, end, BLOCK_N: tl.constexpr):
+    """The keys of range [start, end) whose aligned tiles, numbered from off_t, fall in [lo_t, hi_t);
+    and the next range's first tile number."""
+    first_t = start // BLOCK_N
+    n_t = tl.where(end > start, tl.cdiv(end, BLOCK_N) - first_t, 0)
+    a = tl.minimum(tl.maximum(lo_t - off_t, 0), n_t)
+    b = tl.minimum(tl.maximum(hi_t - off_t, 0), n_t)
+    return (tl.maximum(start, (first_t + a) * BLOCK_N), tl.minimum(end, (first_t + b) * BLOCK_N), off_t + n_t)
+
+
+@triton.jit
+def _merge_store(acc, l_i, m_i, o_ptrs, m_ok, ws_ptr, ml_ptr, cnt_ptr, unit, n_units, offs_m_local, split,
+                 SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+    """Normalise and store; with SPLIT > 1 leave the partial, and let the last share merge them all."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if SPLIT > 1:
+        # Workspace: acc [SPLIT, n_units, BLOCK_M, D] and (m, l) [SPLIT, n_units, 2, BLOCK_M], fp32.
+        row = (split * n_units + unit).to(tl.int64) * BLOCK_M + offs_m_local
+        tl.store(ws_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
+        ml = (split * n_units + unit).to(tl.int64) * 2 * BLOCK_M + offs_m_local
+        tl.store(ml_ptr + ml, m_i)
+        tl.store(ml_ptr + ml + BLOCK_M, l_i)
+        # Every thread's partial is written before the counter says so (release), and read after it
+        # (acquire); .cg loads bypass L1, which is not coherent across SMs.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + unit, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            for i in tl.static_range(SPLIT):
+                r = (i * n_units + unit).to(tl.int64) * 2 * BLOCK_M + offs_m_local
+                m_all = tl.maximum(m_all, tl.load(ml_ptr + r, cache_modifier=".cg"))
+            m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for i in tl.static_range(SPLIT):
+                r = (i * n_units + unit).to(tl.int64) * 2 * BLOCK_M + offs_m_local
+                w = tl.math.exp2(tl.load(ml_ptr + r, cache_modifier=".cg") - m_ref)
+                l_i += tl.load(ml_ptr + r + BLOCK_M, cache_modifier=".cg") * w
+                a = (i * n_units + unit).to(tl.int64) * BLOCK_M + offs_m_local
+                acc += tl.load(ws_ptr + a[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg") * w[:, None]
+            tl.atomic_xchg(cnt_ptr + unit, 0)
+            # An empty key set gives zeros instead of 0/0.
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
+            tl.store(o_ptrs, cast_bf16(acc / l_i[:, None], INTERPRET), mask=m_ok[:, None])
+    else:
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(o_ptrs, cast_bf16(acc / l_i[:, None], INTERPRET), mask=m_ok[:, None])
+
+
 # Sizes stay runtime values: specialising a size of 1 made ptxas crash (SIGSEGV, triton 3.6, H200).
 @triton.jit(do_not_specialize=["B", "H", "Lq", "C", "ring_lo", "ring_size"])
 def _window_attn_fwd(
-    q_ptr, k_ptr, v_ptr, o_ptr,
+    q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
     sink_end_ptr, win_start_ptr, win_end_ptr, shift_ptr,
     stride_sink, stride_wstart, stride_wend, stride_shift,
-    stride_qb, stride_qm, stride_qh,
+    stride_qb, stride_qm, stride_qh, stride_qsb, stride_qsm,
     stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
+    stride_vb, stride_vn, stride_vh, stride_vsb, stride_vsg,
     stride_ob, stride_om, stride_oh,
     B, H, Lq, C, qk_scale, ring_lo, ring_size,
     LQ_BUCKET: tl.constexpr,  # autotune key only
-    HEAD_DIM: tl.constexpr, RING: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, RING: tl.constexpr, N_RANGES: tl.constexpr, USE_TMA: tl.constexpr,
+    FP8: tl.constexpr, SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     b64 = b.to(tl.int64)
-
     sink_end, win_start, win_end, wrap_end = _window_ranges(
         sink_end_ptr, win_start_ptr, win_end_ptr, shift_ptr, b, stride_sink, stride_wstart, stride_wend,
         stride_shift, C, ring_lo, ring_size, RING)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m_local = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_m_local
     offs_d = tl.arange(0, HEAD_DIM)
-    q_mask = offs_m[:, None] < Lq
+    m_ok = offs_m < Lq
     q = tl.load(q_ptr + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=q_mask, other=0.0)
+                mask=m_ok[:, None], other=0.0)
+    # a_row turns a raw Q.K^T dot into log2-domain scores: softmax scale * log2 e, times the q row
+    # scale and the k head scale of the FP8 cache.
+    a_row = tl.full([BLOCK_M], 1.0, tl.float32) * qk_scale
+    if FP8:
+        qs = tl.load(qs_ptr + b64 * stride_qsb + offs_m * stride_qsm + h, mask=m_ok, other=0.0)
+        a_row = a_row * qs * tl.load(ks_ptr + h)
 
     k_base = k_ptr + b64 * stride_kb + h * stride_kh
     v_base = v_ptr + b64 * stride_vb + h * stride_vh
+    vs_base = vs_ptr + b64 * stride_vsb + h
     if USE_TMA:
-        # The launcher checked that the caches are contiguous, so [B*C, H*D] is an exact 2-D view.
+        # The launcher checked the layouts, so these 2-D views are exact.
         k_desc = tl.make_tensor_descriptor(k_ptr, shape=[B * C, H * HEAD_DIM], strides=[H * HEAD_DIM, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_ptr, shape=[B * C, H * HEAD_DIM], strides=[H * HEAD_DIM, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+        if FP8:
+            v_desc = tl.make_tensor_descriptor(v_ptr, shape=[B * H * HEAD_DIM, C], strides=[stride_vn, 1],
+                                               block_shape=[HEAD_DIM, BLOCK_N])
+        else:
+            v_desc = tl.make_tensor_descriptor(v_ptr, shape=[B * C, H * HEAD_DIM], strides=[H * HEAD_DIM, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
     else:
         k_desc = k_ptr
         v_desc = v_ptr
-    desc_row = b * C
+    desc_k_row = b * C
+    desc_v_row = (b * H + h) * HEAD_DIM
     desc_col = h * HEAD_DIM
+
+    # This program's share of the key tiles, numbered across the (up to) three ranges in order.
+    n_tiles = (tl.where(sink_end > 0, tl.cdiv(sink_end, BLOCK_N), 0)
+               + tl.where(win_end > win_start, tl.cdiv(win_end, BLOCK_N) - win_start // BLOCK_N, 0)
+               + tl.where(wrap_end > ring_lo, tl.cdiv(wrap_end, BLOCK_N) - ring_lo // BLOCK_N, 0))
+    lo_t = split * n_tiles // SPLIT
+    hi_t = (split + 1) * n_tiles // SPLIT
+
+    s0, e0, off = _share(lo_t, hi_t, 0, 0, sink_end, BLOCK_N)
+    s1, e1, off = _share(lo_t, hi_t, off, win_start, win_end, BLOCK_N)
+    s2, e2, off = _share(lo_t, hi_t, off, ring_lo, wrap_end, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
-                                  desc_row, desc_col, 0, sink_end, qk_scale,
-                                  BLOCK_N, HEAD_DIM, USE_TMA, INTERPRET)
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
-                                  desc_row, desc_col, win_start, win_end, qk_scale,
-                                  BLOCK_N, HEAD_DIM, USE_TMA, INTERPRET)
-    if RING:
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
-                                      desc_row, desc_col, ring_lo, wrap_end, qk_scale,
-                                      BLOCK_N, HEAD_DIM, USE_TMA, INTERPRET)
-    # An empty key set gives zeros instead of 0/0.
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_i[:, None]
-    tl.store(o_ptr + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             cast_bf16(out, INTERPRET), mask=q_mask)
+    offs_n = tl.arange(0, BLOCK_N)
+    # Loops over the ranges (runtime loops, not unrolled) keep the code to two tile bodies, one
+    # masked and one not: first the partial tiles at the ranges' edges, then the full tiles.
+    for r in range(0, N_RANGES):
+        start = _pick(r, s0, s1, s2)
+        end = _pick(r, e0, e1, e2)
+        first, lo_full, hi_full = _edges(start, end, BLOCK_N)
+        for edge in range(0, 2):
+            n0 = tl.where(edge == 0, first, hi_full)
+            if tl.where(edge == 0, (first < start) & (start < end), hi_full < end):
+                valid = (n0 + offs_n >= start) & (n0 + offs_n < end)
+                k, v, vs = _load_tile(k_base, v_base, vs_base, k_desc, v_desc, desc_k_row, desc_v_row, desc_col, n0,
+                                      valid, stride_kn, stride_vn, stride_vsg, True, FP8, USE_TMA, BLOCK_N, HEAD_DIM)
+                acc, l_i, m_i = _tile(acc, l_i, m_i, q, a_row, k, v, vs, valid, True, FP8, INTERPRET)
+    for r in range(0, N_RANGES):
+        first, lo_full, hi_full = _edges(_pick(r, s0, s1, s2), _pick(r, e0, e1, e2), BLOCK_N)
+        for n0 in tl.range(lo_full, hi_full, BLOCK_N):
+            k, v, vs = _load_tile(k_base, v_base, vs_base, k_desc, v_desc, desc_k_row, desc_v_row, desc_col, n0,
+                                  offs_n, stride_kn, stride_vn, stride_vsg, False, FP8, USE_TMA, BLOCK_N, HEAD_DIM)
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, a_row, k, v, vs, offs_n, False, FP8, INTERPRET)
+    o_ptrs = o_ptr + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    _merge_store(acc, l_i, m_i, o_ptrs, m_ok, ws_ptr, ml_ptr, cnt_ptr, pid_bh * tl.num_programs(0) + pid_m,
+                 B * H * tl.num_programs(0), offs_m_local, split, SPLIT, HEAD_DIM, BLOCK_M, INTERPRET)
 
 
 def _configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for bn in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-    ]
+    # The neighbourhood of what measured fastest on the H200 at LongLive's shapes (bench/RESULTS.md,
+    # run S3-1): bf16 128 x 128 tiles with 8 warps and 3 stages; FP8 64 x 128 with 4 warps and 3
+    # stages (two programs per SM); 2-stage pipelines and the other shapes lost by 10-40%.
+    shapes = [(128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w in shapes for s in (3, 4)]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     # Configs that overflow shared memory need no rule here: the autotuner skips them (OutOfResources).
-    lq_bucket = {**named_args, **kwargs}["LQ_BUCKET"]
+    args = {**named_args, **kwargs}
     kept = []
     for cfg in configs:
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        # 64-row tiles only pay when there are too few 128-row tiles to fill the GPU.
-        if bm == 64 and lq_bucket > 1024:
+        # The FP8 cache has one v scale per V_GROUP slots: its tiles are exactly that wide.
+        if args["FP8"] and bn != V_GROUP:
             continue
-        # One warpgroup cannot hold a 128x128 fp32 score tile plus a 128xD accumulator in registers.
-        if bm == 128 and bn == 128 and cfg.num_warps == 4:
+        # 64-row bf16 tiles only pay when there are too few 128-row tiles to fill the GPU.
+        if not args["FP8"] and bm == 64 and args["LQ_BUCKET"] > 1024:
             continue
         kept.append(cfg)
     return kept
 
 
-_window_attn_fwd_tuned = triton.autotune(
+_window_attn_fwd_tuned = autotune(
     configs=_configs(),
-    key=["LQ_BUCKET", "HEAD_DIM", "USE_TMA"],
+    key=["LQ_BUCKET", "HEAD_DIM", "USE_TMA", "FP8", "SPLIT"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_window_attn_fwd)
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+_TMA_DEVICES: set = set()
+
+
+def _install_tma_allocator(device: torch.device) -> None:
+    """Triton's device-side descriptors need scratch memory: a torch-backed allocator, set once."""
+    if "allocator" in _TMA_DEVICES:
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
+
+    triton.set_allocator(alloc)
+    _TMA_DEVICES.add("allocator")
+
+
+def tma_available(device: torch.device) -> bool:
+    """Whether use_tma can be honoured: a CUDA GPU of compute capability >= 9, outside the interpreter."""
+    return (not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+_WORKSPACES: dict = {}
+
+
+def _split_workspace(device: torch.device, split: int, units: int, head_dim: int):
+    """The split-KV partials and counters, one set per (device, size), kept for reuse: a captured
+    graph bakes their addresses in, and the counters must start at zero (each launch leaves them so)."""
+    key = (device, split, units, head_dim)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        rows = split * units * 128  # sized for BLOCK_M <= 128
+        ws = (torch.empty(rows * head_dim, dtype=torch.float32, device=device),
+              torch.empty(rows * 2, dtype=torch.float32, device=device),
+              torch.zeros(units, dtype=torch.int32, device=device))
+        _WORKSPACES[key] = ws
+    return ws
 
 
 def _check_config(config: dict) -> dict:
@@ -243,19 +427,21 @@ def _check_config(config: dict) -> dict:
     for key in ("BLOCK_M", "BLOCK_N"):
         if config[key] not in (16, 32, 64, 128, 256):
             raise ValueError(f"config {key}={config[key]} must be a power of two in [16, 256]")
+    if config["BLOCK_M"] > 128:
+        raise ValueError(f"config BLOCK_M={config['BLOCK_M']} must be at most 128")
     return config
 
 
-def _check_bhld(name: str, t: torch.Tensor, device: torch.device) -> None:
+def _check_bhld(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.bfloat16:
-        raise TypeError(f"{name} must be bfloat16, got {t.dtype}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be 4-D [B, L, H, D], got shape {list(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    if t.stride(-1) != 1:
+    if t.stride(-1) != 1 and t.shape[-1] > 1 and not (name == "v8" and (t.stride(1) == 1 or t.shape[1] == 1)):
         raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")
 
 
@@ -290,22 +476,75 @@ def window_launch_args(q, k_cache, sink_end, win_start, win_end, ring_lo, ring_s
     return B, Lq, H, D, C, sink_end, win_start, win_end, ring_size, shift, out
 
 
+def _launch(q, q_scale, k, k_scale, v, v_scale, sink_end, win_start, win_end, ring_lo, ring_size, shift,
+            scale, out, use_tma, split, config, fp8: bool):
+    """Shared by both launchers: index arguments, workspace, the grid and the launch."""
+    B, Lq, H, D, C, sink_end, win_start, win_end, ring_size, shift, out = window_launch_args(
+        q, k, sink_end, win_start, win_end, ring_lo, ring_size, shift, out)
+    if not isinstance(split, int) or isinstance(split, bool) or not 1 <= split <= 8:
+        raise ValueError(f"split must be an int in [1, 8] (key shares per query tile), got {split!r}")
+    if B == 0 or Lq == 0 or H == 0:
+        return out
+    device = q.device
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    interpret = interpreting()
+    if use_tma:
+        if not tma_available(device):
+            raise ValueError("use_tma needs a CUDA GPU of compute capability >= 9 (and no interpreter); "
+                             f"this is {device}" + (" under TRITON_INTERPRET" if interpret else ""))
+        if not k.is_contiguous() or (not fp8 and not v.is_contiguous()):
+            raise ValueError("use_tma needs contiguous caches")
+        if fp8 and v.stride(3) % 16:
+            raise ValueError(f"use_tma needs the FP8 cache's V^T rows 16-byte aligned (fp8_kv_cache pads them); "
+                             f"their stride is {v.stride(3)}")
+        _install_tma_allocator(device)
+    if config is not None:
+        config = _check_config(config)
+        if fp8 and config["BLOCK_N"] != V_GROUP:
+            raise ValueError(f"the FP8 cache is read in tiles of its v-scale group: config BLOCK_N must be {V_GROUP}")
+    if interpret:
+        config = {"BLOCK_M": _INTERPRET_BLOCK_M, "BLOCK_N": V_GROUP if fp8 else _INTERPRET_BLOCK_N}
+    max_units = B * H * triton.cdiv(Lq, 64 if config is None else config["BLOCK_M"])
+    ws, ml, cnt = (_split_workspace(device, split, max_units, D) if split > 1 else (out, out, out))
+    qs = q_scale if fp8 else out
+    args = (
+        q, qs, k, k_scale if fp8 else out, v, v_scale if fp8 else out, out, ws, ml, cnt,
+        sink_end, win_start, win_end, sink_end if shift is None else shift,
+        0 if sink_end.numel() == 1 else 1, 0 if win_start.numel() == 1 else 1, 0 if win_end.numel() == 1 else 1,
+        0 if shift is None or shift.numel() == 1 else 1,
+        q.stride(0), q.stride(1), q.stride(2), qs.stride(0) if fp8 else 0, qs.stride(1) if fp8 else 0,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(3) if fp8 else v.stride(1), v.stride(2),
+        v_scale.stride(0) if fp8 else 0, v_scale.stride(1) if fp8 else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        B, H, Lq, C, scale * _LOG2E, ring_lo, ring_size,
+    )
+    meta = dict(LQ_BUCKET=min(triton.next_power_of_2(Lq), 8192), HEAD_DIM=D, RING=shift is not None,
+                N_RANGES=3 if shift is not None else 2, USE_TMA=bool(use_tma), FP8=fp8,
+                SPLIT=split, INTERPRET=interpret)
+    if config is not None:
+        _window_attn_fwd[(triton.cdiv(Lq, config["BLOCK_M"]), B * H, split)](*args, **meta, **config)
+    else:
+        def grid(cfg):
+            return (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H, split)
+        _window_attn_fwd_tuned[grid](*args, **meta)
+    return out
+
+
 def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      sink_end, win_start, win_end, *, ring_lo: int = 0, ring_size: int | None = None,
-                     shift=None, scale: float | None = None,
-                     out: torch.Tensor | None = None, use_tma: bool = False,
-                     config: dict | None = None) -> torch.Tensor:
-    """Attend q [B, Lq, H, D] to cache slots [0, sink_end) U [win_start, win_end); returns [B, Lq, H, D].
+                     shift=None, scale: float | None = None, out: torch.Tensor | None = None,
+                     use_tma: bool = False, split: int = 1, config: dict | None = None) -> torch.Tensor:
+    """Attend q [B, Lq, H, D] to bf16 cache slots [0, sink_end) U [win_start, win_end); returns [B, Lq, H, D].
 
     sink_end, win_start, win_end: int32/int64 tensors of shape [1] or [B] on q's device (read there,
     so no host sync), or Python ints (checked against the cache size, then filled on the device).
     With shift given they are logical slots of the ring layout (module docstring); ring_size
     defaults to C - ring_lo.
-    use_tma loads K/V tiles through device-side TMA descriptors; it is honoured only on a CUDA GPU
-    of compute capability >= 9 outside the interpreter, needs contiguous caches, and installs a
-    torch-backed Triton allocator for the descriptors' scratch memory.
-    config ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning on the GPU, for
-    experiments and tests; the interpreter always runs its own small tiles.
+    use_tma loads K/V tiles through device-side TMA descriptors (a CUDA GPU of compute capability
+    >= 9 and contiguous caches, else a ValueError). split cuts each query tile's keys into that many
+    shares (module docstring). config ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips
+    autotuning on the GPU, for experiments and tests; the interpreter always runs its own small tiles.
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -315,44 +554,58 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_bhld("v_cache", v_cache, device)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
-    B, Lq, H, D, C, sink_end, win_start, win_end, ring_size, shift, out = window_launch_args(
-        q, k_cache, sink_end, win_start, win_end, ring_lo, ring_size, shift, out)
-    if B == 0 or Lq == 0 or H == 0:
-        return out
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
+    return _launch(q, None, k_cache, None, v_cache, None, sink_end, win_start, win_end, ring_lo, ring_size, shift,
+                   scale, out, use_tma, split, config, fp8=False)
 
-    interpret = interpreting()
-    use_tma = (bool(use_tma) and not interpret and device.type == "cuda"
-               and torch.cuda.get_device_capability(device)[0] >= 9)
-    if use_tma:
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError("use_tma needs contiguous k_cache and v_cache")
-        triton.set_allocator(_tma_allocator)
 
-    args = (
-        q, k_cache, v_cache, out,
-        sink_end, win_start, win_end, sink_end if shift is None else shift,
-        0 if sink_end.numel() == 1 else 1, 0 if win_start.numel() == 1 else 1, 0 if win_end.numel() == 1 else 1,
-        0 if shift is None or shift.numel() == 1 else 1,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        B, H, Lq, C, scale * _LOG2E, ring_lo, ring_size,
-    )
-    meta = dict(LQ_BUCKET=min(triton.next_power_of_2(Lq), 8192), HEAD_DIM=D, RING=shift is not None, USE_TMA=use_tma, INTERPRET=interpret)
-    if config is not None:
-        config = _check_config(config)
-    if interpret or config is not None:
-        cfg = _INTERPRET_CONFIG if interpret else config
-        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-        _window_attn_fwd[grid](*args, **meta, **cfg)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-        _window_attn_fwd_tuned[grid](*args, **meta)
-    return out
+def check_fp8_cache(k8: torch.Tensor, k_scale: torch.Tensor, v8: torch.Tensor, v_scale: torch.Tensor,
+                    device: torch.device) -> None:
+    """The FP8 cache layout of the module docstring; errors name the tensor and what is wrong."""
+    _check_bhld("k8", k8, device, FP8_DTYPE)
+    _check_bhld("v8", v8, device, FP8_DTYPE)
+    B, C, H, D = k8.shape
+    if v8.shape != k8.shape:
+        raise ValueError(f"k8 {list(k8.shape)} and v8 {list(v8.shape)} differ in shape")
+    # Rows of V^T may be padded past C (so that they start 16-byte aligned, as TMA wants); strides
+    # of size-1 dimensions do not matter (torch may report any).
+    row = v8.stride(3) if D > 1 else C
+    if row < C or any(n > 1 and st != want for n, st, want in zip(v8.shape, v8.stride(), (H * D * row, 1, D * row, row))):
+        raise ValueError(f"v8 must be a [B, C, H, D] view of a contiguous [B, H, D, >= C] buffer (tokens contiguous; "
+                         f"see fp8_kv_cache), got strides {v8.stride()}")
+    if not k8.is_contiguous():
+        raise ValueError(f"k8 must be contiguous [B, C, H, D], got strides {k8.stride()}")
+    for name, s, shape in (("k_scale", k_scale, (H,)), ("v_scale", v_scale, (B, triton.cdiv(C, V_GROUP), H))):
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor, got {getattr(s, 'dtype', type(s).__name__)}")
+        if tuple(s.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(s.shape)}")
+        if s.device != device:
+            raise ValueError(f"{name} is on {s.device} but q is on {device}")
+        if s.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {s.stride()}")
+
+
+def window_attention_fp8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
+                         v8: torch.Tensor, v_scale: torch.Tensor, sink_end, win_start, win_end, *,
+                         ring_lo: int = 0, ring_size: int | None = None, shift=None, scale: float | None = None,
+                         out: torch.Tensor | None = None, use_tma: bool = False, split: int = 1,
+                         config: dict | None = None) -> torch.Tensor:
+    """window_attention over the FP8 cache (module docstring): q8 [B, Lq, H, D] e4m3 with q_scale
+    [B, Lq, H]; k8 with k_scale [H]; v8 (a view of V^T) with v_scale [B, ceil(C / 128), H].
+    Other arguments as in window_attention; config's BLOCK_N
+    must be 128."""
+    if not isinstance(q8, torch.Tensor):
+        raise TypeError(f"q8 must be a torch.Tensor, got {type(q8).__name__}")
+    device = q8.device
+    _check_bhld("q8", q8, device, FP8_DTYPE)
+    check_fp8_cache(k8, k_scale, v8, v_scale, device)
+    if not isinstance(q_scale, torch.Tensor) or q_scale.dtype != torch.float32 or tuple(q_scale.shape) != q8.shape[:3]:
+        raise ValueError(f"q_scale must be a float32 tensor of shape {list(q8.shape[:3])} (one scale per row), got "
+                         f"{getattr(q_scale, 'dtype', None)} {list(getattr(q_scale, 'shape', []))}")
+    if q_scale.device != device or q_scale.stride(-1) != 1:
+        raise ValueError(f"q_scale must be on {device} and contiguous in its last dim")
+    return _launch(q8, q_scale, k8, k_scale, v8, v_scale, sink_end, win_start, win_end, ring_lo, ring_size, shift,
+                   scale, out, use_tma, split, config, fp8=True)
 
 
 def _slots(sink_end: int, win_start: int, win_end: int, device) -> torch.Tensor:
@@ -396,11 +649,29 @@ def window_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out
 
 
+def dequantize_fp8_cache(k8, k_scale, v8, v_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [B, C, H, D] keys and values of the FP8 cache (module docstring's layout)."""
+    C = k8.shape[1]
+    k = k8.float() * k_scale[None, None, :, None]
+    v = v8.float() * v_scale.repeat_interleave(V_GROUP, dim=1)[:, :C, :, None]
+    return k, v
+
+
+def window_attention_fp8_ref(q8, q_scale, k8, k_scale, v8, v_scale, sink_end, win_start, win_end,
+                             scale: float | None = None, **ring) -> torch.Tensor:
+    """fp32 attention of the dequantized q over the dequantized FP8 cache; fp32 out."""
+    k, v = dequantize_fp8_cache(k8, k_scale, v8, v_scale)
+    return window_attention_ref(q8.float() * q_scale[..., None], k, v, sink_end, win_start, win_end, scale, **ring)
+
+
 def window_attention_flops(batch: int, lq: int, lkv: int, heads: int, head_dim: int) -> float:
     """Matmul flops of one call: QK^T and PV, 2 flops per multiply-add each."""
     return 4.0 * batch * heads * lq * lkv * head_dim
 
 
-def window_attention_bytes(batch: int, lq: int, lkv: int, heads: int, head_dim: int) -> float:
-    """Fewest bytes one call must move: read q and the lkv K/V slots once, write the output (bf16)."""
+def window_attention_bytes(batch: int, lq: int, lkv: int, heads: int, head_dim: int, fp8: bool = False) -> float:
+    """Fewest bytes one call must move: read q and the lkv K/V slots once, write the bf16 output
+    (FP8: e4m3 q, k, v plus their scales)."""
+    if fp8:
+        return batch * heads * (lq * (head_dim + 4.0 + 2.0 * head_dim) + lkv * 2.0 * head_dim + lkv / V_GROUP * 4.0)
     return 2.0 * batch * heads * head_dim * (2 * lq + 2 * lkv)

@@ -20,12 +20,14 @@ class PatchConfig:
     # our Triton window kernel ("triton") or cuDNN through SDPA ("sdpa").
     window_attention: bool = False
     attention_backend: str = "sdpa"
-    # The self-attention KV cache in bf16, or in e4m3 with one fp32 scale per (token, head) (half
-    # the memory and the bytes attention reads; needs window_attention with the "triton" backend).
+    # The self-attention KV cache in bf16, or in e4m3 (half the memory and the bytes attention
+    # reads; q, k and v in e4m3 so both attention dots run on the FP8 tensor cores; needs
+    # window_attention with the "triton" backend). Layout and scales: kernels/window_attention.py.
     kv_cache_dtype: str = "bf16"
-    # With the fp8 cache, which attention dots run in fp8: "both" (QK^T and PV), "qk", "pv", or
-    # "none" (bf16 dots on the upcast cache).
-    fp8_attention_dots: str = "both"
+    # Launch options of our Triton attention (attention_backend "triton"): split-KV shares per
+    # query tile (finer waves on the GPU) and TMA loads of K/V tiles (compute capability >= 9).
+    attention_split: int = 1
+    attention_tma: bool = False
     # Each layer's LayerNorms, adaLN modulation and gated residual adds as four fused passes, and
     # the cross-attention's query RMSNorm as one.
     fused_glue: bool = False
@@ -89,8 +91,8 @@ class PatchConfig:
         object.__setattr__(self, "token_merge_stride", tuple(stride))  # YAML gives a list
         if self.kv_cache_dtype not in ("bf16", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'bf16' or 'fp8', got {self.kv_cache_dtype!r}")
-        if self.fp8_attention_dots not in ("both", "qk", "pv", "none"):
-            raise ValueError(f"fp8_attention_dots must be 'both', 'qk', 'pv' or 'none', got {self.fp8_attention_dots!r}")
+        if isinstance(self.attention_split, bool) or not 1 <= self.attention_split <= 8:
+            raise ValueError(f"attention_split must be an int in [1, 8], got {self.attention_split!r}")
         if self.kv_cache_dtype == "fp8" and not (self.window_attention and self.attention_backend == "triton"):
             raise ValueError("kv_cache_dtype 'fp8' needs window_attention: true and attention_backend: 'triton' "
                              "(cuDNN's SDPA cannot read the fp8 cache)")

@@ -16,13 +16,16 @@ The stock model commits the pointers from what each layer returns; we return the
 device scalars, so its `_apply_cache_updates` leaves them right (a recompute returns the old ones).
 Our ring shift lives in the layer's cache dict under `ring_shift`; a fresh dict starts a fresh ring.
 
-With `kv_cache_dtype: fp8` the layer keeps its cache in e4m3 with fp32 scales per (token, head):
-on the first call with a dict whose "k"/"v" are still the pipeline's bf16 tensors it quantizes
-them (whatever they hold, so no host read of the pointers is needed) and replaces the entries by
-e4m3 tensors of the same shape plus "k_scale"/"v_scale" [B, C, H]; the bf16 tensors are then freed.
-A pipeline that zeroes "k"/"v" on a prompt switch zeroes the e4m3 values (0 times any scale is
-0, as in bf16), and one that re-creates the dicts gets them swapped again. Steps 3-4 become
-`kv_quant_append` and `window_attention_fp8`.
+With `kv_cache_dtype: fp8` the layer keeps its cache in the FP8 layout of
+kernels/window_attention.py: k in e4m3 with a static scale per head (derived once from norm_k's
+weight, held by the layer), v in e4m3 stored tokens-contiguous with one scale per 128 slots and
+head. On the first call with a dict whose "k"/"v" are still the pipeline's bf16 tensors it
+quantizes them (whatever they hold, so no host read of the pointers is needed) and replaces the
+entries by e4m3 tensors of the same [B, C, H, D] shape ("v" a view of its [B, H, D, C] buffer)
+plus "v_scale" [B, ceil(C / 128), H]; the bf16 tensors are then freed. A pipeline that zeroes
+"k"/"v" on a prompt switch zeroes the e4m3 values (0 times any scale is 0, as in bf16), and one
+that re-creates the dicts gets them swapped again. Steps 3-4 become `kv_quant_append` (which also
+hands q over in e4m3 with one scale per row) and `window_attention_fp8`.
 """
 from __future__ import annotations
 
@@ -33,10 +36,9 @@ import torch.nn.functional as F
 from ..kernels.kv_cache_plan import (LOCAL_START, NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, START_FRAME,
                                      WIN_END, WIN_START, kv_cache_plan, kv_cache_plan_ref)
 from ..kernels.fp8_quant import FP8_DTYPE
-from ..kernels.kv_quant_append import kv_quant_append, quantize_kv_rows
+from ..kernels.kv_quant_append import k_head_scale, kv_quant_append, quantize_k_ref, quantize_v_groups_ref
 from ..kernels.rope_kv_append import rope_kv_append, rope_tables
-from ..kernels.window_attention import window_attention
-from ..kernels.window_attention_fp8 import window_attention_fp8
+from ..kernels.window_attention import tma_available, window_attention, window_attention_fp8
 from ..kernels._common import interpreting
 from .registry import Patch, PatchSkip, require_kernel_device
 
@@ -46,7 +48,8 @@ BACKENDS = ("triton", "sdpa")
 
 
 class WindowSelfAttention(nn.Module):
-    def __init__(self, stock: nn.Module, backend: str, kv_cache_dtype: str = "bf16", fp8_dots: str = "both"):
+    def __init__(self, stock: nn.Module, backend: str, kv_cache_dtype: str = "bf16", split: int = 1,
+                 use_tma: bool = False):
         """Shares the stock module's Linear layers and norms; use from_stock, which checks them."""
         super().__init__()
         if backend not in BACKENDS:
@@ -61,7 +64,8 @@ class WindowSelfAttention(nn.Module):
         if kv_cache_dtype == "fp8" and backend != "triton":
             raise ValueError("the fp8 KV cache needs the triton attention backend")
         self.kv_cache_dtype = kv_cache_dtype
-        self.fp8_dots = fp8_dots
+        # Our Triton attention's launch options (kernels/window_attention.py): split-KV shares, TMA loads.
+        self.attention_options = dict(split=split, use_tma=use_tma)
         # The stock budget (local_attn_size * 1560, or what the pipeline set) is kept as is; our
         # reference leaves it None and derives it from the frame size at run time.
         self.max_attention_size = getattr(stock, "max_attention_size", None)
@@ -96,7 +100,9 @@ class WindowSelfAttention(nn.Module):
                 and torch.cuda.get_device_capability(weight.device) < (8, 9):
             raise PatchSkip(f"the fp8 KV cache needs FP8 support (compute capability >= 8.9); this GPU is "
                             f"{torch.cuda.get_device_capability(weight.device)}")
-        new = cls(stock, backend, config.kv_cache_dtype, config.fp8_attention_dots)
+        # TMA where the GPU has it (compute capability >= 9); elsewhere the same kernel with pointer loads.
+        use_tma = config.attention_tma and tma_available(weight.device)
+        new = cls(stock, backend, config.kv_cache_dtype, config.attention_split, use_tma)
         with torch.no_grad():
             fused_w = torch.cat([stock.q.weight, stock.k.weight, stock.v.weight])
             fused_b = torch.cat([stock.q.bias, stock.k.bias, stock.v.bias])
@@ -108,12 +114,15 @@ class WindowSelfAttention(nn.Module):
         new._qkv_weight, new._qkv_bias = fused_w, fused_b
         cos, sin = rope_tables(head_dim, device=weight.device)
         new._cos, new._sin = cos, sin
+        if config.kv_cache_dtype == "fp8":
+            # Static: the norm weight is fixed once patched (load checkpoints before patching).
+            new._k_scale = k_head_scale(stock.norm_k.weight, stock.num_heads)
         return new
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.num_heads}, window={self.local_attn_size} frames, "
                 f"sink={self.sink_size} frames, backend={self.backend}, kv_cache={self.kv_cache_dtype}"
-                + (f", fp8_dots={self.fp8_dots}" if self.kv_cache_dtype == "fp8" else ""))
+                + (f", {self.attention_options}" if self.backend == "triton" else ""))
 
     def _budget(self, frame_seqlen: int, capacity: int) -> int:
         if self.max_attention_size is not None:
@@ -181,7 +190,7 @@ class WindowSelfAttention(nn.Module):
                            plan[ROW_LO:ROW_LO + 1], eps=self.eps, **ring)
         if self.backend == "triton":
             out = window_attention(q, k_cache, v_cache, plan[SINK_END:SINK_END + 1], plan[WIN_START:WIN_START + 1],
-                                   plan[WIN_END:WIN_END + 1], **ring)
+                                   plan[WIN_END:WIN_END + 1], **ring, **self.attention_options)
         else:
             out = self._sdpa(q, k_cache, v_cache, self.host_window(kv_cache, plan_args, commit=True), sink,
                              capacity - sink)
@@ -202,25 +211,25 @@ class WindowSelfAttention(nn.Module):
                                f"runs {x.dtype} on {x.device}: call patch_model after moving the model (.to())")
         return F.linear(x, self._qkv_weight, self._qkv_bias)
 
-    @staticmethod
-    def _use_fp8_cache(kv_cache: dict) -> None:
-        """Replace a bf16 "k"/"v" pair by its e4m3 quantization and scales (module docstring)."""
-        if kv_cache["k"].dtype == FP8_DTYPE and "k_scale" in kv_cache:
+    def _use_fp8_cache(self, kv_cache: dict) -> None:
+        """Replace a bf16 "k"/"v" pair by the FP8 layout (module docstring)."""
+        if kv_cache["k"].dtype == FP8_DTYPE and "v_scale" in kv_cache:
             return
-        for name in ("k", "v"):
-            x8, scale = quantize_kv_rows(kv_cache[name])
-            kv_cache[name], kv_cache[f"{name}_scale"] = x8, scale
+        k, v = kv_cache["k"], kv_cache["v"]
+        kv_cache["k"] = quantize_k_ref(k, self._k_scale)
+        kv_cache["v"], kv_cache["v_scale"] = quantize_v_groups_ref(v)
 
     def _append_attend_fp8(self, qkv, kv_cache, plan, ring, grid, start_frame) -> torch.Tensor:
-        """Steps 3-4 on the fp8 cache: quantize/append k and v, attend over sink + window."""
+        """Steps 3-4 on the FP8 cache: quantize/append k and v (q handed over in e4m3), attend."""
         d = self.dim
-        k_cache, v_cache, k_scale, v_scale = (kv_cache[n] for n in ("k", "v", "k_scale", "v_scale"))
-        q = kv_quant_append(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], self.norm_q.weight, self.norm_k.weight,
-                            self._cos, self._sin, k_cache, v_cache, k_scale, v_scale, grid, start_frame,
-                            plan[LOCAL_START:LOCAL_START + 1], plan[ROW_LO:ROW_LO + 1], eps=self.eps, **ring)
-        return window_attention_fp8(q, k_cache, v_cache, k_scale, v_scale, plan[SINK_END:SINK_END + 1],
-                                    plan[WIN_START:WIN_START + 1], plan[WIN_END:WIN_END + 1],
-                                    fp8_dots=self.fp8_dots, **ring)
+        k8, v8, v_scale = kv_cache["k"], kv_cache["v"], kv_cache["v_scale"]
+        q8, q_scale = kv_quant_append(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], self.norm_q.weight,
+                                      self.norm_k.weight, self._cos, self._sin, k8, self._k_scale, v8, v_scale,
+                                      grid, start_frame, plan[LOCAL_START:LOCAL_START + 1], plan[ROW_LO:ROW_LO + 1],
+                                      eps=self.eps, **ring)
+        return window_attention_fp8(q8, q_scale, k8, self._k_scale, v8, v_scale, plan[SINK_END:SINK_END + 1],
+                                    plan[WIN_START:WIN_START + 1], plan[WIN_END:WIN_END + 1], **ring,
+                                    **self.attention_options)
 
     @staticmethod
     def _sdpa(q, k_cache, v_cache, window: tuple[int, int, int], sink: int, ring: int) -> torch.Tensor:
@@ -249,5 +258,5 @@ PATCH = Patch(name="window_self_attention", matches=_is_self_attention,
               enabled=lambda cfg: cfg.window_attention, replace=WindowSelfAttention.from_stock,
               describe=lambda cfg: f"self-attention runs on {_BACKEND_NAMES[cfg.attention_backend]} "
                                    f"(attention_backend: {cfg.attention_backend})"
-                                   + (f", over an fp8 KV cache (fp8 dots: {cfg.fp8_attention_dots})"
+                                   + (", over an FP8 KV cache (e4m3 q, k, v: both attention dots in FP8)"
                                       if cfg.kv_cache_dtype == "fp8" else ""))

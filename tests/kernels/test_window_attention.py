@@ -54,6 +54,7 @@ def attention_cases(draw, max_batch, max_heads, head_dims, max_lq, max_slots):
         ranges=ranges,
         index_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
         strided_q=draw(st.booleans()),
+        split=draw(st.sampled_from([1, 1, 2, 3])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -92,7 +93,7 @@ def check_window_attention(case, device, use_tma=False, config=None):
     out = torch.full((B, Lq, H, D), float("nan"), dtype=torch.bfloat16, device=device)
 
     got = window_attention(q, k_cache, v_cache, sink_end, win_start, win_end, out=out,
-                           use_tma=use_tma, config=config, **ring)
+                           use_tma=use_tma, split=case["split"], config=config, **ring)
     want = window_attention_ref(q, k_cache, v_cache, sink_end, win_start, win_end, **ring)
 
     assert got is out
@@ -110,10 +111,10 @@ def test_matches_reference(case, device):
     check_window_attention(case, device)
 
 
-def _real(lq, cap, sink_end, win_start, win_end, shift=None, heads=12, batch=1):
+def _real(lq, cap, sink_end, win_start, win_end, shift=None, heads=12, batch=1, split=1):
     return dict(batch=batch, lq=lq, heads=heads, head_dim=128, cap=cap, ring_lo=sink_end, ring_size=None,
                 ranges=[(sink_end, win_start, win_end, shift)],
-                index_dtype=torch.int64, strided_q=False, seed=0)
+                index_dtype=torch.int64, strided_q=False, split=split, seed=0)
 
 
 @pytest.mark.gpu
@@ -127,12 +128,15 @@ def _real(lq, cap, sink_end, win_start, win_end, shift=None, heads=12, batch=1):
 @example(case=_real(4680, 18720, 4680, 4680, 14040), use_tma=False, tuned=True)
 @example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=False, tuned=True)
 @example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=True, tuned=True)
+@example(case=_real(4680, 18720, 4680, 4680, 18720, split=2), use_tma=True, tuned=True)
+@example(case=_real(4680, 18720, 4680, 4680, 14040, split=2), use_tma=False, tuned=True)
 @example(case=_real(4680, 18720, 4680, 4680, 18720, shift=7000), use_tma=True, tuned=True)
 @example(case=_real(4680, 18720, 4680, 9360, 18720, shift=7000), use_tma=False, tuned=True)
 @example(case=_real(4680, 512, 0, 0, 512), use_tma=False, tuned=True)
 @example(case=_real(4680, 512, 0, 0, 512), use_tma=True, tuned=True)
 @example(case=_real(1560, 18720, 4680, 4680, 18720, batch=2), use_tma=False, tuned=True)
 def test_matches_reference_gpu(case, use_tma, tuned, device):
+    use_tma = use_tma and torch.cuda.get_device_capability(device)[0] >= 9
     # Random cases run one fixed config: autotuning every Lq bucket they hit would take minutes.
     config = None if tuned else {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     check_window_attention(case, device, use_tma=use_tma, config=config)
@@ -212,6 +216,8 @@ def test_rejects_bad_inputs(device):
         window_attention(q, k, v, 0, 0, 8, ring_lo=20, shift=4)
     with pytest.raises(ValueError, match="config"):
         window_attention(q, k, v, 0, 0, 8, config={"BLOCK_M": 100, "BLOCK_N": 64})
+    with pytest.raises(ValueError, match="split must be"):
+        window_attention(q, k, v, 0, 0, 8, split=0)
     if device.type == "cuda":
         with pytest.raises(ValueError, match="is on cpu"):
             window_attention(q, k, v, torch.tensor([4]), idx, idx)

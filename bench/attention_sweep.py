@@ -1,0 +1,187 @@
+"""Sweep of window-attention variants at LongLive-1.3B's shapes, against cuDNN in the same run.
+
+    python -m longlive_triton.bench.attention_sweep [--only bf16 fp8 cudnn] [--json PATH]
+
+Each variant (a set of kernel flags) is tried with a few tile configs; the table shows its best
+config, ms, TFLOP/s, speed-up over cuDNN bf16 SDPA at the same shape, and the relative L2 error
+against fp32 attention. This is the measurement behind the choices in kernels/window_attention*.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HEADS, D = 12, 128
+CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
+
+
+def _bench(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def _flops(lq, lkv):
+    return 4.0 * HEADS * lq * lkv * D
+
+
+def _inputs(lq, lkv, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, lq, HEADS, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(1, lkv, HEADS, D, device="cuda", generator=g).bfloat16()
+    v = torch.randn(1, lkv, HEADS, D, device="cuda", generator=g).bfloat16()
+    return q, k, v
+
+
+def _reference(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                              v.float().transpose(1, 2)).transpose(1, 2)
+
+
+def _quant(x, dims):
+    s = x.float().abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / 448.0
+    return (x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+
+
+def _quant_mode(x, mode, tile):
+    if mode == "tile":  # one scale per (tile of `tile` slots, head): [B, C / tile, H]
+        B, C, H, Dh = x.shape
+        pad = -C % tile
+        xp = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
+        s = xp.reshape(B, (C + pad) // tile, tile, H, Dh).abs().amax(dim=(2, 4)).clamp_min(1e-12) / 448.0
+        x8 = (xp / s.repeat_interleave(tile, dim=1)[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return x8[:, :C], s.contiguous()
+    x8, s = _quant(x, (0, 1, 3) if mode == "head" else (-1,))
+    return x8, (s.reshape(-1).contiguous() if mode == "head" else s[..., 0].contiguous())
+
+
+def _fp8_operands(q, k, v, k_mode, v_mode, v_t, tile=128):
+    q8, qs = _quant(q, (-1,))
+    k8, ks = _quant_mode(k, k_mode, tile)
+    v8, vs = _quant_mode(v, v_mode, tile)
+    if v_t:
+        v8 = v8.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    return q8, qs[..., 0].contiguous(), k8, ks, v8, vs
+
+
+def main(argv=None) -> int:
+    from ..kernels.window_attention import window_attention
+    from ..kernels.window_attention_v2 import attention_v2
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*", default=["cudnn", "bf16", "fp8"])
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    rows = []
+
+    def row(**r):
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    shapes = {"q4680 kv18720": (4680, 18720), "q4608 kv18688": (4608, 18688), "q4680 kv14040": (4680, 14040),
+              "q4224 kv18720": (4224, 18720)}
+    if "cudnn" in args.only:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        for name, (lq, lkv) in shapes.items():
+            q, k, v = _inputs(lq, lkv)
+            for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+                def call():
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                ms = _bench(call)
+                row(kind="sdpa", backend=backend.name, shape=name, ms=ms, tflops=_flops(lq, lkv) / ms / 1e9)
+
+    lq, lkv = shapes["q4680 kv18720"]
+    q, k, v = _inputs(lq, lkv)
+    ref = _reference(q, k, v)
+    idx = [torch.tensor([x], device="cuda") for x in (4680, 4680, lkv)]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    base = _bench(cudnn)
+    row(kind="baseline", shape="q4680 kv18720", ms=base)
+
+    def err(out):
+        return ((out.float() - ref).norm() / ref.norm()).item()
+
+    def sweep(label, make, configs=CONFIGS):
+        best = None
+        for cfg in configs:
+            config = dict(BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+            try:
+                fn = make(config)
+                out = fn()
+                torch.cuda.synchronize()
+                ms = _bench(fn)
+            except Exception as e:  # a config that does not compile or fit: recorded, not fatal
+                row(kind="variant", label=label, config=cfg, error=f"{type(e).__name__}: {str(e)[:160]}")
+                continue
+            e = err(out)
+            row(kind="variant", label=label, config=cfg, ms=ms, tflops=_flops(lq, lkv) / ms / 1e9,
+                vs_cudnn=base / ms, rel_l2=e)
+            if best is None or ms < best[1]:
+                best = (cfg, ms, e)
+        if best:
+            row(kind="best", label=label, config=best[0], ms=best[1], vs_cudnn=base / best[1], rel_l2=best[2])
+
+    if "bf16" in args.only:
+        out = torch.empty_like(q)
+        for tma in (True, False):
+            for split in (1, 2):
+                sweep(f"bf16 tma={tma} split={split}",
+                      lambda c, tma=tma, split=split: (lambda: window_attention(q, k, v, *idx, out=out, use_tma=tma,
+                                                                               split=split, config=c)))
+
+    if "fp8" in args.only:
+        from ..kernels.kv_quant_append import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
+        from ..kernels.window_attention import window_attention_fp8
+        out = torch.empty_like(q)
+        k_scale = (k.float().abs().amax(dim=(0, 1, 3)) / 448.0).contiguous()
+        ops = (*quantize_rows_ref(q), quantize_k_ref(k, k_scale), k_scale, *quantize_v_groups_ref(v))
+        fp8_configs = [(128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 2), (64, 128, 4, 3)]
+        for tma in (True, False):
+            for split in (1, 2):
+                sweep(f"fp8 (ours) tma={tma} split={split}",
+                      lambda c, o=dict(use_tma=tma, split=split): (
+                          lambda: window_attention_fp8(*ops, *idx, out=out, config=c, **o)), fp8_configs)
+        # The exploration kernel, for what per-token scales would cost against per-head ones.
+        variants = [
+            dict(label="explore: k head, v head, tma", k_mode="head", v_mode="head", v_t=True, tma=True),
+            dict(label="explore: k token, v token, tma", k_mode="token", v_mode="token", v_t=True, tma=True),
+            dict(label="explore: k token, v head, tma", k_mode="token", v_mode="head", v_t=True, tma=True),
+            dict(label="explore: v not transposed, tma", k_mode="head", v_mode="head", v_t=False, tma=True),
+        ]
+
+        def make(c, var):
+            o = _fp8_operands(q, k, v, var["k_mode"], var["v_mode"], var["v_t"], tile=c["BLOCK_N"])
+            return (lambda: attention_v2(o[0], o[2], o[4], *idx, q_scale=o[1], k_scale=o[3], v_scale=o[5],
+                                         k_scale_mode=var["k_mode"], v_scale_mode=var["v_mode"], v_t=var["v_t"],
+                                         use_tma=var["tma"], out=out, config=c))
+
+        for var in variants:
+            sweep(var["label"], lambda c, var=var: make(c, var), fp8_configs[:2])
+
+    print("\n| variant | best config (BM, BN, warps, stages) | ms | vs cuDNN | rel L2 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if r["kind"] == "best":
+            print(f"| {r['label']} | {r.get('config', '')} | {r['ms']:.4f} | {r['vs_cudnn']:.3f}x | {r.get('rel_l2', float('nan')):.2e} |")
+    for r in rows:
+        if r["kind"] == "sdpa":
+            print(f"| sdpa {r['backend']} {r['shape']} | | {r['ms']:.4f} | {r['tflops']:.0f} TFLOP/s | |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
