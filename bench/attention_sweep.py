@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 import torch
@@ -44,35 +43,8 @@ def _reference(q, k, v):
                                               v.float().transpose(1, 2)).transpose(1, 2)
 
 
-def _quant(x, dims):
-    s = x.float().abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / 448.0
-    return (x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
-
-
-def _quant_mode(x, mode, tile):
-    if mode == "tile":  # one scale per (tile of `tile` slots, head): [B, C / tile, H]
-        B, C, H, Dh = x.shape
-        pad = -C % tile
-        xp = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
-        s = xp.reshape(B, (C + pad) // tile, tile, H, Dh).abs().amax(dim=(2, 4)).clamp_min(1e-12) / 448.0
-        x8 = (xp / s.repeat_interleave(tile, dim=1)[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-        return x8[:, :C], s.contiguous()
-    x8, s = _quant(x, (0, 1, 3) if mode == "head" else (-1,))
-    return x8, (s.reshape(-1).contiguous() if mode == "head" else s[..., 0].contiguous())
-
-
-def _fp8_operands(q, k, v, k_mode, v_mode, v_t, tile=128):
-    q8, qs = _quant(q, (-1,))
-    k8, ks = _quant_mode(k, k_mode, tile)
-    v8, vs = _quant_mode(v, v_mode, tile)
-    if v_t:
-        v8 = v8.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-    return q8, qs[..., 0].contiguous(), k8, ks, v8, vs
-
-
 def main(argv=None) -> int:
     from ..kernels.window_attention import window_attention
-    from ..kernels.window_attention_v2 import attention_v2
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", default=["cudnn", "bf16", "fp8"])
@@ -152,22 +124,6 @@ def main(argv=None) -> int:
                 sweep(f"fp8 (ours) tma={tma} split={split}",
                       lambda c, o=dict(use_tma=tma, split=split): (
                           lambda: window_attention_fp8(*ops, *idx, out=out, config=c, **o)), fp8_configs)
-        # The exploration kernel, for what per-token scales would cost against per-head ones.
-        variants = [
-            dict(label="explore: k head, v head, tma", k_mode="head", v_mode="head", v_t=True, tma=True),
-            dict(label="explore: k token, v token, tma", k_mode="token", v_mode="token", v_t=True, tma=True),
-            dict(label="explore: k token, v head, tma", k_mode="token", v_mode="head", v_t=True, tma=True),
-            dict(label="explore: v not transposed, tma", k_mode="head", v_mode="head", v_t=False, tma=True),
-        ]
-
-        def make(c, var):
-            o = _fp8_operands(q, k, v, var["k_mode"], var["v_mode"], var["v_t"], tile=c["BLOCK_N"])
-            return (lambda: attention_v2(o[0], o[2], o[4], *idx, q_scale=o[1], k_scale=o[3], v_scale=o[5],
-                                         k_scale_mode=var["k_mode"], v_scale_mode=var["v_mode"], v_t=var["v_t"],
-                                         use_tma=var["tma"], out=out, config=c))
-
-        for var in variants:
-            sweep(var["label"], lambda c, var=var: make(c, var), fp8_configs[:2])
 
     print("\n| variant | best config (BM, BN, warps, stages) | ms | vs cuDNN | rel L2 |")
     print("|---|---|---|---|---|")
