@@ -360,6 +360,16 @@ class FastDecoder3d(nn.Module):
         outs = [self(x[:, :, i:j], feat_cache) for i, j in zip(bounds, bounds[1:])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    @staticmethod
+    def stream_stats(feat_cache) -> dict | None:
+        """How a stream went: decoder calls, buffer (re)allocations and, with CUDA graphs, the runner's
+        eager / capture / replay counts (None for a cache this decoder has not used)."""
+        state = getattr(feat_cache, "slots", feat_cache)[0]
+        if not isinstance(state, _Stream):
+            return None
+        graphs = None if state.graphs is None else dict(vars(state.graphs.stats))
+        return {"calls": state.chunks, "allocations": state.generation, "graphs": graphs}
+
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"decoder input must be a tensor, got {type(x).__name__}")

@@ -31,10 +31,12 @@ def test_tables():
              "speedup": 1.0},
             {"provider": "patched", "status": "ok", "median_ms": 100.0, "p20_ms": 99.0, "p80_ms": 101.0,
              "ms_per_video_frame": 100 / 12, "tflops": 400.0, "peak_mem_bytes": 2 ** 31, "rel_l2": 3e-3,
-             "speedup": 2.0},
+             "speedup": 2.0, "stream": {"calls": 12, "allocations": 70, "graphs": {"eager": 2, "captures": 1,
+                                                                                  "replays": 9}}},
             {"provider": "stock WanVAE_", "status": "failed", "error": "ValueError: x"}]
     text = bench_vae.table(rows)
     assert "patched" in text and "2.00x" in text and "FAILED" in text and "ValueError: x" in text
+    assert text.splitlines()[4].split()[-1] == "9"  # the patched row's graph replays
     text, totals = bench_vae.total_table([{"config": "stock", "generator_ms": 400.0},
                                           {"config": "exact", "generator_ms": 260.0}], rows, 12)
     assert [t["vae"] for t in totals] == ["reference", "patched"]
@@ -47,3 +49,21 @@ def test_cli_parses_and_refuses_without_gpu():
     assert args.latent_hw == [30, 52] and args.generator == ["exact"]
     if not torch.cuda.is_available():
         assert main(["vae"]) == 2
+
+
+def test_variants():
+    specs = bench_vae.default_variants()
+    assert specs[-1] == "all-off" and "cuda_graphs=false" in specs and "frames_per_call=1" in specs
+    assert "cudnn_benchmark=true" in specs and len(specs) == 6
+    assert bench_vae.variant_options("defaults") == {}
+    assert bench_vae.variant_options("all-off")["frames_per_call"] == 1
+    assert bench_vae.variant_options("frames_per_call=2,cuda_graphs=false") == {"frames_per_call": 2,
+                                                                                "cuda_graphs": False}
+    for bad in ("frames_per_call", "nonsense=1", "frames_per_call=0"):
+        try:
+            bench_vae.variant_options(bad)
+        except (ValueError, TypeError):
+            continue
+        raise AssertionError(f"{bad!r} was accepted")
+    args = build_parser().parse_args(["vae", "--variants", "all-off", "fused_bias=false"])
+    assert args.variants == ["all-off", "fused_bias=false"] and args.warmup == 4
