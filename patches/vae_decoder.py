@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from ..kernels.vae_rms_norm_silu import vae_add, vae_rms_norm_silu
 from .registry import PatchSkip, require_kernel_device
-from .vae_graphs import ChunkGraphs, CudaGraphBackend
+from .vae_graphs import ChunkGraphs, cuda_backend
 from .vae_subpixel import subpixel_conv, subpixel_weight
 
 __all__ = ["FastDecoder3d", "VAEDecoderOptions", "is_wan_decoder"]
@@ -395,7 +395,7 @@ class FastDecoder3d(nn.Module):
 
     def _graphs(self, st: _Stream, device: torch.device) -> ChunkGraphs:
         if st.graphs is None:
-            st.graphs = ChunkGraphs(self.graph_backend or CudaGraphBackend(device))
+            st.graphs = ChunkGraphs(self.graph_backend or cuda_backend(device))
         return st.graphs
 
     def _fingerprint(self) -> tuple:

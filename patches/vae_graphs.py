@@ -28,7 +28,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ChunkGraphs", "ChunkGraphStats", "CudaGraphBackend"]
+__all__ = ["ChunkGraphs", "ChunkGraphStats", "CudaGraphBackend", "cuda_backend"]
+
+_BACKENDS: dict = {}
 
 
 @dataclass
@@ -63,6 +65,18 @@ class CudaGraphBackend:
         return graph, out
 
 
+def cuda_backend(device: torch.device) -> CudaGraphBackend:
+    """The one backend per device that every decoder stream shares: its side stream allocates the
+    streams' buffers, so a finished stream's memory serves the next one, and its graph pool is reused
+    once a finished stream's graphs are gone."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
+    if device not in _BACKENDS:
+        _BACKENDS[device] = CudaGraphBackend(device)
+    return _BACKENDS[device]
+
+
 @dataclass
 class _Captured:
     graph: object
@@ -81,6 +95,10 @@ class ChunkGraphs:
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.stable: set[tuple] = set()
         self.stats = ChunkGraphStats()
+
+    def __deepcopy__(self, memo) -> "ChunkGraphs":
+        """A copy of a stream starts without graphs: the captured ones use the original's buffers."""
+        return ChunkGraphs(self.backend, self.max_graphs)
 
     def run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, generation: Callable[[], int],
             fingerprint: tuple, state: Callable[[], list[torch.Tensor]]) -> torch.Tensor:

@@ -1,4 +1,6 @@
 """bench/vae.py's pieces that run without a GPU: FLOP counting, the tables, the CLI's refusal."""
+import json
+
 import torch
 
 from longlive_triton.bench import vae as bench_vae
@@ -67,3 +69,33 @@ def test_variants():
         raise AssertionError(f"{bad!r} was accepted")
     args = build_parser().parse_args(["vae", "--variants", "all-off", "fused_bias=false"])
     assert args.variants == ["all-off", "fused_bias=false"] and args.warmup == 4
+
+
+def test_summary_tables_and_default_verdicts(tmp_path, capsys):
+    from longlive_triton.bench import vae_summary
+
+    def row(name, ms):
+        return {"provider": name, "status": "ok", "median_ms": ms, "speedup": 200 / ms, "rel_l2": 1e-2,
+                "stream": None}
+    bench = {"kind": "vae", "settings": {"frames_per_block": 3, "latent_hw": [60, 104], "dtype": "bf16",
+                                         "default_options": {}},
+             "rows": [row("reference", 200.0), row("patched", 100.0), row("patched, cuda_graphs=false", 110.0),
+                      row("patched, frames_per_call=1", 90.0), row("patched, fused_bias=false", 100.5),
+                      row("patched, all-off", 140.0), {"provider": "stock WanVAE_", "status": "failed", "error": "x"}]}
+    parity = {"patched_vs_unpatched_bf16_frames_per_call=1": {"patched_bf16_vs_fp32": 0.02, "bound": 0.011,
+                                                             "ok": False},
+              "graphed_vs_eager_3_frames_per_call": {"blocks_equal": [True, True]}}
+    e2e = {"kind": "e2e_vae", "rows": [{"config": "stock", "status": "ok", "vae": "reference", "generator_ms": 400.0,
+                                        "vae_ms": 250.0, "total_ms": 650.0, "ms_per_video_frame": 650 / 12,
+                                        "ttff_ms": 700.0, "speedup": 1.0, "rel_l2_pixels_last": 0.0}]}
+    paths = []
+    for name, data in (("vae.json", bench), ("parity.json", parity), ("e2e.json", e2e)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(data))
+    assert vae_summary.main([str(p) for p in paths] + [str(tmp_path / "absent.json")]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("patched, ")}
+    assert "slower: keep the default" in lines["cuda_graphs=false"]
+    assert "switch the default to frames_per_call=1 (but bf16 parity failed)" in lines["frames_per_call=1"]
+    assert "no difference" in lines["fused_bias=false"] and lines["all-off"].rstrip().endswith("-")  # no verdict
+    assert "FAIL" in out and "absent.json is missing" in out and "650.0" in out and "FAILED" in out

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae ...]   (default: all but vae)
+#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae|e2e-vae ...]
+#   (default: all but vae and e2e-vae)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
 # .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
 # kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
@@ -29,8 +30,12 @@ for step in $steps; do
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae)     { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
                  tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py; t=$?
+               longlive-bench kernels --only vae_rms_norm_silu; k=$?
                LONGLIVE_SRC=.stock/LongLive longlive-bench vae --profile 25 --json "$OUT/vae.json"; b=$?
-               [ $t = 0 ] && [ $b = 0 ]; } 2>&1 | tee "$OUT/vae.log" ;;
+               python3 -m longlive_triton.bench.vae_summary "$OUT/vae.json" "$OUT/vae_parity.json"
+               [ $t = 0 ] && [ $k = 0 ] && [ $b = 0 ]; } 2>&1 | tee "$OUT/vae.log" ;;
+    e2e-vae) { longlive-bench e2e --vae --configs exact fp8 --blocks 12 --json "$OUT/e2e_vae.json"; e=$?
+               python3 -m longlive_triton.bench.vae_summary "$OUT/e2e_vae.json"; [ $e = 0 ]; } 2>&1 | tee "$OUT/e2e_vae.log" ;;
     install) ;;  # the package is installed above: nothing more
     *) echo "unknown step $step"; status=2 ;;
   esac

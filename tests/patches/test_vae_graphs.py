@@ -149,3 +149,13 @@ def test_graphed_decoder_equals_eager_decoder(one_thread):
             vae.decoder.upsamples[3].resample[1].weight.mul_(0.5)  # a sub-pixel source weight, in place
     assert torch.equal(dg.decode_block(z[:, :, 12:15]), de.decode_block(z[:, :, 12:15]))
     assert stats.eager == 3  # the new weights are a new key: warmed up again, not replayed stale
+
+
+def test_a_copied_stream_starts_without_graphs():
+    acc = _Accumulator()
+    graphs = ChunkGraphs(RerunBackend(), max_graphs=3)
+    for _ in range(3):
+        _run(graphs, acc, torch.ones(2))
+    twin = copy.deepcopy(graphs)
+    assert graphs.graphs and not twin.graphs and not twin.stable
+    assert twin.backend is graphs.backend and twin.max_graphs == 3
