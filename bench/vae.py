@@ -42,7 +42,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 ALL_OFF = dict(subpixel_upsample=False, fused_bias=False, frames_per_call=1, cuda_graphs=False,
-               cudnn_benchmark=False)
+               cudnn_benchmark=False, triton_conv=False)
 
 
 def variant_options(spec: str) -> dict:

@@ -34,6 +34,8 @@ through them:
 * `cuda_graphs`: steady-state calls replay a captured CUDA graph (patches/vae_graphs.py).
 * `cudnn_benchmark`: cuDNN times its algorithms for each convolution shape of the decoder (only
   inside decoder calls; the global setting is restored after each).
+* `triton_conv`: the residual blocks' 3x3x3 convolutions (96 to 384 channels) run as our Triton
+  implicit GEMM (kernels/vae_conv3d.py) over the time-padded buffers instead of cuDNN.
 
 The cache protocol is the caller's: the stock `decoder(x, feat_cache=list, feat_idx=[0])` and our
 `decoder(x, FeatCache)` both work. The fast decoder keeps its per-stream state (the time-padded
@@ -48,7 +50,6 @@ sub-pixel taps once). fp32 agrees with the stock decoder to 1e-5 relative L2.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -56,9 +57,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.vae_conv3d import supported as triton_conv_supported, vae_conv3d, vae_conv3d_weight
 from ..kernels.vae_rms_norm_silu import vae_add, vae_rms_norm_silu
 from .registry import PatchSkip, require_kernel_device
 from .vae_graphs import ChunkGraphs, cuda_backend
+from .vae_structure import check_conv, check_norm, looks_like_wan_decoder, norm_bias, plan_of
 from .vae_subpixel import subpixel_conv, subpixel_weight
 
 __all__ = ["FastDecoder3d", "VAEDecoderOptions", "is_wan_decoder"]
@@ -67,81 +70,9 @@ CL3 = torch.channels_last_3d
 CACHE_T = 2
 
 
-# --- recognising the stock structure -------------------------------------------------------------
-
 def is_wan_decoder(m: nn.Module) -> bool:
     """A Wan VAE Decoder3d, by structure: conv1, middle, upsamples, head (stock or reference class)."""
-    return (all(isinstance(getattr(m, a, None), nn.Module) for a in ("conv1", "middle", "upsamples", "head"))
-            and _is_causal_conv(m.conv1) and not isinstance(m, FastDecoder3d))
-
-
-def _is_causal_conv(m) -> bool:
-    return isinstance(m, nn.Conv3d) and isinstance(getattr(m, "_padding", None), (tuple, list))
-
-
-def _check_conv(m, where: str, kernel: tuple, padding: tuple) -> None:
-    if not _is_causal_conv(m):
-        raise PatchSkip(f"{where} is {type(m).__name__}, not a CausalConv3d")
-    if tuple(m.kernel_size) != kernel or tuple(m._padding) != padding:
-        raise PatchSkip(f"{where}: kernel {tuple(m.kernel_size)} / causal padding {tuple(m._padding)}, "
-                        f"expected {kernel} / {padding}")
-    if tuple(m.stride) != (1, 1, 1) or tuple(m.dilation) != (1, 1, 1) or m.groups != 1:
-        raise PatchSkip(f"{where}: strided, dilated or grouped convolutions are not in the Wan decoder")
-
-
-def _check_norm(m, where: str) -> None:
-    gamma = getattr(m, "gamma", None)
-    if not isinstance(gamma, nn.Parameter) or not getattr(m, "channel_first", False):
-        raise PatchSkip(f"{where} is {type(m).__name__}, not a channel-first RMS_norm")
-    if not math.isclose(float(m.scale), gamma.shape[0] ** 0.5):
-        raise PatchSkip(f"{where}: scale {m.scale} is not sqrt(dim)")
-    if not isinstance(m.bias, torch.Tensor) and m.bias != 0.0:
-        raise PatchSkip(f"{where}: a constant bias {m.bias} is not the stock RMS_norm's")
-
-
-def _norm_bias(m) -> torch.Tensor | None:
-    return m.bias if isinstance(m.bias, torch.Tensor) else None
-
-
-def _classify(m: nn.Module, where: str) -> str:
-    """'res', 'attn' or 'up', after checking the block is laid out as the stock one."""
-    if isinstance(getattr(m, "residual", None), nn.Sequential) and hasattr(m, "shortcut"):
-        layers = list(m.residual)
-        kinds = [type(x).__name__ for x in layers]
-        if len(layers) != 7 or not isinstance(layers[1], nn.SiLU) or not isinstance(layers[4], nn.SiLU) \
-                or not isinstance(layers[5], nn.Dropout):
-            raise PatchSkip(f"{where}: residual layers {kinds} are not RMS_norm, SiLU, conv, RMS_norm, SiLU, "
-                            "Dropout, conv")
-        if layers[5].p != 0.0 and m.training:
-            raise PatchSkip(f"{where}: dropout {layers[5].p} in training mode")
-        _check_norm(layers[0], f"{where}.residual.0")
-        _check_norm(layers[3], f"{where}.residual.3")
-        _check_conv(layers[2], f"{where}.residual.2", (3, 3, 3), (1, 1, 1, 1, 2, 0))
-        _check_conv(layers[6], f"{where}.residual.6", (3, 3, 3), (1, 1, 1, 1, 2, 0))
-        if not isinstance(m.shortcut, nn.Identity):
-            _check_conv(m.shortcut, f"{where}.shortcut", (1, 1, 1), (0, 0, 0, 0, 0, 0))
-        return "res"
-    if all(hasattr(m, a) for a in ("to_qkv", "proj", "norm")):
-        _check_norm(m.norm, f"{where}.norm")
-        for name in ("to_qkv", "proj"):
-            conv = getattr(m, name)
-            if not isinstance(conv, nn.Conv2d) or tuple(conv.kernel_size) != (1, 1):
-                raise PatchSkip(f"{where}.{name} is not a 1x1 Conv2d")
-        return "attn"
-    mode = getattr(m, "mode", None)
-    if mode in ("upsample2d", "upsample3d"):
-        up, conv = m.resample[0], m.resample[1]
-        if getattr(up, "mode", "nearest") != "nearest" or list(up.parameters()):
-            raise PatchSkip(f"{where}.resample.0 is not a nearest upsample")
-        if tuple(getattr(up, "scale_factor", None) or (2.0, 2.0)) != (2.0, 2.0):
-            raise PatchSkip(f"{where}.resample.0 scales by {up.scale_factor}, not 2x2")
-        if not isinstance(conv, nn.Conv2d) or tuple(conv.kernel_size) != (3, 3) or tuple(conv.padding) != (1, 1) \
-                or tuple(conv.stride) != (1, 1):
-            raise PatchSkip(f"{where}.resample.1 is not a 3x3 Conv2d with padding 1")
-        if mode == "upsample3d":
-            _check_conv(m.time_conv, f"{where}.time_conv", (3, 1, 1), (0, 0, 0, 0, 2, 0))
-        return "up"
-    raise PatchSkip(f"{where} ({type(m).__name__}, mode {mode!r}) is not a decoder block the fast decoder knows")
+    return looks_like_wan_decoder(m) and not isinstance(m, FastDecoder3d)
 
 
 # --- options -------------------------------------------------------------------------------------
@@ -156,9 +87,10 @@ class VAEDecoderOptions:
     frames_per_call: int = 3
     cuda_graphs: bool = True
     cudnn_benchmark: bool = False
+    triton_conv: bool = False
 
     def __post_init__(self):
-        for name in ("subpixel_upsample", "fused_bias", "cuda_graphs", "cudnn_benchmark"):
+        for name in ("subpixel_upsample", "fused_bias", "cuda_graphs", "cudnn_benchmark", "triton_conv"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"VAE option {name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.frames_per_call, bool) or not isinstance(self.frames_per_call, int) \
@@ -202,13 +134,16 @@ class _TimePadded:
         self.t = t
         return self.buf[:, :, CACHE_T:CACHE_T + t]
 
-    def conv(self, conv: nn.Conv3d, bias: bool = True) -> torch.Tensor:
-        """Run `conv` over cache + chunk (without its bias if bias=False), then keep the last two input
-        frames as the next cache."""
+    def conv(self, conv: nn.Conv3d, bias: bool = True, weight_kn: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `conv` over cache + chunk (without its bias if bias=False; as kernels/vae_conv3d.py with
+        weight_kn, its reordered weight, if given), then keep the last two input frames as the next cache."""
         t = self.t
         buf = self.buf[:, :, :CACHE_T + t]
-        pw, ph = conv._padding[0], conv._padding[2]
-        out = F.conv3d(buf, conv.weight, conv.bias if bias else None, padding=(0, ph, pw))
+        if weight_kn is not None:
+            out = vae_conv3d(buf, weight_kn, conv.bias if bias else None)
+        else:
+            pw, ph = conv._padding[0], conv._padding[2]
+            out = F.conv3d(buf, conv.weight, conv.bias if bias else None, padding=(0, ph, pw))
         if t >= CACHE_T:
             buf[:, :, :CACHE_T].copy_(buf[:, :, t:])
         else:  # overlapping ranges: one frame at a time, front first
@@ -287,12 +222,12 @@ class FastDecoder3d(nn.Module):
             if hasattr(decoder, attr):
                 setattr(self, attr, getattr(decoder, attr))
         self.options = options or VAEDecoderOptions()
-        self._plan = [(kind, f"middle.{i}", m) for i, (kind, m) in enumerate(_plan_of(decoder.middle, "middle"))]
+        self._plan = [(kind, f"middle.{i}", m) for i, (kind, m) in enumerate(plan_of(decoder.middle, "middle"))]
         self._plan += [(kind, f"upsamples.{i}", m)
-                       for i, (kind, m) in enumerate(_plan_of(decoder.upsamples, "upsamples"))]
+                       for i, (kind, m) in enumerate(plan_of(decoder.upsamples, "upsamples"))]
         # The stock forward without a cache (all convolutions zero-padded, no temporal upsampling).
         self._uncached_forward = type(decoder).forward
-        self._subpixel: dict[str, tuple] = {}  # Resample path -> (source key, 2x2 weights, bias per phase)
+        self._derived: dict[str, tuple] = {}  # name -> (source key, weights derived from the module's)
         self.graph_backend = None  # None: CUDA graphs on CUDA inputs; tests put a stand-in here
 
     @classmethod
@@ -302,12 +237,12 @@ class FastDecoder3d(nn.Module):
         if not is_wan_decoder(decoder):
             raise PatchSkip(f"{type(decoder).__name__} is not a Wan VAE Decoder3d (conv1, middle, upsamples, head)")
         require_kernel_device(decoder.conv1.weight)
-        _check_conv(decoder.conv1, "conv1", (3, 3, 3), (1, 1, 1, 1, 2, 0))
+        check_conv(decoder.conv1, "conv1", (3, 3, 3), (1, 1, 1, 1, 2, 0))
         head = list(decoder.head)
         if len(head) != 3 or not isinstance(head[1], nn.SiLU):
             raise PatchSkip(f"head is {[type(x).__name__ for x in head]}, not RMS_norm, SiLU, conv")
-        _check_norm(head[0], "head.0")
-        _check_conv(head[2], "head.2", (3, 3, 3), (1, 1, 1, 1, 2, 0))
+        check_norm(head[0], "head.0")
+        check_conv(head[2], "head.2", (3, 3, 3), (1, 1, 1, 1, 2, 0))
         fast = cls(decoder, options)  # classifies (and so checks) every block before anything changes
         for m in fast.modules():
             if isinstance(m, nn.Conv3d) and m.kernel_size != (1, 1, 1):
@@ -320,7 +255,7 @@ class FastDecoder3d(nn.Module):
         o = self.options
         return (f"channels-last 3-D, time-padded conv inputs, fused RMS_norm+SiLU (Triton), subpixel_upsample="
                 f"{o.subpixel_upsample}, fused_bias={o.fused_bias}, frames_per_call={o.frames_per_call}, "
-                f"cuda_graphs={o.cuda_graphs}, cudnn_benchmark={o.cudnn_benchmark}")
+                f"cuda_graphs={o.cuda_graphs}, cudnn_benchmark={o.cudnn_benchmark}, triton_conv={o.triton_conv}")
 
     # --- calls -------------------------------------------------------------------------------------
 
@@ -423,7 +358,7 @@ class FastDecoder3d(nn.Module):
         norm, conv = self.head[0], self.head[2]
         a, ab, r = act
         inp = st.input("head")
-        vae_rms_norm_silu(a, norm.gamma, _norm_bias(norm), x_bias=ab, residual=r, scale=norm.scale,
+        vae_rms_norm_silu(a, norm.gamma, norm_bias(norm), x_bias=ab, residual=r, scale=norm.scale,
                           out=inp.frames(*a.shape, a))
         return inp.conv(conv).contiguous()  # 3 output channels: its bias add is small
 
@@ -431,7 +366,7 @@ class FastDecoder3d(nn.Module):
         """out <- silu(norm(value of act)); returns that value (materialised only when adds are pending)."""
         a, ab, r = act
         s = a if ab is None and r is None else _empty_cl(*a.shape, a)
-        vae_rms_norm_silu(a, norm.gamma, _norm_bias(norm), x_bias=ab, residual=r, silu=silu, scale=norm.scale,
+        vae_rms_norm_silu(a, norm.gamma, norm_bias(norm), x_bias=ab, residual=r, silu=silu, scale=norm.scale,
                           out=out, sum_out=None if s is a else s)
         return s
 
@@ -442,11 +377,12 @@ class FastDecoder3d(nn.Module):
         in1 = st.input(f"{name}.residual.2")
         s = self._norm_into(n1, act, in1.frames(b, c, t, h, w, act[0]))
         identity = s if isinstance(m.shortcut, nn.Identity) else _pointwise(s, m.shortcut.weight, m.shortcut.bias)
-        y = in1.conv(c1, bias=not fused)
+        y = in1.conv(c1, bias=not fused, weight_kn=self._triton_weight(f"{name}.residual.2", c1))
         in2 = st.input(f"{name}.residual.6")
-        vae_rms_norm_silu(y, n2.gamma, _norm_bias(n2), x_bias=self._conv_bias(c1)[1], scale=n2.scale,
+        vae_rms_norm_silu(y, n2.gamma, norm_bias(n2), x_bias=self._conv_bias(c1)[1], scale=n2.scale,
                           out=in2.frames(*y.shape, y))
-        return in2.conv(c2, bias=not fused), self._conv_bias(c2)[1], identity
+        out = in2.conv(c2, bias=not fused, weight_kn=self._triton_weight(f"{name}.residual.6", c2))
+        return out, self._conv_bias(c2)[1], identity
 
     def _attention(self, m, act):
         b, c, t, h, w = act[0].shape
@@ -483,17 +419,23 @@ class FastDecoder3d(nn.Module):
         o = o.permute(0, 2, 3, 1).reshape(b, t, 2 * h, 2 * w, co)  # a view when cuDNN kept channels-last
         return o.permute(0, 4, 1, 2, 3), pending, None
 
-    def _subpixel_weights(self, name: str, conv: nn.Conv2d, bias: torch.Tensor | None):
-        """The 2x2 phase weights of a Resample conv, derived again whenever its weights change."""
-        wt = conv.weight
-        key = (wt.data_ptr(), wt._version, wt.dtype, wt.device, bias is None or (bias.data_ptr(), bias._version))
-        cached = self._subpixel.get(name)
+    def _derive(self, name: str, sources: tuple, make):
+        """make()'s weights, made again whenever one of `sources` (the module's tensors) changes."""
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cached = self._derived.get(name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, subpixel_weight(wt), None if bias is None else bias.repeat(4))
-            self._subpixel[name] = cached
-        return cached[1], cached[2]
+                cached = (key, make())
+            self._derived[name] = cached
+        return cached[1]
 
+    def _subpixel_weights(self, name: str, conv: nn.Conv2d, bias: torch.Tensor | None):
+        """The 2x2 phase weights of a Resample conv (and its bias per phase)."""
+        return self._derive(name, (conv.weight, bias), lambda: (
+            subpixel_weight(conv.weight), None if bias is None else bias.repeat(4)))
 
-def _plan_of(seq: nn.Sequential, where: str) -> list[tuple[str, nn.Module]]:
-    return [(_classify(m, f"{where}.{i}"), m) for i, m in enumerate(seq)]
+    def _triton_weight(self, name: str, conv: nn.Conv3d) -> torch.Tensor | None:
+        """kernels/vae_conv3d.py's weight layout of a residual conv, or None where cuDNN runs it."""
+        if not self.options.triton_conv or not triton_conv_supported(conv.in_channels, conv.out_channels):
+            return None
+        return self._derive(name, (conv.weight,), lambda: vae_conv3d_weight(conv.weight))

@@ -29,8 +29,8 @@ for step in $steps; do
                --switch-block 10 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae)     { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
-                 tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py; t=$?
-               longlive-bench kernels --only vae_rms_norm_silu; k=$?
+                 tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py tests/kernels/test_vae_conv3d.py; t=$?
+               longlive-bench kernels --only vae_rms_norm_silu vae_conv3d; k=$?
                LONGLIVE_SRC=.stock/LongLive longlive-bench vae --profile 25 --json "$OUT/vae.json"; b=$?
                python3 -m longlive_triton.bench.vae_summary "$OUT/vae.json" "$OUT/vae_parity.json"
                [ $t = 0 ] && [ $k = 0 ] && [ $b = 0 ]; } 2>&1 | tee "$OUT/vae.log" ;;

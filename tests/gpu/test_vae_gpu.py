@@ -40,12 +40,13 @@ TOL_FP32 = 1e-5
 BF16_FACTOR = 1.1  # patched bf16 vs fp32 <= 1.1 x unpatched bf16 vs fp32
 IDS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 FULL, SMALL = (60, 104), (30, 52)
-ALL_OFF = dict(subpixel_upsample=False, fused_bias=False, frames_per_call=1, cuda_graphs=False, cudnn_benchmark=False)
+ALL_OFF = dict(subpixel_upsample=False, fused_bias=False, frames_per_call=1, cuda_graphs=False, cudnn_benchmark=False,
+               triton_conv=False)
 # the defaults, each option switched the other way, and everything off
 VARIANTS = {"defaults": {}, "subpixel_upsample=false": dict(subpixel_upsample=False),
             "fused_bias=false": dict(fused_bias=False), "frames_per_call=1": dict(frames_per_call=1),
             "cuda_graphs=false": dict(cuda_graphs=False), "cudnn_benchmark=true": dict(cudnn_benchmark=True),
-            "all-off": ALL_OFF}
+            "triton_conv=true": dict(triton_conv=True), "all-off": ALL_OFF}
 
 
 def _has_stock() -> bool:

@@ -76,6 +76,18 @@ def test_patched_stream_equals_unpatched_fp32(options):
     assert want.std() > 0.05
 
 
+def test_triton_conv_option_fp32():
+    """triton_conv: the tiny decoder's 32-channel residual convs (not its 8 and 16) through
+    kernels/vae_conv3d.py; small latents, because the interpreter runs that kernel slowly."""
+    ref = build_vae_decoder("tiny", seed=2)
+    fast = copy.deepcopy(ref)
+    patch_vae(fast, {"triton_conv": True})
+    assert fast.decoder._triton_weight("middle.0.residual.2", fast.decoder.middle[0].residual[2]) is not None
+    assert fast.decoder._triton_weight("upsamples.8.residual.2", fast.decoder.upsamples[8].residual[2]) is None
+    z = torch.randn(1, 16, 3, 1, 2, generator=torch.Generator().manual_seed(4))
+    assert _rel(StreamingVAEDecoder(fast).decode_block(z), ref.decode(z)) <= 1e-5
+
+
 def test_patched_streaming_8_blocks_equals_whole_decode():
     """8 blocks of 3 latent frames through the patched decoder (defaults) vs the unpatched whole decode."""
     ref = build_vae_decoder("tiny", seed=3)
