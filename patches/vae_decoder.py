@@ -193,6 +193,12 @@ def _sum_into(act, out: torch.Tensor | None = None) -> torch.Tensor:
     return vae_add(a, ab, r, out=out)
 
 
+def _written(t: torch.Tensor) -> tuple:
+    """Where a weight lives and how often it was written in place (tensors made under
+    torch.inference_mode() count no writes: only their address and dtype tell them apart)."""
+    return (t.data_ptr(), t.dtype, t.device, -1 if t.is_inference() else t._version)
+
+
 @contextmanager
 def _cudnn_benchmark(on: bool):
     if not on:
@@ -335,7 +341,7 @@ class FastDecoder3d(nn.Module):
 
     def _fingerprint(self) -> tuple:
         """Where the weights live and how often they were written: a graph replays raw addresses."""
-        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+        return tuple(_written(p) for p in self.parameters())
 
     # --- one chunk ---------------------------------------------------------------------------------
 
@@ -421,7 +427,7 @@ class FastDecoder3d(nn.Module):
 
     def _derive(self, name: str, sources: tuple, make):
         """make()'s weights, made again whenever one of `sources` (the module's tensors) changes."""
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        key = tuple(None if t is None else _written(t) for t in sources)
         cached = self._derived.get(name)
         if cached is None or cached[0] != key:
             with torch.no_grad():

@@ -251,3 +251,13 @@ def test_patches_the_stock_wan_vae(pair):
     twin = copy.deepcopy(stock)  # the instance's decode loops are objects that copy with it
     assert twin.decode.vae is twin and twin.cached_decode.vae is twin
     assert torch.equal(stock_decode(twin, z), got)
+
+
+def test_decoder_built_under_inference_mode():
+    """Weights made under torch.inference_mode() carry no version counter; the patched decoder copes."""
+    with torch.inference_mode():
+        vae = build_vae_decoder("tiny", seed=6)
+        ref = copy.deepcopy(vae)
+        patch_vae(vae, {"frames_per_call": 1})
+        z = _z(2, seed=7)
+        assert _rel(vae.decode(z), ref.decode(z)) <= 1e-5
