@@ -126,10 +126,13 @@ def _check_cl(name: str, t: torch.Tensor) -> None:
 
 
 def vae_conv3d(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | None = None, *,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, tile: dict | None = None) -> torch.Tensor:
     """The causal 3x3x3 convolution of the time-padded buffer x [B, C_in, 2 + T, H, W] (module docstring)
     with `vae_conv3d_weight`'s weights; returns out [B, C_out, T, H, W] (allocated channels-last if None).
-    No host sync: capturable in a CUDA graph once autotuned."""
+    No host sync: capturable in a CUDA graph once autotuned.
+
+    tile: BLOCK_M, BLOCK_N, BLOCK_K (dividing C_in), num_warps, num_stages to use instead of the
+    autotuned ones (tests check several tilings without compiling every config for every shape)."""
     _check_cl("x", x)
     B, c_in, tp, H, W = x.shape
     if tp <= CACHE_T:
@@ -162,10 +165,16 @@ def vae_conv3d(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | No
     common = dict(C_IN=c_in, C_OUT=c_out, HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32,
                   INTERPRET=interpreting())
     args = (x, weight_kn, weight_kn if bias is None else bias, out, x.stride(0), out.stride(0), M, H, W)
-    if interpreting():  # few, large tiles: the interpreter runs programs and loop steps one by one in Python
-        bn, bk = min(triton.next_power_of_2(c_out), 64), 64 if c_in % 64 == 0 else 32
-        grid = (triton.cdiv(M, 64) * triton.cdiv(c_out, bn), B)
-        _vae_conv3d_kernel[grid](*args, **common, BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk)
+    if tile is None and interpreting():  # few, large tiles: the interpreter runs programs and steps in Python
+        tile = {"BLOCK_M": 64, "BLOCK_N": min(triton.next_power_of_2(c_out), 64),
+                "BLOCK_K": 64 if c_in % 64 == 0 else 32}
+    if tile is not None:
+        tile = dict(tile)
+        blocks = {k: tile.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        if c_in % blocks["BLOCK_K"]:
+            raise ValueError(f"tile BLOCK_K {blocks['BLOCK_K']} does not divide C_in {c_in}")
+        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(c_out, blocks["BLOCK_N"]), B)
+        _vae_conv3d_kernel[grid](*args, **common, **blocks, **tile)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), B)

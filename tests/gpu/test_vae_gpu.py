@@ -222,6 +222,6 @@ def test_patch_vae_on_the_stock_class(variant):
                "stock_bf16_vs_fp32": _rel(want, truth), "patched_bf16_vs_fp32": _rel(got, truth),
                "patched_cached_bf16_vs_fp32": _rel(cached, truth), "stream": stats}
     figures["bound"] = BF16_FACTOR * figures["stock_bf16_vs_fp32"]
+    figures["ok"] = max(figures["patched_bf16_vs_fp32"], figures["patched_cached_bf16_vs_fp32"]) <= figures["bound"]
     _record(f"patch_vae_stock_class_bf16_{variant}", figures)
-    assert figures["patched_bf16_vs_fp32"] <= figures["bound"]
-    assert figures["patched_cached_bf16_vs_fp32"] <= figures["bound"]
+    assert figures["ok"], figures
