@@ -231,6 +231,9 @@ def run(args) -> int:
     prompts = [torch.randn([1, preset.text_len, preset.text_dim], generator=gen, device=device).to(dtype)
                for _ in range(1 if args.switch_block is None else 2)]
 
+    if getattr(args, "vae", False):  # generator + VAE in one loop: bench/e2e_vae.py
+        from . import e2e_vae
+        return e2e_vae.run(args, configs, (device, dtype, noise, prompts))
     stock, ref = measure_row(args, None, pipe_cfg, noise, prompts)
     stock.update(rel_l2=0.0, cosine=1.0, speedup=1.0)
     rows = [stock]

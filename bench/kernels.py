@@ -26,6 +26,7 @@ CASE_MODULES = (
     "longlive_triton.bench.kernels_fp8",
     "longlive_triton.bench.kernels_token_merge",
     "longlive_triton.bench.kernels_vae_rms_norm_silu",
+    "longlive_triton.bench.kernels_vae_conv3d",
 )
 
 # A timer takes the zero-argument call and returns (median, p20, p80) in ms.

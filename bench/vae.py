@@ -9,8 +9,12 @@ each), timed with CUDA events around each call, with no sync inside the loop. We
 
 Providers: `reference` (our decoder, bit-exact with the stock code: the baseline), the reference
 with its Conv3d weights stored channels-last (the layout change alone, stock ops otherwise), `patched`
-(`patch_vae` on it) and, with --stock-src (or $LONGLIVE_SRC), the stock `WanVAE_` itself before and
-after `patch_vae`. rel L2 compares each provider's last block with the reference's.
+(`patch_vae` on it with the default options), one `patched, <options>` row per variant (--variants:
+by default each option of VAEDecoderOptions switched the other way, then all of them off, which is
+the patch as it was before the options) and, with --stock-src (or $LONGLIVE_SRC), the stock `WanVAE_`
+itself before and after `patch_vae` (defaults, and all options off). rel L2 compares each provider's
+last block with the reference's. The default warm-up (4 blocks) covers the calls a stream runs
+eagerly before its CUDA graph replays (patches/vae_graphs.py).
 
 With --generator CONFIG..., the generator's steady-state ms per block (bench/e2e.py's measurement, one
 row per patch preset) is added to the patched VAE's, giving the total per block and per video frame.
@@ -18,20 +22,57 @@ row per patch preset) is added to the patched VAE's, giving the total per block 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
+import yaml
 
+from longlive_triton.patches.vae_decoder import FastDecoder3d
 from longlive_triton.reference.vae import build_vae_decoder
-from longlive_triton.vae_patch import patch_vae
+from longlive_triton.vae_patch import VAEDecoderOptions, patch_vae
 from longlive_triton.vae_stream import StreamingVAEDecoder
 
 from .results import environment, fmt, format_table, quantiles, save
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+ALL_OFF = dict(subpixel_upsample=False, fused_bias=False, frames_per_call=1, cuda_graphs=False,
+               cudnn_benchmark=False, triton_conv=False)
+
+
+def variant_options(spec: str) -> dict:
+    """'defaults', 'all-off', or 'key=value,...' (YAML values) over VAEDecoderOptions' defaults."""
+    if spec == "defaults":
+        return {}
+    if spec == "all-off":
+        return dict(ALL_OFF)
+    changes = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"VAE variant {spec!r}: {item!r} is not key=value")
+        changes[key.strip()] = yaml.safe_load(value)
+    VAEDecoderOptions(**changes)  # unknown keys and bad values fail here, before anything is built
+    return changes
+
+
+def default_variants() -> list[str]:
+    """Each option switched away from its default, then everything off."""
+    flips = []
+    for f in dataclasses.fields(VAEDecoderOptions):
+        value = f.default
+        flips.append(f"{f.name}={'false' if value else 'true'}" if isinstance(value, bool)
+                     else f"{f.name}={1 if value > 1 else 3}")
+    return flips + ["all-off"]
+
+
+def _stream_stats(cache) -> dict | None:
+    return FastDecoder3d.stream_stats(cache) if cache is not None else None
 
 
 def time_stream(decode_block: Callable[[torch.Tensor], torch.Tensor], blocks: list[torch.Tensor],
@@ -83,9 +124,9 @@ def _row(name: str, ms: list[float], out: torch.Tensor, ref_out: torch.Tensor | 
             "speedup": 1.0 if base_ms is None else base_ms / median}
 
 
-def measure_vae(*, latent_hw=(60, 104), frames_per_block: int = 3, blocks: int = 12, warmup: int = 2,
+def measure_vae(*, latent_hw=(60, 104), frames_per_block: int = 3, blocks: int = 12, warmup: int = 4,
                 dtype: torch.dtype = torch.bfloat16, seed: int = 0, stock_src: str | None = None,
-                preset: str = "wan2.1", device="cuda") -> dict:
+                preset: str = "wan2.1", device="cuda", variants: list[str] | None = None) -> dict:
     """Time the streaming block decode per provider (module docstring); returns the settings and rows."""
     device = torch.device(device)
     h, w = latent_hw
@@ -95,48 +136,55 @@ def measure_vae(*, latent_hw=(60, 104), frames_per_block: int = 3, blocks: int =
     reference = build_vae_decoder(preset, dtype=dtype, device=device, seed=seed)
     flops = block_flops(reference, zs[0])
 
-    providers: list[tuple[str, Callable[[], Callable]]] = []
+    variants = default_variants() if variants is None else variants
+    specs = {spec: variant_options(spec) for spec in variants}
+    # A setup returns (decode one block, the stream's cache for its statistics or None).
+    providers: list[tuple[str, Callable[[], tuple[Callable, object]]]] = []
 
-    def ours(how: str):
+    def ours(how: str, options: dict | None = None):
         def setup():
             vae = copy.deepcopy(reference)
             if how == "patched":
-                print(patch_vae(vae))
+                print(patch_vae(vae, options))
             elif how == "channels_last":  # the layout alone, stock ops otherwise (the earlier 203 ms probe)
                 for m in vae.modules():
                     if isinstance(m, torch.nn.Conv3d):
                         m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
-            return StreamingVAEDecoder(vae).decode_block
+            stream = StreamingVAEDecoder(vae)
+            return stream.decode_block, (lambda: stream.cache) if how == "patched" else None
         return setup
 
     providers += [("reference", ours("reference")), ("reference, channels-last weights", ours("channels_last")),
                   ("patched", ours("patched"))]
+    providers += [(f"patched, {spec}", ours("patched", options)) for spec, options in specs.items() if spec != "defaults"]
     if stock_src:
         from longlive_triton.stock_vae import build_stock_vae, load_stock_vae, stock_cached_decode
         sv = load_stock_vae(stock_src)
 
-        def stock(patched: bool):
+        def stock(options: dict | None):
             def setup():
                 model = build_stock_vae(sv, reference)
-                if patched:
-                    print(patch_vae(model))
+                if options is not None:
+                    print(patch_vae(model, options))
                 model.clear_cache()
-                return lambda z: stock_cached_decode(model, z)
+                return (lambda z: stock_cached_decode(model, z)), (lambda: model._feat_map) if options is not None else None
             return setup
-        providers += [("stock WanVAE_", stock(False)), ("stock WanVAE_ + patch_vae", stock(True))]
+        providers += [("stock WanVAE_", stock(None)), ("stock WanVAE_ + patch_vae", stock({})),
+                      ("stock WanVAE_ + patch_vae, all-off", stock(dict(ALL_OFF)))]
 
     rows, ref_out, base = [], None, None
     for name, setup in providers:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         try:
-            decode = setup()
+            decode, cache = setup()
             ms, out = time_stream(decode, zs, warmup)
         except Exception as e:  # noqa: BLE001 - one broken provider is a row, the others still run
             rows.append({"provider": name, "status": "failed", "error": f"{type(e).__name__}: {e}"})
             continue
         row = _row(name, ms, out, ref_out, video_frames, flops, base)
         row["status"] = "ok"
+        row["stream"] = _stream_stats(cache() if cache is not None else None)
         if name == "reference":
             ref_out, base = out, row["median_ms"]
         rows.append(row)
@@ -144,7 +192,8 @@ def measure_vae(*, latent_hw=(60, 104), frames_per_block: int = 3, blocks: int =
         torch.cuda.empty_cache()
     settings = {"cudnn_benchmark": torch.backends.cudnn.benchmark, "latent_hw": list(latent_hw), "frames_per_block": frames_per_block, "video_frames_per_block":
                 video_frames, "blocks": blocks, "warmup": warmup, "dtype": str(dtype), "seed": seed,
-                "flops_per_block": flops, "stock_src": stock_src, "preset": preset}
+                "flops_per_block": flops, "stock_src": stock_src, "preset": preset,
+                "default_options": dataclasses.asdict(VAEDecoderOptions()), "variants": variants}
     return {"settings": settings, "rows": rows}
 
 
@@ -152,13 +201,16 @@ def table(rows: list[dict]) -> str:
     body, errors = [], []
     for r in rows:
         if r["status"] != "ok":
-            body.append([r["provider"], "FAILED"] + [""] * 7)
+            body.append([r["provider"], "FAILED"] + [""] * 8)
             errors.append(f"  {r['provider']}: {r['error']}")
             continue
+        graphs = ((r.get("stream") or {}).get("graphs") or {}).get("replays")
         body.append([r["provider"], fmt(r["median_ms"], ".1f"), f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
                      fmt(r["ms_per_video_frame"], ".2f"), fmt(r["tflops"], ".0f"),
-                     fmt(r["peak_mem_bytes"] / 2 ** 30, ".2f"), fmt(r["rel_l2"], ".2e"), f"{r['speedup']:.2f}x"])
-    headers = ["provider", "ms/block", "p20-p80", "ms/frame", "TFLOP/s", "peak GiB", "rel L2", "speed-up"]
+                     fmt(r["peak_mem_bytes"] / 2 ** 30, ".2f"), fmt(r["rel_l2"], ".2e"), f"{r['speedup']:.2f}x",
+                     "-" if graphs is None else str(graphs)])
+    headers = ["provider", "ms/block", "p20-p80", "ms/frame", "TFLOP/s", "peak GiB", "rel L2", "speed-up",
+               "graph replays"]
     return "\n".join([format_table("VAE streaming decode of one block, steady state (medians)", headers, body)]
                      + errors)
 
@@ -216,8 +268,16 @@ def run(args) -> int:
     print(f"vae: Wan2.1 decoder, random weights, {args.dtype}, latents 16x{h}x{w} ({8 * h}x{8 * w} pixels), "
           f"{args.frames_per_block} latent frames per block, {args.blocks} blocks, {args.warmup} warm-up, "
           f"cudnn.benchmark {args.cudnn_benchmark}")
+    try:
+        variants = [] if args.variants == ["none"] else args.variants
+        for spec in variants or []:
+            variant_options(spec)
+    except (ValueError, TypeError) as e:
+        print(f"vae: {e}", file=sys.stderr)
+        return 2
     result = measure_vae(latent_hw=(h, w), frames_per_block=args.frames_per_block, blocks=args.blocks,
-                         warmup=args.warmup, dtype=DTYPES[args.dtype], seed=args.seed, stock_src=stock_src)
+                         warmup=args.warmup, dtype=DTYPES[args.dtype], seed=args.seed, stock_src=stock_src,
+                         variants=variants)
     print(f"FLOPs per steady-state block: {result['settings']['flops_per_block'] / 1e12:.1f} T")
     print(table(result["rows"]))
     record = {"kind": "vae", "env": environment(), **result}
@@ -230,10 +290,11 @@ def run(args) -> int:
     if args.profile:
         h, w = args.latent_hw
         z = torch.randn(1, 16, args.frames_per_block, h, w, device="cuda").to(DTYPES[args.dtype])
-        for name in ("reference", "patched"):
+        # The patched decoder eagerly: kernels replayed from a CUDA graph carry no op names.
+        for name in ("reference", "patched, cuda_graphs=false"):
             vae = build_vae_decoder("wan2.1", dtype=DTYPES[args.dtype], device="cuda", seed=args.seed)
-            if name == "patched":
-                patch_vae(vae)
+            if name != "reference":
+                patch_vae(vae, {"cuda_graphs": False})
             print(f"--- {name}: one steady-state block, top {args.profile} ops by GPU time")
             print(profile_block(vae, z, args.profile))
             del vae
@@ -248,7 +309,10 @@ def add_parser(sub) -> None:
                    help="latent height and width (default 60 104: 480x832 pixels)")
     v.add_argument("--frames-per-block", type=int, default=3, help="latent frames per block (default 3)")
     v.add_argument("--blocks", type=int, default=12, help="blocks decoded per provider (default 12)")
-    v.add_argument("--warmup", type=int, default=2, help="blocks left out of the statistics (default 2)")
+    v.add_argument("--warmup", type=int, default=4, help="blocks left out of the statistics (default 4)")
+    v.add_argument("--variants", nargs="*", metavar="SPEC", default=None,
+                   help="patch_vae option variants, one row each: 'key=value,...' over the defaults, 'all-off', "
+                        "or 'none' for no variant rows (default: each option switched, then all off)")
     v.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and latents (default bf16)")
     v.add_argument("--seed", type=int, default=0, help="weights and latents seed (default 0)")
     v.add_argument("--cudnn-benchmark", action="store_true",

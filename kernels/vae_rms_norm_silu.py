@@ -1,10 +1,11 @@
-"""The Wan VAE's RMS_norm (+ SiLU), fused with the residual add before it, in channels-last layout.
+"""The Wan VAE's RMS_norm (+ SiLU), fused with the adds before it, in channels-last layout.
 
 Inputs are video activations [B, C, T, H, W] stored channels-last (`torch.channels_last_3d`: C is the
 innermost, contiguous dim and the T*H*W positions follow each other with a stride of C), bf16 or fp32;
 `gamma` [C] (the stock (C, 1, 1, 1) parameter flattened), `bias` [C] or None:
 
-    s = x + residual                      (residual optional)
+    s = x + x_bias + residual             (x_bias [C]: the bias of the convolution that made x, which
+                                           the decoder leaves out of the convolution; both optional)
     y = s / max(||s||_2 over C, 1e-12) * scale * gamma + bias      (the stock F.normalize(s, dim=1) ...)
     y = silu(y)                           (optional: the decoder's norms are followed by SiLU except
                                            the attention block's)
@@ -12,9 +13,10 @@ innermost, contiguous dim and the T*H*W positions follow each other with a strid
 `y` goes to `out` and, when given, `s` to `sum_out`. Both may be views into larger channels-last
 buffers (e.g. the frames after the two cached frames of a causal convolution's time-padded input), so
 the decoder writes the next convolution's input in place, with no concatenation or padding copy.
-The stock code spends about ten passes over the activation on this (the add; normalize's norm and
-division; the scale and gamma products; SiLU), with bf16 rounding after each; here it is one read of
-each input and one write of each output, with the math in fp32 and one rounding at the end.
+The stock code spends about ten passes over the activation on this (the conv's bias add; the residual
+add; normalize's norm and division; the scale and gamma products; SiLU), with bf16 rounding after
+each; here it is one read of each input and one write of each output, with the math in fp32 and one
+rounding at the end. `vae_add` is the same kernel without the norm: out = x + x_bias + residual.
 """
 from __future__ import annotations
 
@@ -28,11 +30,14 @@ _DTYPES = (torch.bfloat16, torch.float32)
 _EPS = 1e-12  # F.normalize's default eps
 
 
-@triton.jit(do_not_specialize=["R", "C"])
-def _vae_rms_norm_silu_kernel(x_ptr, r_ptr, g_ptr, b_ptr, o_ptr, s_ptr,
+# C stays specialised (a multiple of 16 lets the compiler vectorise each position's channel row);
+# R, the number of positions, changes with every frame count and is not.
+@triton.jit(do_not_specialize=["R"])
+def _vae_rms_norm_silu_kernel(x_ptr, xb_ptr, r_ptr, g_ptr, b_ptr, o_ptr, s_ptr,
                               sxb, srb, sob, ssb, R, C, scale, eps,
-                              HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SUM: tl.constexpr,
-                              SILU: tl.constexpr, OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+                              HAS_XBIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              HAS_SUM: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr,
+                              OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -41,6 +46,8 @@ def _vae_rms_norm_silu_kernel(x_ptr, r_ptr, g_ptr, b_ptr, o_ptr, s_ptr,
     cmask = cols < C
     mask = (rows < R)[:, None] & cmask
     s = tl.load(x_ptr + b * sxb + r64 + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_XBIAS:
+        s += tl.load(xb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     if HAS_RES:
         s += tl.load(r_ptr + b * srb + r64 + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_SUM:
@@ -48,17 +55,18 @@ def _vae_rms_norm_silu_kernel(x_ptr, r_ptr, g_ptr, b_ptr, o_ptr, s_ptr,
             tl.store(s_ptr + b * ssb + r64 + cols, cast_bf16(s, INTERPRET), mask=mask)
         else:
             tl.store(s_ptr + b * ssb + r64 + cols, s, mask=mask)
-    inv = scale / tl.maximum(tl.sqrt(tl.sum(s * s, 1)), eps)
-    g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = s * inv[:, None] * g
-    if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    if SILU:
-        y = y * tl.sigmoid(y)
-    if OUT_BF16:
-        tl.store(o_ptr + b * sob + r64 + cols, cast_bf16(y, INTERPRET), mask=mask)
-    else:
-        tl.store(o_ptr + b * sob + r64 + cols, y, mask=mask)
+    if NORM:
+        inv = scale / tl.maximum(tl.sqrt(tl.sum(s * s, 1)), eps)
+        g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = s * inv[:, None] * g
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if SILU:
+            y = y * tl.sigmoid(y)
+        if OUT_BF16:
+            tl.store(o_ptr + b * sob + r64 + cols, cast_bf16(y, INTERPRET), mask=mask)
+        else:
+            tl.store(o_ptr + b * sob + r64 + cols, y, mask=mask)
 
 
 def _check_video(name: str, t, ref: torch.Tensor | None) -> None:
@@ -101,55 +109,83 @@ def _check_param(name: str, t, x: torch.Tensor) -> torch.Tensor:
 
 
 def vae_rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = None, *,
-                      residual: torch.Tensor | None = None, silu: bool = True, scale: float | None = None,
-                      out: torch.Tensor | None = None, sum_out: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(RMS_norm(x + residual)) for channels-last [B, C, T, H, W]; see the module docstring.
+                      x_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, silu: bool = True,
+                      scale: float | None = None, out: torch.Tensor | None = None,
+                      sum_out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(RMS_norm(x + x_bias + residual)) for channels-last [B, C, T, H, W]; see the module docstring.
 
     scale defaults to sqrt(C) (the stock RMS_norm's). Returns `out` (allocated channels-last if None).
     """
     _check_video("x", x, None)
-    if residual is not None:
-        _check_video("residual", residual, x)
+    g = _check_param("gamma", gamma, x)
+    bvec = None if bias is None else _check_param("bias", bias, x)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.channels_last_3d)
+    _launch(x, x_bias, residual, out, sum_out, g, bvec, norm=True, silu=silu,
+            scale=float(x.shape[1]) ** 0.5 if scale is None else float(scale))
+    return out
+
+
+def vae_add(x: torch.Tensor, x_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, *,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = x + x_bias + residual (rounded once) for channels-last [B, C, T, H, W]; out may be a view
+    into a larger channels-last buffer. Returns `out` (allocated channels-last if None)."""
+    _check_video("x", x, None)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
     _check_video("out", out, x)
+    _launch(x, x_bias, residual, None, out, None, None, norm=False, silu=False, scale=1.0)
+    return out
+
+
+def _launch(x, x_bias, residual, out, sum_out, g, bvec, *, norm: bool, silu: bool, scale: float) -> None:
+    """Check the tensors against x and launch the kernel (out is None in vae_add: the sum is the output)."""
+    if residual is not None:
+        _check_video("residual", residual, x)
+    if out is not None:
+        _check_video("out", out, x)
     if sum_out is not None:
         _check_video("sum_out", sum_out, x)
-    g = _check_param("gamma", gamma, x)
-    bvec = None if bias is None else _check_param("bias", bias, x)
+    xb = None if x_bias is None else _check_param("x_bias", x_bias, x)
     B, C, T, H, W = x.shape
     if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"vae_rms_norm_silu runs on CUDA (or with TRITON_INTERPRET=1); x is on {x.device}")
+        raise ValueError(f"the VAE norm/add kernel runs on CUDA (or with TRITON_INTERPRET=1); x is on {x.device}")
     R = T * H * W
     if B == 0 or R == 0 or C == 0:
-        return out
-    scale = float(C) ** 0.5 if scale is None else float(scale)
+        return
     block_c = triton.next_power_of_2(C)
     # About 4K elements per program: rows of a few hundred channels are too short to fill one alone.
     # The CPU interpreter runs programs one after another in Python, so there it takes big tiles.
     block_r = max(1, min(64, 4096 // block_c)) if not interpreting() else max(1, 8192 // block_c)
     grid = (triton.cdiv(R, block_r), B)
+    o = sum_out if out is None else out  # a pointer the kernel never writes in add mode
+    s_out = o if sum_out is None else sum_out
+    r = x if residual is None else residual
     _vae_rms_norm_silu_kernel[grid](
-        x, x if residual is None else residual, g, g if bvec is None else bvec, out,
-        out if sum_out is None else sum_out,
-        x.stride(0), (x if residual is None else residual).stride(0), out.stride(0),
-        (out if sum_out is None else sum_out).stride(0), R, C, scale, _EPS,
-        HAS_RES=residual is not None, HAS_BIAS=bvec is not None, HAS_SUM=sum_out is not None, SILU=silu,
-        OUT_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
-    return out
+        x, x if xb is None else xb, r, x if g is None else g, x if bvec is None else bvec, o, s_out,
+        x.stride(0), r.stride(0), o.stride(0), s_out.stride(0), R, C, scale, _EPS,
+        HAS_XBIAS=xb is not None, HAS_RES=residual is not None, HAS_BIAS=bvec is not None,
+        HAS_SUM=sum_out is not None, NORM=norm, SILU=silu, OUT_BF16=x.dtype == torch.bfloat16,
+        INTERPRET=interpreting(), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
 
 
 def vae_rms_norm_silu_ref(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = None, *,
-                          residual: torch.Tensor | None = None, silu: bool = True,
-                          scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stock ops, literally: (x + residual), RMS_norm.forward, nn.SiLU. Returns (y, s)."""
+                          x_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                          silu: bool = True, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stock ops, literally: (conv bias add, residual add), RMS_norm.forward, nn.SiLU. Returns (y, s)."""
     c = x.shape[1]
-    s = x if residual is None else x + residual
+    s = vae_add_ref(x, x_bias, residual)
     shape = (c, 1, 1, 1)
     y = torch.nn.functional.normalize(s, dim=1) * (float(c) ** 0.5 if scale is None else scale) * gamma.reshape(shape)
     y = y + (0.0 if bias is None else bias.reshape(shape))
     return (torch.nn.functional.silu(y) if silu else y), s
+
+
+def vae_add_ref(x: torch.Tensor, x_bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The stock order: the convolution's bias add (its own pass in torch), then the residual add."""
+    s = x if x_bias is None else x + x_bias.reshape(x.shape[1], 1, 1, 1)
+    return s if residual is None else s + residual
 
 
 def vae_rms_norm_silu_bytes(numel: int, element_size: int, *, residual: bool, sum_out: bool) -> float:

@@ -37,6 +37,11 @@ class StreamingVAEDecoder:
         self.latent_frames_seen = 0
         self.pixel_frames_out = 0
 
+    @property
+    def cache(self) -> FeatCache:
+        """The stream's feature cache (read it; reset() replaces it)."""
+        return self._cache
+
     @torch.no_grad()
     def decode_block(self, z_block: torch.Tensor) -> torch.Tensor:
         """z_block [B, z_dim, T, H, W] (normalised latents, the next T frames of the stream) ->

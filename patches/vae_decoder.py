@@ -1,7 +1,8 @@
 """A faster drop-in for the Wan2.1 VAE's `Decoder3d` (stock `wan/modules/vae.py` and our reference alike).
 
-`FastDecoder3d.from_stock(decoder)` adopts the decoder's own submodules (same names, same parameters,
-so state dicts are unchanged) and replaces only how one chunk of latent frames runs through them:
+`FastDecoder3d.from_stock(decoder, options)` adopts the decoder's own submodules (same names, same
+parameters, so state dicts are unchanged) and replaces only how one chunk of latent frames runs
+through them:
 
 * Layout: activations and convolution weights are channels-last 3-D (`torch.channels_last_3d`), which
   cuDNN runs faster than the stock channel-first layout, and which makes each video frame one
@@ -17,6 +18,25 @@ so state dicts are unchanged) and replaces only how one chunk of latent frames r
 * Resampling: the time interleave of `upsample3d` and the nearest 2x upsample are one copy (no fp32
   round trip: nearest copies values, so bf16 gives the same numbers); 1x1 convolutions are GEMMs.
 
+`VAEDecoderOptions` switches the further steps, each measured on its own (`longlive-bench vae`):
+* `subpixel_upsample`: the upsample + 3x3 convolution of each Resample as one 2x2 convolution with
+  four phases on the low-resolution frames and a pixel shuffle (patches/vae_subpixel.py): 2.25x fewer
+  FLOPs there. The 2x2 weights are derived from the module's own 3x3 weights when first needed and
+  again whenever those change (the state dict keeps the stock keys and tensors).
+* `fused_bias`: convolutions run without their bias (torch adds a cuDNN convolution's bias in a pass
+  of its own over the output); the bias is added by the kernel that reads the output next (norm or
+  add), together with the residual.
+* `frames_per_call`: how many latent frames one decoder call takes (the stock loop: 1). After the
+  stream's first frame, which must go alone (the temporal upsample treats it differently),
+  `decode_frames` passes up to this many frames per call: fewer launches and cache moves, larger
+  convolutions at the 60x104 and 120x208 stages. The results are the same as frame by frame, because
+  every operation is causal in time or per frame.
+* `cuda_graphs`: steady-state calls replay a captured CUDA graph (patches/vae_graphs.py).
+* `cudnn_benchmark`: cuDNN times its algorithms for each convolution shape of the decoder (only
+  inside decoder calls; the global setting is restored after each).
+* `triton_conv`: the residual blocks' 3x3x3 convolutions (96 to 384 channels) run as our Triton
+  implicit GEMM (kernels/vae_conv3d.py) over the time-padded buffers instead of cuDNN.
+
 The cache protocol is the caller's: the stock `decoder(x, feat_cache=list, feat_idx=[0])` and our
 `decoder(x, FeatCache)` both work. The fast decoder keeps its per-stream state (the time-padded
 buffers, the chunk count) in the first slot of the caller's cache, so `clear_cache()` / `new_cache()`
@@ -24,135 +44,106 @@ start a new stream exactly as before, and several streams can run side by side. 
 stock (uncached) forward runs unchanged.
 
 Numerics: the same operations in the same order as the stock decoder, except that the norm's math
-runs in fp32 with one rounding at the end (the stock rounds after each op in bf16) and the
-convolution algorithms may differ; in bf16 the decoded pixels agree within relative L2 1e-2.
+runs in fp32 with one rounding at the end (the stock rounds after each op in bf16), the convolution
+algorithms may differ and the options above change summation orders (and, in bf16, round the summed
+sub-pixel taps once). fp32 agrees with the stock decoder to 1e-5 relative L2.
 """
 from __future__ import annotations
 
-import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.vae_rms_norm_silu import vae_rms_norm_silu
+from ..kernels.vae_conv3d import supported as triton_conv_supported, vae_conv3d, vae_conv3d_weight
+from ..kernels.vae_rms_norm_silu import vae_add, vae_rms_norm_silu
 from .registry import PatchSkip, require_kernel_device
+from .vae_graphs import ChunkGraphs, cuda_backend
+from .vae_structure import check_conv, check_norm, looks_like_wan_decoder, norm_bias, plan_of
+from .vae_subpixel import subpixel_conv, subpixel_weight
 
-__all__ = ["FastDecoder3d", "is_wan_decoder"]
+__all__ = ["FastDecoder3d", "VAEDecoderOptions", "is_wan_decoder"]
 
 CL3 = torch.channels_last_3d
 CACHE_T = 2
 
 
-# --- recognising the stock structure -------------------------------------------------------------
-
 def is_wan_decoder(m: nn.Module) -> bool:
     """A Wan VAE Decoder3d, by structure: conv1, middle, upsamples, head (stock or reference class)."""
-    return (all(isinstance(getattr(m, a, None), nn.Module) for a in ("conv1", "middle", "upsamples", "head"))
-            and _is_causal_conv(m.conv1) and not isinstance(m, FastDecoder3d))
+    return looks_like_wan_decoder(m) and not isinstance(m, FastDecoder3d)
 
 
-def _is_causal_conv(m) -> bool:
-    return isinstance(m, nn.Conv3d) and isinstance(getattr(m, "_padding", None), (tuple, list))
+# --- options -------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class VAEDecoderOptions:
+    """What FastDecoder3d does beyond the channels-last layout and fused norms (module docstring).
 
-def _check_conv(m, where: str, kernel: tuple, padding: tuple) -> None:
-    if not _is_causal_conv(m):
-        raise PatchSkip(f"{where} is {type(m).__name__}, not a CausalConv3d")
-    if tuple(m.kernel_size) != kernel or tuple(m._padding) != padding:
-        raise PatchSkip(f"{where}: kernel {tuple(m.kernel_size)} / causal padding {tuple(m._padding)}, "
-                        f"expected {kernel} / {padding}")
-    if tuple(m.stride) != (1, 1, 1) or tuple(m.dilation) != (1, 1, 1) or m.groups != 1:
-        raise PatchSkip(f"{where}: strided, dilated or grouped convolutions are not in the Wan decoder")
+    The defaults are the settings chosen by measurement (bench/RESULTS.md, `longlive-bench vae`)."""
+    subpixel_upsample: bool = True
+    fused_bias: bool = True
+    frames_per_call: int = 3
+    cuda_graphs: bool = True
+    cudnn_benchmark: bool = False
+    triton_conv: bool = False
 
-
-def _check_norm(m, where: str) -> None:
-    gamma = getattr(m, "gamma", None)
-    if not isinstance(gamma, nn.Parameter) or not getattr(m, "channel_first", False):
-        raise PatchSkip(f"{where} is {type(m).__name__}, not a channel-first RMS_norm")
-    if not math.isclose(float(m.scale), gamma.shape[0] ** 0.5):
-        raise PatchSkip(f"{where}: scale {m.scale} is not sqrt(dim)")
-    if not isinstance(m.bias, torch.Tensor) and m.bias != 0.0:
-        raise PatchSkip(f"{where}: a constant bias {m.bias} is not the stock RMS_norm's")
-
-
-def _norm_bias(m) -> torch.Tensor | None:
-    return m.bias if isinstance(m.bias, torch.Tensor) else None
-
-
-def _classify(m: nn.Module, where: str) -> str:
-    """'res', 'attn' or 'up', after checking the block is laid out as the stock one."""
-    if isinstance(getattr(m, "residual", None), nn.Sequential) and hasattr(m, "shortcut"):
-        layers = list(m.residual)
-        kinds = [type(x).__name__ for x in layers]
-        if len(layers) != 7 or not isinstance(layers[1], nn.SiLU) or not isinstance(layers[4], nn.SiLU) \
-                or not isinstance(layers[5], nn.Dropout):
-            raise PatchSkip(f"{where}: residual layers {kinds} are not RMS_norm, SiLU, conv, RMS_norm, SiLU, "
-                            "Dropout, conv")
-        if layers[5].p != 0.0 and m.training:
-            raise PatchSkip(f"{where}: dropout {layers[5].p} in training mode")
-        _check_norm(layers[0], f"{where}.residual.0")
-        _check_norm(layers[3], f"{where}.residual.3")
-        _check_conv(layers[2], f"{where}.residual.2", (3, 3, 3), (1, 1, 1, 1, 2, 0))
-        _check_conv(layers[6], f"{where}.residual.6", (3, 3, 3), (1, 1, 1, 1, 2, 0))
-        if not isinstance(m.shortcut, nn.Identity):
-            _check_conv(m.shortcut, f"{where}.shortcut", (1, 1, 1), (0, 0, 0, 0, 0, 0))
-        return "res"
-    if all(hasattr(m, a) for a in ("to_qkv", "proj", "norm")):
-        _check_norm(m.norm, f"{where}.norm")
-        for name in ("to_qkv", "proj"):
-            conv = getattr(m, name)
-            if not isinstance(conv, nn.Conv2d) or tuple(conv.kernel_size) != (1, 1):
-                raise PatchSkip(f"{where}.{name} is not a 1x1 Conv2d")
-        return "attn"
-    mode = getattr(m, "mode", None)
-    if mode in ("upsample2d", "upsample3d"):
-        up, conv = m.resample[0], m.resample[1]
-        if getattr(up, "mode", "nearest") != "nearest" or list(up.parameters()):
-            raise PatchSkip(f"{where}.resample.0 is not a nearest upsample")
-        if tuple(getattr(up, "scale_factor", None) or (2.0, 2.0)) != (2.0, 2.0):
-            raise PatchSkip(f"{where}.resample.0 scales by {up.scale_factor}, not 2x2")
-        if not isinstance(conv, nn.Conv2d) or tuple(conv.kernel_size) != (3, 3) or tuple(conv.padding) != (1, 1) \
-                or tuple(conv.stride) != (1, 1):
-            raise PatchSkip(f"{where}.resample.1 is not a 3x3 Conv2d with padding 1")
-        if mode == "upsample3d":
-            _check_conv(m.time_conv, f"{where}.time_conv", (3, 1, 1), (0, 0, 0, 0, 2, 0))
-        return "up"
-    raise PatchSkip(f"{where} ({type(m).__name__}, mode {mode!r}) is not a decoder block the fast decoder knows")
+    def __post_init__(self):
+        for name in ("subpixel_upsample", "fused_bias", "cuda_graphs", "cudnn_benchmark", "triton_conv"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"VAE option {name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.frames_per_call, bool) or not isinstance(self.frames_per_call, int) \
+                or self.frames_per_call < 1:
+            raise ValueError(f"VAE option frames_per_call must be an int >= 1, got {self.frames_per_call!r}")
 
 
 # --- per-stream state ----------------------------------------------------------------------------
 
 class _TimePadded:
-    """One causal convolution's input buffer [B, C, 2 + T, H, W], channels-last, its cache in front."""
+    """One causal convolution's input buffer [B, C, 2 + T, H, W], channels-last, its cache in front.
 
-    def __init__(self):
+    The buffer only grows: a call with fewer frames than the largest so far uses its first 2 + T
+    frames (a view that stays channels-last for batch 1)."""
+
+    def __init__(self, stream: "_Stream"):
+        self.stream = stream
         self.buf: torch.Tensor | None = None
+        self.t = 0
 
     def frames(self, b: int, c: int, t: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
         """The [B, C, T, H, W] view that this chunk's input is to be written into."""
-        shape = (b, c, t + CACHE_T, h, w)
         old = self.buf
-        if old is None or old.shape != shape or old.dtype != like.dtype or old.device != like.device:
-            if old is not None and (old.shape[:2] + old.shape[3:] != shape[:2] + shape[3:]
+        if old is None or old.shape[2] < CACHE_T + t:
+            if old is not None and (old.shape[:2] + old.shape[3:] != (b, c, h, w)
                                     or old.dtype != like.dtype or old.device != like.device):
                 raise ValueError(f"a decoder chunk of shape {tuple(like.shape)} ({like.dtype}, {like.device}) does "
                                  f"not continue the stream cached as {tuple(old.shape)} ({old.dtype}, {old.device});"
                                  " clear the cache to start a new stream")
-            new = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL3)
+            new = torch.empty((b, c, CACHE_T + t, h, w), dtype=like.dtype, device=like.device, memory_format=CL3)
             if old is None:  # the causal zero padding of a stream's start
                 new[:, :, :CACHE_T].zero_()
-            else:  # more frames per chunk than last time (after the first chunk): keep the cache,
-                new[:, :, :CACHE_T].copy_(old[:, :, :CACHE_T])  # which conv() moved to the front
+            else:  # more frames per chunk than so far: keep the cache, which conv() moved to the front
+                new[:, :, :CACHE_T].copy_(old[:, :, :CACHE_T])
             self.buf = new
-        return self.buf[:, :, CACHE_T:]
+            self.stream.generation += 1  # graphs captured on the old buffer must not replay
+        elif old.shape[:2] + old.shape[3:] != (b, c, h, w) or old.dtype != like.dtype or old.device != like.device:
+            raise ValueError(f"a decoder chunk of shape {tuple(like.shape)} ({like.dtype}, {like.device}) does not "
+                             f"continue the stream cached as {tuple(old.shape)} ({old.dtype}, {old.device}); clear "
+                             "the cache to start a new stream")
+        self.t = t
+        return self.buf[:, :, CACHE_T:CACHE_T + t]
 
-    def conv(self, conv: nn.Conv3d) -> torch.Tensor:
-        """Run `conv` over cache + chunk, then keep the last two input frames as the next cache."""
-        buf = self.buf
-        pw, ph = conv._padding[0], conv._padding[2]
-        out = F.conv3d(buf, conv.weight, conv.bias, padding=(0, ph, pw))
-        t = buf.shape[2] - CACHE_T
+    def conv(self, conv: nn.Conv3d, bias: bool = True, weight_kn: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `conv` over cache + chunk (without its bias if bias=False; as kernels/vae_conv3d.py with
+        weight_kn, its reordered weight, if given), then keep the last two input frames as the next cache."""
+        t = self.t
+        buf = self.buf[:, :, :CACHE_T + t]
+        if weight_kn is not None:
+            out = vae_conv3d(buf, weight_kn, conv.bias if bias else None)
+        else:
+            pw, ph = conv._padding[0], conv._padding[2]
+            out = F.conv3d(buf, conv.weight, conv.bias if bias else None, padding=(0, ph, pw))
         if t >= CACHE_T:
             buf[:, :, :CACHE_T].copy_(buf[:, :, t:])
         else:  # overlapping ranges: one frame at a time, front first
@@ -166,12 +157,17 @@ class _Stream:
 
     def __init__(self):
         self.chunks = 0
+        self.generation = 0  # bumped whenever a buffer is (re)allocated
         self.inputs: dict[str, _TimePadded] = {}
+        self.graphs: ChunkGraphs | None = None
 
     def input(self, name: str) -> _TimePadded:
         if name not in self.inputs:
-            self.inputs[name] = _TimePadded()
+            self.inputs[name] = _TimePadded(self)
         return self.inputs[name]
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [p.buf for p in self.inputs.values() if p.buf is not None]
 
 
 # --- helpers on channels-last video tensors ------------------------------------------------------
@@ -188,10 +184,41 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return y.view(b, t, h, w, cout).permute(0, 4, 1, 2, 3)
 
 
-class FastDecoder3d(nn.Module):
-    """Decoder3d with the stock parameter names, run channels-last with fused glue (module docstring)."""
+def _sum_into(act, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The value of a pending activation (a, a's bias, residual) = a + bias + residual, materialised
+    (into out if given; a itself when nothing is pending and no out is given)."""
+    a, ab, r = act
+    if ab is None and r is None:
+        return a if out is None else out.copy_(a)
+    return vae_add(a, ab, r, out=out)
 
-    def __init__(self, decoder: nn.Module):
+
+def _written(t: torch.Tensor) -> tuple:
+    """Where a weight lives and how often it was written in place (tensors made under
+    torch.inference_mode() count no writes: only their address and dtype tell them apart)."""
+    return (t.data_ptr(), t.dtype, t.device, -1 if t.is_inference() else t._version)
+
+
+@contextmanager
+def _cudnn_benchmark(on: bool):
+    if not on:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+class FastDecoder3d(nn.Module):
+    """Decoder3d with the stock parameter names, run channels-last with fused glue (module docstring).
+
+    Activations between blocks are passed as (a, a_bias, residual): their value is a + a_bias +
+    residual, added by whichever kernel reads them next, so no pass of its own does the adds."""
+
+    def __init__(self, decoder: nn.Module, options: VAEDecoderOptions | None = None):
         super().__init__()
         self.conv1 = decoder.conv1
         self.middle = decoder.middle
@@ -200,26 +227,29 @@ class FastDecoder3d(nn.Module):
         for attr in ("dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_upsample"):
             if hasattr(decoder, attr):
                 setattr(self, attr, getattr(decoder, attr))
-        self._plan = [(kind, f"middle.{i}", m) for i, (kind, m) in enumerate(_plan_of(decoder.middle, "middle"))]
+        self.options = options or VAEDecoderOptions()
+        self._plan = [(kind, f"middle.{i}", m) for i, (kind, m) in enumerate(plan_of(decoder.middle, "middle"))]
         self._plan += [(kind, f"upsamples.{i}", m)
-                       for i, (kind, m) in enumerate(_plan_of(decoder.upsamples, "upsamples"))]
+                       for i, (kind, m) in enumerate(plan_of(decoder.upsamples, "upsamples"))]
         # The stock forward without a cache (all convolutions zero-padded, no temporal upsampling).
         self._uncached_forward = type(decoder).forward
+        self._derived: dict[str, tuple] = {}  # name -> (source key, weights derived from the module's)
+        self.graph_backend = None  # None: CUDA graphs on CUDA inputs; tests put a stand-in here
 
     @classmethod
     @torch.no_grad()
-    def from_stock(cls, decoder: nn.Module) -> "FastDecoder3d":
+    def from_stock(cls, decoder: nn.Module, options: VAEDecoderOptions | None = None) -> "FastDecoder3d":
         """Check the structure (PatchSkip if it is not the Wan decoder), store weights channels-last."""
         if not is_wan_decoder(decoder):
             raise PatchSkip(f"{type(decoder).__name__} is not a Wan VAE Decoder3d (conv1, middle, upsamples, head)")
         require_kernel_device(decoder.conv1.weight)
-        _check_conv(decoder.conv1, "conv1", (3, 3, 3), (1, 1, 1, 1, 2, 0))
+        check_conv(decoder.conv1, "conv1", (3, 3, 3), (1, 1, 1, 1, 2, 0))
         head = list(decoder.head)
         if len(head) != 3 or not isinstance(head[1], nn.SiLU):
             raise PatchSkip(f"head is {[type(x).__name__ for x in head]}, not RMS_norm, SiLU, conv")
-        _check_norm(head[0], "head.0")
-        _check_conv(head[2], "head.2", (3, 3, 3), (1, 1, 1, 1, 2, 0))
-        fast = cls(decoder)  # classifies (and so checks) every block before anything changes
+        check_norm(head[0], "head.0")
+        check_conv(head[2], "head.2", (3, 3, 3), (1, 1, 1, 1, 2, 0))
+        fast = cls(decoder, options)  # classifies (and so checks) every block before anything changes
         for m in fast.modules():
             if isinstance(m, nn.Conv3d) and m.kernel_size != (1, 1, 1):
                 m.weight.data = m.weight.data.contiguous(memory_format=CL3)
@@ -228,11 +258,15 @@ class FastDecoder3d(nn.Module):
         return fast
 
     def extra_repr(self) -> str:
-        return "channels-last 3-D, time-padded conv inputs, fused RMS_norm+SiLU (Triton)"
+        o = self.options
+        return (f"channels-last 3-D, time-padded conv inputs, fused RMS_norm+SiLU (Triton), subpixel_upsample="
+                f"{o.subpixel_upsample}, fused_bias={o.fused_bias}, frames_per_call={o.frames_per_call}, "
+                f"cuda_graphs={o.cuda_graphs}, cudnn_benchmark={o.cudnn_benchmark}, triton_conv={o.triton_conv}")
 
-    # --- one chunk ---------------------------------------------------------------------------------
+    # --- calls -------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, feat_cache=None, feat_idx=None) -> torch.Tensor:
+        self._check_input(x)
         if feat_cache is None:
             return self._uncached_forward(self, x)
         slots = getattr(feat_cache, "slots", feat_cache)  # our FeatCache, or the stock list
@@ -242,85 +276,172 @@ class FastDecoder3d(nn.Module):
         elif not isinstance(state, _Stream):
             raise ValueError("this feature cache was filled by the unpatched decoder; clear it "
                              "(clear_cache() / new_cache()) before decoding with the patched one")
-        if x.dim() != 5:
-            raise ValueError(f"decoder input must be [B, C, T, H, W], got shape {tuple(x.shape)}")
-        out = self._chunk(x, state)
+        with _cudnn_benchmark(self.options.cudnn_benchmark):
+            if self._graphed(x, state):
+                out = self._graphs(state, x.device).run(
+                    lambda inp: self._chunk(inp, state), x, generation=lambda: state.generation,
+                    fingerprint=self._fingerprint(), state=state.buffers)
+            else:
+                out = self._chunk(x, state)
         state.chunks += 1
         if feat_idx is not None:  # the stock protocol: the cursor ends past the last slot
             feat_idx[0] = len(slots)
         return out
 
+    def decode_frames(self, x: torch.Tensor, feat_cache) -> torch.Tensor:
+        """Post-conv2 latents x [B, z_dim, T, H, W] through the decoder, carrying `feat_cache`: a fresh
+        stream's first frame alone, then up to `frames_per_call` frames per call (the stock loop takes
+        one). Returns the raw decoder output [B, 3, T', 8H, 8W] in the weights' dtype."""
+        slots = getattr(feat_cache, "slots", feat_cache)
+        state = slots[0]
+        fresh = state is None or (isinstance(state, _Stream) and state.chunks == 0)
+        step = self.options.frames_per_call
+        bounds = [0] + ([1] if fresh and x.shape[2] > 1 else [])
+        bounds += list(range(bounds[-1] + step, x.shape[2], step)) + [x.shape[2]]
+        outs = [self(x[:, :, i:j], feat_cache) for i, j in zip(bounds, bounds[1:])]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    @staticmethod
+    def stream_stats(feat_cache) -> dict | None:
+        """How a stream went: decoder calls, buffer (re)allocations and, with CUDA graphs, the runner's
+        eager / capture / replay counts (None for a cache this decoder has not used)."""
+        state = getattr(feat_cache, "slots", feat_cache)[0]
+        if not isinstance(state, _Stream):
+            return None
+        graphs = None if state.graphs is None else dict(vars(state.graphs.stats))
+        return {"calls": state.chunks, "allocations": state.generation, "graphs": graphs}
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"decoder input must be a tensor, got {type(x).__name__}")
+        if x.dim() != 5:
+            raise ValueError(f"decoder input must be [B, C, T, H, W], got shape {tuple(x.shape)}")
+        cin, w = self.conv1.in_channels, self.conv1.weight
+        if x.shape[1] != cin:
+            raise ValueError(f"decoder input has {x.shape[1]} channels, the decoder takes {cin} "
+                             f"(layout [B, C, T, H, W]; got shape {tuple(x.shape)})")
+        if min(x.shape) < 1:
+            raise ValueError(f"decoder input has an empty dimension: shape {tuple(x.shape)}")
+        if x.dtype != w.dtype:
+            raise TypeError(f"decoder input is {x.dtype}, the decoder's weights are {w.dtype}")
+        if x.device != w.device:
+            raise ValueError(f"decoder input is on {x.device}, the decoder's weights on {w.device}")
+
+    # --- CUDA graphs -------------------------------------------------------------------------------
+
+    def _graphed(self, x: torch.Tensor, st: _Stream) -> bool:
+        # The first two calls of a stream allocate its buffers (and treat the first frame apart).
+        return (self.options.cuda_graphs and st.chunks > 0 and not torch.is_grad_enabled()
+                and (x.is_cuda or self.graph_backend is not None))
+
+    def _graphs(self, st: _Stream, device: torch.device) -> ChunkGraphs:
+        if st.graphs is None:
+            st.graphs = ChunkGraphs(self.graph_backend or cuda_backend(device))
+        return st.graphs
+
+    def _fingerprint(self) -> tuple:
+        """Where the weights live and how often they were written: a graph replays raw addresses."""
+        return tuple(_written(p) for p in self.parameters())
+
+    # --- one chunk ---------------------------------------------------------------------------------
+
+    def _conv_bias(self, conv: nn.Module):
+        """(bias for the convolution call, bias left to the next kernel) under the fused_bias option."""
+        return (None, conv.bias) if self.options.fused_bias else (conv.bias, None)
+
     def _chunk(self, x: torch.Tensor, st: _Stream) -> torch.Tensor:
         b, c, t, h, w = x.shape
         inp = st.input("conv1")
         inp.frames(b, c, t, h, w, x).copy_(x)
-        a, r = inp.conv(self.conv1), None  # the activation is a + r (r None: a alone), the add deferred
+        act = (inp.conv(self.conv1, bias=not self.options.fused_bias), self._conv_bias(self.conv1)[1], None)
         for kind, name, m in self._plan:
             if kind == "res":
-                a, r = self._residual(m, name, a, r, st)
+                act = self._residual(m, name, act, st)
             elif kind == "attn":
-                a, r = self._attention(m, a, r)
+                act = self._attention(m, act)
             else:
-                a, r = self._resample(m, name, a, r, st), None
+                act = self._resample(m, name, act, st)
         norm, conv = self.head[0], self.head[2]
+        a, ab, r = act
         inp = st.input("head")
-        vae_rms_norm_silu(a, norm.gamma, _norm_bias(norm), residual=r, scale=norm.scale,
+        vae_rms_norm_silu(a, norm.gamma, norm_bias(norm), x_bias=ab, residual=r, scale=norm.scale,
                           out=inp.frames(*a.shape, a))
-        return inp.conv(conv).contiguous()
+        return inp.conv(conv).contiguous()  # 3 output channels: its bias add is small
 
-    def _norm_into(self, norm, a, r, out, *, silu=True) -> torch.Tensor:
-        """out <- silu(norm(a + r)); returns a + r (materialised only when r is given)."""
-        s = a if r is None else _empty_cl(*a.shape, a)
-        vae_rms_norm_silu(a, norm.gamma, _norm_bias(norm), residual=r, silu=silu, scale=norm.scale, out=out,
-                          sum_out=None if r is None else s)
+    def _norm_into(self, norm, act, out, *, silu=True) -> torch.Tensor:
+        """out <- silu(norm(value of act)); returns that value (materialised only when adds are pending)."""
+        a, ab, r = act
+        s = a if ab is None and r is None else _empty_cl(*a.shape, a)
+        vae_rms_norm_silu(a, norm.gamma, norm_bias(norm), x_bias=ab, residual=r, silu=silu, scale=norm.scale,
+                          out=out, sum_out=None if s is a else s)
         return s
 
-    def _residual(self, m, name, a, r, st):
+    def _residual(self, m, name, act, st):
         n1, c1, n2, c2 = m.residual[0], m.residual[2], m.residual[3], m.residual[6]
-        b, c, t, h, w = a.shape
+        fused = self.options.fused_bias
+        b, c, t, h, w = act[0].shape
         in1 = st.input(f"{name}.residual.2")
-        s = self._norm_into(n1, a, r, in1.frames(b, c, t, h, w, a))
+        s = self._norm_into(n1, act, in1.frames(b, c, t, h, w, act[0]))
         identity = s if isinstance(m.shortcut, nn.Identity) else _pointwise(s, m.shortcut.weight, m.shortcut.bias)
-        y = in1.conv(c1)
+        y = in1.conv(c1, bias=not fused, weight_kn=self._triton_weight(f"{name}.residual.2", c1))
         in2 = st.input(f"{name}.residual.6")
-        vae_rms_norm_silu(y, n2.gamma, _norm_bias(n2), scale=n2.scale, out=in2.frames(*y.shape, y))
-        return in2.conv(c2), identity
+        vae_rms_norm_silu(y, n2.gamma, norm_bias(n2), x_bias=self._conv_bias(c1)[1], scale=n2.scale,
+                          out=in2.frames(*y.shape, y))
+        out = in2.conv(c2, bias=not fused, weight_kn=self._triton_weight(f"{name}.residual.6", c2))
+        return out, self._conv_bias(c2)[1], identity
 
-    def _attention(self, m, a, r):
-        b, c, t, h, w = a.shape
-        y = _empty_cl(b, c, t, h, w, a)
-        s = self._norm_into(m.norm, a, r, y, silu=False)
+    def _attention(self, m, act):
+        b, c, t, h, w = act[0].shape
+        y = _empty_cl(b, c, t, h, w, act[0])
+        s = self._norm_into(m.norm, act, y, silu=False)
         qkv = F.linear(y.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c),
                        m.to_qkv.weight.reshape(3 * c, c), m.to_qkv.bias)
         q, k, v = qkv.chunk(3, dim=-1)  # the stock split of its [bt, 1, hw, 3c] tensor
         o = F.scaled_dot_product_attention(q, k, v)
         o = F.linear(o.reshape(-1, c), m.proj.weight.reshape(c, c), m.proj.bias)
-        return o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3), s
+        return o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3), None, s
 
-    def _resample(self, m, name, a, r, st):
-        b, c, t, h, w = a.shape
+    def _resample(self, m, name, act, st):
+        b, c, t, h, w = act[0].shape
         if m.mode == "upsample3d" and st.chunks > 0:  # the stock 'Rep' rule: no time doubling on chunk 0
             inp = st.input(f"{name}.time_conv")
-            xin = inp.frames(b, c, t, h, w, a)
-            if r is None:
-                xin.copy_(a)
-            else:
-                torch.add(a, r, out=xin)
+            _sum_into(act, out=inp.frames(b, c, t, h, w, act[0]))
             y = inp.conv(m.time_conv)  # [B, 2C, T, H, W]: channel j*C + c is frame 2t + j
             frames = y.permute(0, 2, 3, 4, 1).view(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5)
             t = 2 * t
         else:
-            s = a if r is None else a + r
-            frames = s.permute(0, 2, 3, 4, 1)
+            frames = _sum_into(act).permute(0, 2, 3, 4, 1)
+        conv = m.resample[1]
+        bias, pending = self._conv_bias(conv)
+        if self.options.subpixel_upsample:
+            weight4, bias4 = self._subpixel_weights(name, conv, bias)
+            low = frames.reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # the time interleave's copy, if any
+            return subpixel_conv(low, weight4, bias4, t), pending, None
         frames = frames.reshape(b * t, h, w, c)
         # nearest 2x: one copy from the low-resolution frames (also doing the time interleave above)
         up = frames[:, :, None, :, None, :].expand(b * t, h, 2, w, 2, c).reshape(b * t, 2 * h, 2 * w, c)
-        conv = m.resample[1]
-        o = F.conv2d(up.permute(0, 3, 1, 2), conv.weight, conv.bias, padding=1)
+        o = F.conv2d(up.permute(0, 3, 1, 2), conv.weight, bias, padding=1)
         co = o.shape[1]
         o = o.permute(0, 2, 3, 1).reshape(b, t, 2 * h, 2 * w, co)  # a view when cuDNN kept channels-last
-        return o.permute(0, 4, 1, 2, 3)
+        return o.permute(0, 4, 1, 2, 3), pending, None
 
+    def _derive(self, name: str, sources: tuple, make):
+        """make()'s weights, made again whenever one of `sources` (the module's tensors) changes."""
+        key = tuple(None if t is None else _written(t) for t in sources)
+        cached = self._derived.get(name)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, make())
+            self._derived[name] = cached
+        return cached[1]
 
-def _plan_of(seq: nn.Sequential, where: str) -> list[tuple[str, nn.Module]]:
-    return [(_classify(m, f"{where}.{i}"), m) for i, m in enumerate(seq)]
+    def _subpixel_weights(self, name: str, conv: nn.Conv2d, bias: torch.Tensor | None):
+        """The 2x2 phase weights of a Resample conv (and its bias per phase)."""
+        return self._derive(name, (conv.weight, bias), lambda: (
+            subpixel_weight(conv.weight), None if bias is None else bias.repeat(4)))
+
+    def _triton_weight(self, name: str, conv: nn.Conv3d) -> torch.Tensor | None:
+        """kernels/vae_conv3d.py's weight layout of a residual conv, or None where cuDNN runs it."""
+        if not self.options.triton_conv or not triton_conv_supported(conv.in_channels, conv.out_channels):
+            return None
+        return self._derive(name, (conv.weight,), lambda: vae_conv3d_weight(conv.weight))

@@ -155,3 +155,30 @@ def test_kernels_run_path_with_stub_gpu(tmp_path, monkeypatch, capsys):
     assert record["kind"] == "kernels" and [r["provider"] for r in record["rows"]] == ["torch", "ours"]
     assert record["rows"][1]["pct_ceiling"] == pytest.approx(50.0)  # 4 GB/s of a measured 8
     assert "fake" in capsys.readouterr().out
+
+
+def test_e2e_vae_tiny_writes_generator_and_vae_times(tmp_path, capsys):
+    """`e2e --vae` on the CPU: the tiny generator and tiny VAE in one loop, unpatched and patched."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions on a shared CPU: one thread is many times faster
+    try:
+        out = tmp_path / "e2e_vae.json"
+        rc = main(["e2e", "--vae", "--preset-model", "tiny", "--blocks", "3", "--warmup-blocks", "1", "--dtype",
+                   "fp32", "--configs", "exact", "--vae-options", "cuda_graphs=false", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    record = json.loads(out.read_text())
+    assert record["kind"] == "e2e_vae" and record["settings"]["vae_options"]["cuda_graphs"] is False
+    stock, exact = record["rows"]
+    assert (stock["config"], stock["vae"], exact["config"], exact["vae"]) == ("stock", "reference", "exact", "patched")
+    for r in (stock, exact):
+        assert r["status"] == "ok" and len(r["block_ms"]) == len(r["vae_block_ms"]) == 3
+        assert all(v > 0 for v in r["vae_block_ms"]) and r["ttff_ms"] == r["block_ms"][0]
+        assert r["generator_block_ms"][1] == pytest.approx(r["block_ms"][1] - r["vae_block_ms"][1])
+        assert r["ms_per_video_frame"] == pytest.approx(r["total_ms"] / 12) and r["first_block_cold_ms"] > 0
+    assert stock["rel_l2_pixels_last"] == 0.0
+    # in fp32 the exact preset and the patched VAE are the stock math up to summation order
+    assert exact["rel_l2_pixels_first"] <= 1e-5 and exact["rel_l2_pixels_last"] <= 1e-5
+    assert "generator + VAE decode in one loop" in capsys.readouterr().out
+    assert main(["e2e", "--vae", "--preset-model", "tiny", "--vae-options", "frames_per_call=0"]) == 2

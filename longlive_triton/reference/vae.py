@@ -357,7 +357,11 @@ class WanVAEDecoder(nn.Module):
     def decode_frames(self, x: torch.Tensor, cache: FeatCache) -> torch.Tensor:
         """Decoder over post-conv2 latents x [B, z_dim, T, H, W], one latent frame per call, carrying `cache`.
 
-        Returns the raw (unclamped) decoder output in the weights' dtype."""
+        Returns the raw (unclamped) decoder output in the weights' dtype. A patched decoder that
+        brings its own `decode_frames` (patch_vae's, which may take several frames per call) runs it."""
+        own = getattr(self.decoder, "decode_frames", None)
+        if own is not None:
+            return own(x, cache)
         outs = [self.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])]
         return torch.cat(outs, dim=2)
 

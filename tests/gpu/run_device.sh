@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae ...]   (default: all but vae)
+#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae|vae-tests|vae-bench|e2e-vae ...]
+#   (default: all but the VAE steps; vae = vae-tests vae-bench, whose summary also reads the tests' figures)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
 # .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
 # kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
@@ -9,6 +10,7 @@ set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
 steps=${*:-tests graphs parity e2e kernels profile}
+steps=$(echo " $steps " | sed 's/ vae / vae-tests vae-bench /g')
 # At most 8 files come back from $OUT: the install log stays behind unless the install fails.
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
@@ -27,10 +29,15 @@ for step in $steps; do
     e2e)     longlive-bench e2e --configs exact exact,cuda_graphs=false fp8 window9 tome fastest --blocks 20 --profile \
                --switch-block 10 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
-    vae)     { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
-                 tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py; t=$?
+    vae-tests) { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
+                 tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py tests/kernels/test_vae_conv3d.py; t=$?
+               python3 -m longlive_triton.bench.vae_summary "$OUT/vae_parity.json"; [ $t = 0 ]; } 2>&1 | tee "$OUT/vae_tests.log" ;;
+    vae-bench) { longlive-bench kernels --only vae_rms_norm_silu vae_conv3d --json "$OUT/vae_kernels.json"; k=$?
                LONGLIVE_SRC=.stock/LongLive longlive-bench vae --profile 25 --json "$OUT/vae.json"; b=$?
-               [ $t = 0 ] && [ $b = 0 ]; } 2>&1 | tee "$OUT/vae.log" ;;
+               python3 -m longlive_triton.bench.vae_summary "$OUT/vae.json" "$OUT/vae_parity.json"
+               [ $k = 0 ] && [ $b = 0 ]; } 2>&1 | tee "$OUT/vae_bench.log" ;;
+    e2e-vae) { longlive-bench e2e --vae --configs exact fp8 --blocks 12 --json "$OUT/e2e_vae.json"; e=$?
+               python3 -m longlive_triton.bench.vae_summary "$OUT/e2e_vae.json"; [ $e = 0 ]; } 2>&1 | tee "$OUT/e2e_vae.log" ;;
     install) ;;  # the package is installed above: nothing more
     *) echo "unknown step $step"; status=2 ;;
   esac

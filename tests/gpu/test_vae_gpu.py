@@ -1,5 +1,6 @@
 """The Wan2.1 VAE decoder on the GPU at real shapes: reference vs stock code, patched vs unpatched,
-streaming vs whole-video decode. Random weights (seeded), the same in every decoder compared.
+streaming vs whole-video decode, CUDA graphs vs eager. Random weights (seeded), the same in every
+decoder compared.
 
     LONGLIVE_SRC=.stock/LongLive VAE_OUT=vae.json python -m pytest -q -s tests/gpu/test_vae_gpu.py
 
@@ -11,12 +12,10 @@ means fp32 (torch lets cuDNN use TF32 for fp32 convolutions by default). Tests t
 bit-exact with the stock code on the CPU (tests/reference/test_vae.py) and checked against it here.
 VAE_OUT, if set, names a JSON file that receives the figures (merged by test name).
 
-The bf16 bound: the issue asks for relative L2 <= 1e-2 between the patched and the unpatched decoder.
-With random (Xavier) weights the unpatched bf16 decoder is itself about 1.6e-2 away from its fp32
-decode (measured on the CPU at the real channel widths, 24x40 pixels), and two bf16 decoders that
-round at different points sit about that far from each other. So a bf16 comparison passes at
-max(1e-2, 2 x the unpatched decoder's own bf16 error against fp32), the rule FlashAttention's tests
-use ("no more than twice the error of the same-dtype reference"), and records both figures.
+Bounds, as issue 14 defines them: fp32 patched vs unpatched within 1e-5 (relative L2); in bf16 the
+patched decode may be no further from the fp32 decode than the unpatched bf16 decode is, times 1.1
+(two bf16 decoders that round at different points differ by about their own error against fp32, so
+a fixed bound between them says little). Every patch_vae option variant is held to them.
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ import pytest
 import torch
 
 from longlive_triton import patch_vae
+from longlive_triton.patches.vae_decoder import FastDecoder3d
 from longlive_triton.reference.vae import build_vae_decoder
 from longlive_triton.vae_stream import StreamingVAEDecoder
 
@@ -36,13 +36,21 @@ pytestmark = pytest.mark.gpu
 _SRC = os.environ.get("LONGLIVE_SRC", "")
 needs_stock = pytest.mark.skipif(not _SRC or not (Path(_SRC) / "wan/modules/vae.py").is_file(),
                                  reason="LONGLIVE_SRC is not set to a LongLive v1.0 checkout")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOL_FP32 = 1e-5
+BF16_FACTOR = 1.1  # patched bf16 vs fp32 <= 1.1 x unpatched bf16 vs fp32
 IDS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 FULL, SMALL = (60, 104), (30, 52)
+ALL_OFF = dict(subpixel_upsample=False, fused_bias=False, frames_per_call=1, cuda_graphs=False, cudnn_benchmark=False,
+               triton_conv=False)
+# the defaults, each option switched the other way, and everything off
+VARIANTS = {"defaults": {}, "subpixel_upsample=false": dict(subpixel_upsample=False),
+            "fused_bias=false": dict(fused_bias=False), "frames_per_call=1": dict(frames_per_call=1),
+            "cuda_graphs=false": dict(cuda_graphs=False), "cudnn_benchmark=true": dict(cudnn_benchmark=True),
+            "triton_conv=true": dict(triton_conv=True), "all-off": ALL_OFF}
 
 
-def _bf16_bound(naive: float) -> float:
-    return max(TOL[torch.bfloat16], 2 * naive)
+def _has_stock() -> bool:
+    return bool(_SRC) and (Path(_SRC) / "wan/modules/vae.py").is_file()
 
 
 def _rel(a, b) -> float:
@@ -97,85 +105,123 @@ def test_reference_matches_stock_code(dtype):
                "bit_exact": bool(torch.equal(got, want) and torch.equal(got_stream, want_stream))}
     _record(f"reference_vs_stock_{IDS[dtype]}", figures)
     assert got.shape == (1, 3, 13, 480, 832)
-    assert figures["rel_l2_whole"] <= TOL[dtype] and figures["rel_l2_stream"] <= TOL[dtype]
+    assert figures["bit_exact"]
+
+
+@pytest.fixture(scope="module")
+def unpatched_streams():
+    """Unpatched streaming decodes of 3 blocks (9 latent frames) at 480x832, fp32 (no TF32) and bf16."""
+    z = _latents(9, FULL, torch.float32, seed=1)
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out = {dtype: _stream(build_vae_decoder("wan2.1", dtype=dtype, device="cuda", seed=2), z.to(dtype))
+               for dtype in (torch.float32, torch.bfloat16)}
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
+    return z, out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=IDS.get)
-def test_patched_matches_unpatched(dtype):
-    """patch_vae vs the unpatched reference at 480x832, two blocks streamed (3 + 3 latent frames)."""
-    ref = build_vae_decoder("wan2.1", dtype=dtype, device="cuda", seed=2)
-    fast = copy.deepcopy(ref)
-    report = patch_vae(fast)
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_patched_matches_unpatched(unpatched_streams, variant, dtype):
+    """patch_vae (each option variant) vs the unpatched reference at 480x832, 3 blocks streamed."""
+    z, unpatched = unpatched_streams
+    fast = build_vae_decoder("wan2.1", dtype=dtype, device="cuda", seed=2)
+    report = patch_vae(fast, VARIANTS[variant])
     assert report.applied == ["decoder"], str(report)
-    z = _latents(6, FULL, dtype, seed=1)
-    want, got = _stream(ref, z), _stream(fast, z)
+    got = _stream(fast, z.to(dtype))
+    want, truth = unpatched[dtype], unpatched[torch.float32]
     figures = {"rel_l2": _rel(got, want), "max_abs": (got - want).abs().max().item()}
-    bound = TOL[dtype]
-    if dtype == torch.bfloat16:  # the bf16 reference's own error sets the scale
-        ref32 = build_vae_decoder("wan2.1", dtype=torch.float32, device="cuda", seed=2)
-        truth = _stream(ref32, z.float())
-        figures.update(ref_bf16_vs_fp32=_rel(want, truth), patched_bf16_vs_fp32=_rel(got, truth))
-        bound = _bf16_bound(figures["ref_bf16_vs_fp32"])
-        del ref32
-    figures["bound"] = bound
-    _record(f"patched_vs_unpatched_{IDS[dtype]}", figures)
-    assert got.shape == want.shape == (1, 3, 21, 480, 832)
-    assert figures["rel_l2"] <= bound
-    if dtype == torch.bfloat16:  # and the patched decoder is no further from fp32 than the stock one
-        assert figures["patched_bf16_vs_fp32"] <= 1.25 * figures["ref_bf16_vs_fp32"]
+    if dtype == torch.bfloat16:
+        figures.update(unpatched_bf16_vs_fp32=_rel(want, truth), patched_bf16_vs_fp32=_rel(got, truth))
+        figures["bound"] = BF16_FACTOR * figures["unpatched_bf16_vs_fp32"]
+        figures["ok"] = figures["patched_bf16_vs_fp32"] <= figures["bound"]
+    else:
+        figures["bound"] = TOL_FP32
+        figures["ok"] = figures["rel_l2"] <= figures["bound"]
+    _record(f"patched_vs_unpatched_{IDS[dtype]}_{variant}", figures)
+    assert got.shape == want.shape == (1, 3, 33, 480, 832)
+    assert figures["ok"], figures
+
+
+@pytest.mark.parametrize("frames_per_call", [3, 1])
+def test_graphed_equals_eager(frames_per_call):
+    """CUDA graphs replay the decoder calls bit-exactly: 8 blocks at 480x832, bf16, every block equal."""
+    ref = build_vae_decoder("wan2.1", dtype=torch.bfloat16, device="cuda", seed=5)
+    eager, graphed = copy.deepcopy(ref), ref
+    patch_vae(eager, dict(cuda_graphs=False, frames_per_call=frames_per_call))
+    patch_vae(graphed, dict(cuda_graphs=True, frames_per_call=frames_per_call))
+    z = _latents(24, FULL, torch.bfloat16, seed=4)
+    de, dg = StreamingVAEDecoder(eager), StreamingVAEDecoder(graphed)
+    equal = [torch.equal(dg.decode_block(z[:, :, i:i + 3]), de.decode_block(z[:, :, i:i + 3]))
+             for i in range(0, 24, 3)]
+    stats = FastDecoder3d.stream_stats(dg.cache)
+    _record(f"graphed_vs_eager_{frames_per_call}_frames_per_call", {"blocks_equal": equal, "stream": stats})
+    assert all(equal), equal
+    # eager before the first capture: the stream's first call and the calls that grow its buffers
+    # (one with one frame per call, two with three), then every call replays
+    assert stats["graphs"]["captures"] == 1 and stats["graphs"]["replays"] == stats["calls"] - 2 - (frames_per_call > 1)
 
 
 @pytest.mark.parametrize("dtype,hw", [(torch.float32, SMALL), (torch.bfloat16, FULL)], ids=["fp32-240x416", "bf16-480x832"])
 def test_patched_streaming_8_blocks_equals_stock_whole_video(dtype, hw):
-    """8 blocks (24 latent frames) streamed through the patched decoder vs the whole-video decode of the
-    stock code (our reference when LONGLIVE_SRC is not set)."""
+    """8 blocks (24 latent frames) streamed through the patched decoder (defaults, graphs included) vs
+    the whole-video decode of the stock code (our reference when LONGLIVE_SRC is not set)."""
     ref = build_vae_decoder("wan2.1", dtype=dtype, device="cuda", seed=3)
     z = _latents(24, hw, dtype, seed=2)
-    if _SRC and (Path(_SRC) / "wan/modules/vae.py").is_file():
+    if _has_stock():
         from longlive_triton.stock_vae import build_stock_vae, load_stock_vae, stock_decode
         whole, source = stock_decode(build_stock_vae(load_stock_vae(_SRC), ref), z), "stock WanVAE_.decode"
     else:
         whole, source = ref.decode(z), "reference decode"
+    unpatched_stream = _stream(ref, z)
+    figures = {"whole": source, "unpatched_stream_bit_exact": bool(torch.equal(unpatched_stream, whole))}
+    del unpatched_stream
     fast = copy.deepcopy(ref)
     patch_vae(fast)
     dec = StreamingVAEDecoder(fast)
     blocks = [dec.decode_block(z[:, :, i:i + 3]) for i in range(0, 24, 3)]
     assert [b.shape[2] for b in blocks] == [9] + [12] * 7
     streamed = torch.cat(blocks, dim=2)
-    unpatched_stream = _stream(ref, z)
-    figures = {"whole": source, "rel_l2_patched_stream": _rel(streamed, whole),
-               "rel_l2_unpatched_stream": _rel(unpatched_stream, whole),
-               "unpatched_stream_bit_exact": bool(torch.equal(unpatched_stream, whole))}
-    bound = TOL[dtype]
+    del blocks, dec, fast
+    figures["rel_l2_patched_stream"] = _rel(streamed, whole)
     if dtype == torch.bfloat16:
-        del unpatched_stream, blocks
         truth = build_vae_decoder("wan2.1", dtype=torch.float32, device="cuda", seed=3).decode(z.float())
-        figures["whole_bf16_vs_fp32"] = _rel(whole, truth)
-        bound = _bf16_bound(figures["whole_bf16_vs_fp32"])
+        figures.update(whole_bf16_vs_fp32=_rel(whole, truth), patched_stream_bf16_vs_fp32=_rel(streamed, truth))
+        figures["bound"] = BF16_FACTOR * figures["whole_bf16_vs_fp32"]
+        figures["ok"] = figures["patched_stream_bf16_vs_fp32"] <= figures["bound"]
         del truth
-    figures["bound"] = bound
+    else:
+        figures["bound"] = TOL_FP32
+        figures["ok"] = figures["rel_l2_patched_stream"] <= TOL_FP32
     _record(f"stream8_vs_whole_{IDS[dtype]}_{hw[0]}x{hw[1]}", figures)
     assert streamed.shape == whole.shape == (1, 3, 93, 8 * hw[0], 8 * hw[1])
-    assert figures["rel_l2_unpatched_stream"] <= TOL[dtype]
-    assert figures["rel_l2_patched_stream"] <= bound
+    assert figures["unpatched_stream_bit_exact"]
+    assert figures["ok"], figures
 
 
 @needs_stock
-def test_patch_vae_on_the_stock_class():
-    """patch_vae on the stock WanVAE_ itself, bf16 at 480x832: decode and cached_decode."""
+@pytest.mark.parametrize("variant", ["defaults", "all-off"])
+def test_patch_vae_on_the_stock_class(variant):
+    """patch_vae on the stock WanVAE_ itself, bf16 at 480x832: decode and cached_decode (8 blocks, the
+    instance's block loop and CUDA graphs with the defaults)."""
     from longlive_triton.stock_vae import build_stock_vae, load_stock_vae, stock_cached_decode, stock_decode
     ref = build_vae_decoder("wan2.1", dtype=torch.bfloat16, device="cuda", seed=4)
     stock = build_stock_vae(load_stock_vae(_SRC), ref)
-    z = _latents(4, FULL, torch.bfloat16, seed=3)
+    z = _latents(24, FULL, torch.bfloat16, seed=3)
     want = stock_decode(stock, z)
-    report = patch_vae(stock)
+    report = patch_vae(stock, VARIANTS[variant])
     assert report.applied == ["decoder"], str(report)
     got = stock_decode(stock, z)
     stock.clear_cache()
-    cached = torch.cat([stock_cached_decode(stock, z[:, :, :3]), stock_cached_decode(stock, z[:, :, 3:])], 2)
+    cached = torch.cat([stock_cached_decode(stock, z[:, :, i:i + 3]) for i in range(0, 24, 3)], dim=2)
+    stats = FastDecoder3d.stream_stats(stock._feat_map)
     truth = build_vae_decoder("wan2.1", dtype=torch.float32, device="cuda", seed=4).decode(z.float())
-    figures = {"rel_l2_decode": _rel(got, want), "rel_l2_cached": _rel(cached, want),
-               "stock_bf16_vs_fp32": _rel(want, truth)}
-    figures["bound"] = _bf16_bound(figures["stock_bf16_vs_fp32"])
-    _record("patch_vae_stock_class_bf16", figures)
-    assert figures["rel_l2_decode"] <= figures["bound"] and torch.equal(cached, got)
+    figures = {"rel_l2_decode": _rel(got, want), "rel_l2_cached_vs_decode": _rel(cached, got),
+               "stock_bf16_vs_fp32": _rel(want, truth), "patched_bf16_vs_fp32": _rel(got, truth),
+               "patched_cached_bf16_vs_fp32": _rel(cached, truth), "stream": stats}
+    figures["bound"] = BF16_FACTOR * figures["stock_bf16_vs_fp32"]
+    figures["ok"] = max(figures["patched_bf16_vs_fp32"], figures["patched_cached_bf16_vs_fp32"]) <= figures["bound"]
+    _record(f"patch_vae_stock_class_bf16_{variant}", figures)
+    assert figures["ok"], figures

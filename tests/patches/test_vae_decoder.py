@@ -1,9 +1,11 @@
 """patch_vae / FastDecoder3d on the tiny VAE, CPU (Triton kernels in the interpreter).
 
-Patched vs unpatched: fp32 within 1e-5; bf16 within twice the unpatched decoder's own bf16 error
-against fp32 (the tiny preset's 8-channel norms make bf16 noisier than the real 96-384 channels; the
-real-shape bound 1e-2 is checked on the GPU in tests/gpu/test_vae_gpu.py). The stock `WanVAE_` is
-patched too when a LongLive checkout is named by LONGLIVE_SRC.
+Parity as issue 14 defines it, for the default options and for variants that switch each option
+the other way: fp32 patched vs unpatched within 1e-5 (relative L2); in bf16 the patched decode is
+no further from the fp32 decode than the unpatched bf16 decode is, times 1.1; streaming in blocks
+equals the whole-video decode, over 8 blocks. The same at the real shapes runs on the GPU in
+tests/gpu/test_vae_gpu.py. The stock `WanVAE_` is patched too when a LongLive checkout is named by
+LONGLIVE_SRC. CUDA graphs have their own tests (test_vae_graphs.py).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from longlive_triton import patch_vae
-from longlive_triton.patches.vae_decoder import FastDecoder3d
+from longlive_triton.patches.vae_decoder import FastDecoder3d, VAEDecoderOptions
 from longlive_triton.reference.vae import build_vae_decoder, load_wan_vae_decoder
 from longlive_triton.vae_stream import StreamingVAEDecoder
 
@@ -51,14 +53,51 @@ def pair():
     return ref, fast
 
 
-def test_patched_equals_unpatched_fp32(pair):
-    ref, fast = pair
-    assert isinstance(fast.decoder, FastDecoder3d)
-    z = _z(3)
-    want, got = ref.decode(z), fast.decode(z)
-    assert got.shape == want.shape == (1, 3, 9, 8 * H, 8 * W)
+# Each option both ways, with few decoder calls (the interpreter's launches are what costs here).
+VARIANTS = {
+    "defaults": {},
+    "all off": dict(subpixel_upsample=False, fused_bias=False, frames_per_call=1),
+    "subpixel, bias unfused, 1 frame per call": dict(fused_bias=False, frames_per_call=1),
+    "upsample copy, fused bias, 3 frames per call": dict(subpixel_upsample=False),
+}
+
+
+@pytest.mark.parametrize("options", VARIANTS.values(), ids=VARIANTS.keys())
+def test_patched_stream_equals_unpatched_fp32(options):
+    ref = build_vae_decoder("tiny", seed=2)
+    fast = copy.deepcopy(ref)
+    patch_vae(fast, options)
+    z = _z(5)
+    want = ref.decode(z)
+    dec = StreamingVAEDecoder(fast)
+    got = torch.cat([dec.decode_block(z[:, :, :3]), dec.decode_block(z[:, :, 3:])], dim=2)
+    assert got.shape == want.shape == (1, 3, 17, 8 * H, 8 * W)
     assert _rel(got, want) <= 1e-5
     assert want.std() > 0.05
+
+
+def test_triton_conv_option_fp32():
+    """triton_conv: the tiny decoder's 32-channel residual convs (not its 8 and 16) through
+    kernels/vae_conv3d.py; small latents, because the interpreter runs that kernel slowly."""
+    ref = build_vae_decoder("tiny", seed=2)
+    fast = copy.deepcopy(ref)
+    patch_vae(fast, {"triton_conv": True})
+    assert fast.decoder._triton_weight("middle.0.residual.2", fast.decoder.middle[0].residual[2]) is not None
+    assert fast.decoder._triton_weight("upsamples.8.residual.2", fast.decoder.upsamples[8].residual[2]) is None
+    z = torch.randn(1, 16, 3, 1, 2, generator=torch.Generator().manual_seed(4))
+    assert _rel(StreamingVAEDecoder(fast).decode_block(z), ref.decode(z)) <= 1e-5
+
+
+def test_patched_streaming_8_blocks_equals_whole_decode():
+    """8 blocks of 3 latent frames through the patched decoder (defaults) vs the unpatched whole decode."""
+    ref = build_vae_decoder("tiny", seed=3)
+    fast = copy.deepcopy(ref)
+    patch_vae(fast)
+    z = torch.randn(1, 16, 24, 2, 3, generator=torch.Generator().manual_seed(8))
+    dec = StreamingVAEDecoder(fast)
+    blocks = [dec.decode_block(z[:, :, i:i + 3]) for i in range(0, 24, 3)]
+    assert [b.shape[2] for b in blocks] == [9] + [12] * 7
+    assert _rel(torch.cat(blocks, dim=2), ref.decode(z)) <= 1e-5
 
 
 def test_patched_streaming_equals_patched_whole(pair):
@@ -67,20 +106,39 @@ def test_patched_streaming_equals_patched_whole(pair):
     dec = StreamingVAEDecoder(fast)
     outs = [dec.decode_block(z[:, :, :3]), dec.decode_block(z[:, :, 3:])]
     assert [o.shape[2] for o in outs] == [9, 4]
-    assert torch.equal(torch.cat(outs, 2), fast.decode(z))  # the same chunks, the same kernels
+    # other chunks (whole: frames 1-3 in one call; streamed: 1-2 and 3): the same numbers up to the
+    # convolutions' summation order
+    assert _rel(torch.cat(outs, 2), fast.decode(z)) <= 1e-6
 
 
-def test_patched_bf16_within_twice_the_bf16_error():
+@pytest.mark.parametrize("options", [VARIANTS["defaults"], VARIANTS["all off"]], ids=["defaults", "all off"])
+def test_patched_bf16_no_further_from_fp32_than_unpatched_bf16(options):
+    """Issue 14's bf16 bound: |patched bf16 - fp32| <= 1.1 x |unpatched bf16 - fp32| (relative L2)."""
     ref32 = build_vae_decoder("tiny", seed=2)
     ref16 = build_vae_decoder("tiny", seed=2, dtype=torch.bfloat16)
     fast16 = copy.deepcopy(ref16)
-    patch_vae(fast16)
-    z = _z(2, seed=3)
+    patch_vae(fast16, options)
+    z = _z(4, seed=3)
     truth = ref32.decode(z)
     naive = _rel(ref16.decode(z.bfloat16()), truth)
-    got = fast16.decode(z.bfloat16())
-    assert _rel(got, truth) <= 2 * naive + 1e-3
-    assert _rel(got, ref16.decode(z.bfloat16())) <= 2 * naive + 1e-3
+    assert 1e-3 < naive < 5e-2  # bf16 is bf16: the bound is not vacuous
+    assert _rel(fast16.decode(z.bfloat16()), truth) <= 1.1 * naive
+
+
+def test_options_are_validated():
+    assert VAEDecoderOptions().frames_per_call >= 1
+    with pytest.raises(ValueError, match="frames_per_call must be an int >= 1"):
+        VAEDecoderOptions(frames_per_call=0)
+    with pytest.raises(TypeError, match="cuda_graphs must be a bool"):
+        VAEDecoderOptions(cuda_graphs="yes")
+    with pytest.raises(ValueError, match="unknown VAE options"):
+        patch_vae(build_vae_decoder("tiny", seed=0), {"subpixel": True})
+    with pytest.raises(TypeError, match="options must be"):
+        patch_vae(build_vae_decoder("tiny", seed=0), "fast")
+    vae = build_vae_decoder("tiny", seed=0)
+    report = patch_vae(vae, VAEDecoderOptions(frames_per_call=2, cuda_graphs=False))
+    assert "frames_per_call=2" in str(report) and vae.decoder.options.frames_per_call == 2
+    assert "frames_per_call=2" in repr(vae.decoder)
 
 
 def test_state_dict_unchanged_and_loads(pair, tmp_path):
@@ -94,7 +152,10 @@ def test_state_dict_unchanged_and_loads(pair, tmp_path):
     path = tmp_path / "vae.pth"
     torch.save(build_vae_decoder("tiny", seed=9).state_dict(), path)
     load_wan_vae_decoder(other, path)  # the strict loader accepts the patched module
-    assert torch.equal(other.decoder.head[2].weight, build_vae_decoder("tiny", seed=9).decoder.head[2].weight)
+    fresh = build_vae_decoder("tiny", seed=9)
+    assert torch.equal(other.decoder.head[2].weight, fresh.decoder.head[2].weight)
+    z = _z(2, seed=5)  # the sub-pixel weights follow the loaded 3x3 weights
+    assert _rel(other.decode(z), fresh.decode(z)) <= 1e-5
 
 
 def test_patch_twice_and_refusals():
@@ -155,6 +216,17 @@ def test_wrong_latents_still_raise(pair):
         fast.decode(torch.randn(1, 15, 2, H, W))
     with pytest.raises(ValueError, match="5 dims"):
         StreamingVAEDecoder(fast).decode_block(torch.randn(16, 2, H, W))
+    # the decoder itself, as the stock WanVAE_ calls it (after its conv2): refused before any kernel
+    cache = fast.new_cache()
+    x = torch.randn(1, 16, 1, H, W)
+    for bad, error, match in [(x[:, :8], ValueError, "8 channels, the decoder takes 16"),
+                              (x.double(), TypeError, "torch.float64, the decoder's weights are torch.float32"),
+                              (x[:, :, :0], ValueError, "empty dimension"),
+                              (x[0], ValueError, r"\[B, C, T, H, W\]"),
+                              ("x", TypeError, "must be a tensor")]:
+        with pytest.raises(error, match=match):
+            fast.decoder(bad, cache)
+    assert cache.slots[0] is None  # nothing ran
 
 
 @pytest.mark.skipif(not _SRC or not (Path(_SRC) / "wan/modules/vae.py").is_file(),
@@ -170,8 +242,22 @@ def test_patches_the_stock_wan_vae(pair):
     report = patch_vae(stock)
     assert report.applied == ["decoder"], str(report)
     assert type(stock.encoder).__name__ == "Encoder3d"  # the encoder is left alone
+    assert "decode and cached_decode pass up to 3 latent frames" in str(report)
     got = stock_decode(stock, z)
     assert _rel(got, want) <= 1e-5
     stock.clear_cache()
     streamed = torch.cat([stock_cached_decode(stock, z[:, :, :3]), stock_cached_decode(stock, z[:, :, 3:])], 2)
-    assert torch.equal(streamed, got)
+    assert _rel(streamed, got) <= 1e-6
+    twin = copy.deepcopy(stock)  # the instance's decode loops are objects that copy with it
+    assert twin.decode.vae is twin and twin.cached_decode.vae is twin
+    assert torch.equal(stock_decode(twin, z), got)
+
+
+def test_decoder_built_under_inference_mode():
+    """Weights made under torch.inference_mode() carry no version counter; the patched decoder copes."""
+    with torch.inference_mode():
+        vae = build_vae_decoder("tiny", seed=6)
+        ref = copy.deepcopy(vae)
+        patch_vae(vae, {"frames_per_call": 1})
+        z = _z(2, seed=7)
+        assert _rel(vae.decode(z), ref.decode(z)) <= 1e-5
