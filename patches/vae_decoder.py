@@ -81,10 +81,12 @@ def is_wan_decoder(m: nn.Module) -> bool:
 class VAEDecoderOptions:
     """What FastDecoder3d does beyond the channels-last layout and fused norms (module docstring).
 
-    The defaults are the settings chosen by measurement (bench/RESULTS.md, `longlive-bench vae`)."""
+    The defaults are the settings chosen by measurement (bench/RESULTS.md, runs S3-4 and S3-5).
+    frames_per_call stays 1: 3 saved 2.4-2.8 ms of a 114 ms block but nearly doubled the peak
+    memory of generator + VAE (33.2 against 17.7 GiB)."""
     subpixel_upsample: bool = True
     fused_bias: bool = True
-    frames_per_call: int = 3
+    frames_per_call: int = 1
     cuda_graphs: bool = True
     cudnn_benchmark: bool = False
     triton_conv: bool = False

@@ -55,7 +55,7 @@ def test_cli_parses_and_refuses_without_gpu():
 
 def test_variants():
     specs = bench_vae.default_variants()
-    assert specs[-1] == "all-off" and "cuda_graphs=false" in specs and "frames_per_call=1" in specs
+    assert specs[-1] == "all-off" and "cuda_graphs=false" in specs and "frames_per_call=3" in specs
     assert "cudnn_benchmark=true" in specs and "triton_conv=true" in specs and len(specs) == 7
     assert bench_vae.variant_options("defaults") == {}
     assert bench_vae.variant_options("all-off")["frames_per_call"] == 1
