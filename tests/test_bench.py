@@ -48,17 +48,18 @@ def test_e2e_config_overrides_and_prompt_switch(tmp_path):
 def test_e2e_presets_use_their_window_and_report_drift_against_exact(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     rc = main(["e2e", "--preset-model", "tiny", "--blocks", "5", "--warmup-blocks", "4", "--dtype", "fp32",
-               "--configs", "exact", "window9", "tome", "--json", str(out)])
+               "--configs", "exact", "window9", "exact,token_merge_ratio=0.5", "--json", str(out)])
     assert rc == 0
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
-    assert {n: r["local_attn_size"] for n, r in rows.items()} == {"stock": 12, "exact": 12, "window9": 9, "tome": 12}
-    w9, tome = rows["window9"]["drift_vs_exact"], rows["tome"]["drift_vs_exact"]
+    merged = "exact,token_merge_ratio=0.5"
+    assert {n: r["local_attn_size"] for n, r in rows.items()} == {"stock": 12, "exact": 12, "window9": 9, merged: 12}
+    w9, tome = rows["window9"]["drift_vs_exact"], rows[merged]["drift_vs_exact"]
     assert len(w9["rel_l2"]) == len(w9["cosine"]) == 5
     # Frames 0..8 fit either window: identical; block 3 is the first generated with a rolled 9-frame window.
     assert w9["rel_l2"][:3] == [0.0] * 3 and all(0 < e < 0.5 for e in w9["rel_l2"][3:])
     assert all(e > 0 for e in tome["rel_l2"]) and all(0.9 < c < 1 for c in tome["cosine"])
     assert rows["exact"]["drift_vs_exact"]["rel_l2_all"] == 0.0
-    assert rows["tome"]["drift_vs_stock"]["rel_l2_all"] == pytest.approx(rows["tome"]["rel_l2"])
+    assert rows[merged]["drift_vs_stock"]["rel_l2_all"] == pytest.approx(rows[merged]["rel_l2"])
     assert "drift of the latents against the exact row" in capsys.readouterr().out
 
 

@@ -26,7 +26,7 @@ for step in $steps; do
                python3 -m pytest -q -s tests/gpu/test_stock_parity.py tests/reference/test_patch_stock_class.py 2>&1 | tee "$OUT/parity.log" ;;
     kernels) longlive-bench kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     graphs)  python3 -m pytest -q -s tests/gpu/test_graphs.py 2>&1 | tee "$OUT/graphs.log" ;;
-    e2e)     longlive-bench e2e --configs exact exact,cuda_graphs=false fp8 window9 tome fastest --blocks 20 --profile \
+    e2e)     longlive-bench e2e --configs exact exact,cuda_graphs=false fp8 window9 exact,token_merge_ratio=0.5 fastest --blocks 20 --profile \
                --switch-block 10 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae-tests) { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
