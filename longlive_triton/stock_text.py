@@ -9,7 +9,8 @@
 No LongLive code is part of this package: `wan/modules/t5.py` and `tokenizers.py` are imported
 from the checkout named by `src` (or $LONGLIVE_SRC), with `wan` and `wan.modules` registered as
 bare packages so their `__init__` files (the generator, VAE and CLIP stacks) do not run, as
-`longlive_triton.stock` does. The tokenizer needs `transformers`, `ftfy` and `regex`.
+`longlive_triton.stock` does. The tokenizer needs `transformers`, `ftfy` and `regex`. Without CUDA,
+`torch.cuda.current_device` answers 0 during the import (t5.py calls it in a default argument).
 
 The encoder's sizes are read from the checkpoint's tensor shapes and passed to the stock
 `umt5_xxl(encoder_only=True, ...)`, so the real file builds umT5-XXL and a small file written in
@@ -44,6 +45,11 @@ def _import_stock_t5(src: Path) -> tuple[types.ModuleType, types.ModuleType]:
         if name not in sys.modules:
             sys.modules[name] = _module(name, path=src / name.replace(".", "/"))
     sys.modules["wan"].modules = sys.modules["wan.modules"]
+    # t5.py evaluates torch.cuda.current_device() as a default argument of T5EncoderModel (a class not
+    # used here) when it is imported; without CUDA that call fails, so it answers 0 during the import.
+    current_device = torch.cuda.current_device
+    if not torch.cuda.is_available():
+        torch.cuda.current_device = lambda: 0
     try:
         t5 = importlib.import_module("wan.modules.t5")
     except ImportError as e:
@@ -52,6 +58,8 @@ def _import_stock_t5(src: Path) -> tuple[types.ModuleType, types.ModuleType]:
         raise ImportError(f"the stock text encoder ({src}/wan/modules/t5.py) could not be imported: {e}. "
                           f"Its tokenizer needs transformers, ftfy and regex: "
                           f"pip install 'longlive-triton[text]'") from e
+    finally:
+        torch.cuda.current_device = current_device
     return t5, sys.modules["wan.modules.tokenizers"]
 
 
