@@ -55,8 +55,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
         hi = lo + (abs(lo) or 1.0)
     raw = (hi - lo) / n
     step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
-    first = math.floor(lo / step) * step
-    return [first + i * step for i in range(int((hi - first) / step) + 2) if first + i * step <= hi + step * 1e-9]
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [i * step for i in range(first, last + 1)]
 
 
 def _kind_color(kind: str, extra: dict) -> str:
@@ -90,14 +90,15 @@ def split_chart(rows: list[dict]) -> str:
         return ("<p class='note'>No split of the block in this run: <code>--profile</code> (on a GPU) splits it by "
                 "kind of work, <code>--vae</code> adds the VAE.</p>")
     extra: dict = {}
-    total = max(sum(ms for _, ms in segs) for _, segs in bars)
+    ticks = _ticks(0, max(sum(ms for _, ms in segs) for _, segs in bars))
+    total = ticks[-1]
     bar_h, gap = 22, 10
     left = 250
     height = _TOP + len(bars) * (bar_h + gap) + _BOTTOM
     scale = (_W - left - 90) / total
     out = [f"<svg class='chart' data-chart='split' width='{_W}' height='{height}' role='img' "
            f"aria-label='split of a block by kind of work'>"]
-    for x in _ticks(0, total):
+    for x in ticks:
         px = left + x * scale
         out.append(f"<line class='grid' x1='{px:.1f}' x2='{px:.1f}' y1='{_TOP}' y2='{height - _BOTTOM}'/>"
                    f"<text class='tick' x='{px:.1f}' y='{height - _BOTTOM + 14}' text-anchor='middle'>{_fmt(x)}</text>")
