@@ -141,7 +141,7 @@ def _page() -> str:
 
 def make_app(session: LiveSession, fps: float):
     """The aiohttp application: the page, the frame WebSocket, the prompt endpoint, the player task."""
-    from aiohttp import WSMsgType, web
+    from aiohttp import WSCloseCode, WSMsgType, web
 
     clients: set = set()
     last_status: dict = {}
@@ -199,6 +199,10 @@ def make_app(session: LiveSession, fps: float):
         session.start()
         app["player"] = asyncio.create_task(player(app))
 
+    async def shutdown(app):
+        for ws in list(clients):  # open WebSockets would hold the server's shutdown until they time out
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
     async def cleanup(app):
         app["player"].cancel()
         await asyncio.get_running_loop().run_in_executor(None, session.stop)
@@ -206,6 +210,7 @@ def make_app(session: LiveSession, fps: float):
     app = web.Application()
     app.add_routes([web.get("/", index), web.get("/ws", frames), web.post("/prompt", prompt)])
     app.on_startup.append(start)
+    app.on_shutdown.append(shutdown)
     app.on_cleanup.append(cleanup)
     return app
 
