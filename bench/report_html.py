@@ -106,7 +106,8 @@ def split_chart(rows: list[dict]) -> str:
                f"ms per block</text>")
     for i, (label, segs) in enumerate(bars):
         y = _TOP + i * (bar_h + gap)
-        out.append(f"<text class='bar-label' x='{left - 8}' y='{y + bar_h * 0.7:.1f}' text-anchor='end'>{_esc(label)}</text>")
+        out.append(f"<text class='bar-label' x='{left - 8}' y='{y + bar_h * 0.7:.1f}' text-anchor='end'>"
+                   f"{_esc(label)}</text>")
         x = float(left)
         for kind, ms in segs:
             w = ms * scale
@@ -114,10 +115,12 @@ def split_chart(rows: list[dict]) -> str:
                        f"width='{w:.2f}' height='{bar_h}' fill='{_kind_color(kind, extra)}'>"
                        f"<title>{_esc(label)}: {_esc(kind)} {ms:.2f} ms</title></rect>")
             x += w
-        out.append(f"<text class='bar-total' x='{x + 6:.1f}' y='{y + bar_h * 0.7:.1f}'>{sum(ms for _, ms in segs):.1f} ms</text>")
+        out.append(f"<text class='bar-total' x='{x + 6:.1f}' y='{y + bar_h * 0.7:.1f}'>"
+                   f"{sum(ms for _, ms in segs):.1f} ms</text>")
     out.append("</svg>")
     kinds = list(dict.fromkeys(kind for _, segs in bars for kind, _ in segs))
-    legend = "".join(f"<span class='key'><i style='background:{_kind_color(k, extra)}'></i>{_esc(k)}</span>" for k in kinds)
+    legend = "".join(f"<span class='key'><i style='background:{_kind_color(k, extra)}'></i>{_esc(k)}</span>"
+                     for k in kinds)
     return "".join(out) + f"<div class='legend'>{legend}</div>"
 
 
@@ -221,7 +224,8 @@ def _table(header: list[str], body: list[list], cls: str) -> str:
 
 
 def rows_table(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if v is None or isinstance(v, (str, int, float, bool))))
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()
+                              if v is None or isinstance(v, (str, int, float, bool))))
     body = [["" if r.get(k) is None else r.get(k) for k in keys] for r in rows]
     return f"<div class='scroll'>{_table(keys, body, 'rows')}</div>"
 
@@ -233,7 +237,8 @@ def render(record: dict) -> str:
         raise ValueError("not an e2e document: 'rows' must be a list of objects")
     kind = record.get("kind", "e2e")
     flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in settings.items()}
-    title = f"longlive-bench {kind}: {settings.get('preset_model', '')} on {env.get('gpu') or settings.get('device', '?')}"
+    where = env.get("gpu") or settings.get("device", "?")
+    title = f"longlive-bench {kind}: {settings.get('preset_model', '')} on {where}"
     body = [f"<h1>{_esc(title)}</h1>",
             f"<p class='env'>{_esc(', '.join(f'{k} {v}' for k, v in env.items() if v is not None))}</p>",
             "<h2>Where a block's time goes</h2>", split_chart(rows),

@@ -19,7 +19,7 @@ def _use_interpreter_without_gpu() -> str | None:
     if any(name.startswith("longlive_triton.kernels") for name in sys.modules):
         return "no GPU, and the kernels were imported before the interpreter could be chosen: patches will skip"
     os.environ["TRITON_INTERPRET"] = "1"
-    return "no GPU: the Triton kernels run in Triton's CPU interpreter (slow; about 20 s a block for the tiny model)"
+    return "no GPU: the Triton kernels run in Triton's CPU interpreter (slow: 10 to 30 s a block for the tiny model)"
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -39,10 +39,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("real weights (none given: the embedded random-weights model)")
     w.add_argument("--wan", metavar="DIR|REPO", help="Wan2.1-T2V-1.3B folder (base weights, VAE, umT5 encoder and "
                    "tokenizer), or its repo id in the local Hugging Face cache")
-    w.add_argument("--longlive", metavar="DIR|REPO", help="LongLive-1.3B folder (models/longlive_base.pt, models/lora.pt)")
+    w.add_argument("--longlive", metavar="DIR|REPO",
+                   help="LongLive-1.3B folder (models/longlive_base.pt, models/lora.pt), or its repo id")
     for flag, what in (("base", "Wan2.1 diffusion_pytorch_model.safetensors"), ("generator", "longlive_base.pt"),
                        ("lora", "lora.pt, or 'none'"), ("vae", "Wan2.1_VAE.pth"),
-                       ("text-encoder", "models_t5_umt5-xxl-enc-bf16.pth"), ("tokenizer", "the google/umt5-xxl folder")):
+                       ("text-encoder", "models_t5_umt5-xxl-enc-bf16.pth"),
+                       ("tokenizer", "the google/umt5-xxl folder")):
         w.add_argument(f"--{flag}", metavar="PATH", help=f"{what} (overrides the file found under --wan/--longlive)")
     w.add_argument("--longlive-src", metavar="DIR", default=os.environ.get("LONGLIVE_SRC"),
                    help="LongLive checkout whose text encoder and tokenizer classes encode the prompts "
@@ -90,10 +92,12 @@ def prompt_schedule(args) -> PromptSchedule | None:
         return None
     if args.prompts is not None:
         if args.prompt is not None or args.switch:
-            raise PromptError("give the prompts either on the command line (--prompt/--switch) or in a file (--prompts)")
+            raise PromptError("give the prompts either on the command line (--prompt/--switch) "
+                              "or in a file (--prompts)")
         return load_prompt_file(args.prompts, line=args.prompt_line, switch_frames=switch_frames)
     if switch_frames is not None:
-        raise PromptError("--switch-frames goes with --prompts or --embeddings; on the command line use --switch FRAME:PROMPT")
+        raise PromptError("--switch-frames goes with --prompts or --embeddings; "
+                          "on the command line use --switch FRAME:PROMPT")
     return from_command_line(args.prompt if args.prompt is not None else DEFAULT_PROMPT, args.switch)
 
 
@@ -111,9 +115,9 @@ def _summary(args, engine: Engine, block_ms: list[float], block_frames: list[int
     h, w = engine.pixel_size
     per_frame = [ms / n for ms, n in zip(block_ms, block_frames)]
     steady = per_frame[1:] or per_frame
-    fpb = FRAMES_PER_BLOCK
-    lines = [f"wrote {args.output}: {written} frames of {w}x{h} at {args.fps:g} fps ({written / args.fps:.1f} s of video)"]
-    starts = [0] + [-(-s // fpb) * fpb for s in switches]
+    lines = [f"wrote {args.output}: {written} frames of {w}x{h} at {args.fps:g} fps "
+             f"({written / args.fps:.1f} s of video)"]
+    starts = [0] + PromptSchedule(texts, tuple(switches)).effective_switches(FRAMES_PER_BLOCK)
     for text, start in zip(texts, starts):
         lines.append(f"  from latent frame {start:4d} (video frame {max(0, 4 * start - 3)}): {text}")
     lines.append(f"first frames after {block_ms[0] / 1e3:.1f} s (block 0, warm-up included); "
@@ -131,18 +135,19 @@ def run(args) -> int:
     require_writer()
     schedule = prompt_schedule(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    frames = args.frames or (schedule and schedule.num_frames) or (120 if device.type == "cuda" else 3 * FRAMES_PER_BLOCK)
+    default_frames = 120 if device.type == "cuda" else 3 * FRAMES_PER_BLOCK  # LongLive's length; 3 blocks on a CPU
+    frames = args.frames or (schedule and schedule.num_frames) or default_frames
     if frames % FRAMES_PER_BLOCK or frames <= 0:
-        raise PromptError(f"--frames {frames}: must be a positive multiple of {FRAMES_PER_BLOCK} (latent frames per block)")
+        raise PromptError(f"--frames {frames}: must be a positive multiple of {FRAMES_PER_BLOCK} "
+                          f"(latent frames per block)")
     if schedule is not None:
         schedule.check_length(frames, FRAMES_PER_BLOCK)
     seed = args.seed if args.seed is not None else (schedule.seed if schedule and schedule.seed is not None else 0)
     engine = build_engine(args, device, need_text_encoder=schedule is not None)
-    fpb = FRAMES_PER_BLOCK
     embeds, switches = _embeddings(args, engine, schedule)
     texts = schedule.texts if schedule is not None else tuple(f"embeddings[{i}]" for i in range(len(embeds)))
     if schedule is None:
-        PromptSchedule(texts, tuple(switches), source=args.embeddings).check_length(frames, fpb)
+        PromptSchedule(texts, tuple(switches), source=args.embeddings).check_length(frames, FRAMES_PER_BLOCK)
     print(engine.label)
     for report in engine.reports:
         print(report)
@@ -151,7 +156,7 @@ def run(args) -> int:
     noise = engine.noise(frames, seed)
     h, w = engine.pixel_size
     block_ms, block_frames = [], []
-    bar = tqdm(total=frames // fpb, unit="block", desc=f"generating {4 * frames - 3} frames")
+    bar = tqdm(total=frames // FRAMES_PER_BLOCK, unit="block", desc=f"generating {4 * frames - 3} frames")
     with Mp4Writer(output, width=w, height=h, fps=args.fps, comment=engine.label) as writer:
         mark = time.perf_counter()
         for block in iter_video(engine.pipeline(), engine.vae, noise, embeds, switches):

@@ -52,6 +52,8 @@ class LiveSession:
 
     def __init__(self, engine: Engine, prompt: str, *, frames: int, seed: int, jpeg_quality: int = 85):
         self.engine, self.frames, self.seed, self.quality = engine, frames, seed, jpeg_quality
+        # One pipeline for every video: it reuses its caches, and so the CUDA graphs captured on them.
+        self.pipeline = engine.pipeline()
         self.prompt = prompt
         self.blocks: queue.Queue = queue.Queue(maxsize=_AHEAD_BLOCKS)
         self._pending: str | None = None
@@ -123,7 +125,7 @@ class LiveSession:
         [first] = engine.encoder.encode([self.prompt])
         self._switched = False
         mark = time.perf_counter()
-        for block in iter_video(engine.pipeline(), engine.vae, noise, first, next_prompt=self._next_prompt):
+        for block in iter_video(self.pipeline, engine.vae, noise, first, next_prompt=self._next_prompt):
             frames = to_uint8(block.pixels[0])
             ms = (time.perf_counter() - mark) * 1e3
             status = {"type": "block", "video": video, "block": block.index, "start_frame": block.start_frame,

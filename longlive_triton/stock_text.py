@@ -114,7 +114,8 @@ def load_stock_text_encoder(src: str | os.PathLike | None, weights: str | os.Pat
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"text encoder {str(weights)!r} does not match the stock T5Encoder({sizes}): {e}") from None
+        raise CheckpointError(f"text encoder {str(weights)!r} does not match the stock "
+                              f"T5Encoder({sizes}): {e}") from None
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if not tokenizer.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(tokenizer)!r} does not exist (Wan2.1's google/umt5-xxl)")

@@ -27,7 +27,8 @@ WAN_T5_FILENAME = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_TOKENIZER_DIR = "google/umt5-xxl"
 WAN_CONFIG_FILENAME = "config.json"
 
-_GET_WAN = f"huggingface-cli download {WAN_REPO} --local-dir wan_models/Wan2.1-T2V-1.3B, then --wan wan_models/Wan2.1-T2V-1.3B"
+_GET_WAN = (f"huggingface-cli download {WAN_REPO} --local-dir wan_models/Wan2.1-T2V-1.3B, "
+            f"then --wan wan_models/Wan2.1-T2V-1.3B")
 _GET_LONGLIVE = f"huggingface-cli download {LONGLIVE_REPO} --local-dir longlive_models, then --longlive longlive_models"
 
 
