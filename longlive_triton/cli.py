@@ -25,6 +25,7 @@ def _use_interpreter_without_gpu() -> str | None:
 def _user_errors() -> tuple[type[Exception], ...]:
     """What a user can cause and fix: each is reported as one line, without a traceback."""
     from .checkpoints import CheckpointError
+    from .generate import UsageError
     from .mp4 import MissingWriterError, OutputError
     from .prompts import PromptError
     from .reference.vae import VAECheckpointError
@@ -33,7 +34,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     # FileNotFoundError: the LongLive checkout (--longlive-src); ImportError: its tokenizer's packages.
     return (CheckpointError, VAECheckpointError, EmbeddingsError, MissingWeightsError, MissingWriterError, OutputError,
-            PromptError, FileNotFoundError, ImportError)
+            PromptError, UsageError, FileNotFoundError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,6 +143,9 @@ def real_engine(files: WeightFiles, preset: str = "exact", *, device, height: in
 
         encoder = load_stock_text_encoder(encoder_src, files.text_encoder, files.tokenizer,
                                           text_len=model.text_len, device=device, dtype=dtype)
+        if encoder.model.dim != model.text_dim:
+            raise CheckpointError(f"text encoder {files.text_encoder} gives {encoder.model.dim}-wide embeddings, "
+                                  f"the generator takes {model.text_dim} (its text_dim)")
     lora = f"LoRA {files.lora} merged (rank {loaded.lora.rank})" if loaded.lora else "no LoRA"
     label = f"LongLive weights: {files.generator}, {lora}; VAE {files.vae}"
     engine = Engine(model, vae, encoder, (model.in_dim, height // 8, width // 8), model.text_len,

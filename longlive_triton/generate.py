@@ -1,4 +1,4 @@
-"""`longlive-triton generate`: prompts in, an mp4 out, decoded and written block by block.
+r"""`longlive-triton generate`: prompts in, an mp4 out, decoded and written block by block.
 
     longlive-triton generate --prompt "a cat on a sofa" --switch 40:"the cat jumps down" --output cat.mp4 \
         --wan wan_models/Wan2.1-T2V-1.3B --longlive longlive_models --longlive-src ../LongLive
@@ -22,11 +22,23 @@ from .text import load_embeddings_file
 from .video import iter_video
 from .weights import locate_weights
 
-__all__ = ["add_model_arguments", "add_arguments", "build_engine", "run", "DEFAULT_PROMPT"]
+__all__ = ["UsageError", "add_model_arguments", "add_arguments", "build_engine", "choose_device", "run",
+           "DEFAULT_PROMPT"]
 
 DEFAULT_PROMPT = "a red fox trots through fresh snow in a quiet pine forest, soft morning light"
 VIDEO_FPS = 16  # LongLive writes its videos at 16 fps
 _WEIGHT_FLAGS = ("wan", "longlive", "base", "generator", "lora", "vae", "text_encoder", "tokenizer")
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work (a frame count, a device)."""
+
+
+def choose_device(name: str | None) -> torch.device:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no CUDA GPU that torch can use")
+    return device
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,11 +146,11 @@ def run(args) -> int:
     output = check_output_path(args.output)
     require_writer()
     schedule = prompt_schedule(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = choose_device(args.device)
     default_frames = 120 if device.type == "cuda" else 3 * FRAMES_PER_BLOCK  # LongLive's length; 3 blocks on a CPU
     frames = args.frames or (schedule and schedule.num_frames) or default_frames
     if frames % FRAMES_PER_BLOCK or frames <= 0:
-        raise PromptError(f"--frames {frames}: must be a positive multiple of {FRAMES_PER_BLOCK} "
+        raise UsageError(f"--frames {frames}: must be a positive multiple of {FRAMES_PER_BLOCK} "
                           f"(latent frames per block)")
     if schedule is not None:
         schedule.check_length(frames, FRAMES_PER_BLOCK)

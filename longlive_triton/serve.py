@@ -24,9 +24,8 @@ from importlib import resources
 import torch
 
 from .engine import FRAMES_PER_BLOCK, Engine
-from .generate import DEFAULT_PROMPT, VIDEO_FPS, add_model_arguments, build_engine
+from .generate import DEFAULT_PROMPT, VIDEO_FPS, UsageError, add_model_arguments, build_engine, choose_device
 from .mp4 import to_uint8
-from .prompts import PromptError
 from .video import iter_video
 
 __all__ = ["add_arguments", "run", "LiveSession", "make_app"]
@@ -239,11 +238,10 @@ def run(args) -> int:
     except ImportError:
         raise ImportError("serve needs aiohttp and pillow: pip install 'longlive-triton[app]'") from None
     if args.frames <= 0 or args.frames % FRAMES_PER_BLOCK:
-        raise PromptError(f"--frames {args.frames}: must be a positive multiple of {FRAMES_PER_BLOCK}")
+        raise UsageError(f"--frames {args.frames}: must be a positive multiple of {FRAMES_PER_BLOCK}")
     if args.fps <= 0:
-        raise PromptError(f"--fps {args.fps}: must be positive")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    engine = build_engine(args, device, need_text_encoder=True)
+        raise UsageError(f"--fps {args.fps}: must be positive")
+    engine = build_engine(args, choose_device(args.device), need_text_encoder=True)
     print(engine.label)
     for report in engine.reports:
         print(report)

@@ -104,6 +104,9 @@ def test_prompt_file_and_embeddings_file(tmp_path):
     (["--frames", "7"], "must be a positive multiple of 3"),
     (["--prompt", "a cat", "--switch", "30:a dog", "--frames", "6"], "fall at or after the end of the video"),
     (["--embeddings", "missing.pt"], "embeddings file 'missing.pt' does not exist"),
+    (["--frames", "-3"], "must be a positive multiple of 3"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                               reason="this machine has a GPU")),
 ])
 def test_user_errors_are_one_clear_line(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
