@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import e2e, kernels, report_html, vae
+from . import e2e, kernels, vae
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report(args) -> int:
+    from . import report_html
+
     try:
         out = report_html.render_file(args.json, args.html)
     except (OSError, ValueError) as e:  # a missing or unreadable file, bad JSON, not an e2e document
@@ -74,5 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json = args.json or str(Path(html).with_suffix(".json"))
     rc = args.run(args)
     if html is not None and rc in (0, 1):  # 1: some rows failed; the report shows them
+        from . import report_html
+
         print(f"e2e: wrote {report_html.render_file(args.json, html)} (from {args.json})")
     return rc

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae|app ...]   (default: all but vae and app)
+#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae ...]   (default: all but vae)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
 # .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
 # kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
@@ -28,7 +28,8 @@ for step in $steps; do
     graphs)  python3 -m pytest -q -s tests/gpu/test_graphs.py 2>&1 | tee "$OUT/graphs.log" ;;
     e2e)     longlive-bench e2e --configs exact exact,cuda_graphs=false fp8 window9 tome fastest --blocks 20 --profile \
                --switch-block 10 --json "$OUT/e2e.json" --html "$OUT/e2e.html" 2>&1 | tee "$OUT/e2e.log" ;;
-    app)     { longlive-triton generate --output "$OUT/embedded.mp4" --frames 30; g=$?
+    app)     # the longlive-triton command (not in the default steps): embedded generate, then tests/app
+             { longlive-triton generate --output "$OUT/embedded.mp4" --frames 30; g=$?
                python3 -m pytest -q tests/app; t=$?; [ $g = 0 ] && [ $t = 0 ]; } 2>&1 | tee "$OUT/app.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae)     { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
