@@ -47,7 +47,6 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
     label: str                          # what the weights are, said in every output
-    random_weights: bool
     reports: list[str] = field(default_factory=list)  # the patch reports, as text
 
     @property
@@ -92,7 +91,7 @@ def embedded_engine(preset: str = "exact", *, device, dtype: torch.dtype = torch
     label = ("RANDOM WEIGHTS: the tiny reference generator and VAE with seeded random weights, " + encoder.label
              + "; the pictures mean nothing (pass --wan/--longlive for LongLive-1.3B)")
     engine = Engine(model, vae, encoder, (shapes.in_dim, shapes.latent_height, shapes.latent_width),
-                    shapes.text_len, shapes.text_dim, device, dtype, label, True)
+                    shapes.text_len, shapes.text_dim, device, dtype, label)
     return _patch(engine, preset)
 
 
@@ -149,5 +148,5 @@ def real_engine(files: WeightFiles, preset: str = "exact", *, device, height: in
     lora = f"LoRA {files.lora} merged (rank {loaded.lora.rank})" if loaded.lora else "no LoRA"
     label = f"LongLive weights: {files.generator}, {lora}; VAE {files.vae}"
     engine = Engine(model, vae, encoder, (model.in_dim, height // 8, width // 8), model.text_len,
-                    model.text_dim, device, dtype, label, False)
+                    model.text_dim, device, dtype, label)
     return _patch(engine, preset)

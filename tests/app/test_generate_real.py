@@ -65,7 +65,7 @@ def test_real_engine_loads_every_file_in_the_stock_order(files):
     found = locate_weights(wan=str(files["wan"]), longlive=str(files["longlive"]), need_text_encoder=False)
     assert found.base.name == "diffusion_pytorch_model.safetensors" and found.config.name == "config.json"
     engine = real_engine(found, "stock", device="cpu", height=H, width=W)
-    assert not engine.random_weights and "lora.pt merged (rank 4)" in engine.label
+    assert "RANDOM" not in engine.label and "lora.pt merged (rank 4)" in engine.label
     # The LongLive generator overwrote the Wan base; the LoRA is merged in fp32, then the bf16 cast.
     got = engine.model.state_dict()
     for name, weight in files["generator"].items():

@@ -48,6 +48,7 @@ def test_a_live_switch_is_the_scheduled_switch():
 
 
 def test_live_session_applies_a_requested_prompt_at_the_next_block():
+    pytest.importorskip("PIL", reason="the demo's JPEG frames need pillow (pip install -e '.[app]')")
     session = LiveSession(embedded_engine("stock", device="cpu"), "a cat", frames=9, seed=0)
     session.start()
     try:

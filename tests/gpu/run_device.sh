@@ -5,8 +5,8 @@
 # .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
 # kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl pyyaml setuptools`;
-# the app step also needs imageio-ffmpeg and tqdm there: add them to that command, with `--platform manylinux_2_28_x86_64`
-# if pip finds no wheel).
+# the app step also needs imageio-ffmpeg, tqdm and pillow there: add them to that command, with
+# `--platform manylinux_2_28_x86_64` if pip finds no wheel).
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
