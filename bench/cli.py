@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from . import e2e, e2e_vae, kernels, vae
 
@@ -38,13 +40,44 @@ def build_parser() -> argparse.ArgumentParser:
     e2e_vae.add_arguments(e)
     e.set_defaults(run=e2e.run)
 
+    e.add_argument("--html", metavar="PATH", help="also write the time-budget report as a self-contained HTML page "
+                   "(bench/report_html.py); the JSON goes beside it unless --json names a file")
+
     for p in (k, e):
         p.add_argument("--json", metavar="PATH", help="write the run as one JSON document")
         p.add_argument("--append", metavar="PATH", help="append the run as one line of a JSON-lines log")
     vae.add_parser(sub)
+
+    r = sub.add_parser("report", help="render a saved e2e JSON document (or the last run of a JSON-lines log) as HTML")
+    r.add_argument("json", metavar="JSON", help="what `e2e --json` (or --append) wrote")
+    r.add_argument("--html", metavar="PATH", required=True, help="the HTML page to write")
+    r.set_defaults(run=report)
     return parser
+
+
+def report(args) -> int:
+    from . import report_html
+
+    try:
+        out = report_html.render_file(args.json, args.html)
+    except (OSError, ValueError) as e:  # a missing or unreadable file, bad JSON, not an e2e document
+        print(f"report: {args.json}: {e}", file=sys.stderr)
+        return 2
+    print(f"report: wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    html = getattr(args, "html", None) if args.command == "e2e" else None
+    if html is not None:
+        if not Path(html).resolve().parent.is_dir():
+            print(f"e2e: --html {html}: its folder does not exist", file=sys.stderr)
+            return 2
+        args.json = args.json or str(Path(html).with_suffix(".json"))
+    rc = args.run(args)
+    if html is not None and rc in (0, 1):  # 1: some rows failed; the report shows them
+        from . import report_html
+
+        print(f"e2e: wrote {report_html.render_file(args.json, html)} (from {args.json})")
+    return rc

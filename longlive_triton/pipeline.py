@@ -231,12 +231,16 @@ class BlockPipeline:
             raise ValueError(f"switch frame indices must be non-negative and increasing, got {list(switches)}")
 
     def iter_blocks(self, noise: torch.Tensor, prompt_embeds: torch.Tensor | Sequence[torch.Tensor],
-                    switch_frame_indices: Sequence[int] = ()) -> Iterator[tuple[int, torch.Tensor]]:
+                    switch_frame_indices: Sequence[int] = (), *,
+                    next_prompt: Callable[[int], torch.Tensor | None] | None = None,
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start_frame, x0 [B, F_block, C, H, W]) as each block is generated.
 
         `prompt_embeds` is one [B, L, text_dim] tensor, or one per segment with the frame indices
         at which each next segment starts (the switch happens at the first block starting at or
-        after the index, as in LongLive).
+        after the index, as in LongLive). `next_prompt(start_frame)`, if given, is asked before
+        every block without a scheduled switch: new embeddings switch to them there (the same
+        re-cache), None keeps the current prompt. That is how a live session changes the prompt.
         """
         prompts = [prompt_embeds] if isinstance(prompt_embeds, torch.Tensor) else list(prompt_embeds)
         switches = list(switch_frame_indices)
@@ -249,6 +253,7 @@ class BlockPipeline:
         self._set_attention_budget()
         output = torch.zeros_like(noise)
         segment = 0
+        current = prompts[0]
         enabled = runner.enabled if runner is not None else None
         try:
             if runner is not None:
@@ -257,10 +262,15 @@ class BlockPipeline:
                 for start in range(0, num_frames, per_block):
                     if segment < len(switches) and start >= switches[segment]:
                         segment += 1
-                        self.recache_after_switch(output, start, prompts[segment])
-                    x0 = self.denoise_block(noise[:, start:start + per_block], prompts[segment], start)
+                        current = prompts[segment]
+                        self.recache_after_switch(output, start, current)
+                    elif next_prompt is not None and (live := next_prompt(start)) is not None:
+                        self._check_inputs(noise, [live], [])
+                        current = live
+                        self.recache_after_switch(output, start, current)
+                    x0 = self.denoise_block(noise[:, start:start + per_block], current, start)
                     output[:, start:start + per_block] = x0
-                    self.cache_pass(x0, prompts[segment], start)
+                    self.cache_pass(x0, current, start)
                     if runner is not None and runner.enabled:
                         runner.pipeline_shape = (b, per_block)
                     yield start, x0

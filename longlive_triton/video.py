@@ -42,10 +42,12 @@ def _stream_of(vae: WanVAEDecoder | StreamingVAEDecoder) -> StreamingVAEDecoder:
 
 def iter_video(pipeline: BlockPipeline, vae: WanVAEDecoder | StreamingVAEDecoder, noise: torch.Tensor,
                prompt_embeds: torch.Tensor | Sequence[torch.Tensor],
-               switch_frame_indices: Sequence[int] = ()) -> Iterator[VideoBlock]:
+               switch_frame_indices: Sequence[int] = (), *,
+               next_prompt: Callable[[int], torch.Tensor | None] | None = None) -> Iterator[VideoBlock]:
     """Yield one VideoBlock per generated block: latents and their decoded frames.
 
-    noise [B, F, C, h, w] and the prompts as `BlockPipeline.iter_blocks` takes them. The latents are
+    noise [B, F, C, h, w] and the prompts (and live switches, `next_prompt`) as
+    `BlockPipeline.iter_blocks` takes them. The latents are
     cast to the VAE's dtype before decoding (the generator may run in another precision). A given
     StreamingVAEDecoder is reset first: one call of iter_video is one video.
     """
@@ -56,7 +58,8 @@ def iter_video(pipeline: BlockPipeline, vae: WanVAEDecoder | StreamingVAEDecoder
                          f"got shape {tuple(noise.shape)}")
     stream.reset()
     dtype = dec.conv2.weight.dtype
-    for index, (start, x0) in enumerate(pipeline.iter_blocks(noise, prompt_embeds, switch_frame_indices)):
+    blocks = pipeline.iter_blocks(noise, prompt_embeds, switch_frame_indices, next_prompt=next_prompt)
+    for index, (start, x0) in enumerate(blocks):
         first = stream.pixel_frames_out
         pixels = stream.decode_block(x0.permute(0, 2, 1, 3, 4).to(dtype))
         yield VideoBlock(index, start, x0, pixels, first)

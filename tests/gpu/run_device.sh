@@ -5,7 +5,9 @@
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
 # .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
 # kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
-# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl pyyaml setuptools`).
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl pyyaml setuptools`;
+# the app step also needs imageio-ffmpeg, tqdm and pillow there: add them to that command, with
+# `--platform manylinux_2_28_x86_64` if pip finds no wheel).
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
@@ -27,7 +29,10 @@ for step in $steps; do
     kernels) longlive-bench kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     graphs)  python3 -m pytest -q -s tests/gpu/test_graphs.py 2>&1 | tee "$OUT/graphs.log" ;;
     e2e)     longlive-bench e2e --configs exact exact,cuda_graphs=false fp8 window9 exact,token_merge_ratio=0.5 fastest --blocks 20 --profile \
-               --switch-block 10 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+               --switch-block 10 --json "$OUT/e2e.json" --html "$OUT/e2e.html" 2>&1 | tee "$OUT/e2e.log" ;;
+    app)     # the longlive-triton command (not in the default steps): embedded generate, then tests/app
+             { longlive-triton generate --output "$OUT/embedded.mp4" --frames 30; g=$?
+               python3 -m pytest -q tests/app; t=$?; [ $g = 0 ] && [ $t = 0 ]; } 2>&1 | tee "$OUT/app.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae-tests) { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
                  tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py tests/kernels/test_vae_conv3d.py; t=$?
