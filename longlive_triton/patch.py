@@ -18,7 +18,8 @@ import torch.nn as nn
 from .config import PatchConfig, as_config
 from .graphs import install_graphs
 from .patches.attention_window import set_attention_window
-from .patches.registry import PATCHES, Patch, PatchSkip
+from .patches.base import Patch, PatchSkip
+from .patches.registry import PATCHES
 
 _MARK = "_longlive_triton_patch"
 

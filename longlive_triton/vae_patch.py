@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .patches.registry import PatchSkip
+from .patches.base import PatchSkip
 from .patches.vae_decoder import FastDecoder3d, VAEDecoderOptions, is_wan_decoder
 
 __all__ = ["VAEDecoderOptions", "VAEPatchReport", "patch_vae"]

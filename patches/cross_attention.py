@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.rms_norm import rms_norm
-from .registry import Patch, PatchSkip, require_kernel_device
+from .base import Patch, PatchSkip, require_kernel_device
 
 
 class FusedCrossAttention(nn.Module):

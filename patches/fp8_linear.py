@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..kernels.fp8_gemm import fp8_linear, fp8_supported, tma_supported
 from ..kernels.fp8_quant import ACT_GROUP, Fp8Activation, quantize_weight_per_channel
-from .registry import Patch, PatchSkip, require_kernel_device
+from .base import Patch, PatchSkip, require_kernel_device
 from .window_self_attention import WindowSelfAttention
 
 

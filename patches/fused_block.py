@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.adaln import adaln
-from .registry import Patch, PatchSkip, require_kernel_device
+from .base import Patch, PatchSkip, require_kernel_device
 
 
 class FusedAttentionBlock(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.token_merge import merge_count, token_merge, token_unmerge
-from .registry import Patch, PatchSkip, require_kernel_device
+from .base import Patch, PatchSkip, require_kernel_device
 
 
 class TokenMergedFFN(nn.Sequential):

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from ..kernels.vae_conv3d import supported as triton_conv_supported, vae_conv3d, vae_conv3d_weight
 from ..kernels.vae_rms_norm_silu import vae_add, vae_rms_norm_silu
-from .registry import PatchSkip, require_kernel_device
+from .base import PatchSkip, require_kernel_device
 from .vae_graphs import ChunkGraphs, cuda_backend
 from .vae_structure import check_conv, check_norm, looks_like_wan_decoder, norm_bias, plan_of
 from .vae_subpixel import subpixel_conv, subpixel_weight

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .registry import PatchSkip
+from .base import PatchSkip
 
 __all__ = ["looks_like_wan_decoder", "check_conv", "check_norm", "norm_bias", "plan_of"]
 

@@ -40,7 +40,7 @@ from ..kernels.kv_quant_append import k_head_scale, kv_quant_append, quantize_k_
 from ..kernels.rope_kv_append import rope_kv_append, rope_tables
 from ..kernels.window_attention import tma_available, window_attention, window_attention_fp8
 from ..kernels._common import interpreting
-from .registry import Patch, PatchSkip, require_kernel_device
+from .base import Patch, PatchSkip, require_kernel_device
 
 _HOST_STATE = "_longlive_triton_host"   # (global_end, local_end, shift) mirrored on the host
 _RING_SHIFT = "ring_shift"

@@ -1,5 +1,6 @@
 """The FFN token-merging patch: equals the same model with the torch reference of the merge, leaves
 self-attention and the KV cache at full resolution, is off in `exact`, and refuses bad knobs."""
+import dataclasses
 import pytest
 import torch
 
@@ -81,10 +82,10 @@ def test_a_ratio_that_merges_nothing_changes_nothing():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_tome_preset_with_the_fused_block(device):
-    """The preset as shipped (exact + merging), bf16: the merge runs inside FusedAttentionBlock."""
-    cfg = load_preset("tome")
-    assert cfg.token_merge_ratio == 0.5 and cfg.token_merge_stride == (2, 2) and cfg.fused_glue
+def test_merging_with_the_fused_block(device):
+    """exact + merging (the opt-in knob), bf16: the merge runs inside FusedAttentionBlock."""
+    cfg = dataclasses.replace(load_preset("exact"), token_merge_ratio=0.5)
+    assert cfg.token_merge_stride == (2, 2) and cfg.fused_glue
     model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=2)
     report = patch_model(model, cfg)
     assert report.counts()["token_merge_ffn"] == {"applied": TINY.num_layers, "skipped": 0}

@@ -239,7 +239,7 @@ def test_patches_the_stock_wan_vae(pair):
     z = _z(4, seed=4)
     want = stock_decode(stock, z)
     assert torch.equal(want, ref.decode(z))  # the reference is the stock code, bit for bit
-    report = patch_vae(stock)
+    report = patch_vae(stock, {"frames_per_call": 3})
     assert report.applied == ["decoder"], str(report)
     assert type(stock.encoder).__name__ == "Encoder3d"  # the encoder is left alone
     assert "decode and cached_decode pass up to 3 latent frames" in str(report)

@@ -132,8 +132,8 @@ def test_graphed_decoder_equals_eager_decoder(one_thread):
     the same pixels block by block, also after the weights change in place between blocks."""
     ref = build_vae_decoder("tiny", seed=5)
     eager, graphed = copy.deepcopy(ref), copy.deepcopy(ref)
-    patch_vae(eager, {"cuda_graphs": False})
-    patch_vae(graphed, {"cuda_graphs": True})
+    patch_vae(eager, {"cuda_graphs": False, "frames_per_call": 3})
+    patch_vae(graphed, {"cuda_graphs": True, "frames_per_call": 3})
     backend = RerunBackend()
     graphed.decoder.graph_backend = backend
     z = torch.randn(1, 16, 15, 2, 3, generator=torch.Generator().manual_seed(6))
