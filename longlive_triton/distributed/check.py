@@ -8,11 +8,14 @@ Scenarios (each rank prints one JSON line; the exit status is non-zero when a ch
   sp              sequence-parallel generation against one process on the same weights and draws,
                   with the KV window rolling and a prompt switch: latents within 1e-5 (fp32
                   reference) or 1e-2 (bf16, --preset), each rank's KV cache equal to its heads of the
-                  one-process cache; then inputs that differ across ranks must be refused.
+                  one-process cache; then inputs that differ across ranks must be refused. On GPUs the
+                  tiny model is widened to head dim 128, which the kernels serve.
   vae             the VAE on rank 1: frames bit-equal to the one-process iter_video, in order, on
                   rank 0 and in rank 1's callback; a consumer leaving early ends rank 1 cleanly.
   peer-exit       rank 1 leaves in the middle of a stream (--mode vae or sp): rank 0 must raise a
-                  DistributedError within seconds.
+                  DistributedError, at once with gloo; with NCCL once the group's timeout runs out,
+                  and only with TORCH_NCCL_BLOCKING_WAIT=1 (otherwise NCCL's watchdog aborts the
+                  process at the timeout, with its own message).
   world-mismatch  (--spawn only) the two ranks are told different world sizes: both must raise a
                   DistributedError once the group's timeout runs out.
 """
@@ -51,6 +54,9 @@ def _tiny_inputs(frames: int, dtype: torch.dtype, device, prompts: int = 2):
 def _tiny_model(dtype, device, layers: int | None = None, window: int | None = None):
     from ..reference import build_model
     overrides = {k: v for k, v in (("num_layers", layers), ("local_attn_size", window)) if v is not None}
+    if torch.device(device).type == "cuda":
+        # Head dim 128, which the GPU kernels serve (the tiny preset's 32 runs in the interpreter only).
+        overrides.update(dim=256, ffn_dim=512)
     return build_model("tiny", dtype=dtype, device=device, seed=7, **overrides)
 
 
@@ -124,8 +130,10 @@ def scenario_vae(timeout_s: float, backend: str | None = None, blocks: int = 4, 
         for blk in iter_video_split(BlockPipeline(model), noise, prompts, switches):
             break  # the consumer leaves after the first block: rank 1 must see an ABORT
         result = {"rank": 0, "order": [(b.index, b.start_frame, b.first_pixel_frame) for b in got],
-                  "bit_equal": torch.equal(frames, want), "frames": frames.shape[2], "want_frames": want.shape[2]}
-        result["ok"] = result["bit_equal"] and [b.index for b in got] == list(range(blocks))
+                  "bit_equal": torch.equal(frames, want), "rel_l2": _rel_l2(frames, want), "frames": frames.shape[2],
+                  "want_frames": want.shape[2]}
+        # Bit-equal on one CPU; two GPUs may pick other convolution algorithms for the same decode.
+        result["ok"] = result["rel_l2"] <= FP32_BOUND and [b.index for b in got] == list(range(blocks))
     close_distributed()
     return result
 
@@ -159,8 +167,9 @@ def scenario_peer_exit(timeout_s: float, backend: str | None = None, mode: str =
     except DistributedError as e:
         error = str(e)
     seconds = time.perf_counter() - started
+    # gloo sees the closed connection at once; NCCL (with TORCH_NCCL_BLOCKING_WAIT=1) when the timeout runs out.
     return {"rank": 0, "mode": mode, "error": error, "seconds_to_error": seconds,
-            "ok": error is not None and seconds < min(timeout_s, 30)}
+            "ok": error is not None and seconds < timeout_s + 15}
 
 
 def scenario_world_mismatch(timeout_s: float, backend: str | None = None) -> dict:

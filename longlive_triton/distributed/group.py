@@ -52,7 +52,8 @@ def comm_errors(what: str) -> Iterator[None]:
         raise
     except RuntimeError as e:  # DistBackendError, DistStoreError, gloo/NCCL errors: all RuntimeErrors
         raise DistributedError(f"{what} failed: {e} -- another rank crashed, left early, hung past the "
-                               "group's timeout, or runs something else (check the other ranks' logs)") from e
+                               "group's timeout, was started with another world size, or runs something else "
+                               "(check the other ranks' logs)") from e
 
 
 def _env_int(name: str) -> int | None:

@@ -81,6 +81,25 @@ def test_one_rank_wrapper_equals_the_model(one_rank_group):
         sequence_parallel(model)
 
 
+def test_only_the_current_call_moves(one_rank_group, monkeypatch):
+    """Per layer: one all-to-all of q|k|v and one of the attention output, sized by the call's tokens,
+    whatever the cache holds (the cache itself never moves)."""
+    sp = sequence_parallel(build_model("tiny", seed=2))
+    moved = []
+    real = dist.all_to_all_single
+
+    def counting(out, inp, *args, **kwargs):
+        moved.append(inp.numel())
+        return real(out, inp, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_to_all_single", counting)
+    noise, prompts = _inputs(15)
+    BlockPipeline(sp).generate(noise, prompts[0])     # 5 blocks: the 12-frame window fills and rolls
+    tokens = 3 * TINY.frame_seqlen                    # one 3-frame block
+    per_forward = [3 * tokens * TINY.dim, tokens * TINY.dim] * TINY.num_layers
+    assert moved == per_forward * (5 * 5)             # 5 forwards per block, every one the same
+
+
 def test_wrong_kv_cache_heads_are_refused(one_rank_group):
     sp = sequence_parallel(build_model("tiny", seed=2))
     pipe = BlockPipeline(sp)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae ...]   (default: all but vae)
+#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae|multi-gpu ...]
+#   (default: all but vae and multi-gpu; multi-gpu needs a kind with 2 GPUs: nvidia-h200-x2)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
 # .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
 # kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
@@ -31,6 +32,7 @@ for step in $steps; do
                  tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py; t=$?
                LONGLIVE_SRC=.stock/LongLive longlive-bench vae --profile 25 --json "$OUT/vae.json"; b=$?
                [ $t = 0 ] && [ $b = 0 ]; } 2>&1 | tee "$OUT/vae.log" ;;
+    multi-gpu) bash tests/gpu/multi_gpu.sh "$OUT" 2>&1 | tee "$OUT/multi_gpu.log" ;;
     install) ;;  # the package is installed above: nothing more
     *) echo "unknown step $step"; status=2 ;;
   esac
