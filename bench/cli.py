@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("json", metavar="JSON", help="what `e2e --json` (or --append) wrote")
     r.add_argument("--html", metavar="PATH", required=True, help="the HTML page to write")
     r.set_defaults(run=report)
+    _add_devices(sub)
     return parser
 
 
@@ -67,8 +68,22 @@ def report(args) -> int:
     return 0
 
 
+def _add_devices(sub) -> None:
+    """--devices on e2e and vae: above 1, bench/multi_gpu.py runs them over that many ranks (torchrun)."""
+    helps = {"e2e": "ranks to spread each block's tokens over (sequence parallel; launch with torchrun "
+                    "--nproc-per-node N); default 1",
+             "vae": "2: the decode on rank 1, pipelined with the generator on rank 0 (launch with torchrun "
+                    "--nproc-per-node 2); default 1"}
+    for name, text in helps.items():
+        sub.choices[name].add_argument("--devices", type=int, default=1, choices=(1, 2) if name == "vae" else None,
+                                       metavar="N", help=text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "devices", 1) > 1:
+        from . import multi_gpu
+        return multi_gpu.run(args)
     html = getattr(args, "html", None) if args.command == "e2e" else None
     if html is not None:
         if not Path(html).resolve().parent.is_dir():

@@ -3,7 +3,9 @@
 Shapes, layout and dtypes:
 - q_lin, k_lin, v: [B, n, H*D] bf16, the q/k/v Linear outputs (any batch/row strides with the last
   one 1, so slices of a fused q|k|v GEMM output work).
-- norm_q_weight, norm_k_weight: [H*D] bf16, the RMSNorm weights (RMSNorm is over the full H*D row).
+- norm_q_weight, norm_k_weight: [H*D] bf16, the RMSNorm weights (RMSNorm is over the full H*D row);
+  both None when q_lin and k_lin arrive already normed (sequence parallelism norms the full row
+  before the heads are split across ranks, longlive_triton/distributed/sequence_parallel.py).
 - cos, sin: [R, D/2] fp32 RoPE tables from `rope_tables` (R = 1024 for the model).
 - k_cache, v_cache: [B, C, H, D] bf16, the stock slot-major cache, written in place.
 - grid_sizes: host ints (F, Hg, Wg) with F*Hg*Wg == n; token t = (f*Hg + h)*Wg + w.
@@ -99,7 +101,7 @@ def _rope_kv_append_kernel(
     n, H, hg, wg, ring_lo, ring_size, inv_n, eps,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
     T_SLOTS: tl.constexpr, HW_SLOTS: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # BLOCK_T tokens per program: one token's 3 x H*D values are too few to keep the memory
     # system busy, and the per-token table lookups and index math amortise over the heads.
@@ -121,17 +123,21 @@ def _rope_kv_append_kernel(
 
     t64 = t.to(tl.int64)[:, None, None]
     hd = hd_offs[None, :, :]
-    wq = tl.load(wq_ptr + hd_offs, mask=offs_h[:, None] < H, other=0.0).to(tl.float32)
     q = tl.load(ql_ptr + b64 * stride_qlb + t64 * stride_qlt + hd, mask=mask, other=0.0).to(tl.float32)
-    q = _rotate(_rms_norm_bf16(q, wq, inv_n, eps, INTERPRET), cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
+    if NORM:
+        wq = tl.load(wq_ptr + hd_offs, mask=offs_h[:, None] < H, other=0.0).to(tl.float32)
+        q = _rms_norm_bf16(q, wq, inv_n, eps, INTERPRET)
+    q = _rotate(q, cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
     qo_offs = offs_h[None, :, None] * stride_qoh + offs_d[None, None, :]
     tl.store(qo_ptr + b64 * stride_qob + t64 * stride_qot + qo_offs, cast_bf16(q, INTERPRET), mask=mask)
 
     # Rows below row_lo are neither read nor written (masked lanes move no memory).
     w_mask = mask & (t >= row_lo)[:, None, None]
-    wk = tl.load(wk_ptr + hd_offs, mask=offs_h[:, None] < H, other=0.0).to(tl.float32)
     k = tl.load(kl_ptr + b64 * stride_klb + t64 * stride_klt + hd, mask=w_mask, other=0.0).to(tl.float32)
-    k = _rotate(_rms_norm_bf16(k, wk, inv_n, eps, INTERPRET), cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
+    if NORM:
+        wk = tl.load(wk_ptr + hd_offs, mask=offs_h[:, None] < H, other=0.0).to(tl.float32)
+        k = _rms_norm_bf16(k, wk, inv_n, eps, INTERPRET)
+    k = _rotate(k, cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
     v = tl.load(v_ptr + b64 * stride_vb + t64 * stride_vt + hd, mask=w_mask, other=0.0)
 
     shift = 0
@@ -158,9 +164,11 @@ def _check(name: str, t, dtype: torch.dtype, ndim: int, device: torch.device) ->
 
 
 def check_append_inputs(q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, cache_shape,
-                        grid_sizes, start_frame, dst_start, row_lo, ring_lo, ring_size, shift):
+                        grid_sizes, start_frame, dst_start, row_lo, ring_lo, ring_size, shift,
+                        norm_optional: bool = False):
     """Validate the inputs that rope_kv_append and kv_quant_append share (everything but the caches'
-    dtypes); returns (start_frame, dst_start, row_lo, shift) as device tensors and the ring size."""
+    dtypes); returns (start_frame, dst_start, row_lo, shift) as device tensors and the ring size.
+    With norm_optional, both norm weights may be None (inputs already normed)."""
     if not isinstance(q_lin, torch.Tensor):
         raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
     device = q_lin.device
@@ -178,7 +186,11 @@ def check_append_inputs(q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
                          f"need B={B} and H*D={HD}")
     if n > C:
         raise ValueError(f"the cache has {C} slots, too few for {n} new rows")
+    if norm_optional and (norm_q_weight is None) != (norm_k_weight is None):
+        raise ValueError("norm_q_weight and norm_k_weight must both be given, or both be None (inputs already normed)")
     for name, w in (("norm_q_weight", norm_q_weight), ("norm_k_weight", norm_k_weight)):
+        if w is None and norm_optional:
+            continue
         _check(name, w, torch.bfloat16, 1, device)
         if w.shape[0] != HD:
             raise ValueError(f"{name} must have shape [{HD}], got {list(w.shape)}")
@@ -223,7 +235,7 @@ def append_block_t(n: int, H: int, D: int) -> int:
 
 
 def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
-                   norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                   norm_q_weight: torch.Tensor | None, norm_k_weight: torch.Tensor | None,
                    cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor,
                    grid_sizes: tuple[int, int, int], start_frame, dst_start, row_lo, *,
@@ -232,7 +244,8 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     """RMSNorm + RoPE q and k, write roped k and raw v rows [row_lo, n) into the caches; return q.
 
     See the module docstring for layouts and the slot rule. ring_size defaults to the cache size C;
-    shift (int tensor [1]/[B] on the device, or an int) rotates the ring.
+    shift (int tensor [1]/[B] on the device, or an int) rotates the ring. Norm weights None: q_lin
+    and k_lin are already normed, only RoPE and the append run.
     """
     if not isinstance(q_lin, torch.Tensor):
         raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
@@ -243,10 +256,11 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
     start_frame, dst_start, row_lo, shift, ring_size = check_append_inputs(
         q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, k_cache.shape, grid_sizes,
-        start_frame, dst_start, row_lo, ring_lo, ring_size, shift)
+        start_frame, dst_start, row_lo, ring_lo, ring_size, shift, norm_optional=True)
     B, n, _ = q_lin.shape
     _, C, H, D = k_cache.shape
     out = check_q_out(out, B, n, H, D, device)
+    norm = norm_q_weight is not None
     if B == 0 or n == 0:
         return out
 
@@ -254,7 +268,7 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     block_t = append_block_t(n, H, D)
     _, hg, wg = grid_sizes
     _rope_kv_append_kernel[(triton.cdiv(n, block_t), B)](
-        q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
+        q_lin, k_lin, v, norm_q_weight if norm else q_lin, norm_k_weight if norm else k_lin, cos, sin,
         out, k_cache, v_cache,
         start_frame, dst_start, row_lo, dst_start if shift is None else shift,
         0 if start_frame.numel() == 1 else 1, 0 if dst_start.numel() == 1 else 1, 0 if row_lo.numel() == 1 else 1,
@@ -265,7 +279,7 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
         cos.stride(0), cos.shape[0],
         n, H, hg, wg, ring_lo, ring_size, 1.0 / (H * D), eps,
         HEAD_DIM=D, BLOCK_H=triton.next_power_of_2(H), BLOCK_T=block_t, T_SLOTS=c - 2 * (c // 3), HW_SLOTS=c // 3,
-        HAS_SHIFT=shift is not None, INTERPRET=interpreting(),
+        HAS_SHIFT=shift is not None, NORM=norm, INTERPRET=interpreting(),
         num_warps=8,
     )
     return out
@@ -305,12 +319,15 @@ def rope_kv_append_ref(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor
     """The stock math literally: WanRMSNorm, float64 complex causal RoPE, torch-indexed cache writes.
 
     Writes the caches in place and returns roped q [B, n, H, D] bf16. Index arguments may be ints or
-    tensors of shape [1]/[B]; they are read on the host (this is a test oracle)."""
+    tensors of shape [1]/[B]; they are read on the host (this is a test oracle). Norm weights None:
+    no RMSNorm (inputs already normed)."""
     B, n, HD = q_lin.shape
     _, C, H, D = k_cache.shape
     ring_size = C if ring_size is None else ring_size
 
     def rms(x, w):
+        if w is None:
+            return x
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).type_as(x) * w
 
@@ -320,8 +337,8 @@ def rope_kv_append_ref(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor
             return int(value[b if value.numel() > 1 else 0])
         return int(value)
 
-    q = rms(q_lin, norm_q_weight).view(B, n, H, D)
-    k = rms(k_lin, norm_k_weight).view(B, n, H, D)
+    q = rms(q_lin, norm_q_weight).reshape(B, n, H, D)
+    k = rms(k_lin, norm_k_weight).reshape(B, n, H, D)
     f, hg, wg = grid_sizes
     c = D // 2
     freqs = _rope_freqs(D, max_frames).to(q_lin.device).split([c - 2 * (c // 3), c // 3, c // 3], dim=1)

@@ -80,6 +80,9 @@ class BlockPipeline:
         self.num_layers = inner.num_layers
         self.num_heads = inner.num_heads
         self.head_dim = inner.dim // inner.num_heads
+        # The heads this process keeps KV caches for: all of them, or a sequence-parallel rank's share
+        # (longlive_triton/distributed/sequence_parallel.py). The text cache always holds every head.
+        self.kv_heads = getattr(inner, "kv_cache_heads", inner.num_heads)
         self.text_len = inner.text_len
         self.patch_size = tuple(inner.patch_size)
         self.schedule = FlowMatchSchedule(self.config.timestep_shift)
@@ -114,11 +117,11 @@ class BlockPipeline:
             self.reset_crossattn_cache()
             return self.caches
 
-        def zeros(length: int) -> torch.Tensor:
-            return torch.zeros([batch_size, length, n, d], dtype=dtype, device=device)
+        def zeros(length: int, heads: int = n) -> torch.Tensor:
+            return torch.zeros([batch_size, length, heads, d], dtype=dtype, device=device)
 
         self.caches = Caches(
-            kv=[{"k": zeros(size), "v": zeros(size),
+            kv=[{"k": zeros(size, self.kv_heads), "v": zeros(size, self.kv_heads),
                  "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
                  "local_end_index": torch.tensor([0], dtype=torch.long, device=device)}
                 for _ in range(self.num_layers)],
@@ -130,7 +133,7 @@ class BlockPipeline:
     def _caches_fit(self, batch_size: int, size: int, dtype: torch.dtype, device) -> bool:
         if len(self.caches.kv) != self.num_layers or len(self.caches.crossattn) != self.num_layers:
             return False
-        kv = (batch_size, size, self.num_heads, self.head_dim)
+        kv = (batch_size, size, self.kv_heads, self.head_dim)
         text = (batch_size, self.text_len, self.num_heads, self.head_dim)
         # A patched layer may keep its KV cache in e4m3 (kv_cache_dtype: fp8): same slots, reused as well.
         return all(cache[name].shape == shape and cache[name].dtype in (dtype, torch.float8_e4m3fn)

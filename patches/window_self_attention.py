@@ -37,6 +37,7 @@ from ..kernels.kv_cache_plan import (LOCAL_START, NEW_GLOBAL, NEW_LOCAL, ROW_LO,
                                      WIN_END, WIN_START, kv_cache_plan, kv_cache_plan_ref)
 from ..kernels.fp8_quant import FP8_DTYPE
 from ..kernels.kv_quant_append import k_head_scale, kv_quant_append, quantize_k_ref, quantize_v_groups_ref
+from ..kernels.rms_norm import rms_norm
 from ..kernels.rope_kv_append import rope_kv_append, rope_tables
 from ..kernels.window_attention import tma_available, window_attention, window_attention_fp8
 from ..kernels._common import interpreting
@@ -156,8 +157,37 @@ class WindowSelfAttention(nn.Module):
                 cache_start=None, sink_recache_after_switch=False):
         if kv_cache is None:
             raise NotImplementedError("WindowSelfAttention serves LongLive's KV-cached inference path; pass kv_cache")
-        b, s = x.shape[:2]
-        frames, hg, wg = (int(v) for v in grid_sizes[0].tolist())  # grid_sizes lives on the host
+        qkv = self._project_qkv(x)
+        d = self.dim
+        out, info = self._attend(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], grid_sizes, kv_cache,
+                                 current_start, sink_recache_after_switch, normed=False)
+        return self.o(out.flatten(2)), info
+
+    def project(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, s, C] -> q, k (RMS-normed over all heads, the stock rounding), v, each [B, s, H, D].
+
+        The split form of forward's first steps, for sequence parallelism: the norm needs every head
+        of a token, so it runs before the heads are spread over ranks (then `attend`)."""
+        qkv = self._project_qkv(x)
+        b, s = qkv.shape[:2]
+        d, shape = self.dim, (self.num_heads, self.head_dim)
+        q = rms_norm(qkv[..., :d], self.norm_q.weight, self.norm_q.eps)
+        k = rms_norm(qkv[..., d:2 * d], self.norm_k.weight, self.norm_k.eps)
+        return q.view(b, s, *shape), k.view(b, s, *shape), qkv[..., 2 * d:].unflatten(-1, shape)
+
+    def attend(self, q, k, v, grid_sizes, freqs, kv_cache, current_start=0, sink_recache_after_switch=False):
+        """RoPE, the cache append and attention for normed q, k and v [B, s, h, D] -> ([B, s, h, D], info);
+        any head count h, the cache holding the same heads."""
+        if self.kv_cache_dtype == "fp8":
+            raise NotImplementedError("the fp8 KV cache fuses the q/k RMSNorm into its append (kv_quant_append), "
+                                      "so it cannot take normed inputs: use kv_cache_dtype bf16 here")
+        return self._attend(q.flatten(2), k.flatten(2), v.flatten(2), grid_sizes, kv_cache, current_start,
+                            sink_recache_after_switch, normed=True)
+
+    def _attend(self, q_lin, k_lin, v, grid_sizes, kv_cache, current_start, sink_recache_after_switch, normed):
+        """Steps 2-4 of the module docstring on q_lin, k_lin, v [B, s, h*D] (normed or not)."""
+        b, s = q_lin.shape[:2]
+        frames, hg, wg = (int(g) for g in grid_sizes[0].tolist())  # grid_sizes lives on the host
         if grid_sizes.shape[0] != b or any(tuple(g.tolist()) != (frames, hg, wg) for g in grid_sizes):
             raise ValueError("WindowSelfAttention needs one latent grid shared by the whole batch")
         frame_seqlen = hg * wg
@@ -176,16 +206,14 @@ class WindowSelfAttention(nn.Module):
                              **dict(plan_args, current_start=plan_args["current_start"] if device_start is None
                                     else device_start))
 
-        qkv = self._project_qkv(x)
-        d = self.dim
         sink = plan_args["sink_tokens"]
         ring = dict(ring_lo=sink, ring_size=capacity - sink, shift=plan[SHIFT:SHIFT + 1])
         if self.kv_cache_dtype == "fp8":
-            out = self._append_attend_fp8(qkv, kv_cache, plan, ring, (frames, hg, wg), plan[START_FRAME:START_FRAME + 1])
-            out = self.o(out.flatten(2))
+            out = self._append_attend_fp8(q_lin, k_lin, v, kv_cache, plan, ring, (frames, hg, wg),
+                                          plan[START_FRAME:START_FRAME + 1])
             return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
-        q = rope_kv_append(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], self.norm_q.weight, self.norm_k.weight,
-                           self._cos, self._sin, k_cache, v_cache, (frames, hg, wg),
+        norm_q, norm_k = (None, None) if normed else (self.norm_q.weight, self.norm_k.weight)
+        q = rope_kv_append(q_lin, k_lin, v, norm_q, norm_k, self._cos, self._sin, k_cache, v_cache, (frames, hg, wg),
                            plan[START_FRAME:START_FRAME + 1], plan[LOCAL_START:LOCAL_START + 1],
                            plan[ROW_LO:ROW_LO + 1], eps=self.eps, **ring)
         if self.backend == "triton":
@@ -194,7 +222,6 @@ class WindowSelfAttention(nn.Module):
         else:
             out = self._sdpa(q, k_cache, v_cache, self.host_window(kv_cache, plan_args, commit=True), sink,
                              capacity - sink)
-        out = self.o(out.flatten(2))
         return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
 
     @property
@@ -219,14 +246,12 @@ class WindowSelfAttention(nn.Module):
         kv_cache["k"] = quantize_k_ref(k, self._k_scale)
         kv_cache["v"], kv_cache["v_scale"] = quantize_v_groups_ref(v)
 
-    def _append_attend_fp8(self, qkv, kv_cache, plan, ring, grid, start_frame) -> torch.Tensor:
+    def _append_attend_fp8(self, q_lin, k_lin, v, kv_cache, plan, ring, grid, start_frame) -> torch.Tensor:
         """Steps 3-4 on the FP8 cache: quantize/append k and v (q handed over in e4m3), attend."""
-        d = self.dim
         k8, v8, v_scale = kv_cache["k"], kv_cache["v"], kv_cache["v_scale"]
-        q8, q_scale = kv_quant_append(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], self.norm_q.weight,
-                                      self.norm_k.weight, self._cos, self._sin, k8, self._k_scale, v8, v_scale,
-                                      grid, start_frame, plan[LOCAL_START:LOCAL_START + 1], plan[ROW_LO:ROW_LO + 1],
-                                      eps=self.eps, **ring)
+        q8, q_scale = kv_quant_append(q_lin, k_lin, v, self.norm_q.weight, self.norm_k.weight, self._cos, self._sin,
+                                      k8, self._k_scale, v8, v_scale, grid, start_frame,
+                                      plan[LOCAL_START:LOCAL_START + 1], plan[ROW_LO:ROW_LO + 1], eps=self.eps, **ring)
         return window_attention_fp8(q8, q_scale, k8, self._k_scale, v8, v_scale, plan[SINK_END:SINK_END + 1],
                                     plan[WIN_START:WIN_START + 1], plan[WIN_END:WIN_END + 1], **ring,
                                     **self.attention_options)

@@ -182,11 +182,24 @@ class CausalWanSelfAttention(nn.Module):
                 cache_start=None, sink_recache_after_switch=False):
         if kv_cache is None:
             raise NotImplementedError("the reference implements LongLive's KV-cached inference path only")
+        q, k, v = self.project(x)
+        x, cache_info = self.attend(q, k, v, grid_sizes, freqs, kv_cache, current_start, sink_recache_after_switch)
+        return self.o(x.flatten(2)), cache_info
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, s, C] -> q, k (RMS-normed over all heads), v, each [B, s, H, D]."""
         b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(b, s, n, d)
         k = self.norm_k(self.k(x)).view(b, s, n, d)
         v = self.v(x).view(b, s, n, d)
+        return q, k, v
 
+    def attend(self, q, k, v, grid_sizes, freqs, kv_cache, current_start=0, sink_recache_after_switch=False):
+        """RoPE, the cache rules and attention for projected q, k, v [B, s, h, D] -> ([B, s, h, D], cache info).
+
+        Any number of heads h: the cache holds the same heads (sequence parallelism gives each rank
+        a slice of them, longlive_triton/distributed/sequence_parallel.py)."""
+        s = q.shape[1]
         frame_seqlen = math.prod(grid_sizes[0][1:]).item()
         current_start_frame = current_start // frame_seqlen
         roped_query = causal_rope_apply(q, grid_sizes, freqs, start_frame=current_start_frame).type_as(v)
@@ -253,9 +266,7 @@ class CausalWanSelfAttention(nn.Module):
             window_start = max(0, local_end_index - budget)
             k_att = temp_k[:, window_start:local_end_index]
             v_att = temp_v[:, window_start:local_end_index]
-        x = attention(roped_query, k_att, v_att)
-        x = self.o(x.flatten(2))
-        return x, (current_end, local_end_index, info)
+        return attention(roped_query, k_att, v_att), (current_end, local_end_index, info)
 
 
 class WanT2VCrossAttention(nn.Module):
@@ -430,6 +441,15 @@ class CausalWanModel(nn.Module):
             raise NotImplementedError("the reference implements LongLive's KV-cached inference path; pass kv_cache")
         if clip_fea is not None or y is not None:
             raise NotImplementedError("image conditioning (i2v) is not part of LongLive's t2v generator")
+        x, e, e0, context, grid_sizes, seq_lens = self.embed(x, t, context, seq_len)
+        x = self.run_blocks(x, e0, grid_sizes, seq_lens, context, kv_cache, crossattn_cache, current_start,
+                            cache_start, sink_recache_after_switch)
+        x = self.head(x, e.unflatten(dim=0, sizes=t.shape).unsqueeze(2))
+        return torch.stack(self.unpatchify(x, grid_sizes))
+
+    def embed(self, x, t, context, seq_len=None):
+        """The forward's inputs as the blocks take them: (tokens [B, L, C], e [B*F, C], e0 [B, F, 6, C],
+        text [B, text_len, C], grid_sizes, seq_lens)."""
         device = self.patch_embedding.weight.device
         if self.freqs.device != device:
             self.freqs = self.freqs.to(device)
@@ -447,7 +467,11 @@ class CausalWanModel(nn.Module):
         context = self.text_embedding(torch.stack([
             torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context
         ]))
+        return x, e, e0, context, grid_sizes, seq_lens
 
+    def run_blocks(self, x, e0, grid_sizes, seq_lens, context, kv_cache, crossattn_cache, current_start=0,
+                   cache_start=None, sink_recache_after_switch=False):
+        """Every transformer layer over x [B, L, C], then the cache commits; returns x."""
         cache_infos = []
         for index, block in enumerate(self.blocks):
             x, info = block(
@@ -458,9 +482,7 @@ class CausalWanModel(nn.Module):
             cache_infos.append((index, info))
         # Every layer attended to a clone; commit all the writes once the layers have run.
         self._apply_cache_updates(kv_cache, cache_infos)
-
-        x = self.head(x, e.unflatten(dim=0, sizes=t.shape).unsqueeze(2))
-        return torch.stack(self.unpatchify(x, grid_sizes))
+        return x
 
     @staticmethod
     def _apply_cache_updates(kv_cache, cache_infos) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae|vae-tests|vae-bench|e2e-vae ...]
-#   (default: all but the VAE steps; vae = vae-tests vae-bench, whose summary also reads the tests' figures)
+#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae|vae-tests|vae-bench|e2e-vae|app|multi-gpu ...]
+#   (default: all but the VAE steps, app and multi-gpu; vae = vae-tests vae-bench, whose summary also reads the
+#   tests' figures; multi-gpu needs a kind with 2 GPUs: nvidia-h200-x2)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
 # .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
 # kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
@@ -43,6 +44,7 @@ for step in $steps; do
                [ $k = 0 ] && [ $b = 0 ]; } 2>&1 | tee "$OUT/vae_bench.log" ;;
     e2e-vae) { longlive-bench e2e --vae --configs exact fp8 --blocks 12 --json "$OUT/e2e_vae.json"; e=$?
                python3 -m longlive_triton.bench.vae_summary "$OUT/e2e_vae.json"; [ $e = 0 ]; } 2>&1 | tee "$OUT/e2e_vae.log" ;;
+    multi-gpu) bash tests/gpu/multi_gpu.sh "$OUT" 2>&1 | tee "$OUT/multi_gpu.log" ;;
     install) ;;  # the package is installed above: nothing more
     *) echo "unknown step $step"; status=2 ;;
   esac

@@ -81,7 +81,7 @@ def _written_slots(n, cap, ring_lo, ring_size, shift, dst_start, row_lo):
     return {r: l if l < ring_lo else ring_lo + (l - ring_lo + shift) % ring_size for r, l in logical.items()}
 
 
-def check_rope_kv_append(case, device):
+def check_rope_kv_append(case, device, norm: bool = True):
     B, H, D, grid, C = case["batch"], case["heads"], case["head_dim"], case["grid"], case["cap"]
     n, HD = grid[0] * grid[1] * grid[2], case["heads"] * case["head_dim"]
     gen = torch.Generator().manual_seed(case["seed"])
@@ -92,6 +92,8 @@ def check_rope_kv_append(case, device):
     else:
         q_lin, k_lin, v = (torch.randn(B, n, HD, generator=gen).to(device, torch.bfloat16) for _ in range(3))
     wq, wk = ((1 + 0.5 * torch.randn(HD, generator=gen)).to(device, torch.bfloat16) for _ in range(2))
+    if not norm:
+        wq = wk = None
     k_cache, v_cache = (torch.randn(B, C, H, D, generator=gen).to(device, torch.bfloat16) for _ in range(2))
     poison = torch.rand(B, C, H, D, generator=gen).to(device) < 0.1
     k_cache[poison] = float("nan")
@@ -134,6 +136,13 @@ def check_rope_kv_append(case, device):
 @given(case=append_cases(max_batch=2, max_heads=3, head_dims=(32, 64), max_grid=(3, 4, 5), max_extra_slots=40))
 def test_matches_stock_math(case, device):
     check_rope_kv_append(case, device)
+
+
+@settings(suppress_health_check=_HEALTH, max_examples=5)
+@given(case=append_cases(max_batch=2, max_heads=3, head_dims=(32, 64), max_grid=(3, 4, 5), max_extra_slots=40))
+def test_without_norm_matches_stock_rope(case, device):
+    """Norm weights None (q, k already normed, as sequence parallelism passes them): RoPE + append only."""
+    check_rope_kv_append(case, device, norm=False)
 
 
 def _real(grid, cap, start_frame, dst_start, row_lo, ring_lo=0, ring_size=None, shift=None, batch=1):
@@ -206,6 +215,7 @@ def test_rejects_bad_inputs(device):
                                          v=torch.zeros(1, 6, 48, device=device, dtype=torch.bfloat16))),
         (ValueError, "H\\*D=64", dict(k_cache=k_cache[:, :, :1], v_cache=v_cache[:, :, :1])),
         (ValueError, r"norm_q_weight must have shape \[64\]", dict(wq=wq[:32])),
+        (ValueError, "both be None", dict(wq=None)),
         (TypeError, "float32", dict(cos=cos.double())),
         (ValueError, r"shape \[R, 16\]", dict(cos=cos[:, :8], sin=sin[:, :8])),
         (ValueError, "cover 4 tokens", dict(grid=(1, 2, 2))),
