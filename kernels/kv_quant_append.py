@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._common import cast_bf16, interpreting
 from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
-from .rope_kv_append import (_check, _ring_slot, _rms_norm_bf16, _rotate, _token_tables, append_block_t,
+from .rope_kv_append import (_check, _ring_slot, _rms_norm_bf16, _rotate, _rows_written, _token_tables, append_block_t,
                              check_append_inputs, check_q_out)
 
 
@@ -81,7 +81,8 @@ def _kv_quant_append_kernel(
     qo_offs = offs_h[None, :, None] * stride_qoh + offs_d[None, None, :]
     tl.store(qo_ptr + b64 * stride_qob + t64 * stride_qot + qo_offs, cast_bf16(q, INTERPRET), mask=mask)
 
-    w_mask = mask & (t >= row_lo)[:, None, None]
+    written = _rows_written(t, n, row_lo, dst_start, ring_lo, ring_size)
+    w_mask = mask & written[:, None, None]
     wk = tl.load(wk_ptr + hd_offs, mask=h_ok[:, None], other=0.0).to(tl.float32)
     k = tl.load(kl_ptr + b64 * stride_klb + t64 * stride_klt + hd, mask=w_mask, other=0.0).to(tl.float32)
     k = _rotate(_rms_norm_bf16(k, wk, inv_n, eps, INTERPRET), cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
@@ -98,7 +99,7 @@ def _kv_quant_append_kernel(
     vc_offs = offs_h[None, :, None] * stride_vch + offs_d[None, None, :]
     tl.store(kc_ptr + b64 * stride_kcb + slot[:, :, None] * stride_kcs + kc_offs, k8, mask=w_mask)
     tl.store(vc_ptr + b64 * stride_vcb + slot[:, :, None] * stride_vcs + vc_offs, v8, mask=w_mask)
-    s_mask = (t_ok & (t >= row_lo))[:, None] & h_ok[None, :]
+    s_mask = (t_ok & written)[:, None] & h_ok[None, :]
     tl.store(ks_ptr + b64 * stride_ksb + slot * stride_kss + offs_h[None, :], k_scale, mask=s_mask)
     tl.store(vs_ptr + b64 * stride_vsb + slot * stride_vss + offs_h[None, :], v_scale, mask=s_mask)
 

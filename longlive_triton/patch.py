@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .config import PatchConfig, as_config
 from .graphs import install_graphs
-from .patches.attention_window import set_attention_window
+from .patches.attention_window import longlive_cache_note, set_attention_window
 from .patches.registry import PATCHES, Patch, PatchSkip
 
 _MARK = "_longlive_triton_patch"
@@ -119,6 +119,7 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
         report.notes.append(f"already patched with config {previous.name!r}: nothing done")
         return report
 
+    window_before = generator.local_attn_size
     if config.local_attn_size is not None:
         # First, so a refused window leaves the model untouched.
         report.notes.append(set_attention_window(generator, config.local_attn_size))
@@ -155,6 +156,11 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
                 report.skipped.append(PatchEntry(name, patch.name, str(why)))
         if applied and patch.describe is not None:
             report.notes.append(f"{patch.name}: {patch.describe(config)}")
+    if config.local_attn_size is not None:
+        patched = any(e.patch == "window_self_attention" for e in report.applied)
+        note = longlive_cache_note(window_before, config.local_attn_size, patched)
+        if note is not None:
+            report.notes.append(note)
     if config.cuda_graphs:
         report.notes.append(f"cuda_graphs: {_install_graphs(generator)}")
     setattr(generator, _MARK, config)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .graphs import graph_runner, install_graphs
+from .patches.attention_window import sink_frames
 from .scheduler import FlowMatchSchedule
 
 
@@ -33,7 +34,13 @@ class PipelineConfig:
     # `local_attn_size` (its constructor's, or the window patch_model set), as LongLive's pipeline
     # takes it from the model's arguments.
     local_attn_size: int | None = None
+    # KV cache capacity in latent frames when it should differ from the window (LongLive sizes its
+    # cache from its config, which may exceed the window a patch set); None: the window.
+    kv_cache_frames: int | None = None
     global_sink: bool = True           # keep the first prompt's sink across prompt switches
+    # The text context as Wan's list of B [L, text_dim] tensors instead of LongLive's one
+    # [B, L, text_dim] tensor (the stock model takes both).
+    context_as_list: bool = False
     frame_seqlen: int | None = None    # tokens per latent frame; None: from the latent size
     # CUDA graphs (longlive_triton/graphs.py): None keeps what patch_model set up, False runs this
     # pipeline eagerly, True installs the graph runner if patch_model did not (a patched CUDA model).
@@ -44,6 +51,9 @@ class PipelineConfig:
             raise ValueError(f"num_frame_per_block must be >= 1, got {self.num_frame_per_block}")
         if self.local_attn_size not in (None, -1) and self.local_attn_size < self.num_frame_per_block:
             raise ValueError(f"local_attn_size {self.local_attn_size} is smaller than one block "
+                             f"({self.num_frame_per_block} frames)")
+        if self.kv_cache_frames is not None and self.kv_cache_frames < self.num_frame_per_block:
+            raise ValueError(f"kv_cache_frames {self.kv_cache_frames} is smaller than one block "
                              f"({self.num_frame_per_block} frames)")
 
 
@@ -72,10 +82,11 @@ class BlockPipeline:
                 raise TypeError(f"{type(inner).__name__} is not a LongLive CausalWanModel (no {attr!r})")
         if config.local_attn_size is None:
             config = replace(config, local_attn_size=inner.local_attn_size)
-        window, sink = config.local_attn_size, getattr(inner, "sink_size", 0)
-        if window != -1 and window < sink + config.num_frame_per_block:
-            raise ValueError(f"a window of {window} latent frames cannot hold the {sink}-frame sink and one "
-                             f"{config.num_frame_per_block}-frame block")
+        window, sink = config.local_attn_size, sink_frames(inner)
+        for what, frames in (("a window", window), ("a KV cache", config.kv_cache_frames)):
+            if frames not in (None, -1) and frames < sink + config.num_frame_per_block:
+                raise ValueError(f"{what} of {frames} latent frames cannot hold the {sink}-frame sink and one "
+                                 f"{config.num_frame_per_block}-frame block")
         self.config = config
         self.num_layers = inner.num_layers
         self.num_heads = inner.num_heads
@@ -98,6 +109,8 @@ class BlockPipeline:
         reuses the previous one's buffers (and the CUDA graphs captured on their addresses)."""
         n, d = self.num_heads, self.head_dim
         frames = num_frames if self.config.local_attn_size == -1 else self.config.local_attn_size
+        if self.config.kv_cache_frames is not None:
+            frames = self.config.kv_cache_frames
         size = frames * self.frame_seqlen
         if self._caches_fit(batch_size, size, dtype, device):
             for cache in self.caches.kv:
@@ -167,8 +180,9 @@ class BlockPipeline:
         kwargs = {}
         if sink_recache_after_switch:
             kwargs["sink_recache_after_switch"] = True
+        context = list(prompt_embeds.unbind(0)) if self.config.context_as_list else prompt_embeds
         flow = self.model(
-            x.permute(0, 2, 1, 3, 4), t=t, context=prompt_embeds, seq_len=self._seq_len(),
+            x.permute(0, 2, 1, 3, 4), t=t, context=context, seq_len=self._seq_len(),
             kv_cache=self.caches.kv, crossattn_cache=self.caches.crossattn,
             current_start=start_frame * self.frame_seqlen, **kwargs,
         ).permute(0, 2, 1, 3, 4)

@@ -53,3 +53,50 @@ def test_exact_preset_on_the_stock_class(device, global_sink):
         assert graph_runner(patched).stats.replays > 0
         eager, _ = run_pipeline(patched, noise, prompts, (9,), config=dataclasses.replace(config, cuda_graphs=False))
         assert rel_l2(got, eager) <= 1e-3
+
+
+def _stock_tiny(device):
+    from longlive_triton.reference import build_model, get_preset
+    from longlive_triton.stock import build_stock_model, load_stock_longlive
+
+    weights = build_model("tiny", dtype=torch.float32, seed=6).state_dict()
+    kwargs = {**get_preset("tiny").model_kwargs(), "num_heads": 1}
+    return build_stock_model(load_stock_longlive(_SRC), kwargs, device=device, dtype=torch.bfloat16, state_dict=weights)
+
+
+def test_the_sink_is_read_where_the_stock_class_keeps_it(device):
+    """The stock CausalWanModel has no sink_size of its own (its attention modules do): the report
+    and the window check use the modules' 3-frame sink, not 0."""
+    from longlive_triton.pipeline import BlockPipeline
+
+    model = _stock_tiny(device)
+    assert not hasattr(model, "sink_size") and model.blocks[0].self_attn.sink_size == 3
+    with pytest.raises(ValueError, match="smaller than the 3-frame sink plus one 3-frame block"):
+        patch_model(model, {"local_attn_size": 4, "cuda_graphs": False})
+    with pytest.raises(ValueError, match="cannot hold the 3-frame sink"):
+        BlockPipeline(model, PipelineConfig(local_attn_size=5))
+    report = patch_model(model, {"local_attn_size": 9, "window_attention": True, "cuda_graphs": False})
+    assert "attention window 9 latent frames (sink 3 + 6), was 12" in str(report)
+    assert "the cache is larger than the window needs" in str(report)
+
+
+def test_wans_list_context_equals_the_padded_tensor_on_the_stock_class(device):
+    """What the graph runner does with Wan's list form (zero-pad to text_len, stack) gives the stock
+    model's own output for the list."""
+    from longlive_triton.graphs import stack_context
+    from longlive_triton.pipeline import BlockPipeline
+    from longlive_triton.stock import parity_inputs
+
+    model = _stock_tiny(device)
+    noise, prompts = parity_inputs("tiny", 3, torch.bfloat16, device)
+    short = prompts[0][0, :11]
+    outs = []
+    for context in ([short], stack_context([short], model.text_len)):
+        pipe = BlockPipeline(model)
+        pipe.frame_seqlen = 8
+        pipe.init_caches(1, 3, torch.bfloat16, device)
+        with torch.no_grad():
+            outs.append(model(noise.permute(0, 2, 1, 3, 4), t=torch.full((1, 3), 937.5, device=device), context=context,
+                              seq_len=32760, kv_cache=pipe.caches.kv, crossattn_cache=pipe.caches.crossattn,
+                              current_start=0))
+    assert torch.equal(outs[0], outs[1])
