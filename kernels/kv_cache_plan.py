@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import check_kernel_device
+
 LOCAL_START, ROW_LO, SINK_END, WIN_START, WIN_END, NEW_GLOBAL, NEW_LOCAL, SHIFT, START_FRAME = range(9)
 PLAN_SIZE = 9
 
@@ -125,6 +127,7 @@ def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torc
     captured launch follows its value). ring_size: slots of the ring after the sink (default
     capacity - sink_tokens; `window_ring_size` gives the one a window needs)."""
     device = global_end.device
+    check_kernel_device("kv_cache_plan", device)
     for name, t in (("global_end", global_end), ("local_end", local_end), ("shift", shift)):
         _check_pointer(name, t, device)
     if num_new < 1:

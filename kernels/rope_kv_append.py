@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, index_arg, interpreting
+from ._common import SUPPORTED_HEAD_DIMS, cast_bf16, check_kernel_device, index_arg, interpreting
 
-_SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_SUPPORTED_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 
 
 @triton.jit
@@ -172,6 +172,7 @@ def check_append_inputs(q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
     if not isinstance(q_lin, torch.Tensor):
         raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
     device = q_lin.device
+    check_kernel_device("the RoPE + KV append", device)
     for name, t in (("q_lin", q_lin), ("k_lin", k_lin), ("v", v)):
         _check(name, t, torch.bfloat16, 3, device)
     if k_lin.shape != q_lin.shape or v.shape != q_lin.shape:

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, index_arg, interpreting
+from ._common import (SUPPORTED_HEAD_DIMS, cast_bf16, check_kernel_device, index_arg, interpreting, launch_on, tma_supported,
+                      use_tma_allocator)
 
-_SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_SUPPORTED_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 _LOG2E = 1.4426950408889634
 # The launcher runs one fixed small config under the interpreter: autotuning there would time
 # every config in numpy, and small tiles exercise the tail paths at test sizes.
@@ -232,8 +233,18 @@ _window_attn_fwd_tuned = triton.autotune(
 )(_window_attn_fwd)
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+def tma_option(use_tma: bool, device: torch.device, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether to load K/V through device-side TMA descriptors; use_tma=True where they are not
+    supported (before Hopper; not CUDA and not the interpreter) is refused, as in fp8_gemm."""
+    if not use_tma:
+        return False
+    if not tma_supported(device):
+        raise ValueError(f"use_tma=True needs a CUDA GPU of compute capability >= 9 (or the interpreter); "
+                         f"q is on {device}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("use_tma needs contiguous k_cache and v_cache")
+    use_tma_allocator()
+    return True
 
 
 def _check_config(config: dict) -> dict:
@@ -264,6 +275,7 @@ def window_launch_args(q, k_cache, sink_end, win_start, win_end, ring_lo, ring_s
     caches already checked for layout): (B, Lq, H, D, C, sink_end, win_start, win_end, ring_size,
     shift, out)."""
     device = q.device
+    check_kernel_device("window attention", device)
     B, Lq, H, D = q.shape
     if D not in _SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {D} is not supported; expected one of {_SUPPORTED_HEAD_DIMS}")
@@ -301,8 +313,8 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     so no host sync), or Python ints (checked against the cache size, then filled on the device).
     With shift given they are logical slots of the ring layout (module docstring); ring_size
     defaults to C - ring_lo.
-    use_tma loads K/V tiles through device-side TMA descriptors; it is honoured only on a CUDA GPU
-    of compute capability >= 9 outside the interpreter, needs contiguous caches, and installs a
+    use_tma loads K/V tiles through device-side TMA descriptors: it needs a CUDA GPU of compute
+    capability >= 9 (or the interpreter; refused elsewhere) and contiguous caches, and installs a
     torch-backed Triton allocator for the descriptors' scratch memory.
     config ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning on the GPU, for
     experiments and tests; the interpreter always runs its own small tiles.
@@ -323,12 +335,7 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scale = 1.0 / math.sqrt(D)
 
     interpret = interpreting()
-    use_tma = (bool(use_tma) and not interpret and device.type == "cuda"
-               and torch.cuda.get_device_capability(device)[0] >= 9)
-    if use_tma:
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError("use_tma needs contiguous k_cache and v_cache")
-        triton.set_allocator(_tma_allocator)
+    use_tma = tma_option(use_tma, device, k_cache, v_cache)
 
     args = (
         q, k_cache, v_cache, out,
@@ -344,14 +351,15 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     meta = dict(LQ_BUCKET=min(triton.next_power_of_2(Lq), 8192), HEAD_DIM=D, RING=shift is not None, USE_TMA=use_tma, INTERPRET=interpret)
     if config is not None:
         config = _check_config(config)
-    if interpret or config is not None:
-        cfg = _INTERPRET_CONFIG if interpret else config
-        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-        _window_attn_fwd[grid](*args, **meta, **cfg)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-        _window_attn_fwd_tuned[grid](*args, **meta)
+    with launch_on(device):
+        if interpret or config is not None:
+            cfg = _INTERPRET_CONFIG if interpret else config
+            grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+            _window_attn_fwd[grid](*args, **meta, **cfg)
+        else:
+            def grid(cfg):
+                return (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+            _window_attn_fwd_tuned[grid](*args, **meta)
     return out
 
 

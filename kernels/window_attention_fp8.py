@@ -34,11 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, index_arg, interpreting
+from ._common import cast_bf16, index_arg, interpreting, launch_on
 from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
 from .kv_quant_append import check_fp8_cache, dequantize_kv
 from .window_attention import (_LOG2E, window_launch_args, _check_bhld, _check_config, _configs, _INTERPRET_CONFIG, _prune_configs,
-                               _tma_allocator, _window_ranges, window_attention_ref)
+                               _window_ranges, tma_option, window_attention_ref)
 
 FP8_DOTS = ("both", "qk", "pv", "none")
 _SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -225,12 +225,7 @@ def window_attention_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     interpret = interpreting()
-    use_tma = (bool(use_tma) and not interpret and device.type == "cuda"
-               and torch.cuda.get_device_capability(device)[0] >= 9)
-    if use_tma:
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError("use_tma needs contiguous k_cache and v_cache")
-        triton.set_allocator(_tma_allocator)
+    use_tma = tma_option(use_tma, device, k_cache, v_cache)
 
     args = (
         q, k_cache, v_cache, k_scale, v_scale, out,
@@ -249,13 +244,14 @@ def window_attention_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                 FP8_MAX=FP8_MAX, INTERPRET=interpret)
     if config is not None:
         config = _check_config(config)
-    if interpret or config is not None:
-        cfg = _INTERPRET_CONFIG if interpret else config
-        _window_attn_fp8_fwd[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](*args, **meta, **cfg)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-        _window_attn_fp8_fwd_tuned[grid](*args, **meta)
+    with launch_on(device):
+        if interpret or config is not None:
+            cfg = _INTERPRET_CONFIG if interpret else config
+            _window_attn_fp8_fwd[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](*args, **meta, **cfg)
+        else:
+            def grid(cfg):
+                return (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+            _window_attn_fp8_fwd_tuned[grid](*args, **meta)
     return out
 
 

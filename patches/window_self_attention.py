@@ -45,7 +45,7 @@ from ..kernels.kv_quant_append import kv_quant_append, quantize_kv_rows
 from ..kernels.rope_kv_append import rope_kv_append, rope_tables
 from ..kernels.window_attention import window_attention
 from ..kernels.window_attention_fp8 import window_attention_fp8
-from ..kernels._common import interpreting
+from ..kernels._common import SUPPORTED_HEAD_DIMS
 from .registry import Patch, PatchSkip, require_kernel_device
 
 _HOST_STATE = "_longlive_triton_host"   # (global_end, local_end, shift) mirrored on the host
@@ -96,8 +96,8 @@ class WindowSelfAttention(nn.Module):
             raise PatchSkip(f"the kernels need bf16 weights; this layer is {weight.dtype}")
         require_kernel_device(weight)
         head_dim = stock.dim // stock.num_heads
-        if head_dim not in (64, 128) and not (head_dim == 32 and interpreting()):
-            raise PatchSkip(f"head dim {head_dim} is not supported by the kernels (64 or 128)")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise PatchSkip(f"head dim {head_dim} is not supported by the kernels ({', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
         for name in ("norm_q", "norm_k"):
             norm = getattr(stock, name)
             w = getattr(norm, "weight", None)

@@ -147,7 +147,7 @@ def _real(grid, cap, start_frame, dst_start, row_lo, ring_lo=0, ring_size=None, 
 
 @pytest.mark.gpu
 @settings(suppress_health_check=_HEALTH)
-@given(case=append_cases(max_batch=2, max_heads=12, head_dims=(64, 128), max_grid=(4, 30, 52), max_extra_slots=2000))
+@given(case=append_cases(max_batch=2, max_heads=12, head_dims=(32, 64, 128), max_grid=(4, 30, 52), max_extra_slots=2000))
 # Block 0, block 3 (cache filling up), a late block (start frame near the table's end), a recompute
 # with the sink protected, a rotated-ring write that wraps, and the 12-frame re-cache behind a
 # protected sink.

@@ -193,3 +193,11 @@ def test_fp8_cache_1p3b_drift_over_20_blocks(fp8_dots, reference_1p3b_latents):
     print(f"KV cache: bf16 {bf16_bytes / 1e9:.3f} GB, fp8 + scales {fp8_bytes / 1e9:.3f} GB ({fp8_bytes / bf16_bytes:.3f}x)")
     assert fp8_bytes <= 0.51 * bf16_bytes
     assert min(c for _, c in per_block) >= 0.99
+
+
+def test_an_unsupported_head_dim_is_skipped_with_the_kernels_list(device):
+    """Head dim 16 (4 heads of the tiny width): left stock, and the reason lists what the kernels take."""
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=3, num_heads=4)
+    report = patch_model(model, PatchConfig(window_attention=True))
+    assert {e.reason for e in report.skipped if e.patch == "window_self_attention"} == {
+        "head dim 16 is not supported by the kernels (32, 64, 128)"}
