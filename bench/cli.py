@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import e2e, kernels, vae
+from . import e2e, e2e_stock, kernels, vae
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="switch to a second prompt at block N (timed apart from the steady median)")
     e.add_argument("--profile", action="store_true",
                    help="also profile two extra blocks per row: time by kind of work, and the GPU's idle share")
+    e2e_stock.add_arguments(e)
     e.set_defaults(run=e2e.run)
 
     for p in (k, e):

@@ -34,9 +34,6 @@ class PipelineConfig:
     # `local_attn_size` (its constructor's, or the window patch_model set), as LongLive's pipeline
     # takes it from the model's arguments.
     local_attn_size: int | None = None
-    # KV cache capacity in latent frames when it should differ from the window (LongLive sizes its
-    # cache from its config, which may exceed the window a patch set); None: the window.
-    kv_cache_frames: int | None = None
     global_sink: bool = True           # keep the first prompt's sink across prompt switches
     # The text context as Wan's list of B [L, text_dim] tensors instead of LongLive's one
     # [B, L, text_dim] tensor (the stock model takes both).
@@ -51,9 +48,6 @@ class PipelineConfig:
             raise ValueError(f"num_frame_per_block must be >= 1, got {self.num_frame_per_block}")
         if self.local_attn_size not in (None, -1) and self.local_attn_size < self.num_frame_per_block:
             raise ValueError(f"local_attn_size {self.local_attn_size} is smaller than one block "
-                             f"({self.num_frame_per_block} frames)")
-        if self.kv_cache_frames is not None and self.kv_cache_frames < self.num_frame_per_block:
-            raise ValueError(f"kv_cache_frames {self.kv_cache_frames} is smaller than one block "
                              f"({self.num_frame_per_block} frames)")
 
 
@@ -83,10 +77,9 @@ class BlockPipeline:
         if config.local_attn_size is None:
             config = replace(config, local_attn_size=inner.local_attn_size)
         window, sink = config.local_attn_size, sink_frames(inner)
-        for what, frames in (("a window", window), ("a KV cache", config.kv_cache_frames)):
-            if frames not in (None, -1) and frames < sink + config.num_frame_per_block:
-                raise ValueError(f"{what} of {frames} latent frames cannot hold the {sink}-frame sink and one "
-                                 f"{config.num_frame_per_block}-frame block")
+        if window != -1 and window < sink + config.num_frame_per_block:
+            raise ValueError(f"a window of {window} latent frames cannot hold the {sink}-frame sink and one "
+                             f"{config.num_frame_per_block}-frame block")
         self.config = config
         self.num_layers = inner.num_layers
         self.num_heads = inner.num_heads
@@ -109,8 +102,6 @@ class BlockPipeline:
         reuses the previous one's buffers (and the CUDA graphs captured on their addresses)."""
         n, d = self.num_heads, self.head_dim
         frames = num_frames if self.config.local_attn_size == -1 else self.config.local_attn_size
-        if self.config.kv_cache_frames is not None:
-            frames = self.config.kv_cache_frames
         size = frames * self.frame_seqlen
         if self._caches_fit(batch_size, size, dtype, device):
             for cache in self.caches.kv:
@@ -221,28 +212,47 @@ class BlockPipeline:
 
     # -- the loop -------------------------------------------------------------------------------
     def _check_inputs(self, noise: torch.Tensor, prompts: list[torch.Tensor], switches: list[int]) -> None:
-        if noise.dim() != 5:
-            raise ValueError(f"noise must be [B, F, C, H, W], got shape {tuple(noise.shape)}")
-        b, f = noise.shape[:2]
-        param = next(_inner_model(self.model).parameters())
+        if not isinstance(noise, torch.Tensor) or noise.dim() != 5:
+            raise ValueError(f"noise must be [B, F, C, H, W], got shape {tuple(getattr(noise, 'shape', ()))}")
+        b, f, c, h, w = noise.shape
+        inner = _inner_model(self.model)
+        param = inner.patch_embedding.weight
         if noise.device != param.device:
             raise ValueError(f"noise is on {noise.device}, but the generator is on {param.device}")
         if noise.dtype != param.dtype:
             raise TypeError(f"noise is {noise.dtype}, but the generator's weights are {param.dtype}")
+        if c != inner.patch_embedding.in_channels:
+            raise ValueError(f"noise has {c} latent channels, the generator takes {inner.patch_embedding.in_channels} "
+                             "(noise is [B, F, C, H, W])")
+        _, ph, pw = self.patch_size
+        if h % ph or w % pw or h == 0 or w == 0:
+            raise ValueError(f"latent height and width must be positive multiples of the patch size {ph}x{pw}, "
+                             f"got {h}x{w}")
         if f % self.config.num_frame_per_block:
             raise ValueError(f"{f} latent frames is not a multiple of num_frame_per_block "
                              f"{self.config.num_frame_per_block}")
-        for p in prompts:
-            if p.dim() != 3 or p.shape[0] != b:
-                raise ValueError(f"prompt embeddings must be [B={b}, L, text_dim], got {tuple(p.shape)}")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise holds NaN or infinite values")
+        text_dim = inner.text_embedding[0].in_features
+        for i, p in enumerate(prompts):
+            if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[0] != b or p.shape[2] != text_dim:
+                raise ValueError(f"prompt embeddings must be [B={b}, L, text_dim={text_dim}], got "
+                                 f"{tuple(getattr(p, 'shape', ()))} (prompt {i})")
             if p.shape[1] > self.text_len:
                 raise ValueError(f"prompt embeddings have {p.shape[1]} tokens, more than text_len {self.text_len}")
             if p.device != noise.device:
                 raise ValueError(f"prompt embeddings on {p.device}, noise on {noise.device}")
+            if p.dtype != param.dtype:
+                raise TypeError(f"prompt embeddings are {p.dtype}, but the generator's weights are {param.dtype}")
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"prompt embeddings {i} hold NaN or infinite values")
         if len(switches) != len(prompts) - 1:
             raise ValueError(f"{len(prompts)} prompts need {len(prompts) - 1} switch frame indices, got {len(switches)}")
         if list(switches) != sorted(switches) or any(s < 0 for s in switches):
             raise ValueError(f"switch frame indices must be non-negative and increasing, got {list(switches)}")
+        if switches and switches[-1] >= f:
+            raise ValueError(f"switch frame index {switches[-1]} is past the last latent frame ({f} frames): that "
+                             "prompt would never be used")
 
     def iter_blocks(self, noise: torch.Tensor, prompt_embeds: torch.Tensor | Sequence[torch.Tensor],
                     switch_frame_indices: Sequence[int] = ()) -> Iterator[tuple[int, torch.Tensor]]:

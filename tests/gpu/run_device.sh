@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae ...]   (default: all but vae)
+#   bash tests/gpu/run_device.sh [install|tests|gpu-suite|graphs|parity|e2e|e2e-stock|soak|kernels|profile|vae ...]
+#   (default: tests graphs parity e2e kernels profile)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
-# .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
-# kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
-# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl pyyaml setuptools`).
+# the stock-class steps, and .whl: the GPU image lacks PyYAML (and maybe tqdm), and its setuptools
+# cannot make the editable install that maps kernels/, patches/ and bench/ into the longlive_triton
+# namespace (fill .whl with `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .whl pyyaml setuptools tqdm`).
+# gpu-suite runs every GPU test (`pytest -m gpu tests/`); GPU_MARK narrows it, e.g.
+# GPU_MARK="gpu and not slow" (the slow ones: 1.3B models over many blocks) to split it over two calls.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
+# Autotuning results kept in Triton's cache: a step after the first reuses the configs tuned before.
+export TRITON_CACHE_AUTOTUNING=1
 steps=${*:-tests graphs parity e2e kernels profile}
 # At most 8 files come back from $OUT: the install log stays behind unless the install fails.
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -19,13 +25,21 @@ status=0
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
-    tests)   python3 -m pytest -q -x -m gpu tests/kernels tests/patches 2>&1 | tee "$OUT/tests.log" ;;
+    tests)   python3 -m pytest -q -m gpu tests/kernels tests/patches 2>&1 | tee "$OUT/tests.log" ;;
+    gpu-suite) LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -m "${GPU_MARK:-gpu}" --durations=30 \
+               --junitxml="$OUT/gpu-suite.xml" tests/ 2>&1 | tee "$OUT/gpu-suite.log" ;;
     parity)  LONGLIVE_SRC=.stock/LongLive PARITY_OUT="$OUT/parity.json" \
                python3 -m pytest -q -s tests/gpu/test_stock_parity.py tests/reference/test_patch_stock_class.py 2>&1 | tee "$OUT/parity.log" ;;
     kernels) longlive-bench kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     graphs)  python3 -m pytest -q -s tests/gpu/test_graphs.py 2>&1 | tee "$OUT/graphs.log" ;;
     e2e)     longlive-bench e2e --configs exact exact,cuda_graphs=false fp8 window9 tome fastest --blocks 20 --profile \
                --switch-block 10 --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+    e2e-stock) { rc=0; for ctx in tensor list; do
+                   LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs exact fp8 window9 fastest \
+                     --context $ctx --cache-frames 12 window --blocks 12 --append "$OUT/e2e-stock.jsonl" || rc=1
+                 done; exit $rc; } 2>&1 | tee "$OUT/e2e-stock.log" ;;
+    soak)    LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs exact fp8 fastest --cache-frames 12 \
+               --blocks 100 --switch-every 25 --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae)     { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
                  tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py; t=$?

@@ -38,6 +38,7 @@ def _generate(model, noise, prompts, graphs):
     return pipe.generate(noise, prompts, [SWITCH_FRAME])
 
 
+@pytest.mark.slow
 def test_graphed_equals_eager_with_a_prompt_switch(setup):
     model, noise, prompts = setup
     eager = _generate(model, noise, prompts, graphs=False)
@@ -57,6 +58,7 @@ def test_graphed_equals_eager_with_a_prompt_switch(setup):
         assert _rel(graphed[:, start:start + 3], eager[:, start:start + 3]) <= 1e-3, start
 
 
+@pytest.mark.slow
 def test_misuse_of_a_captured_model_is_refused(setup):
     model, noise, prompts = setup
     assert graph_runner(model).graphs, "run after the parity test captured graphs"

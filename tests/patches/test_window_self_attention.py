@@ -67,6 +67,7 @@ def test_fp32_model_is_skipped_and_left_untouched():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_exact_preset_1p3b_matches_reference_over_20_blocks(backend):
     """The exact-path acceptance: the exact preset (either attention backend) over 20 blocks at
@@ -171,6 +172,7 @@ def reference_1p3b_latents():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("fp8_dots", ["both", "qk", "pv", "none"])
 def test_fp8_cache_1p3b_drift_over_20_blocks(fp8_dots, reference_1p3b_latents):
     """The fp8 KV cache at 1.3B shapes over 20 blocks against the unpatched reference (same random
@@ -190,8 +192,11 @@ def test_fp8_cache_1p3b_drift_over_20_blocks(fp8_dots, reference_1p3b_latents):
     print(f"fp8 cache, dots {fp8_dots}: per-block (rel L2, cos) {[('%.2e' % e, '%.5f' % c) for e, c in per_block]}")
     fp8_bytes = sum(t.numel() * t.element_size() for c in pipe.caches.kv for t in (c["k"], c["v"], c["k_scale"], c["v_scale"]))
     bf16_bytes = sum(c["k"].numel() * 2 * 2 for c in pipe.caches.kv)
-    print(f"KV cache: bf16 {bf16_bytes / 1e9:.3f} GB, fp8 + scales {fp8_bytes / 1e9:.3f} GB ({fp8_bytes / bf16_bytes:.3f}x)")
-    assert fp8_bytes <= 0.51 * bf16_bytes
+    print(f"KV cache: bf16 {bf16_bytes / 1e9:.3f} GB, fp8 + scales {fp8_bytes / 1e9:.3f} GB ({fp8_bytes / bf16_bytes:.4f}x)")
+    # Per (token, head): D e4m3 bytes and one fp32 scale against 2D bf16 bytes, i.e. (D + 4) / (2D),
+    # 0.5156x at D = 128; nothing else may be stored.
+    d = pipe.caches.kv[0]["k"].shape[-1]
+    assert fp8_bytes * 2 * d == bf16_bytes * (d + 4)
     assert min(c for _, c in per_block) >= 0.99
 
 
