@@ -218,3 +218,24 @@ def test_the_capture_safe_time_embedding_serves_only_the_runner():
     assert module.sinusoidal_embedding_1d is not stock   # the other runner still needs it
     graphs._restore_time_embedding(module)
     assert module.sinusoidal_embedding_1d is stock
+
+
+def test_uninstall_graphs_restores_the_forward_and_the_time_embedding():
+    """What install_graphs does (on CUDA), undone: the instance forward, the runner attribute and the
+    module's time embedding."""
+    import sys
+
+    from longlive_triton import graphs
+
+    model = _patched()
+    module = sys.modules[type(model).__module__]
+    stock = module.sinusoidal_embedding_1d
+    runner = _cpu_runner(model)
+    setattr(model, graphs._RUNNER, runner)  # install_graphs' steps, minus the CUDA runner's construction
+    model.forward = runner
+    graphs._swap_time_embedding(module)
+    assert graphs.graph_runner(model) is runner and module.sinusoidal_embedding_1d is not stock
+    assert graphs.uninstall_graphs(model)
+    assert graphs.graph_runner(model) is None and "forward" not in model.__dict__
+    assert module.sinusoidal_embedding_1d is stock
+    assert not graphs.uninstall_graphs(model)
