@@ -44,10 +44,12 @@ def _tma_scratch(size: int, alignment: int, stream):
 def use_tma_allocator() -> None:
     """Install the scratch allocator Triton asks for device-side TMA descriptors, once per thread
     context (Triton keeps it in a context variable): launches after the first only read it back."""
-    from triton.runtime import _allocation  # where triton.set_allocator keeps it (triton >= 3.2)
-
-    current = getattr(_allocation, "_allocator", None)
-    if current is None or current.get() is not _tma_scratch:
+    try:
+        from triton.runtime import _allocation  # where triton.set_allocator keeps it
+        current = _allocation._allocator.get()
+    except (ImportError, AttributeError):  # another layout: set it, as every launch used to
+        current = None
+    if current is not _tma_scratch:
         triton.set_allocator(_tma_scratch)
 
 
