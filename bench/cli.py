@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import e2e, e2e_vae, kernels, vae
+from . import e2e, e2e_stock, e2e_vae, kernels, vae
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--profile", action="store_true",
                    help="also profile two extra blocks per row: time by kind of work, and the GPU's idle share")
     e2e_vae.add_arguments(e)
+    e2e_stock.add_arguments(e)
     e.set_defaults(run=e2e.run)
 
     e.add_argument("--html", metavar="PATH", help="also write the time-budget report as a self-contained HTML page "

@@ -21,7 +21,9 @@ from longlive_triton.patch import patch_model
 from longlive_triton.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.reference import build_model, get_preset
 
+from . import e2e_stock
 from .breakdown import format_breakdown, profile_block
+from .progress import announce, block_bar
 from .results import environment, fmt, format_table, quantiles, save
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -41,7 +43,42 @@ def config_from_spec(spec: str) -> PatchConfig:
         if not sep:
             raise ValueError(f"config override {item!r} in {spec!r} is not key=value")
         changes[key.strip()] = yaml.safe_load(value)
-    return dataclasses.replace(config, name=spec, **changes)
+    # from_dict names unknown keys and lists the known ones.
+    return PatchConfig.from_dict({**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+                                  **changes, "name": spec})
+
+
+def configs_from_specs(specs: list[str]) -> list[PatchConfig]:
+    """The rows' configs; `none` (alone) is the stock row only."""
+    if specs == ["none"]:
+        return []
+    return [config_from_spec(spec) for spec in specs]
+
+
+def check_arguments(args, on_cuda: bool) -> str | None:
+    """What is wrong with the command line before any model is built (None: nothing)."""
+    if args.frames_per_block < 1:
+        return f"--frames-per-block must be >= 1, got {args.frames_per_block}"
+    if args.blocks < 1:
+        return f"--blocks must be >= 1, got {args.blocks}"
+    if args.warmup_blocks is not None and args.warmup_blocks < 0:
+        return f"--warmup-blocks must be >= 0, got {args.warmup_blocks}"
+    if args.profile and not on_cuda:
+        return "--profile needs a CUDA GPU (it reads the GPU's kernel timeline)"
+    return None
+
+
+def speedup_note(row: dict, on_cuda: bool) -> str | None:
+    """Why a row gets no speed-up figure (None: it gets one): never between identical models, and
+    not from CPU timings (the patched rows run in Triton's interpreter there)."""
+    if row["patch"]["applied"] == 0:
+        reasons = sorted({r for r in row["patch"].get("skip_reasons", [])})
+        return (f"{row['config']}: nothing was patched ({'; '.join(reasons) or 'no patch enabled'}): "
+                "the row is the unpatched model again, so it has no speed-up")
+    if not on_cuda:
+        return (f"{row['config']}: on the CPU the patched layers run in Triton's interpreter: its time is no speed "
+                "figure, so the row has no speed-up")
+    return None
 
 
 def steady_start(local_attn_size: int, frames_per_block: int) -> int:
@@ -76,9 +113,11 @@ def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompts: li
 
     count = noise.shape[1] // fpb
     marks = [mark()]
-    for _ in range(count - 2 if profile else count):
-        one_block()
-        marks.append(mark())
+    with block_bar(count - 2 if profile else count, "blocks") as bar:
+        for _ in range(count - 2 if profile else count):
+            one_block()
+            marks.append(mark())
+            bar.update()
     profiles = None
     if profile:
         runner = graph_runner(model)
@@ -138,13 +177,15 @@ def add_drift(rows: list[dict], latents: dict[str, torch.Tensor], frames_per_blo
 def measure_row(args, config, pipe_cfg, noise, prompts) -> tuple[dict, torch.Tensor]:
     """Build (and patch, if config is given) a model, run it, and return its timing row and latents."""
     device = noise.device
+    announce(f"building the {args.preset_model} reference generator on {device}")
     model = build_model(args.preset_model, dtype=noise.dtype, device=device, seed=args.seed)
     row = {"config": "stock" if config is None else config.name}
     if config is not None:
         report = patch_model(model, config)
         print(report)
         row["patch"] = {"applied": len(report.applied), "skipped": len(report.skipped),
-                        "counts": report.counts(), "notes": report.notes}
+                        "counts": report.counts(), "notes": report.notes,
+                        "skip_reasons": sorted({e.reason for e in report.skipped})}
     if device.type == "cuda":
         # Reset after building and patching: transients there (fp32 init, LoRA merge, quantization) are one-off.
         torch.cuda.synchronize()
@@ -183,9 +224,10 @@ def table(rows: list[dict]) -> str:
             errors.append(f"  {r['config']}: {r['error']}")
             continue
         mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 30
+        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         body.append([r["config"], fmt(r["median_ms"], ".1f"), f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}",
                      fmt(r["ms_per_video_frame"], ".2f"), fmt(r["fps"], ".1f"), fmt(mem, ".2f"),
-                     fmt(r["rel_l2"], ".2e"), fmt(r["cosine"], ".6f"), f"{r['speedup']:.2f}x"])
+                     fmt(r["rel_l2"], ".2e"), fmt(r["cosine"], ".6f"), speedup])
     headers = ["config", "ms/block", "p20-p80", "ms/frame", "FPS", "peak GiB", "rel L2", "cosine", "speed-up"]
     return "\n".join([format_table("end to end, steady state (medians over blocks)", headers, body)] + errors)
 
@@ -193,14 +235,20 @@ def table(rows: list[dict]) -> str:
 def run(args) -> int:
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")
+    problem = check_arguments(args, on_cuda) or e2e_stock.check_arguments(args)
+    if problem is not None:
+        print(f"e2e: {problem}", file=sys.stderr)
+        return 2
     if args.preset_model is None:
         args.preset_model = "longlive-1.3b" if on_cuda else "tiny"
         print(f"e2e: model preset {args.preset_model} (the default on a machine with{'' if on_cuda else ' no'} GPU)")
     try:
-        configs = [config_from_spec(spec) for spec in args.configs]  # a bad name fails before any model is built
+        configs = configs_from_specs(args.configs)  # a bad name fails before any model is built
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"e2e: {e}", file=sys.stderr)
         return 2
+    if args.model == "stock":
+        return e2e_stock.run(args, configs, device)
     preset = get_preset(args.preset_model)
     fpb = args.frames_per_block
     # No window here: each row's pipeline takes its model's (a preset such as window9 sets its own).
@@ -235,7 +283,7 @@ def run(args) -> int:
         from . import e2e_vae
         return e2e_vae.run(args, configs, (device, dtype, noise, prompts))
     stock, ref = measure_row(args, None, pipe_cfg, noise, prompts)
-    stock.update(rel_l2=0.0, cosine=1.0, speedup=1.0)
+    stock.update(rel_l2=0.0, cosine=1.0, speedup=1.0 if on_cuda else None)
     rows = [stock]
     latents_by_config = {"stock": ref}
     for config in configs:
@@ -245,11 +293,17 @@ def run(args) -> int:
             rows.append({"config": config.name, "status": "failed", "error": f"{type(e).__name__}: {e}"})
             continue
         row["rel_l2"], row["cosine"] = compare(latents, ref)
-        row["speedup"] = stock["median_ms"] / row["median_ms"]
+        note = speedup_note(row, on_cuda)
+        row["speedup"] = None if note else stock["median_ms"] / row["median_ms"]
+        if note:
+            row["speedup_note"] = note
         rows.append(row)
         latents_by_config[config.name] = latents
     drift = add_drift(rows, latents_by_config, fpb)
     print(table(rows))
+    for row in rows:
+        if row.get("speedup_note"):
+            print(f"e2e: {row['speedup_note']}")
     print(drift)
 
     settings = {"preset_model": args.preset_model, "device": str(device), "dtype": args.dtype, "blocks": args.blocks,

@@ -1,7 +1,8 @@
 """Helpers shared by the kernels: bf16 rounding that the compiler and the interpreter both honour,
-and the launchers' index arguments."""
+the launchers' device and index arguments, and the scratch allocator of device-side TMA descriptors."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 
@@ -10,9 +11,53 @@ import triton
 import triton.language as tl
 
 
+# Head dims the attention-side kernels (RoPE + KV append, window attention) are built for.
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_kernel_device(what: str, device: torch.device) -> None:
+    """A launcher's first check: its tensors must be where a Triton kernel can run (else Triton
+    fails deep inside with "0 active drivers")."""
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"{what} needs CUDA tensors (or Triton's CPU interpreter: TRITON_INTERPRET=1, set before "
+                         f"triton is imported); its inputs are on {device}")
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Device-side TMA descriptors: Hopper (compute capability >= 9) or Triton's interpreter."""
+    if interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    # The descriptors' scratch (128 bytes each) from torch's caching allocator: cheap, and legal
+    # inside a CUDA graph capture. On the current device, which launch_on makes the tensors' one.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def use_tma_allocator() -> None:
+    """Install the scratch allocator Triton asks for device-side TMA descriptors, once per thread
+    context (Triton keeps it in a context variable): launches after the first only read it back."""
+    try:
+        from triton.runtime import _allocation  # where triton.set_allocator keeps it
+        current = _allocation._allocator.get()
+    except (ImportError, AttributeError):  # another layout: set it, as every launch used to
+        current = None
+    if current is not _tma_scratch:
+        triton.set_allocator(_tma_scratch)
+
+
+def launch_on(device: torch.device):
+    """The context to launch a kernel in: Triton launches on the current CUDA device, which may not
+    be the tensors' (a model on cuda:1), and TMA scratch is allocated there too."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit

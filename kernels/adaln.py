@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import interpreting, round_bf16
+from ._common import check_kernel_device, interpreting, round_bf16
 from .fp8_quant import FP8_DTYPE, FP8_MAX, Fp8Activation, _cast_fp8, quantize_rowwise_ref
 
 
@@ -124,6 +124,7 @@ def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor 
         raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     B, L, C = x.shape
     device = x.device
+    check_kernel_device("adaln", device)
     _check_act("x", x, (B, L, C), device)
     if y is not None:
         _check_act("y", y, (B, L, C), device)

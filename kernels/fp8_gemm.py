@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import autotune, cast_bf16, interpreting
+from ._common import autotune, cast_bf16, check_kernel_device, interpreting, launch_on, tma_supported, use_tma_allocator
 from .fp8_quant import ACT_GROUP, FP8_DTYPE, FP8_MAX, Fp8Activation, _cast_fp8, quantize_rowwise
 
 # The interpreter runs fixed small configs: autotuning there would time every config in numpy, and
@@ -59,13 +59,6 @@ def fp8_supported(device: torch.device) -> bool:
     if interpreting():
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def tma_supported(device: torch.device) -> bool:
-    """Device-side TMA descriptors: Hopper (compute capability >= 9) or Triton's interpreter."""
-    if interpreting():
-        return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit
@@ -252,12 +245,6 @@ _fp8_gemm_tma_tuned = autotune(configs=_configs(True), key=_KEY + ["FLATTEN", "W
                                       prune_configs_by={"early_config_prune": _prune_configs})(_fp8_gemm_tma_kernel)
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    # Scratch for the device-side descriptors (128 bytes each); the caching allocator makes this cheap
-    # and keeps it legal inside CUDA graph capture.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _num_sms(device: torch.device) -> int:
     if interpreting():
         return _INTERPRET_SMS
@@ -338,6 +325,7 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
     if not isinstance(w_fp8, torch.Tensor) or w_fp8.dim() != 2:
         raise ValueError(f"w_fp8 must be a 2-D [N, K] tensor, got {getattr(w_fp8, 'shape', type(w_fp8).__name__)}")
     device = a_fp8.device
+    check_kernel_device("fp8_gemm", device)
     M, K = a_fp8.shape
     N = w_fp8.shape[0]
     _check_tensor("a_fp8", a_fp8, FP8_DTYPE, (M, K), device)
@@ -406,19 +394,20 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
     def tiles(cfg):
         return triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
 
-    if use_tma:
-        triton.set_allocator(_tma_allocator)
-        sms = _num_sms(device)
-        meta.update(NUM_SMS=sms, FLATTEN=bool(flatten), WARP_SPECIALIZE=bool(warp_specialize))
-        if fixed is not None:
-            _fp8_gemm_tma_kernel[(min(sms, tiles(fixed)),)](*args, **meta, **fixed)
+    with launch_on(device):
+        if use_tma:
+            use_tma_allocator()
+            sms = _num_sms(device)
+            meta.update(NUM_SMS=sms, FLATTEN=bool(flatten), WARP_SPECIALIZE=bool(warp_specialize))
+            if fixed is not None:
+                _fp8_gemm_tma_kernel[(min(sms, tiles(fixed)),)](*args, **meta, **fixed)
+            else:
+                _fp8_gemm_tma_tuned[lambda cfg: (min(sms, tiles(cfg)),)](*args, **meta)
+        elif fixed is not None:
+            _fp8_gemm_kernel[(tiles(fixed),)](*args, **meta, EVEN_K=K % fixed["BLOCK_K"] == 0, **fixed)
         else:
-            _fp8_gemm_tma_tuned[lambda cfg: (min(sms, tiles(cfg)),)](*args, **meta)
-    elif fixed is not None:
-        _fp8_gemm_kernel[(tiles(fixed),)](*args, **meta, EVEN_K=K % fixed["BLOCK_K"] == 0, **fixed)
-    else:
-        # All autotune configs use BLOCK_K = 128.
-        _fp8_gemm_tuned[lambda cfg: (tiles(cfg),)](*args, **meta, EVEN_K=K % 128 == 0)
+            # All autotune configs use BLOCK_K = 128.
+            _fp8_gemm_tuned[lambda cfg: (tiles(cfg),)](*args, **meta, EVEN_K=K % 128 == 0)
     return result
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import check_kernel_device, interpreting
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -118,6 +118,7 @@ def quantize_rowwise(x: torch.Tensor, *, out: torch.Tensor | None = None,
     x2 = _flat_rows(x)
     M, K = x2.shape
     device = x.device
+    check_kernel_device("quantize_rowwise", device)
     if out is None:
         out = torch.empty(x.shape, dtype=FP8_DTYPE, device=device)
     elif not isinstance(out, torch.Tensor) or out.dtype != FP8_DTYPE or tuple(out.shape) != tuple(x.shape) \

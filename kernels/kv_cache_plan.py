@@ -12,15 +12,24 @@ slot
     l                                                  if l <  ring_lo   (the sink; never moves)
     ring_lo + (l - ring_lo + shift) % ring_size        otherwise
 
-with ring_lo = sink tokens and ring_size = capacity - sink tokens. Attention treats its keys as a
-set, so the physical order does not matter; what it attends to, and what it writes, are exactly
-the stock's.
+with ring_lo = sink tokens. Attention treats its keys as a set, so the physical order does not
+matter; what it attends to, and what it writes, are exactly the stock's.
+
+The ring holds what the window needs (`window_ring_size`): budget - sink tokens when the cache is
+larger than that (LongLive sizes its cache from its own config, which may exceed the window a
+patch set), else capacity - sink tokens. A ring as long as the window makes every full window the
+whole ring, so attention reads slots [0, sink + ring) in place whatever the shift (cuDNN needs one
+contiguous range). It holds the last ring_size positions written: the window reads no older ones,
+and LongLive's calls never move the window back (a recompute ends where the last commit did), so
+older positions are never read again. The append kernels write only the last ring_size rows of a
+call that has more (a re-cache of 12 frames into a 6-frame ring): the earlier ones would share
+slots with them and lie outside every later window.
 
 Inputs (int64 device tensors of one element): global_end (G), local_end (L), shift (updated in
 place), and current_start s (a device tensor or a host int: a captured CUDA graph replays with
 whatever the tensor holds, so one graph serves every block). Host ints: new tokens n, capacity C,
-sink tokens S, attention budget M, tokens per latent frame, `local` (local_attn_size != -1) and
-`sink_recache` (LongLive's sink_recache_after_switch).
+sink tokens S, attention budget M, tokens per latent frame, `local` (local_attn_size != -1),
+`sink_recache` (LongLive's sink_recache_after_switch) and the ring size R.
 
 Plan (int64 [PLAN_SIZE]):
     LOCAL_START   logical slot of new row 0 (ls)
@@ -39,12 +48,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import check_kernel_device
+
 LOCAL_START, ROW_LO, SINK_END, WIN_START, WIN_END, NEW_GLOBAL, NEW_LOCAL, SHIFT, START_FRAME = range(9)
 PLAN_SIZE = 9
 
 
 @triton.jit
-def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, start_ptr, start, plan_ptr, n, C, S, M, frame_tokens,
+def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, start_ptr, start, plan_ptr, n, C, S, M, R, frame_tokens,
                           START_ON_DEVICE: tl.constexpr, LOCAL: tl.constexpr, SINK_RECACHE: tl.constexpr):
     # An eager call passes the host int (no fill kernel per layer); a graph-captured one reads the
     # device scalar, so a replay follows what the runner wrote there.
@@ -69,8 +80,7 @@ def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, start_ptr, start, pl
     if SINK_RECACHE:
         protect = is_recompute & roll
     write_start = tl.where(protect, tl.maximum(local_start, S), local_start)
-    ring = C - S
-    new_shift = tl.where(roll, (shift + evicted) % ring, shift)
+    new_shift = tl.where(roll, (shift + evicted) % R, shift)
     # With no sink (S = 0) this is the stock max(0, L' - M).
     win_start = tl.where(M - S > 0, tl.maximum(S, new_local - (M - S)), new_local)
     tl.store(plan_ptr + 0, local_start)
@@ -93,15 +103,31 @@ def _check_pointer(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
+def window_ring_size(capacity: int, sink_tokens: int, budget: int) -> int:
+    """The ring a window of `budget` tokens (sink included) needs in a cache of `capacity` slots:
+    budget - sink when that is shorter than the cache's ring, else capacity - sink (module docstring)."""
+    return min(capacity, budget) - sink_tokens if budget > sink_tokens else capacity - sink_tokens
+
+
+def _check_ring(ring_size, capacity: int, sink_tokens: int) -> int:
+    if ring_size is None:
+        return capacity - sink_tokens
+    if isinstance(ring_size, bool) or not isinstance(ring_size, int) or not 1 <= ring_size <= capacity - sink_tokens:
+        raise ValueError(f"ring_size must be an int in [1, capacity {capacity} - sink {sink_tokens}], got {ring_size!r}")
+    return ring_size
+
+
 def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torch.Tensor, *,
                   current_start: int | torch.Tensor, num_new: int, capacity: int, sink_tokens: int, budget: int,
                   frame_tokens: int = 1, local: bool = True, sink_recache: bool = False,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  ring_size: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Plan one self-attention call's cache update and window; updates `shift` in place.
 
     current_start: a host int, or an int64 device tensor of one element (read by the kernel, so a
-    captured launch follows its value)."""
+    captured launch follows its value). ring_size: slots of the ring after the sink (default
+    capacity - sink_tokens; `window_ring_size` gives the one a window needs)."""
     device = global_end.device
+    check_kernel_device("kv_cache_plan", device)
     for name, t in (("global_end", global_end), ("local_end", local_end), ("shift", shift)):
         _check_pointer(name, t, device)
     if num_new < 1:
@@ -121,22 +147,25 @@ def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torc
         raise ValueError(f"{num_new} new tokens do not fit a KV cache of {capacity} slots")
     if budget < 1:
         raise ValueError(f"attention budget must be >= 1, got {budget}")
+    ring_size = _check_ring(ring_size, capacity, sink_tokens)
     if out is None:
         out = torch.empty(PLAN_SIZE, dtype=torch.int64, device=device)
     elif out.dtype != torch.int64 or out.numel() != PLAN_SIZE or out.device != device:
         raise ValueError(f"out must be an int64 tensor of {PLAN_SIZE} elements on {device}")
     _kv_cache_plan_kernel[(1,)](global_end, local_end, shift, current_start if on_device else global_end,
                                 0 if on_device else current_start, out, num_new, capacity, sink_tokens, budget,
-                                frame_tokens, START_ON_DEVICE=on_device, LOCAL=bool(local),
+                                ring_size, frame_tokens, START_ON_DEVICE=on_device, LOCAL=bool(local),
                                 SINK_RECACHE=bool(sink_recache))
     return out
 
 
 def kv_cache_plan_ref(global_end: int, local_end: int, shift: int, *, current_start: int, num_new: int,
                       capacity: int, sink_tokens: int, budget: int, frame_tokens: int = 1, local: bool = True,
-                      sink_recache: bool = False) -> list[int]:
-    """The stock rules (CausalWanSelfAttention.forward + _apply_cache_updates) in plain Python."""
+                      sink_recache: bool = False, ring_size: int | None = None) -> list[int]:
+    """The stock rules (CausalWanSelfAttention.forward + _apply_cache_updates) in plain Python; the
+    shift counts evictions modulo ring_size (default capacity - sink_tokens)."""
     g, loc, s, n, C, S, M = global_end, local_end, current_start, num_new, capacity, sink_tokens, budget
+    ring_size = _check_ring(ring_size, C, S)
     e = s + n
     is_recompute = e <= g and s > 0
     roll = local and e > g and n + loc > C
@@ -145,7 +174,7 @@ def kv_cache_plan_ref(global_end: int, local_end: int, shift: int, *, current_st
         new_local = loc + e - g - evicted
         local_start = new_local - n
         write_start = max(local_start, S) if is_recompute else local_start
-        shift = (shift + evicted) % (C - S)
+        shift = (shift + evicted) % ring_size
     else:
         new_local = loc + e - g
         local_start = new_local - n

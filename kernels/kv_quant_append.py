@@ -33,8 +33,8 @@ import triton.language as tl
 
 from ._common import cast_bf16, interpreting
 from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
-from .rope_kv_append import (_check, _ring_slot, _rms_norm_bf16, _rotate, _token_tables, append_block_t,
-                             check_append_inputs)
+from .rope_kv_append import (_check, _ring_slot, _rms_norm_bf16, _rotate, _rows_written, _token_tables,
+                             append_block_t, check_append_inputs)
 from .window_attention import V_GROUP, check_fp8_cache
 
 
@@ -78,8 +78,8 @@ def _qk_rows(ql_ptr, kl_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, qs_ptr, k
     tl.store(qs_ptr + b64 * stride_qsb + t.to(tl.int64)[:, None] * stride_qst + offs_h[None, :], q_scale,
              mask=t_ok[:, None] & h_ok[None, :])
 
-    # Rows below row_lo are neither read nor written (masked lanes move no memory).
-    w_mask = mask & (t >= row_lo)[:, None, None]
+    # Rows not written are not read either (masked lanes move no memory).
+    w_mask = mask & _rows_written(t, n, row_lo, dst_start, ring_lo, ring_size)[:, None, None]
     wk = tl.load(wk_ptr + hd_offs, mask=h_ok[:, None], other=0.0).to(tl.float32)
     k = tl.load(kl_ptr + b64 * stride_klb + t64 * stride_klt + hd, mask=w_mask, other=0.0).to(tl.float32)
     k = _rotate(_rms_norm_bf16(k, wk, inv_n, eps, INTERPRET), cos, sin, BLOCK_T, BLOCK_H, HEAD_DIM)
@@ -103,7 +103,8 @@ def _v_group(v_ptr, vc_ptr, vs_ptr, b64, g, h, dst_start, row_lo, shift,
     # a ring slot receives logical ring_lo + rel (+ any multiple of ring_size), the inverse of _ring_slot.
     rel = (p - ring_lo - shift) % ring_size
     rel = tl.where(rel < 0, rel + ring_size, rel)
-    lo = tl.maximum(row_lo, ring_lo - dst_start)
+    # Of more rows than the ring holds only the last ring_size are written (rope_kv_append's rule).
+    lo = tl.maximum(tl.maximum(row_lo, ring_lo - dst_start), n - ring_size)
     in_ring = (p >= ring_lo) & (p < ring_lo + ring_size)
     t_ring = ring_lo + rel - dst_start - lo
     t_ring = lo + (t_ring % ring_size + ring_size) % ring_size

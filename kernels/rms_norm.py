@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import round_bf16
+from ._common import check_kernel_device, round_bf16
 
 
 @triton.jit(do_not_specialize=["L", "C"])
@@ -35,6 +35,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: t
     """WanRMSNorm(x) for bf16 x [B, L, C] and weight [C]; see the module docstring."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    check_kernel_device("rms_norm", x.device)
     B, L, C = x.shape
     for name, t, shape in (("x", x, (B, L, C)), ("weight", weight, (C,)), ("out", out, (B, L, C))):
         if t is None:

@@ -28,7 +28,8 @@ logical slot l = dst_start + r:
 (the ring-buffer layout of kernels/kv_cache_plan.py; shift is a device int tensor, 0 if not given).
 With the defaults (ring_lo 0, ring_size C, no shift) this is the contiguous write dst_start + r,
 wrapping past C. Rows below row_lo are not written (the stock's "sink is protected on recompute"
-rule). The caller keeps the written rows within the ring's size so they never collide.
+rule). When more than ring_size rows land in the ring, only the last ring_size are written, as a
+write in row order would leave it (the earlier ones share slots with them).
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, index_arg, interpreting
+from ._common import SUPPORTED_HEAD_DIMS, cast_bf16, check_kernel_device, index_arg, interpreting
 
-_SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_SUPPORTED_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 
 
 @triton.jit
@@ -88,6 +89,13 @@ def _ring_slot(logical, ring_lo, ring_size, shift):
     return tl.where(logical < ring_lo, logical, ring_lo + rel).to(tl.int64)
 
 
+@triton.jit
+def _rows_written(t, n, row_lo, dst_start, ring_lo, ring_size):
+    """Which rows go to the cache: from row_lo on, and of those in the ring only the last ring_size
+    (a write in row order would overwrite the earlier ones in the same slots)."""
+    return (t >= row_lo) & ((dst_start + t < ring_lo) | (t >= n - ring_size))
+
+
 @triton.jit(do_not_specialize=["n", "H", "hg", "wg", "ring_lo", "ring_size"])
 def _rope_kv_append_kernel(
     ql_ptr, kl_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr,
@@ -131,8 +139,8 @@ def _rope_kv_append_kernel(
     qo_offs = offs_h[None, :, None] * stride_qoh + offs_d[None, None, :]
     tl.store(qo_ptr + b64 * stride_qob + t64 * stride_qot + qo_offs, cast_bf16(q, INTERPRET), mask=mask)
 
-    # Rows below row_lo are neither read nor written (masked lanes move no memory).
-    w_mask = mask & (t >= row_lo)[:, None, None]
+    # Rows not written are not read either (masked lanes move no memory).
+    w_mask = mask & _rows_written(t, n, row_lo, dst_start, ring_lo, ring_size)[:, None, None]
     k = tl.load(kl_ptr + b64 * stride_klb + t64 * stride_klt + hd, mask=w_mask, other=0.0).to(tl.float32)
     if NORM:
         wk = tl.load(wk_ptr + hd_offs, mask=offs_h[:, None] < H, other=0.0).to(tl.float32)
@@ -172,6 +180,7 @@ def check_append_inputs(q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
     if not isinstance(q_lin, torch.Tensor):
         raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
     device = q_lin.device
+    check_kernel_device("the RoPE + KV append", device)
     for name, t in (("q_lin", q_lin), ("k_lin", k_lin), ("v", v)):
         _check(name, t, torch.bfloat16, 3, device)
     if k_lin.shape != q_lin.shape or v.shape != q_lin.shape:
@@ -360,6 +369,9 @@ def rope_kv_append_ref(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor
         k_b = rope(k[b], sf)
         rows = torch.arange(per_sample(row_lo, b), n, device=q_lin.device)
         logical = per_sample(dst_start, b) + rows
+        # Of the rows that land in the ring, the last ring_size (a write in row order leaves those).
+        keep = (logical < ring_lo) | (rows >= n - ring_size)
+        rows, logical = rows[keep], logical[keep]
         ring_slots = ring_lo + torch.remainder(logical - ring_lo + per_sample(0 if shift is None else shift, b), ring_size)
         slots = torch.where(logical < ring_lo, logical, ring_slots)
         k_cache[b, slots] = k_b[rows]

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, interpreting
+from ._common import cast_bf16, check_kernel_device, interpreting
 
 
 @triton.jit(do_not_specialize=["T", "C", "n_src", "n_dst"])
@@ -240,6 +240,7 @@ def _pair(name: str, v) -> tuple[int, int]:
 def _check(x, frames, grid, stride) -> tuple[int, int, int, tuple[int, int], tuple[int, int]]:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    check_kernel_device("token merging", x.device)
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"x must be bfloat16 or float32, got {x.dtype}")
     if x.stride(-1) != 1:
@@ -446,6 +447,7 @@ def token_unmerge(merged: torch.Tensor, mapping: torch.Tensor, *, out: torch.Ten
         raise TypeError(f"merged must be bfloat16 or float32, got {merged.dtype}")
     if merged.stride(-1) != 1:
         raise ValueError("merged must be contiguous in its last dimension")
+    check_kernel_device("token_unmerge", merged.device)
     B, _, C = merged.shape
     if (not isinstance(mapping, torch.Tensor) or mapping.dtype != torch.int64 or mapping.dim() != 2
             or mapping.shape[0] != B or mapping.device != merged.device):

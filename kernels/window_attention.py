@@ -53,10 +53,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import autotune, cast_bf16, index_arg, interpreting
+from ._common import (SUPPORTED_HEAD_DIMS, autotune, cast_bf16, check_kernel_device, index_arg, interpreting,
+                      launch_on, tma_supported, use_tma_allocator)
 from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
 
-_SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_SUPPORTED_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 _LOG2E = 1.4426950408889634
 V_GROUP = 128  # physical slots per v scale in the FP8 cache, and the FP8 kernel's key tile
 # The launcher runs one fixed small config under the interpreter: autotuning there would time
@@ -376,26 +377,6 @@ _window_attn_fwd_tuned = autotune(
 )(_window_attn_fwd)
 
 
-_TMA_DEVICES: set = set()
-
-
-def _install_tma_allocator(device: torch.device) -> None:
-    """Triton's device-side descriptors need scratch memory: a torch-backed allocator, set once."""
-    if "allocator" in _TMA_DEVICES:
-        return
-
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
-
-    triton.set_allocator(alloc)
-    _TMA_DEVICES.add("allocator")
-
-
-def tma_available(device: torch.device) -> bool:
-    """Whether use_tma can be honoured: a CUDA GPU of compute capability >= 9, outside the interpreter."""
-    return (not interpreting() and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
 _WORKSPACES: dict = {}
 
 
@@ -482,15 +463,16 @@ def _launch(q, q_scale, k, k_scale, v, v_scale, sink_end, win_start, win_end, ri
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     interpret = interpreting()
     if use_tma:
-        if not tma_available(device):
-            raise ValueError("use_tma needs a CUDA GPU of compute capability >= 9 (and no interpreter); "
-                             f"this is {device}" + (" under TRITON_INTERPRET" if interpret else ""))
+        # Refused where unsupported, as in fp8_gemm: never dropped silently.
+        if not tma_supported(device):
+            raise ValueError(f"use_tma=True needs a CUDA GPU of compute capability >= 9 (or the interpreter); "
+                             f"q is on {device}")
         if not k.is_contiguous() or (not fp8 and not v.is_contiguous()):
             raise ValueError("use_tma needs contiguous caches")
         if fp8 and v.stride(3) % 16:
             raise ValueError(f"use_tma needs the FP8 cache's V^T rows 16-byte aligned (fp8_kv_cache pads them); "
                              f"their stride is {v.stride(3)}")
-        _install_tma_allocator(device)
+        use_tma_allocator()
     if config is not None:
         config = _check_config(config)
         if fp8 and config["BLOCK_N"] != V_GROUP:
@@ -515,12 +497,13 @@ def _launch(q, q_scale, k, k_scale, v, v_scale, sink_end, win_start, win_end, ri
     meta = dict(LQ_BUCKET=min(triton.next_power_of_2(Lq), 8192), HEAD_DIM=D, RING=shift is not None,
                 N_RANGES=3 if shift is not None else 2, USE_TMA=bool(use_tma), FP8=fp8,
                 SPLIT=split, INTERPRET=interpret)
-    if config is not None:
-        _window_attn_fwd[(triton.cdiv(Lq, config["BLOCK_M"]), B * H, split)](*args, **meta, **config)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H, split)
-        _window_attn_fwd_tuned[grid](*args, **meta)
+    with launch_on(device):
+        if config is not None:
+            _window_attn_fwd[(triton.cdiv(Lq, config["BLOCK_M"]), B * H, split)](*args, **meta, **config)
+        else:
+            def grid(cfg):
+                return (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H, split)
+            _window_attn_fwd_tuned[grid](*args, **meta)
     return out
 
 
@@ -535,13 +518,14 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     With shift given they are logical slots of the ring layout (module docstring); ring_size
     defaults to C - ring_lo.
     use_tma loads K/V tiles through device-side TMA descriptors (a CUDA GPU of compute capability
-    >= 9 and contiguous caches, else a ValueError). split cuts each query tile's keys into that many
+    >= 9, or the interpreter, and contiguous caches; refused elsewhere, never dropped silently). split cuts each query tile's keys into that many
     shares (module docstring). config ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips
     autotuning on the GPU, for experiments and tests; the interpreter always runs its own small tiles.
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     device = q.device
+    check_kernel_device("window attention", device)
     _check_bhld("q", q, device)
     _check_bhld("k_cache", k_cache, device)
     _check_bhld("v_cache", v_cache, device)
@@ -590,6 +574,7 @@ def window_attention_fp8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tens
     if not isinstance(q8, torch.Tensor):
         raise TypeError(f"q8 must be a torch.Tensor, got {type(q8).__name__}")
     device = q8.device
+    check_kernel_device("FP8 window attention", device)
     _check_bhld("q8", q8, device, FP8_DTYPE)
     check_fp8_cache(k8, k_scale, v8, v_scale, device)
     if not isinstance(q_scale, torch.Tensor) or q_scale.dtype != torch.float32 or tuple(q_scale.shape) != q8.shape[:3]:

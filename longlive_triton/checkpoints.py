@@ -159,9 +159,13 @@ def _resolve_file(path_or_repo: str | Path, candidates: Iterable[str], *,
             return resolve_checkpoint(path_or_repo, name, cache_dir=cache_dir)
         except FileNotFoundError:
             continue
+    fetch = ""
+    if not p.exists() and _looks_like_repo_id(str(path_or_repo)):
+        fetch = (f"; to fetch it from the Hugging Face Hub: `huggingface-cli download {path_or_repo} {candidates[0]}` "
+                 "(this loader never downloads)")
     raise FileNotFoundError(f"no checkpoint found at {str(path_or_repo)!r}: looked for a file there, or "
                             f"one of {list(candidates)} inside it (local directory or Hugging Face cache"
-                            f"{'' if cache_dir is None else ' ' + repr(str(cache_dir))})")
+                            f"{'' if cache_dir is None else ' ' + repr(str(cache_dir))}){fetch}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +218,11 @@ def _safetensors_source(files: dict[str, Path], key_to_file: dict[str, str] | No
     handles = {}
     try:
         for name, path in files.items():
-            handles[name] = safe_open(str(path), framework="pt", device="cpu")
+            try:
+                handles[name] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # noqa: BLE001 - safetensors' own error type names no path
+                raise CheckpointError(f"{str(path)!r} is not a readable safetensors file (truncated, or another "
+                                      f"format?): {e}") from e
             handles[name].__enter__()
     except Exception:
         for h in handles.values():
@@ -242,13 +250,18 @@ def _safetensors_source(files: dict[str, Path], key_to_file: dict[str, str] | No
 
 
 def _torch_load(path: Path) -> Any:
-    """`torch.load` with weights_only=True, memory-mapped where the file format allows."""
+    """`torch.load` with weights_only=True, memory-mapped where the file format allows; a file that is
+    not a readable torch.save checkpoint is a CheckpointError naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:  # legacy (non-zip) pickles cannot be mmapped
-        if "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) pickles cannot be mmapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch reports a text file as "KeyError: 101", with no path
+        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint (a torch.save file; truncated, "
+                              f"or another format?): {type(e).__name__}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,8 +281,19 @@ def _check_materialized(model: nn.Module) -> None:
                          f"materialize it (e.g. model.to_empty(device=...)) before loading")
 
 
+def _refuse_patched(model: nn.Module) -> None:
+    from .patch import patched_config
+
+    config = patched_config(model)
+    if config is not None:
+        raise ValueError(f"this model is already patched by longlive_triton (config {config.name!r}): load "
+                         "checkpoints and LoRA before patch_model (the patched layers hold fused and quantized "
+                         "copies of the weights made at patch time)")
+
+
 def _load_source(model: nn.Module, src: _Source, what: str) -> int:
     """Validate `src` against the model's state dict, then copy every tensor in. Returns the count."""
+    _refuse_patched(model)
     _check_materialized(model)
     targets = model.state_dict(keep_vars=True)  # the live Parameters / persistent buffers
     missing = [k for k in targets if k not in src.meta]
@@ -438,6 +462,7 @@ def merge_lora(model: nn.Module, path_or_state_dict: str | Path | Mapping[str, A
     `CheckpointError` naming the keys. The product is computed in fp32 on the weight's device and cast
     back to the weight's dtype. Returns a `LoraMergeResult` (layers merged, rank, scale).
     """
+    _refuse_patched(model)
     sd, file = _lora_state_dict(path_or_state_dict, cache_dir)
     if len(sd) == 0:
         raise CheckpointError("LoRA state dict is empty")

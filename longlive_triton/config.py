@@ -112,9 +112,20 @@ class PatchConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"patch config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"patch config file {path} is not valid YAML: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise TypeError(f"patch config file {path} holds a {type(data).__name__}; it must be a mapping of "
+                            f"config keys (e.g. `window_attention: true`)")
         data.setdefault("name", path.stem)
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"patch config file {path}: {e}") from None
 
 
 def preset_names() -> list[str]:

@@ -25,14 +25,17 @@ never run concurrently), so a graph costs little beyond its static inputs and ou
 A key's first call runs eagerly on the capture stream (Triton autotuning and cuDNN planning happen
 there, not during capture); its second call is captured and replayed; every later call replays.
 Calls that cannot be replayed run eagerly: a cross-attention cache being (re)filled after a prompt
-switch, a window that wraps the ring in two ranges (a gathered copy), grad mode, non-tensor context.
+switch, a window that is not one range of the cache (a gathered copy; the ring is as long as the
+window, so a full window never is: kernels/kv_cache_plan.py), grad mode, non-tensor x or t.
+The text context may be one [B, L, text_dim] tensor (LongLive's wrapper) or Wan's list of B
+[L, text_dim] tensors: the list is zero-padded to text_len and stacked, as the stock model does.
 """
 from __future__ import annotations
 
+import contextvars
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
-
-import sys
 
 import torch
 import torch.nn as nn
@@ -40,9 +43,11 @@ import torch.nn as nn
 from .device_index import DeviceIndex
 from .reference.model import sinusoidal_embedding_1d
 
-__all__ = ["GraphedGenerator", "install_graphs", "graph_runner"]
+__all__ = ["GraphedGenerator", "install_graphs", "uninstall_graphs", "graph_runner", "attention_windows"]
 
 _RUNNER = "_longlive_triton_graphs"
+# Keys seen once (their eager warm-up ran) but not captured yet: at most this many per graph held.
+_SEEN_PER_GRAPH = 4
 
 
 @dataclass
@@ -84,7 +89,7 @@ class GraphedGenerator:
         self.enabled = True
         self.stats = GraphStats()
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self._seen: set[tuple] = set()
+        self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._eager = type(generator).forward.__get__(generator)
         device = next(generator.parameters()).device
         if device.type != "cuda":
@@ -103,14 +108,6 @@ class GraphedGenerator:
         self._seen.clear()
         self.pipeline_shape = None
 
-    def _windows(self, kv_cache, current_start: int, num_new: int, frame_seqlen: int, sink_recache: bool,
-                 commit: bool) -> tuple:
-        out = []
-        for layer, cache in zip(self.layers, kv_cache):
-            args = layer.plan_args(cache, current_start, num_new, frame_seqlen, sink_recache)
-            out.append(layer.host_window(cache, args, commit=commit))
-        return tuple(out)
-
     @staticmethod
     def _addresses(kv_cache, crossattn_cache) -> tuple:
         ptrs = []
@@ -123,7 +120,9 @@ class GraphedGenerator:
         return tuple(ptrs)
 
     # -- the call -----------------------------------------------------------------------------
-    def __call__(self, x, *args, **kwargs):
+    def _plan(self, x, args, kwargs) -> tuple[str | None, tuple | None, tuple | None]:
+        """(why this call runs eagerly or None, its graph key, its (current_start, new tokens, tokens per
+        frame, sink_recache)); refuses inputs on another device or in another dtype. Touches no GPU."""
         kv_cache, crossattn_cache = kwargs.get("kv_cache"), kwargs.get("crossattn_cache")
         t, context = kwargs.get("t"), kwargs.get("context")
         for name, v in (("x", x), ("t", t), ("context", context)):
@@ -146,45 +145,55 @@ class GraphedGenerator:
         elif len(kv_cache) != len(self.layers):
             reason = "kv_cache has a different number of layers"
         if reason is not None:
-            self.stats.note_eager(reason)
-            return self._eager(x, *args, **kwargs)
+            return reason, None, None
 
-        current_start = int(kwargs.get("current_start", 0))
-        sink_recache = bool(kwargs.get("sink_recache_after_switch", False))
         pt = self.generator.patch_size
         frame_seqlen = (x.shape[3] // pt[1]) * (x.shape[4] // pt[2])
-        num_new = (x.shape[2] // pt[0]) * frame_seqlen
-        windows = self._windows(kv_cache, current_start, num_new, frame_seqlen, sink_recache, commit=False)
-        if any(first != layer.sink_size * frame_seqlen and length != cache["k"].shape[1] - layer.sink_size * frame_seqlen
-               for (_, first, length), layer, cache in zip(windows, self.layers, kv_cache)
-               if layer.backend == "sdpa"):
-            self.stats.note_eager("window wraps the ring (gathered keys)")
-            return self._eager(x, *args, **kwargs)
+        call = (int(kwargs.get("current_start", 0)), (x.shape[2] // pt[0]) * frame_seqlen, frame_seqlen,
+                bool(kwargs.get("sink_recache_after_switch", False)))
+        windows = attention_windows(self.layers, kv_cache, *call, commit=False)
+        if windows is None:
+            return "window not one range of the cache (gathered keys)", None, None
         key = (tuple(x.shape), x.stride(), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype,
-               kwargs.get("seq_len"), kwargs.get("cache_start"), sink_recache,
-               # cuDNN reads slots [0, sink + length): the length is the shape; where the window starts
-               # in the ring does not matter once it is full (and a wrapped window never gets here).
-               tuple(length if layer.backend == "sdpa" else None for (_, _, length), layer in zip(windows, self.layers)),
+               kwargs.get("seq_len"), kwargs.get("cache_start"), call[3], windows,
                self._addresses(kv_cache, crossattn_cache))
+        return None, key, call
 
+    def __call__(self, x, *args, **kwargs):
+        if isinstance(kwargs.get("context"), (list, tuple)):
+            kwargs["context"] = stack_context(kwargs["context"], self.generator.text_len)
+        reason, key, call = self._plan(x, args, kwargs)
+        if reason is not None:
+            self.stats.note_eager(reason)
+            return self._run_eager(x, *args, **kwargs)
         graph = self.graphs.get(key)
         if graph is None and key not in self._seen:
-            self._seen.add(key)
+            self._seen[key] = None
+            while len(self._seen) > _SEEN_PER_GRAPH * self.max_graphs:
+                self._seen.popitem(last=False)
             self.stats.note_eager("first call of its kind (warm-up)")
-            return self._on_capture_stream(lambda: self._eager(x, **kwargs))
+            return self._on_capture_stream(lambda: self._run_eager(x, **kwargs))
         if graph is None:
-            graph = self._capture(key, x, kwargs, current_start)
+            graph = self._capture(key, x, kwargs, call[0])
         else:
             self.graphs.move_to_end(key)
         graph.x.copy_(x)
-        graph.t.copy_(t)
-        graph.context.copy_(context)
-        self._start.fill_(current_start)
+        graph.t.copy_(kwargs["t"])
+        graph.context.copy_(kwargs["context"])
+        self._start.fill_(call[0])
         graph.graph.replay()
         self.stats.replays += 1
         # The replay ran no Python: move the host-side window bookkeeping on as the call did.
-        self._windows(kv_cache, current_start, num_new, frame_seqlen, sink_recache, commit=True)
+        attention_windows(self.layers, kwargs["kv_cache"], *call, commit=True)
         return graph.out.clone()
+
+    def _run_eager(self, *args, **kwargs):
+        """The patched forward itself (with the capture-safe time embedding, see install_graphs)."""
+        token = _IN_RUNNER.set(True)
+        try:
+            return self._eager(*args, **kwargs)
+        finally:
+            _IN_RUNNER.reset(token)
 
     def _on_capture_stream(self, fn):
         main = torch.cuda.current_stream(self.device)
@@ -199,25 +208,25 @@ class GraphedGenerator:
         static_t = torch.empty_like(kwargs["t"])
         static_ctx = torch.empty_like(kwargs["context"])
         call = dict(kwargs, t=static_t, context=static_ctx, current_start=DeviceIndex(current_start, self._start))
-        # Capturing runs the forward's Python (not its kernels): keep the host bookkeeping it moves.
+        # Capturing runs the forward's Python (not its kernels): keep the host bookkeeping it moves,
+        # also when the capture fails.
         saved = [dict(cache) for cache in kwargs["kv_cache"]]
         graph = torch.cuda.CUDAGraph()
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-                out = self._eager(static_x, **call)
+                out = self._run_eager(static_x, **call)
         except RuntimeError as e:
             raise RuntimeError(f"capturing the generator's forward in a CUDA graph failed ({e}); run with "
                                "cuda_graphs: false (patch config) or PipelineConfig(cuda_graphs=False)") from e
-        for cache, before in zip(kwargs["kv_cache"], saved):
-            cache.clear()
-            cache.update(before)
+        finally:
+            restore_caches(kwargs["kv_cache"], saved)
         entry = _Graph(graph, static_x, static_t, static_ctx, out)
         self.graphs[key] = entry
         self.stats.captures += 1
         while len(self.graphs) > self.max_graphs:
             old_key, _ = self.graphs.popitem(last=False)
-            self._seen.discard(old_key)
+            self._seen.pop(old_key, None)
             self.stats.evicted += 1
         return entry
 
@@ -227,19 +236,104 @@ def install_graphs(generator: nn.Module, max_graphs: int = 16) -> GraphedGenerat
     runner = getattr(generator, _RUNNER, None)
     if runner is None:
         runner = GraphedGenerator(generator, max_graphs)
-        _capture_safe_time_embedding(generator)
+        _swap_time_embedding(sys.modules.get(type(generator).__module__))
         setattr(generator, _RUNNER, runner)
         # An instance attribute: nn.Module.__call__ finds it before the class's forward.
         generator.forward = runner
     return runner
 
 
-def _capture_safe_time_embedding(generator: nn.Module) -> None:
+def uninstall_graphs(generator: nn.Module) -> bool:
+    """Undo install_graphs: the generator's own forward again, its graphs freed, and the stock
+    module's time embedding restored once no runner needs it. Returns whether one was installed."""
+    runner = getattr(generator, _RUNNER, None)
+    if runner is None:
+        return False
+    runner.release()
+    delattr(generator, _RUNNER)
+    if generator.__dict__.get("forward") is runner:
+        del generator.forward
+    _restore_time_embedding(sys.modules.get(type(generator).__module__))
+    return True
+
+
+def stack_context(context, text_len: int) -> torch.Tensor:
+    """Wan's list of [L_i, text_dim] prompt embeddings as one [B, text_len, text_dim] tensor, zero-padded
+    as the stock model pads each before its text embedding (so the two forms give the same output)."""
+    if not context or not all(isinstance(u, torch.Tensor) and u.dim() == 2 for u in context):
+        raise TypeError("a list context must hold 2-D [L, text_dim] tensors, one per sample")
+    first = context[0]
+    for i, u in enumerate(context):
+        if u.shape[1] != first.shape[1] or u.dtype != first.dtype or u.device != first.device:
+            raise ValueError(f"context[{i}] is {tuple(u.shape)} {u.dtype} on {u.device}; context[0] is "
+                             f"{tuple(first.shape)} {first.dtype} on {first.device}")
+        if u.shape[0] > text_len:
+            raise ValueError(f"context[{i}] has {u.shape[0]} tokens, more than text_len {text_len}")
+    out = first.new_zeros(len(context), text_len, first.shape[1])
+    for i, u in enumerate(context):
+        out[i, :u.shape[0]] = u
+    return out
+
+
+def attention_windows(layers, kv_cache, current_start: int, num_new: int, frame_seqlen: int, sink_recache: bool,
+                      *, commit: bool) -> tuple | None:
+    """Each layer's part of a graph key for one call: the window length for cuDNN layers (cuDNN reads
+    slots [0, sink + length): the length is a shape), None for Triton ones (they read the window on the
+    device). None when a cuDNN layer's window is not one range of the cache: it gathers its keys, so
+    the call runs eagerly. With commit, the layers' host-side bookkeeping moves on as the call does."""
+    key = []
+    for layer, cache in zip(layers, kv_cache):
+        args = layer.plan_args(cache, current_start, num_new, frame_seqlen, sink_recache)
+        window = layer.host_window(cache, args, commit=commit)
+        if layer.backend != "sdpa":
+            key.append(None)
+        elif layer.reads_in_place(window, args):
+            key.append(window[2])
+        else:
+            return None
+    return tuple(key)
+
+
+def restore_caches(kv_cache, saved) -> None:
+    """Put each cache dict back as it was (its entries, not its tensors' contents)."""
+    for cache, before in zip(kv_cache, saved):
+        cache.clear()
+        cache.update(before)
+
+
+# Set while a graph runner runs its generator: the swapped time embedding serves only those calls.
+_IN_RUNNER: contextvars.ContextVar[bool] = contextvars.ContextVar("longlive_triton_in_graph_runner", default=False)
+_SWAPPED = "_longlive_triton_stock"  # the dispatcher's attribute holding the stock function
+_TIME_EMBEDDING = "sinusoidal_embedding_1d"
+
+
+def _swap_time_embedding(module) -> None:
     """The stock forward builds its timestep embedding from a CPU arange copied to the GPU, which a
-    capture refuses; its module's function is swapped for ours (same float64 values, made on the GPU)."""
-    module = sys.modules.get(type(generator).__module__)
-    if module is not None and callable(getattr(module, "sinusoidal_embedding_1d", None)):
-        module.sinusoidal_embedding_1d = sinusoidal_embedding_1d
+    capture refuses. Its module's function becomes a dispatcher: ours (the same float64 values, made
+    on the GPU) inside a graph runner's calls, the stock one everywhere else; counted per runner."""
+    stock = getattr(module, _TIME_EMBEDDING, None)
+    if not callable(stock):
+        return
+    if hasattr(stock, _SWAPPED):
+        stock.users += 1
+        return
+
+    def dispatch(dim, position):
+        return (sinusoidal_embedding_1d if _IN_RUNNER.get() else stock)(dim, position)
+
+    setattr(dispatch, _SWAPPED, stock)
+    dispatch.users = 1
+    dispatch.__doc__ = f"longlive_triton.graphs: {_swap_time_embedding.__doc__}"
+    setattr(module, _TIME_EMBEDDING, dispatch)
+
+
+def _restore_time_embedding(module) -> None:
+    dispatch = getattr(module, _TIME_EMBEDDING, None)
+    if not hasattr(dispatch, _SWAPPED):
+        return
+    dispatch.users -= 1
+    if dispatch.users == 0:
+        setattr(module, _TIME_EMBEDDING, getattr(dispatch, _SWAPPED))
 
 
 def graph_runner(model: nn.Module) -> GraphedGenerator | None:

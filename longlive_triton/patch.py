@@ -6,22 +6,28 @@
 
 The generator is recognised by structure. Unmerged peft LoRA adapters are folded into their base
 weights first (W += scaling * B @ A in fp32), leaving plain nn.Linear layers with the stock names.
-Patching twice is a no-op; a module that is not a LongLive generator is refused.
+Patching twice with the same settings is a no-op, with other settings an error (the first patch
+cannot be undone in place); a module that is not a LongLive generator is refused. The patched
+layers hold copies made at patch time (fused, quantized): a patched model refuses to run after a
+.to() / .float() that changed its weights' dtype or device, and to load a checkpoint.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import dataclasses
 
 import torch
 import torch.nn as nn
 
 from .config import PatchConfig, as_config
 from .graphs import install_graphs
-from .patches.attention_window import set_attention_window
+from .patches.attention_window import longlive_cache_note, set_attention_window
 from .patches.base import Patch, PatchSkip
 from .patches.registry import PATCHES
 
 _MARK = "_longlive_triton_patch"
+_PATCHED_FOR = "_longlive_triton_patched_for"  # (dtype, device) of the weights when patched
 
 
 @dataclass
@@ -117,9 +123,13 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
     report = PatchReport(config)
     previous = getattr(generator, _MARK, None)
     if previous is not None:
+        if dataclasses.replace(previous, name="") != dataclasses.replace(config, name=""):
+            raise ValueError(f"this model is already patched with config {previous.name!r}; patching it again with "
+                             f"{config.name!r} (other settings) is not supported: patch a freshly built model")
         report.notes.append(f"already patched with config {previous.name!r}: nothing done")
         return report
 
+    window_before = generator.local_attn_size
     if config.local_attn_size is not None:
         # First, so a refused window leaves the model untouched.
         report.notes.append(set_attention_window(generator, config.local_attn_size))
@@ -156,10 +166,38 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
                 report.skipped.append(PatchEntry(name, patch.name, str(why)))
         if applied and patch.describe is not None:
             report.notes.append(f"{patch.name}: {patch.describe(config)}")
+    if config.local_attn_size is not None:
+        patched = any(e.patch == "window_self_attention" for e in report.applied)
+        note = longlive_cache_note(window_before, config.local_attn_size, patched)
+        if note is not None:
+            report.notes.append(note)
     if config.cuda_graphs:
         report.notes.append(f"cuda_graphs: {_install_graphs(generator)}")
     setattr(generator, _MARK, config)
+    if report.applied:
+        weight = generator.patch_embedding.weight
+        setattr(generator, _PATCHED_FOR, (weight.dtype, weight.device))
+        generator.register_forward_pre_hook(_check_unmoved)
     return report
+
+
+def patched_config(model: nn.Module) -> PatchConfig | None:
+    """The config `model` (or the generator inside it) was patched with, or None."""
+    for m in model.modules():
+        config = getattr(m, _MARK, None)
+        if config is not None:
+            return config
+    return None
+
+
+def _check_unmoved(generator: nn.Module, args) -> None:
+    """A forward pre-hook: the patched layers serve the dtype and device the model had when patched."""
+    dtype, device = getattr(generator, _PATCHED_FOR)
+    weight = generator.patch_embedding.weight
+    if (weight.dtype, weight.device) != (dtype, device):
+        raise RuntimeError(f"this model was patched for {dtype} on {device} but its weights are now {weight.dtype} "
+                           f"on {weight.device}: the patched layers hold copies made at patch time, so .to() or "
+                           ".float() after patching cannot reach them; call patch_model after moving the model (.to())")
 
 
 def _install_graphs(generator: nn.Module) -> str:

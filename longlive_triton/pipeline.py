@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .graphs import graph_runner, install_graphs
+from .patches.attention_window import sink_frames
 from .scheduler import FlowMatchSchedule
 
 
@@ -34,6 +35,9 @@ class PipelineConfig:
     # takes it from the model's arguments.
     local_attn_size: int | None = None
     global_sink: bool = True           # keep the first prompt's sink across prompt switches
+    # The text context as Wan's list of B [L, text_dim] tensors instead of LongLive's one
+    # [B, L, text_dim] tensor (the stock model takes both).
+    context_as_list: bool = False
     frame_seqlen: int | None = None    # tokens per latent frame; None: from the latent size
     # CUDA graphs (longlive_triton/graphs.py): None keeps what patch_model set up, False runs this
     # pipeline eagerly, True installs the graph runner if patch_model did not (a patched CUDA model).
@@ -72,7 +76,7 @@ class BlockPipeline:
                 raise TypeError(f"{type(inner).__name__} is not a LongLive CausalWanModel (no {attr!r})")
         if config.local_attn_size is None:
             config = replace(config, local_attn_size=inner.local_attn_size)
-        window, sink = config.local_attn_size, getattr(inner, "sink_size", 0)
+        window, sink = config.local_attn_size, sink_frames(inner)
         if window != -1 and window < sink + config.num_frame_per_block:
             raise ValueError(f"a window of {window} latent frames cannot hold the {sink}-frame sink and one "
                              f"{config.num_frame_per_block}-frame block")
@@ -170,8 +174,9 @@ class BlockPipeline:
         kwargs = {}
         if sink_recache_after_switch:
             kwargs["sink_recache_after_switch"] = True
+        context = list(prompt_embeds.unbind(0)) if self.config.context_as_list else prompt_embeds
         flow = self.model(
-            x.permute(0, 2, 1, 3, 4), t=t, context=prompt_embeds, seq_len=self._seq_len(),
+            x.permute(0, 2, 1, 3, 4), t=t, context=context, seq_len=self._seq_len(),
             kv_cache=self.caches.kv, crossattn_cache=self.caches.crossattn,
             current_start=start_frame * self.frame_seqlen, **kwargs,
         ).permute(0, 2, 1, 3, 4)
@@ -210,28 +215,47 @@ class BlockPipeline:
 
     # -- the loop -------------------------------------------------------------------------------
     def _check_inputs(self, noise: torch.Tensor, prompts: list[torch.Tensor], switches: list[int]) -> None:
-        if noise.dim() != 5:
-            raise ValueError(f"noise must be [B, F, C, H, W], got shape {tuple(noise.shape)}")
-        b, f = noise.shape[:2]
-        param = next(_inner_model(self.model).parameters())
+        if not isinstance(noise, torch.Tensor) or noise.dim() != 5:
+            raise ValueError(f"noise must be [B, F, C, H, W], got shape {tuple(getattr(noise, 'shape', ()))}")
+        b, f, c, h, w = noise.shape
+        inner = _inner_model(self.model)
+        param = inner.patch_embedding.weight
         if noise.device != param.device:
             raise ValueError(f"noise is on {noise.device}, but the generator is on {param.device}")
         if noise.dtype != param.dtype:
             raise TypeError(f"noise is {noise.dtype}, but the generator's weights are {param.dtype}")
+        if c != inner.patch_embedding.in_channels:
+            raise ValueError(f"noise has {c} latent channels, the generator takes {inner.patch_embedding.in_channels} "
+                             "(noise is [B, F, C, H, W])")
+        _, ph, pw = self.patch_size
+        if h % ph or w % pw or h == 0 or w == 0:
+            raise ValueError(f"latent height and width must be positive multiples of the patch size {ph}x{pw}, "
+                             f"got {h}x{w}")
         if f % self.config.num_frame_per_block:
             raise ValueError(f"{f} latent frames is not a multiple of num_frame_per_block "
                              f"{self.config.num_frame_per_block}")
-        for p in prompts:
-            if p.dim() != 3 or p.shape[0] != b:
-                raise ValueError(f"prompt embeddings must be [B={b}, L, text_dim], got {tuple(p.shape)}")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise holds NaN or infinite values")
+        text_dim = inner.text_embedding[0].in_features
+        for i, p in enumerate(prompts):
+            if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[0] != b or p.shape[2] != text_dim:
+                raise ValueError(f"prompt embeddings must be [B={b}, L, text_dim={text_dim}], got "
+                                 f"{tuple(getattr(p, 'shape', ()))} (prompt {i})")
             if p.shape[1] > self.text_len:
                 raise ValueError(f"prompt embeddings have {p.shape[1]} tokens, more than text_len {self.text_len}")
             if p.device != noise.device:
                 raise ValueError(f"prompt embeddings on {p.device}, noise on {noise.device}")
+            if p.dtype != param.dtype:
+                raise TypeError(f"prompt embeddings are {p.dtype}, but the generator's weights are {param.dtype}")
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"prompt embeddings {i} hold NaN or infinite values")
         if len(switches) != len(prompts) - 1:
             raise ValueError(f"{len(prompts)} prompts need {len(prompts) - 1} switch frame indices, got {len(switches)}")
         if list(switches) != sorted(switches) or any(s < 0 for s in switches):
             raise ValueError(f"switch frame indices must be non-negative and increasing, got {list(switches)}")
+        if switches and switches[-1] >= f:
+            raise ValueError(f"switch frame index {switches[-1]} is past the last latent frame ({f} frames): that "
+                             "prompt would never be used")
 
     def iter_blocks(self, noise: torch.Tensor, prompt_embeds: torch.Tensor | Sequence[torch.Tensor],
                     switch_frame_indices: Sequence[int] = (), *,

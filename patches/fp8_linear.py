@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.fp8_gemm import fp8_linear, fp8_supported, tma_supported
-from ..kernels.fp8_quant import ACT_GROUP, Fp8Activation, quantize_weight_per_channel
+from ..kernels.fp8_quant import ACT_GROUP, FP8_DTYPE, Fp8Activation, quantize_weight_per_channel
 from .base import Patch, PatchSkip, require_kernel_device
 from .window_self_attention import WindowSelfAttention
 
@@ -101,6 +101,19 @@ class FP8Linear(nn.Module):
 
     def forward(self, x, *, gelu: bool = False, out_fp8: bool = False):
         return Fp8Weight(self.weight, self.weight_scale, self.bias, self.options)(x, gelu=gelu, out_fp8=out_fp8)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype), .float() and .half() cast every floating-point buffer: the e4m3 weight and
+        # its fp32 scales take part as their integer bits (moved by .to(device), never cast), then are
+        # viewed back, so LongLive's pipeline.to(dtype=bf16) after patching leaves them as they are.
+        bits = {"weight": (torch.uint8, FP8_DTYPE), "weight_scale": (torch.int32, torch.float32)}
+        for name, (as_bits, _) in bits.items():
+            self._buffers[name] = self._buffers[name].view(as_bits)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, (_, dtype) in bits.items():
+                self._buffers[name] = self._buffers[name].view(dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -15,6 +15,12 @@ Replaces `CausalWanSelfAttention`. Per call (one layer of one forward):
 The stock model commits the pointers from what each layer returns; we return the new values as
 device scalars, so its `_apply_cache_updates` leaves them right (a recompute returns the old ones).
 Our ring shift lives in the layer's cache dict under `ring_shift`; a fresh dict starts a fresh ring.
+The ring is as long as the window needs (kernels/kv_cache_plan.py): a cache larger than the window
+(LongLive sizes it from its config, not from a window a patch set) is read in place at full speed,
+its extra slots unused, and the layer warns once that they could be freed.
+
+A window set by patch_model (`local_attn_size`) is kept as a cap: LongLive's pipeline resets every
+module's `max_attention_size` from its own config on each inference(), which would otherwise undo it.
 
 With `kv_cache_dtype: fp8` the layer keeps its cache in the FP8 layout of
 kernels/window_attention.py: k in e4m3 with a static scale per head (derived once from norm_k's
@@ -29,18 +35,20 @@ hands q over in e4m3 with one scale per row) and `window_attention_fp8`.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.kv_cache_plan import (LOCAL_START, NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, START_FRAME,
-                                     WIN_END, WIN_START, kv_cache_plan, kv_cache_plan_ref)
+                                     WIN_END, WIN_START, kv_cache_plan, kv_cache_plan_ref, window_ring_size)
 from ..kernels.fp8_quant import FP8_DTYPE
 from ..kernels.kv_quant_append import k_head_scale, kv_quant_append, quantize_k_ref, quantize_v_groups_ref
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rope_kv_append import rope_kv_append, rope_tables
-from ..kernels.window_attention import tma_available, window_attention, window_attention_fp8
-from ..kernels._common import interpreting
+from ..kernels.window_attention import window_attention, window_attention_fp8
+from ..kernels._common import SUPPORTED_HEAD_DIMS, tma_supported
 from .base import Patch, PatchSkip, require_kernel_device
 
 _HOST_STATE = "_longlive_triton_host"   # (global_end, local_end, shift) mirrored on the host
@@ -70,6 +78,9 @@ class WindowSelfAttention(nn.Module):
         # The stock budget (local_attn_size * 1560, or what the pipeline set) is kept as is; our
         # reference leaves it None and derives it from the frame size at run time.
         self.max_attention_size = getattr(stock, "max_attention_size", None)
+        # The window patch_model set (latent frames, sink included), a cap on any budget a pipeline sets.
+        self.window_frames: int | None = None
+        self._told_cache_size = False
         self.q, self.k, self.v, self.o = stock.q, stock.k, stock.v, stock.o
         self.norm_q, self.norm_k = stock.norm_q, stock.norm_k
         # The fp8 patch (patches/fp8_linear.py) sets this to an FP8 GEMM over the fused q|k|v
@@ -90,8 +101,8 @@ class WindowSelfAttention(nn.Module):
             raise PatchSkip(f"the kernels need bf16 weights; this layer is {weight.dtype}")
         require_kernel_device(weight)
         head_dim = stock.dim // stock.num_heads
-        if head_dim not in (64, 128) and not (head_dim == 32 and interpreting()):
-            raise PatchSkip(f"head dim {head_dim} is not supported by the kernels (64 or 128)")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise PatchSkip(f"head dim {head_dim} is not supported by the kernels ({', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
         for name in ("norm_q", "norm_k"):
             norm = getattr(stock, name)
             w = getattr(norm, "weight", None)
@@ -102,8 +113,9 @@ class WindowSelfAttention(nn.Module):
             raise PatchSkip(f"the fp8 KV cache needs FP8 support (compute capability >= 8.9); this GPU is "
                             f"{torch.cuda.get_device_capability(weight.device)}")
         # TMA where the GPU has it (compute capability >= 9); elsewhere the same kernel with pointer loads.
-        use_tma = config.attention_tma and tma_available(weight.device)
+        use_tma = config.attention_tma and tma_supported(weight.device)
         new = cls(stock, backend, config.kv_cache_dtype, config.attention_split, use_tma)
+        new.window_frames = config.local_attn_size
         with torch.no_grad():
             fused_w = torch.cat([stock.q.weight, stock.k.weight, stock.v.weight])
             fused_b = torch.cat([stock.q.bias, stock.k.bias, stock.v.bias])
@@ -127,16 +139,21 @@ class WindowSelfAttention(nn.Module):
 
     def _budget(self, frame_seqlen: int, capacity: int) -> int:
         if self.max_attention_size is not None:
-            return self.max_attention_size
-        return capacity if self.local_attn_size == -1 else self.local_attn_size * frame_seqlen
+            budget = self.max_attention_size
+        else:
+            budget = capacity if self.local_attn_size == -1 else self.local_attn_size * frame_seqlen
+        if self.window_frames is not None:
+            budget = min(budget, self.window_frames * frame_seqlen)
+        return budget
 
     def plan_args(self, kv_cache: dict, current_start: int, num_new: int, frame_seqlen: int,
                   sink_recache: bool = False) -> dict:
         """The host-side arguments of this layer's cache plan for one call."""
         capacity = kv_cache["k"].shape[1]
-        return dict(current_start=int(current_start), num_new=num_new, capacity=capacity,
-                    sink_tokens=self.sink_size * frame_seqlen, budget=self._budget(frame_seqlen, capacity),
-                    frame_tokens=frame_seqlen, local=self.local_attn_size != -1, sink_recache=bool(sink_recache))
+        sink, budget = self.sink_size * frame_seqlen, self._budget(frame_seqlen, capacity)
+        return dict(current_start=int(current_start), num_new=num_new, capacity=capacity, sink_tokens=sink,
+                    budget=budget, frame_tokens=frame_seqlen, local=self.local_attn_size != -1,
+                    sink_recache=bool(sink_recache), ring_size=window_ring_size(capacity, sink, budget))
 
     @staticmethod
     def host_window(kv_cache: dict, plan_args: dict, *, commit: bool) -> tuple[int, int, int]:
@@ -145,13 +162,34 @@ class WindowSelfAttention(nn.Module):
 
         The cuDNN path slices the cache with these; a CUDA graph runner keys its graphs on them and
         commits them for each replayed call (the replay runs no Python)."""
-        plan = kv_cache_plan_ref(*kv_cache.get(_HOST_STATE, (0, 0, 0)), **plan_args)
+        state = kv_cache.get(_HOST_STATE, (0, 0, 0))
+        _check_forward_only(state[0], plan_args)
+        plan = kv_cache_plan_ref(*state, **plan_args)
         if commit:
             kv_cache[_HOST_STATE] = (plan[NEW_GLOBAL], plan[NEW_LOCAL], plan[SHIFT])
-        sink, ring = plan_args["sink_tokens"], plan_args["capacity"] - plan_args["sink_tokens"]
+        sink, ring = plan_args["sink_tokens"], plan_args["ring_size"]
         win_start, win_end = plan[WIN_START], max(plan[WIN_START], plan[WIN_END])
         first = sink + (win_start - sink + plan[SHIFT]) % ring if win_end > win_start else sink
         return plan[SINK_END], first, win_end - win_start
+
+    @staticmethod
+    def reads_in_place(window: tuple[int, int, int], plan_args: dict) -> bool:
+        """Whether sink + window are the cache slots [0, sink + length), so cuDNN reads them in place:
+        while the window fills (it starts at the ring's first slot) and whenever it is the whole ring
+        (always once full, the ring being as long as the window)."""
+        _, first, length = window
+        return first == plan_args["sink_tokens"] or length == plan_args["ring_size"]
+
+    def _note_cache_size(self, plan_args: dict) -> None:
+        """Warn once when the cache holds more than the window reads (its extra slots are unused)."""
+        self._told_cache_size = True
+        capacity, sink, fs = plan_args["capacity"], plan_args["sink_tokens"], plan_args["frame_tokens"]
+        needed = sink + plan_args["ring_size"]
+        if plan_args["local"] and capacity > needed:
+            warnings.warn(f"the KV cache holds {capacity // fs} latent frames, {(capacity - needed) // fs} more than the "
+                          f"{needed // fs}-frame attention window reads: it runs at full speed with those slots unused "
+                          f"(LongLive sizes the cache from model_kwargs.local_attn_size: set it to {needed // fs} to "
+                          "free them)", stacklevel=3)
 
     def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0,
                 cache_start=None, sink_recache_after_switch=False):
@@ -194,8 +232,12 @@ class WindowSelfAttention(nn.Module):
         if self.kv_cache_dtype == "fp8":
             self._use_fp8_cache(kv_cache)
         k_cache, v_cache = kv_cache["k"], kv_cache["v"]
-        capacity = k_cache.shape[1]
         plan_args = self.plan_args(kv_cache, current_start, s, frame_seqlen, sink_recache_after_switch)
+        if not self._told_cache_size:
+            self._note_cache_size(plan_args)
+        # The host mirror of the pointers moves on with every call (both backends): the cuDNN path
+        # and the graph runner read it, and it refuses a call the ring cannot serve.
+        window = self.host_window(kv_cache, plan_args, commit=True)
         shift = kv_cache.get(_RING_SHIFT)
         if shift is None:
             shift = kv_cache[_RING_SHIFT] = torch.zeros(1, dtype=torch.long, device=k_cache.device)
@@ -206,8 +248,7 @@ class WindowSelfAttention(nn.Module):
                              **dict(plan_args, current_start=plan_args["current_start"] if device_start is None
                                     else device_start))
 
-        sink = plan_args["sink_tokens"]
-        ring = dict(ring_lo=sink, ring_size=capacity - sink, shift=plan[SHIFT:SHIFT + 1])
+        ring = dict(ring_lo=plan_args["sink_tokens"], ring_size=plan_args["ring_size"], shift=plan[SHIFT:SHIFT + 1])
         if self.kv_cache_dtype == "fp8":
             out = self._append_attend_fp8(q_lin, k_lin, v, kv_cache, plan, ring, (frames, hg, wg),
                                           plan[START_FRAME:START_FRAME + 1])
@@ -220,8 +261,7 @@ class WindowSelfAttention(nn.Module):
             out = window_attention(q, k_cache, v_cache, plan[SINK_END:SINK_END + 1], plan[WIN_START:WIN_START + 1],
                                    plan[WIN_END:WIN_END + 1], **ring, **self.attention_options)
         else:
-            out = self._sdpa(q, k_cache, v_cache, self.host_window(kv_cache, plan_args, commit=True), sink,
-                             capacity - sink)
+            out = self._sdpa(q, k_cache, v_cache, window, plan_args)
         return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
 
     @property
@@ -256,12 +296,12 @@ class WindowSelfAttention(nn.Module):
                                     plan[WIN_START:WIN_START + 1], plan[WIN_END:WIN_END + 1], **ring,
                                     **self.attention_options)
 
-    @staticmethod
-    def _sdpa(q, k_cache, v_cache, window: tuple[int, int, int], sink: int, ring: int) -> torch.Tensor:
+    @classmethod
+    def _sdpa(cls, q, k_cache, v_cache, window: tuple[int, int, int], plan_args: dict) -> torch.Tensor:
         """cuDNN attention over the window, read in place when it is one physical range."""
         sink_end, first, length = window
-        if first == sink or length == ring:
-            # The usual cases (a filling cache; a full window): sink + window are slots [0, sink + length).
+        sink, ring = plan_args["sink_tokens"], plan_args["ring_size"]
+        if cls.reads_in_place(window, plan_args):
             k, v = k_cache[:, :sink + length], v_cache[:, :sink + length]
         else:
             slots = torch.cat([torch.arange(sink_end), sink + (torch.arange(first - sink, first - sink + length) % ring)])
@@ -269,6 +309,19 @@ class WindowSelfAttention(nn.Module):
             k, v = k_cache.index_select(1, slots), v_cache.index_select(1, slots)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
+
+
+def _check_forward_only(global_end: int, plan_args: dict) -> None:
+    """Refuse a recompute that ends before the last committed token when the ring is shorter than
+    the cache: the positions it would read again were overwritten (kernels/kv_cache_plan.py).
+    LongLive never makes one (its recomputes end where the last commit did)."""
+    start, n = plan_args["current_start"], plan_args["num_new"]
+    if start > 0 and start + n < global_end and plan_args["ring_size"] < plan_args["capacity"] - plan_args["sink_tokens"]:
+        fs = plan_args["frame_tokens"]
+        raise ValueError(f"this call recomputes tokens [{start}, {start + n}) before the last committed token "
+                         f"{global_end}: with a KV cache larger than the attention window only the window is kept "
+                         f"(keys older than it are gone); size the cache to the window "
+                         f"({(plan_args['sink_tokens'] + plan_args['ring_size']) // fs} latent frames) to do this")
 
 
 def _is_self_attention(m: nn.Module) -> bool:

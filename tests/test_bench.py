@@ -27,6 +27,8 @@ def test_e2e_tiny_writes_json(tmp_path, capsys):
     assert math.isfinite(exact["rel_l2"]) and math.isfinite(exact["cosine"])
     if exact["patch"]["applied"] == 0:  # nothing swapped: the same math on the same inputs, bit for bit
         assert exact["rel_l2"] == 0.0
+    # fp32 leaves every layer stock: two identical models, so no speed-up is printed, and we say why.
+    assert exact["speedup"] is None and "nothing was patched" in exact["speedup_note"]
     printed = capsys.readouterr().out
     assert "patch report" in printed and "ms/block" in printed
     assert "not steady state" in printed  # 2 warm-up blocks: the window is not full yet, and we say so
@@ -71,6 +73,68 @@ def test_drift_per_block():
     out[:, 3:] *= -1                                  # second block flipped
     d = drift_per_block(out, ref, 3)
     assert d["rel_l2"] == [0.0, pytest.approx(2.0)] and d["cosine"] == [pytest.approx(1.0), pytest.approx(-1.0)]
+
+
+def test_e2e_on_a_cpu_prints_no_speedup(tmp_path, capsys, monkeypatch):
+    """bf16 on a CPU: the patched row runs Triton's interpreter (a time, not a speed figure); without
+    the interpreter nothing is patched. Neither prints a speed-up; the progress bar counts the blocks."""
+    from longlive_triton.bench import e2e
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.n, self.total = 0, total
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self):
+            self.n += 1
+
+    monkeypatch.setattr(e2e, "block_bar", Bar)
+    out = tmp_path / "e2e.json"
+    assert main(["e2e", "--preset-model", "tiny", "--blocks", "2", "--warmup-blocks", "1", "--configs",
+                 "exact,fused_glue=false", "--json", str(out)]) == 0
+    stock, exact = json.loads(out.read_text())["rows"]
+    assert exact["patch"]["applied"] > 0 and exact["speedup"] is None and stock["speedup"] is None
+    printed = capsys.readouterr().out
+    assert "Triton's interpreter: its time is no speed figure" in printed and "x\n" not in printed
+    assert [(b.n, b.total) for b in bars] == [(2, 2), (2, 2)]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels cannot run: every patch skips
+    assert main(["e2e", "--preset-model", "tiny", "--blocks", "2", "--warmup-blocks", "1", "--configs",
+                 "exact,fused_glue=false", "--json", str(out)]) == 0
+    exact = json.loads(out.read_text())["rows"][1]
+    assert exact["patch"]["applied"] == 0 and exact["speedup"] is None
+    assert "nothing was patched (the kernels need a CUDA device" in capsys.readouterr().out
+
+
+def test_e2e_configs_none_is_the_stock_row_only(tmp_path):
+    out = tmp_path / "e2e.json"
+    assert main(["e2e", "--preset-model", "tiny", "--blocks", "2", "--warmup-blocks", "1", "--dtype", "fp32",
+                 "--configs", "none", "--json", str(out)]) == 0
+    assert [r["config"] for r in json.loads(out.read_text())["rows"]] == ["stock"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frames-per-block", "0"], "--frames-per-block must be >= 1"),
+    (["--blocks", "0"], "--blocks must be >= 1"),
+    (["--configs", "exact,no_such_key=1"], "unknown patch config keys ['no_such_key']; known keys: ["),
+    (["--context", "list"], "--context list need --model stock"),
+    (["--model", "stock", "--cache-frames", "2"], "--cache-frames takes latent frame counts >= one block (3)"),
+    (["--model", "stock", "--switch-every", "0"], "--switch-every must be >= 1"),
+    (["--model", "stock", "--switch-block", "5"], "--model stock takes --switch-every"),
+] + ([] if torch.cuda.is_available() else [(["--profile"], "--profile needs a CUDA GPU")]))
+def test_e2e_checks_arguments_before_any_work(argv, message, capsys, monkeypatch):
+    from longlive_triton.bench import e2e
+
+    monkeypatch.setattr(e2e, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    assert main(["e2e", "--preset-model", "tiny"] + argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_e2e_refuses_bad_arguments(capsys):

@@ -466,3 +466,47 @@ def test_hf_default_cache(tmp_path, monkeypatch, source_sd):
     assert_params_equal(m, source_sd)
     with pytest.raises(FileNotFoundError, match=f"org/absent.*{tmp_path}"):
         resolve_checkpoint("org/absent", "f.pt")
+
+
+# ------------------------------------------------------------------------------------------------
+# files that are not checkpoints, and loading into a patched model
+# ------------------------------------------------------------------------------------------------
+
+def test_a_text_file_as_a_checkpoint_names_the_path(tmp_path, model):
+    text = tmp_path / "longlive_base.pt"
+    text.write_text("not a checkpoint\n" * 8)
+    with pytest.raises(CheckpointError, match=f"{str(text)!r} is not a readable PyTorch checkpoint"):
+        load_longlive_generator(model, text)
+    with pytest.raises(CheckpointError, match=f"{str(text)!r} is not a readable PyTorch checkpoint"):
+        merge_lora(model, text)
+
+
+def test_a_truncated_checkpoint_names_the_path(tmp_path, model, source_sd):
+    full = tmp_path / "full.safetensors"
+    save_file(source_sd, str(full))
+    cut = tmp_path / "diffusion_pytorch_model.safetensors"
+    cut.write_bytes(full.read_bytes()[:full.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"{str(cut)!r} is not a readable safetensors file"):
+        load_wan_base(model, cut)
+    pt = tmp_path / "gen.pt"
+    torch.save({"generator": source_sd}, pt)
+    pt.write_bytes(pt.read_bytes()[:pt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"{str(pt)!r} is not a readable PyTorch checkpoint"):
+        load_longlive_generator(model, pt)
+
+
+def test_a_repo_id_not_in_the_cache_says_how_to_fetch_it(tmp_path, model):
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download Efficient-Large-Model/LongLive-1.3B"):
+        load_longlive(model, generator="Efficient-Large-Model/LongLive-1.3B", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("config", ["exact", "fp8"])
+def test_loading_into_a_patched_model_is_refused(config, model, source_sd):
+    from longlive_triton import patch_model
+
+    patch_model(model, {"window_attention": False, "fused_glue": False, "cuda_graphs": False}
+                if config == "exact" else {"fp8_linear": True, "cuda_graphs": False})
+    with pytest.raises(ValueError, match="load checkpoints and LoRA before patch_model"):
+        load_state_dict_strict(model, source_sd)
+    with pytest.raises(ValueError, match="load checkpoints and LoRA before patch_model"):
+        merge_lora(model, {"base_model.model.blocks.0.ffn.0.lora_A.weight": torch.zeros(4, 64)})

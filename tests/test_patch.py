@@ -331,3 +331,56 @@ def test_already_merged_adapters_are_skipped_with_reason():
     assert "already merged" in report.skipped[0].reason
     assert model.get_submodule(paths[0]) is layer and torch.equal(layer.base_layer.weight, w)
     assert sorted(e.path for e in report.applied) == paths[1:]
+
+
+def test_yaml_files_that_are_not_a_mapping_name_the_file(tmp_path):
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- window_attention\n- fused_glue\n")
+    with pytest.raises(TypeError, match=f"patch config file {listed} holds a list"):
+        load_preset(str(listed))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("window_attention: [true\n")
+    with pytest.raises(ValueError, match=f"patch config file {broken} is not valid YAML"):
+        load_preset(str(broken))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("turbo: 3\n")
+    with pytest.raises(ValueError, match=f"patch config file {unknown}: unknown patch config keys"):
+        load_preset(str(unknown))
+
+
+def test_patching_again_with_other_settings_is_refused():
+    model = build_model("tiny", dtype=torch.bfloat16)
+    patch_model(model, "exact")
+    with pytest.raises(ValueError, match="already patched with config 'exact'; patching it again with 'fp8'"):
+        patch_model(model, "fp8")
+    assert "already patched" in str(patch_model(model, dict(load_preset("exact").__dict__, name="again")))
+
+
+def test_a_patched_model_refuses_to_run_after_float():
+    """.float() cannot reach the copies the patched layers made (fused q|k|v, fp8 weights): the call
+    is refused up front instead of failing inside a kernel launcher."""
+    model = build_model("tiny", dtype=torch.bfloat16)
+    patch_model(model, {"window_attention": True, "fused_glue": True, "cuda_graphs": False})
+    model.float()
+    x = torch.zeros(1, 16, 3, TINY.latent_height, TINY.latent_width)
+    with pytest.raises(RuntimeError, match="patched for torch.bfloat16 on cpu but its weights are now torch.float32"):
+        model(x, t=torch.zeros(1, 3), context=torch.zeros(1, TINY.text_len, TINY.text_dim), seq_len=32760,
+              kv_cache=[], crossattn_cache=[], current_start=0)
+
+
+def test_fp8_weights_survive_dtype_casts():
+    """model.to(torch.bfloat16) (LongLive's pipeline.to) or .float() after an fp8 patch keep the e4m3
+    weights e4m3 (a floating-point buffer would be cast with everything else)."""
+    from longlive_triton.patches.fp8_linear import FP8Linear
+
+    model = build_model("tiny", dtype=torch.bfloat16)
+    patch_model(model, {"fp8_linear": True, "cuda_graphs": False})
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert layers
+    before = [(m.weight.clone(), m.weight_scale.clone()) for m in layers]
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.float(), lambda m: m.half()):
+        cast(model)
+        for m, (weight, scale) in zip(layers, before):
+            assert m.weight.dtype == torch.float8_e4m3fn and m.weight_scale.dtype == torch.float32
+            assert torch.equal(m.weight.view(torch.uint8), weight.view(torch.uint8))
+            assert torch.equal(m.weight_scale, scale)

@@ -141,6 +141,25 @@ def test_bad_inputs_raise(model):
         BlockPipeline(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda n, p: (n[:, :, :8], p, []), ValueError, "noise has 8 latent channels, the generator takes 16"),
+    (lambda n, p: (n[..., :7], p, []), ValueError, "multiples of the patch size 2x2, got 4x7"),
+    (lambda n, p: (n[:, :, :, :3], p, []), ValueError, "multiples of the patch size 2x2, got 3x8"),
+    (lambda n, p: (n, p[..., :40], []), ValueError, r"prompt embeddings must be \[B=1, L, text_dim=48\]"),
+    (lambda n, p: (n, p.double(), []), TypeError, "prompt embeddings are torch.float64"),
+    (lambda n, p: (n.index_fill(1, torch.tensor([4]), float("nan")), p, []), ValueError, "noise holds NaN"),
+    (lambda n, p: (n, [p, p], [9]), ValueError, "switch frame index 9 is past the last latent frame"),
+])
+def test_bad_inputs_are_refused_before_any_work(model, bad, error, match, monkeypatch):
+    """Refused with a clear error before the first generator call (not deep in torch, not silently)."""
+    noise, (p,) = inputs(0, 9)
+    noise, prompts, switches = bad(noise, p)
+    pipe = BlockPipeline(model)
+    monkeypatch.setattr(pipe, "predict_x0", lambda *a, **k: pytest.fail("the generator ran"))
+    with pytest.raises(error, match=match):
+        pipe.generate(noise, prompts, switches)
+
+
 def test_determinism(model):
     noise, (p,) = inputs(0, 9)
     a, _ = run(model, noise, [p], seed=5)
@@ -452,3 +471,20 @@ def test_attention_budget_follows_pipeline_local_attn_size(monkeypatch, local):
     expected = [min((b + 1) * 3 * FS, capacity, budget) for b in range(7)]
     assert len(lengths) == per_call * 5 * 7
     assert first_calls == expected
+
+
+def test_context_as_wans_list(model, monkeypatch):
+    """context_as_list passes the prompt embeddings as Wan's list of [L, text_dim] tensors (the stock
+    model takes both forms); the latents are the tensor form's."""
+    noise, (p,) = inputs(3, 3, batch=2)
+    forms = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        forms.append(type(kwargs["context"]).__name__)
+        return forward(*args, **kwargs)
+
+    as_tensor, _ = run(model, noise, [p])
+    monkeypatch.setattr(model, "forward", spy)
+    as_list, _ = run(model, noise, [p], config=PipelineConfig(context_as_list=True))
+    assert set(forms) == {"list"} and torch.allclose(as_list, as_tensor, **BATCH_TOL)

@@ -1,30 +1,38 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [install|tests|graphs|parity|e2e|kernels|profile|vae|vae-tests|vae-bench|e2e-vae|app|multi-gpu ...]
-#   (default: all but the VAE steps, app and multi-gpu; vae = vae-tests vae-bench, whose summary also reads the
-#   tests' figures; multi-gpu needs a kind with 2 GPUs: nvidia-h200-x2)
+#   bash tests/gpu/run_device.sh [install|tests|gpu-suite|graphs|parity|e2e|e2e-stock|soak|kernels|profile|
+#                                 vae|vae-tests|vae-bench|e2e-vae|app|multi-gpu ...]
+#   (default: tests graphs parity e2e kernels profile; vae = vae-tests vae-bench, whose summary also reads
+#   the tests' figures; multi-gpu needs a kind with 2 GPUs: nvidia-h200-x2)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
-# .whl: the GPU image lacks PyYAML, and its setuptools cannot make the editable install that maps
-# kernels/, patches/ and bench/ into the longlive_triton namespace (fill .whl with
-# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl pyyaml setuptools`;
-# the app step also needs imageio-ffmpeg, tqdm and pillow there: add them to that command, with
-# `--platform manylinux_2_28_x86_64` if pip finds no wheel).
+# the stock-class steps, and .whl: the GPU image lacks PyYAML (and maybe tqdm), and its setuptools
+# cannot make the editable install that maps kernels/, patches/ and bench/ into the longlive_triton
+# namespace (fill .whl with `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .whl pyyaml setuptools tqdm`; the app step also needs
+# imageio-ffmpeg and pillow there: add them, with `--platform manylinux_2_28_x86_64` if pip finds no wheel).
+# gpu-suite runs every GPU test (`pytest -m gpu tests/`); GPU_MARK narrows it, e.g.
+# GPU_MARK="gpu and not slow" (the slow ones: 1.3B models over many blocks) to split it over two calls.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
+# Autotuning results kept in Triton's cache: a step after the first reuses the configs tuned before.
+export TRITON_CACHE_AUTOTUNING=1
 steps=${*:-tests graphs parity e2e kernels profile}
 steps=$(echo " $steps " | sed 's/ vae / vae-tests vae-bench /g')
 # At most 8 files come back from $OUT: the install log stays behind unless the install fails.
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
+python3 -c "import yaml, tqdm" || { echo "pyyaml or tqdm missing: add their wheels to .whl (see the top of this file)"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
-    tests)   python3 -m pytest -q -x -m gpu tests/kernels tests/patches 2>&1 | tee "$OUT/tests.log" ;;
+    tests)   python3 -m pytest -q -m gpu tests/kernels tests/patches 2>&1 | tee "$OUT/tests.log" ;;
+    gpu-suite) LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -m "${GPU_MARK:-gpu}" --durations=30 \
+               --junitxml="$OUT/gpu-suite.xml" tests/ 2>&1 | tee "$OUT/gpu-suite.log" ;;
     parity)  LONGLIVE_SRC=.stock/LongLive PARITY_OUT="$OUT/parity.json" \
                python3 -m pytest -q -s tests/gpu/test_stock_parity.py tests/reference/test_patch_stock_class.py 2>&1 | tee "$OUT/parity.log" ;;
     kernels) longlive-bench kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
@@ -34,6 +42,12 @@ for step in $steps; do
     app)     # the longlive-triton command (not in the default steps): embedded generate, then tests/app
              { longlive-triton generate --output "$OUT/embedded.mp4" --frames 30; g=$?
                python3 -m pytest -q tests/app; t=$?; [ $g = 0 ] && [ $t = 0 ]; } 2>&1 | tee "$OUT/app.log" ;;
+    e2e-stock) { rc=0; for ctx in tensor list; do
+                   LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs exact fp8 window9 fastest \
+                     --context $ctx --cache-frames 12 window --blocks 12 --append "$OUT/e2e-stock.jsonl" || rc=1
+                 done; exit $rc; } 2>&1 | tee "$OUT/e2e-stock.log" ;;
+    soak)    LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs exact fp8 fastest --cache-frames 12 \
+               --blocks 100 --switch-every 25 --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
     vae-tests) { LONGLIVE_SRC=.stock/LongLive VAE_OUT="$OUT/vae_parity.json" python3 -m pytest -q -s \
                  tests/gpu/test_vae_gpu.py tests/kernels/test_vae_rms_norm_silu.py tests/kernels/test_vae_conv3d.py; t=$?

@@ -38,6 +38,7 @@ def _generate(model, noise, prompts, graphs):
     return pipe.generate(noise, prompts, [SWITCH_FRAME])
 
 
+@pytest.mark.slow
 def test_graphed_equals_eager_with_a_prompt_switch(setup):
     model, noise, prompts = setup
     eager = _generate(model, noise, prompts, graphs=False)
@@ -57,6 +58,7 @@ def test_graphed_equals_eager_with_a_prompt_switch(setup):
         assert _rel(graphed[:, start:start + 3], eager[:, start:start + 3]) <= 1e-3, start
 
 
+@pytest.mark.slow
 def test_misuse_of_a_captured_model_is_refused(setup):
     model, noise, prompts = setup
     assert graph_runner(model).graphs, "run after the parity test captured graphs"
@@ -74,3 +76,35 @@ def test_misuse_of_a_captured_model_is_refused(setup):
         next(BlockPipeline(model).iter_blocks(noise[:, :6].float(), prompts[0]))
     with pytest.raises(ValueError, match="noise is on cpu"):
         next(BlockPipeline(model).iter_blocks(noise[:, :6].cpu(), prompts[0].cpu()))
+
+
+@pytest.mark.parametrize("context_as_list", [False, True], ids=["tensor", "list"])
+def test_window9_in_a_12_frame_cache_stays_in_the_graphs(context_as_list):
+    """window9 under LongLive's settings (a 12-frame cache, re-cache and budget from its config), the
+    context as a tensor or as Wan's list: after warm-up no call runs eagerly but the prompt switch's
+    re-cache, and the graphed latents equal the eager ones. Tiny widths with one 64-wide head."""
+    from longlive_triton import PatchConfig
+
+    model = build_model("tiny", dtype=torch.bfloat16, device="cuda", seed=0, num_heads=1)
+    patch_model(model, PatchConfig(window_attention=True, fused_glue=True, local_attn_size=9))
+    preset = get_preset("tiny")
+    gen = torch.Generator("cuda").manual_seed(1)
+    noise = torch.randn(1, 48, 16, preset.latent_height, preset.latent_width, generator=gen, device="cuda").to(torch.bfloat16)
+    prompts = [torch.randn(1, preset.text_len, preset.text_dim, generator=gen, device="cuda").to(torch.bfloat16)
+               for _ in range(2)]
+
+    def generate(graphs):
+        torch.manual_seed(0)
+        config = PipelineConfig(local_attn_size=12, context_as_list=context_as_list, cuda_graphs=graphs)
+        return BlockPipeline(model, config).generate(noise, prompts, [27])
+
+    eager = generate(False)
+    runner = graph_runner(model)
+    before = dict(runner.stats.eager_reasons)
+    graphed = generate(None)
+    reasons = {k: v - before.get(k, 0) for k, v in runner.stats.eager_reasons.items() if v - before.get(k, 0)}
+    print(f"context {'list' if context_as_list else 'tensor'}: eager calls {reasons}, {runner.stats.replays} replays")
+    assert set(reasons) <= {"first call of its kind (warm-up)", "cross-attention cache being filled"}, reasons
+    # The first call of the video, the re-cache and the call after it fill the text cache.
+    assert reasons.get("cross-attention cache being filled", 0) <= 3
+    assert _rel(graphed, eager) <= 1e-3

@@ -26,6 +26,7 @@ import torch
 _SRC = os.environ.get("LONGLIVE_SRC", "")
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.slow,
     pytest.mark.stock,
     pytest.mark.skipif(
         not _SRC or not Path(_SRC).is_dir(),

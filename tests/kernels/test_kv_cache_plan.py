@@ -1,12 +1,13 @@
 """kv_cache_plan: the kernel equals the stock rules exactly, and a ring-buffered cache driven by its
-plans attends to exactly the keys that the stock memmove layout attends to, call after call."""
+plans attends to exactly the keys that the stock memmove layout attends to, call after call, with
+the ring sized to the window (a cache larger than the window reads every full window in place)."""
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 from longlive_triton.kernels.kv_cache_plan import (NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, WIN_END,
                                                    WIN_START, LOCAL_START, START_FRAME, kv_cache_plan, kv_cache_plan_ref,
-                                                   physical_slot)
+                                                   physical_slot, window_ring_size)
 
 
 @st.composite
@@ -16,7 +17,8 @@ def layouts(draw):
     per_block = draw(st.integers(1, 3))
     window = draw(st.integers(per_block + 1, 9))
     sink = draw(st.integers(0, window - per_block))
-    budget_frames = draw(st.sampled_from([window, window - 1, window + 2]))
+    # A budget below the cache: a patch's window in a cache sized by LongLive's config.
+    budget_frames = draw(st.sampled_from([window, window - 1, window + 2, draw(st.integers(1, window))]))
     return fs, per_block, window, sink, max(budget_frames, 1)
 
 
@@ -56,6 +58,7 @@ def _stock_step(cache, g, loc, s, n, C, S, M, sink_recache, ids):
 def test_ring_cache_attends_to_the_stock_keys(case):
     fs, window, sink, budget, calls = case
     C, S, M = window * fs, sink * fs, budget * fs
+    R = window_ring_size(C, S, M)
     stock = torch.zeros(C, dtype=torch.long)
     ring = torch.zeros(C, dtype=torch.long)
     g_stock = l_stock = 0
@@ -66,14 +69,18 @@ def test_ring_cache_attends_to_the_stock_keys(case):
         ids = torch.arange(n) + 1000 * (index + 1)  # every written key is unique
         g_stock, l_stock, expected = _stock_step(stock, g_stock, l_stock, s, n, C, S, M, sink_recache, ids)
         plan = kv_cache_plan(g, loc, shift, current_start=s, num_new=n, capacity=C, sink_tokens=S, budget=M,
-                             sink_recache=sink_recache).tolist()
+                             sink_recache=sink_recache, ring_size=R).tolist()
         rows = torch.arange(plan[ROW_LO], n)
-        ring[physical_slot(plan[LOCAL_START] + rows, S, C - S, plan[SHIFT])] = ids[rows]
+        # The append kernels' rule: of the rows landing in the ring, the last R.
+        rows = rows[(plan[LOCAL_START] + rows < S) | (rows >= n - R)]
+        ring[physical_slot(plan[LOCAL_START] + rows, S, R, plan[SHIFT])] = ids[rows]
         # An empty window (start past end) attends to the sink alone, as the stock slicing does.
         window = torch.arange(plan[WIN_START], max(plan[WIN_START], plan[WIN_END]))
         logical = torch.cat([torch.arange(plan[SINK_END]), window])
-        got = ring[physical_slot(logical, S, C - S, plan[SHIFT])]
+        got = ring[physical_slot(logical, S, R, plan[SHIFT])]
         assert torch.equal(got.sort().values, expected.sort().values), (index, plan)
+        if len(window) == R:  # a full window is the whole ring: slots [S, S + R), read in place
+            assert torch.equal(physical_slot(window, S, R, plan[SHIFT]).sort().values, torch.arange(S, S + R))
         g.fill_(plan[NEW_GLOBAL])
         loc.fill_(plan[NEW_LOCAL])
         assert (plan[NEW_GLOBAL], plan[NEW_LOCAL]) == (g_stock, l_stock)
@@ -95,6 +102,10 @@ def test_plan_kernel_equals_stock_rules(g, loc, shift, s, n, sink, budget, local
     want = kv_cache_plan_ref(g, loc, shift % (C - sink), current_start=s, **args)
     assert got.tolist()[:SHIFT] == want[:SHIFT]
     assert got[SHIFT].item() % (C - sink) == want[SHIFT]
+    ring = window_ring_size(C, sink, budget)
+    got_ring = kv_cache_plan(torch.tensor([g]), torch.tensor([loc]), torch.tensor([shift % ring]), current_start=start,
+                             ring_size=ring, **args)
+    assert got_ring.tolist() == kv_cache_plan_ref(g, loc, shift % ring, current_start=s, ring_size=ring, **args)
     assert got[START_FRAME].item() == want[START_FRAME] == s // frame_tokens
     assert shift_t.item() == got[SHIFT].item()
 
@@ -124,6 +135,8 @@ def test_longlive_trace():
     (dict(num_new=97), "do not fit"),
     (dict(budget=0), "budget"),
     (dict(frame_tokens=0), "frame_tokens"),
+    (dict(ring_size=73), "ring_size"),
+    (dict(ring_size=0), "ring_size"),
 ])
 def test_bad_arguments(bad, match):
     args = dict(current_start=0, num_new=8, capacity=96, sink_tokens=24, budget=96, **{})
@@ -131,6 +144,14 @@ def test_bad_arguments(bad, match):
     one = torch.zeros(1, dtype=torch.long)
     with pytest.raises(ValueError, match=match):
         kv_cache_plan(one, one.clone(), one.clone(), **args)
+
+
+def test_window_ring_size():
+    fs = 1560
+    assert window_ring_size(12 * fs, 3 * fs, 9 * fs) == 6 * fs      # window9 in LongLive's 12-frame cache
+    assert window_ring_size(12 * fs, 3 * fs, 12 * fs) == 9 * fs     # the stock window: the whole cache
+    assert window_ring_size(12 * fs, 3 * fs, 32760) == 9 * fs       # a budget past the cache
+    assert window_ring_size(12 * fs, 3 * fs, 3 * fs) == 9 * fs      # no window beyond the sink
 
 
 def test_device_start_is_checked():

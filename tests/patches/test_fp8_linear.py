@@ -191,6 +191,7 @@ def test_fp8_config_keys():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_fp8_preset_drift_at_real_size():
     """LongLive-1.3B shapes, random weights, 20 blocks: fp8 against exact, cosine >= 0.99 per block."""
     device = torch.device("cuda")

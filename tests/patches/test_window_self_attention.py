@@ -67,6 +67,7 @@ def test_fp32_model_is_skipped_and_left_untouched():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_exact_preset_1p3b_matches_reference_over_20_blocks(backend):
     """The exact-path acceptance: the exact preset (either attention backend) over 20 blocks at
@@ -184,6 +185,7 @@ def reference_1p3b_latents():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("split", [1, 2])
 def test_fp8_cache_1p3b_drift_over_20_blocks(split, reference_1p3b_latents):
     """The FP8 KV cache at 1.3B shapes over 20 blocks against the unpatched reference (same random
@@ -209,3 +211,11 @@ def test_fp8_cache_1p3b_drift_over_20_blocks(split, reference_1p3b_latents):
     print(f"KV cache: bf16 {bf16_bytes / 1e9:.3f} GB, fp8 {fp8_bytes / 1e9:.3f} GB ({fp8_bytes / bf16_bytes:.4f}x)")
     assert fp8_bytes / bf16_bytes == pytest.approx(expected, rel=1e-6)
     assert min(c for _, c in per_block) >= 0.99
+
+
+def test_an_unsupported_head_dim_is_skipped_with_the_kernels_list(device):
+    """Head dim 16 (4 heads of the tiny width): left stock, and the reason lists what the kernels take."""
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=3, num_heads=4)
+    report = patch_model(model, PatchConfig(window_attention=True))
+    assert {e.reason for e in report.skipped if e.patch == "window_self_attention"} == {
+        "head dim 16 is not supported by the kernels (32, 64, 128)"}
