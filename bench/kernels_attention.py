@@ -18,14 +18,15 @@ SINK, CACHE = 4680, 18720
 TEXT = 512
 
 
-def _ours(lq: int, cap: int, sink_end: int, win_start: int, win_end: int, use_tma: bool = False):
+def _ours(lq: int, cap: int, sink_end: int, win_start: int, win_end: int, **options):
+    """Our bf16 kernel over a random cache; options: window_attention's (use_tma, split, ...)."""
     def setup():
         q = torch.randn(1, lq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         k_cache = torch.randn(1, cap, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v_cache = torch.randn_like(k_cache)
         ranges = [torch.tensor([x], dtype=torch.int64, device="cuda") for x in (sink_end, win_start, win_end)]
         out = torch.empty_like(q)
-        return lambda: window_attention(q, k_cache, v_cache, *ranges, out=out, use_tma=use_tma)
+        return lambda: window_attention(q, k_cache, v_cache, *ranges, out=out, **options)
     return setup
 
 

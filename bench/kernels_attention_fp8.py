@@ -13,12 +13,12 @@ kv_quant_append against rope_kv_append: one steady-state block's append (n = 468
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels.kv_quant_append import (fp8_kv_cache, k_head_scale, kv_quant_append, kv_quant_append_bytes,
                                        quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref)
 from ..kernels.rope_kv_append import rope_kv_append, rope_kv_append_bytes, rope_tables
-from ..kernels.window_attention import window_attention, window_attention_bytes, window_attention_flops, window_attention_fp8
+from ..kernels.window_attention import window_attention_bytes, window_attention_flops, window_attention_fp8
+from .kernels_attention import _ours, _sdpa
 from .registry import KernelCase, register
 
 HEADS, HEAD_DIM, LQ = 12, 128, 4680
@@ -45,32 +45,6 @@ def _ours_fp8(lkv: int, sink_end: int, **options):
     return setup
 
 
-def _ours_bf16(lkv: int, sink_end: int, **options):
-    def setup():
-        q = torch.randn(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, lkv, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        ranges = [torch.tensor([x], dtype=torch.int64, device="cuda") for x in (sink_end, sink_end, lkv)]
-        out = torch.empty_like(q)
-        return lambda: window_attention(q, k, v, *ranges, out=out, **options)
-    return setup
-
-
-def _cudnn(lkv: int):
-    def setup():
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        q = torch.randn(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, lkv, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-
-        def call():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return call
-    return setup
-
-
 def kv_cache_bytes() -> dict:
     """All layers' self-attention KV cache at 1.3B shapes, from real allocations: the pipeline's bf16
     "k"/"v" of one layer against the FP8 layout's tensors, times the layers."""
@@ -86,10 +60,12 @@ FP8_OPTIONS = {"ours_fp8": {}, "ours_fp8_split2": dict(split=2), "ours_fp8_tma":
 
 
 def _attention_case(lkv: int, extra: dict | None = None) -> KernelCase:
+    from torch.nn.attention import SDPBackend
+
     providers = {name: _ours_fp8(lkv, SINK, **opts) for name, opts in FP8_OPTIONS.items()}
-    providers["ours_bf16"] = _ours_bf16(lkv, SINK)
-    providers["ours_bf16_tma_split2"] = _ours_bf16(lkv, SINK, use_tma=True, split=2)
-    providers["cudnn"] = _cudnn(lkv)
+    providers["ours_bf16"] = _ours(LQ, lkv, SINK, SINK, lkv)
+    providers["ours_bf16_tma_split2"] = _ours(LQ, lkv, SINK, SINK, lkv, use_tma=True, split=2)
+    providers["cudnn"] = _sdpa(SDPBackend.CUDNN_ATTENTION, LQ, lkv)
     return KernelCase(
         name="window_attention_fp8",
         shape=f"q{LQ} kv{lkv}",
