@@ -60,6 +60,18 @@ def launch_on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def row_warps(block_c: int) -> int:
+    """Warps of a row kernel (norms, adaLN, quantizers: one program holds whole rows of block_c)."""
+    return 4 if block_c <= 2048 else (8 if block_c <= 8192 else 16)
+
+
+def rows_per_program(block_c: int) -> int:
+    """Rows a row kernel takes per program. On the GPU one: measured 1.6x faster than 4 rows on 8
+    warps at 4680 x 1536. The interpreter pays a fixed cost per program and works on whole arrays,
+    so there a program takes as many rows as 8192 elements hold (the same arithmetic per row)."""
+    return max(1, 8192 // block_c) if interpreting() else 1
+
+
 @triton.jit
 def round_bf16(x):
     """Round fp32 to the nearest bf16 (ties to even), kept in fp32.

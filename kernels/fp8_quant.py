@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_device, interpreting
+from ._common import check_kernel_device, interpreting, row_warps
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -136,7 +136,7 @@ def quantize_rowwise(x: torch.Tensor, *, out: torch.Tensor | None = None,
     _quant_rowwise_kernel[(M,)](
         x2, out, out_scale, x2.stride(0), K, M, K,
         FP8_MAX=FP8_MAX, BLOCK_K=block_k, INTERPRET=interpreting(),
-        num_warps=4 if block_k <= 2048 else (8 if block_k <= 8192 else 16),
+        num_warps=row_warps(block_k),
     )
     return out, out_scale
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_device, round_bf16
+from ._common import check_kernel_device, round_bf16, row_warps, rows_per_program
 
 
 @triton.jit(do_not_specialize=["L", "C"])
@@ -53,11 +53,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: t
     if B == 0 or L == 0:
         return out
     block_c = triton.next_power_of_2(C)
-    # One row per program, 4 warps: measured 1.6x faster than 4 rows on 8 warps at 4680 x 1536.
-    block_r = 1
+    block_r = rows_per_program(block_c)
     _rms_norm_kernel[(triton.cdiv(L, block_r), B)](
         x, weight, out, x.stride(0), x.stride(1), out.stride(0), out.stride(1), L, C, eps,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=row_warps(block_c))
     return out
 
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, check_kernel_device, interpreting
+from ._common import cast_bf16, check_kernel_device, interpreting, row_warps
 
 
 @triton.jit(do_not_specialize=["T", "C", "n_src", "n_dst"])
@@ -434,7 +434,7 @@ def token_merge(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), ratio: flo
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         T, t_out, C, frames, n_src - r, n_dst, r,
         OUT_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(), BLOCK_C=block_c,
-        num_warps=4 if block_c <= 2048 else 8,
+        num_warps=row_warps(block_c),
     )
     return MergeResult(out, new_sizes, mapping)
 
@@ -464,7 +464,7 @@ def token_unmerge(merged: torch.Tensor, mapping: torch.Tensor, *, out: torch.Ten
     block_c = triton.next_power_of_2(C)
     _unmerge_kernel[(L, B)](merged, mapping, out, merged.stride(0), merged.stride(1),
                             out.stride(0), out.stride(1), L, C, BLOCK_C=block_c,
-                            num_warps=4 if block_c <= 2048 else 8)
+                            num_warps=row_warps(block_c))
     return out
 
 

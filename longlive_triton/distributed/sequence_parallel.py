@@ -121,6 +121,16 @@ class SequenceParallelGenerator(nn.Module):
         self.kv_cache_heads = generator.num_heads // self.world
 
     @property
+    def patch_embedding(self) -> nn.Module:
+        # BlockPipeline checks the noise against it (channels, dtype, device).
+        return self.generator.patch_embedding
+
+    @property
+    def text_embedding(self) -> nn.Module:
+        # BlockPipeline checks the prompt embeddings' width against it.
+        return self.generator.text_embedding
+
+    @property
     def local_attn_size(self) -> int:
         return self.generator.local_attn_size
 
