@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from longlive_triton.numerics import cosine, rel_l2
+
 # scheme -> (k scale mode, v scale mode); "per-tensor" is one scale per tensor (all heads); "bound"
 # is the static per-head k scale our FP8 cache uses (kv_quant_append.k_head_scale).
 SCHEMES = {"per-tensor": ("tensor", "tensor"), "head": ("head", "head"), "tile": ("tile", "tile"),
@@ -143,8 +145,8 @@ def main(argv=None) -> int:
             candidates["fp8 kernel (ours)"] = kernel_output(layer)
             candidates["fp8 kernel, split 2"] = kernel_output(layer, split=2)
         for name, out in candidates.items():
-            cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
-            rel = ((out - ref).norm() / ref.norm()).item()
+            cos = cosine(out, ref)
+            rel = rel_l2(out, ref)
             row[name] = {"cosine": cos, "rel_l2": rel}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -15,6 +15,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from longlive_triton.numerics import rel_l2
+
 HEADS, D = 12, 128
 CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
 
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     row(kind="baseline", shape="q4680 kv18720", ms=base)
 
     def err(out):
-        return ((out.float() - ref).norm() / ref.norm()).item()
+        return rel_l2(out, ref)
 
     def sweep(label, make, configs=CONFIGS):
         best = None

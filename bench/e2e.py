@@ -17,6 +17,7 @@ import yaml
 
 from longlive_triton.config import PatchConfig, load_preset
 from longlive_triton.graphs import graph_runner
+from longlive_triton.numerics import cosine, rel_l2
 from longlive_triton.patch import patch_model
 from longlive_triton.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.reference import build_model, get_preset
@@ -137,10 +138,7 @@ def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompts: li
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(relative L2 error, cosine similarity) of all latents against the stock reference's."""
-    a, b = out.double().flatten(), ref.double().flatten()
-    rel = ((a - b).norm() / b.norm()).item()
-    cos = (a @ b / (a.norm() * b.norm())).item()
-    return rel, cos
+    return rel_l2(out, ref), cosine(out, ref)
 
 
 def drift_per_block(out: torch.Tensor, ref: torch.Tensor, frames_per_block: int) -> dict:

@@ -22,9 +22,10 @@ import time
 
 import torch
 
+from longlive_triton.numerics import rel_l2
 from longlive_triton.patch import patch_model
 from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.reference import build_model
 from longlive_triton.reference.vae import build_vae_decoder
 from longlive_triton.vae_patch import VAEDecoderOptions, patch_vae
 from longlive_triton.vae_stream import StreamingVAEDecoder
@@ -137,10 +138,6 @@ def measure_row(args, config, vae_options: dict, noise, prompts, clock: _Clock) 
     return row, kept
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def table(rows: list[dict], frames_per_block: int) -> str:
     body, errors = [], []
     for r in rows:
@@ -190,8 +187,8 @@ def run(args, configs: list, inputs: tuple) -> int:
         if r["status"] == "ok":
             r["speedup"] = base["total_ms"] / r["total_ms"]
             first, last = sorted(pixels["stock"])[0], sorted(pixels["stock"])[-1]
-            r["rel_l2_pixels_first"] = _rel(pixels[r["config"]][first], pixels["stock"][first])
-            r["rel_l2_pixels_last"] = _rel(pixels[r["config"]][last], pixels["stock"][last])
+            r["rel_l2_pixels_first"] = rel_l2(pixels[r["config"]][first], pixels["stock"][first])
+            r["rel_l2_pixels_last"] = rel_l2(pixels[r["config"]][last], pixels["stock"][last])
     print(table(rows, fpb))
     settings = {"preset_model": args.preset_model, "vae_preset": VAE_PRESET[args.preset_model], "device": str(device),
                 "dtype": args.dtype, "blocks": args.blocks, "warmup_blocks": args.warmup_blocks,

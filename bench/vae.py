@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 import yaml
 
+from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.vae_decoder import FastDecoder3d
 from longlive_triton.reference.vae import build_vae_decoder
 from longlive_triton.vae_patch import VAEDecoderOptions, patch_vae
@@ -117,7 +118,7 @@ def block_flops(vae, z: torch.Tensor) -> float:
 def _row(name: str, ms: list[float], out: torch.Tensor, ref_out: torch.Tensor | None, video_frames: int,
          flops: float, base_ms: float | None) -> dict:
     median, p20, p80 = quantiles(ms)
-    rel = 0.0 if ref_out is None else ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
+    rel = 0.0 if ref_out is None else rel_l2(out, ref_out)
     return {"provider": name, "block_ms": ms, "median_ms": median, "p20_ms": p20, "p80_ms": p80,
             "ms_per_video_frame": median / video_frames, "tflops": flops / median / 1e9,
             "peak_mem_bytes": torch.cuda.max_memory_allocated(), "rel_l2": rel,

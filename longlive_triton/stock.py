@@ -51,8 +51,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .numerics import rel_l2
+
 __all__ = ["StockLongLive", "load_stock_longlive", "build_stock_model", "resolve_stock_src", "compare_with_stock",
-           "lora_target_modules", "parity_inputs", "rel_l2", "run_pipeline", "free_memory",
+           "lora_target_modules", "parity_inputs", "run_pipeline", "free_memory",
            "flash_attn_varlen_func", "STOCK_SRC_ENV"]
 
 STOCK_SRC_ENV = "LONGLIVE_SRC"
@@ -381,12 +383,6 @@ def build_stock_model(stock: StockLongLive | str | os.PathLike | None = None, mo
 
 
 # -- comparison helpers (used by tests/gpu/test_stock_parity.py and the CPU parity tests) ----------------
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
 def lora_target_modules(model: nn.Module) -> list[str]:
     """Every nn.Linear inside a `CausalWanAttentionBlock`, by full name: LongLive's LoRA target list."""
     names = set()

@@ -32,14 +32,11 @@ import traceback
 
 import torch
 
+from ..numerics import rel_l2
 from .group import DistributedError, close_distributed, init_distributed
 
 SCENARIOS = ("sp", "vae", "peer-exit", "world-mismatch")
 FP32_BOUND, BF16_BOUND = 1e-5, 1e-2
-
-
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _tiny_inputs(frames: int, dtype: torch.dtype, device, prompts: int = 2):
@@ -84,9 +81,9 @@ def scenario_sp(timeout_s: float, backend: str | None = None, preset: str | dict
     got, pipe = _generate(sp, noise, prompts, 3 * switch_block)
     h = sp.kv_cache_heads
     heads = slice(ctx.rank * h, (ctx.rank + 1) * h)
-    cache_rel = max(_rel_l2(mine[name], full[name][:, :, heads])
+    cache_rel = max(rel_l2(mine[name], full[name][:, :, heads])
                     for mine, full in zip(pipe.caches.kv, one.caches.kv) for name in ("k", "v"))
-    result = {"rank": ctx.rank, "latents_rel_l2": _rel_l2(got, want), "cache_rel_l2": cache_rel, "bound": bound,
+    result = {"rank": ctx.rank, "latents_rel_l2": rel_l2(got, want), "cache_rel_l2": cache_rel, "bound": bound,
               "kv_heads": pipe.caches.kv[0]["k"].shape[2], "heads": sp.num_heads, "patched": patched,
               "finite": bool(torch.isfinite(got).all())}
     # Every rank must drive the same loop: rank 1 with other noise is refused on every rank.
@@ -130,7 +127,7 @@ def scenario_vae(timeout_s: float, backend: str | None = None, blocks: int = 4, 
         for blk in iter_video_split(BlockPipeline(model), noise, prompts, switches):
             break  # the consumer leaves after the first block: rank 1 must see an ABORT
         result = {"rank": 0, "order": [(b.index, b.start_frame, b.first_pixel_frame) for b in got],
-                  "bit_equal": torch.equal(frames, want), "rel_l2": _rel_l2(frames, want), "frames": frames.shape[2],
+                  "bit_equal": torch.equal(frames, want), "rel_l2": rel_l2(frames, want), "frames": frames.shape[2],
                   "want_frames": want.shape[2]}
         # Bit-equal on one CPU; two GPUs may pick other convolution algorithms for the same decode.
         result["ok"] = result["rel_l2"] <= FP32_BOUND and [b.index for b in got] == list(range(blocks))

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from longlive_triton import patch_vae
+from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.vae_decoder import FastDecoder3d
 from longlive_triton.reference.vae import build_vae_decoder
 from longlive_triton.vae_stream import StreamingVAEDecoder
@@ -51,10 +52,6 @@ VARIANTS = {"defaults": {}, "subpixel_upsample=false": dict(subpixel_upsample=Fa
 
 def _has_stock() -> bool:
     return bool(_SRC) and (Path(_SRC) / "wan/modules/vae.py").is_file()
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _record(key: str, figures: dict) -> None:
@@ -101,7 +98,7 @@ def test_reference_matches_stock_code(dtype):
     stock.clear_cache()
     want_stream = torch.cat([stock_cached_decode(stock, z[:, :, :3]), stock_cached_decode(stock, z[:, :, 3:])], 2)
     got_stream = _stream(ours, z)
-    figures = {"rel_l2_whole": _rel(got, want), "rel_l2_stream": _rel(got_stream, want_stream),
+    figures = {"rel_l2_whole": rel_l2(got, want), "rel_l2_stream": rel_l2(got_stream, want_stream),
                "bit_exact": bool(torch.equal(got, want) and torch.equal(got_stream, want_stream))}
     _record(f"reference_vs_stock_{IDS[dtype]}", figures)
     assert got.shape == (1, 3, 13, 480, 832)
@@ -132,9 +129,9 @@ def test_patched_matches_unpatched(unpatched_streams, variant, dtype):
     assert report.applied == ["decoder"], str(report)
     got = _stream(fast, z.to(dtype))
     want, truth = unpatched[dtype], unpatched[torch.float32]
-    figures = {"rel_l2": _rel(got, want), "max_abs": (got - want).abs().max().item()}
+    figures = {"rel_l2": rel_l2(got, want), "max_abs": (got - want).abs().max().item()}
     if dtype == torch.bfloat16:
-        figures.update(unpatched_bf16_vs_fp32=_rel(want, truth), patched_bf16_vs_fp32=_rel(got, truth))
+        figures.update(unpatched_bf16_vs_fp32=rel_l2(want, truth), patched_bf16_vs_fp32=rel_l2(got, truth))
         figures["bound"] = BF16_FACTOR * figures["unpatched_bf16_vs_fp32"]
         figures["ok"] = figures["patched_bf16_vs_fp32"] <= figures["bound"]
     else:
@@ -185,10 +182,10 @@ def test_patched_streaming_8_blocks_equals_stock_whole_video(dtype, hw):
     assert [b.shape[2] for b in blocks] == [9] + [12] * 7
     streamed = torch.cat(blocks, dim=2)
     del blocks, dec, fast
-    figures["rel_l2_patched_stream"] = _rel(streamed, whole)
+    figures["rel_l2_patched_stream"] = rel_l2(streamed, whole)
     if dtype == torch.bfloat16:
         truth = build_vae_decoder("wan2.1", dtype=torch.float32, device="cuda", seed=3).decode(z.float())
-        figures.update(whole_bf16_vs_fp32=_rel(whole, truth), patched_stream_bf16_vs_fp32=_rel(streamed, truth))
+        figures.update(whole_bf16_vs_fp32=rel_l2(whole, truth), patched_stream_bf16_vs_fp32=rel_l2(streamed, truth))
         figures["bound"] = BF16_FACTOR * figures["whole_bf16_vs_fp32"]
         figures["ok"] = figures["patched_stream_bf16_vs_fp32"] <= figures["bound"]
         del truth
@@ -218,9 +215,9 @@ def test_patch_vae_on_the_stock_class(variant):
     cached = torch.cat([stock_cached_decode(stock, z[:, :, i:i + 3]) for i in range(0, 24, 3)], dim=2)
     stats = FastDecoder3d.stream_stats(stock._feat_map)
     truth = build_vae_decoder("wan2.1", dtype=torch.float32, device="cuda", seed=4).decode(z.float())
-    figures = {"rel_l2_decode": _rel(got, want), "rel_l2_cached_vs_decode": _rel(cached, got),
-               "stock_bf16_vs_fp32": _rel(want, truth), "patched_bf16_vs_fp32": _rel(got, truth),
-               "patched_cached_bf16_vs_fp32": _rel(cached, truth), "stream": stats}
+    figures = {"rel_l2_decode": rel_l2(got, want), "rel_l2_cached_vs_decode": rel_l2(cached, got),
+               "stock_bf16_vs_fp32": rel_l2(want, truth), "patched_bf16_vs_fp32": rel_l2(got, truth),
+               "patched_cached_bf16_vs_fp32": rel_l2(cached, truth), "stream": stats}
     figures["bound"] = BF16_FACTOR * figures["stock_bf16_vs_fp32"]
     figures["ok"] = max(figures["patched_bf16_vs_fp32"], figures["patched_cached_bf16_vs_fp32"]) <= figures["bound"]
     _record(f"patch_vae_stock_class_bf16_{variant}", figures)

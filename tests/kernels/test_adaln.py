@@ -6,6 +6,8 @@ from hypothesis import given, strategies as st
 from longlive_triton.kernels.adaln import adaln, adaln_bytes, adaln_ref
 from longlive_triton.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, Fp8Activation, quantize_rowwise_ref
 
+from .._numerics import fp8_step
+
 # The kernel rounds at the stock's points; only the LayerNorm's fp32 reduction order differs, which
 # can move a bf16 output by one ulp (2^-8 relative) and, through the modulation, its neighbours.
 ATOL, RTOL, MIN_EXACT = 2e-2, 1e-2, 0.97
@@ -76,11 +78,6 @@ def test_matches_stock_ops(device, B, F, T, C, variant, seed):
 def test_matches_stock_ops_at_real_size(B, variant):
     """One 3-frame block of LongLive-1.3B: 4680 tokens of width 1536, per-frame modulation."""
     _check(torch.device("cuda"), B, 3, 1560, 1536, variant, seed=B)
-
-
-def fp8_step(v: torch.Tensor) -> torch.Tensor:
-    """The spacing of float8_e4m3fn at |v| (3 mantissa bits; subnormal spacing 2^-9 below 2^-6)."""
-    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -6))) - 3)
 
 
 def _check_fp8(device, B, F, T, C, variant, seed):

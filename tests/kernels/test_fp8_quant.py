@@ -7,14 +7,11 @@ from hypothesis import example, given, strategies as st
 from longlive_triton.kernels.fp8_quant import (FP8_DTYPE, FP8_MAX, dequantize_rowwise, quantize_rowwise,
                                                 quantize_rowwise_bytes, quantize_rowwise_ref,
                                                 quantize_weight_per_channel)
+from longlive_triton.numerics import rel_l2
+
+from .._numerics import fp8_step
 
 MIN_EXACT = 0.9  # fraction of fp8 values equal to torch's cast (about 96% in the interpreter)
-
-
-def fp8_step(v: torch.Tensor) -> torch.Tensor:
-    """The spacing of float8_e4m3fn at |v| (3 mantissa bits; subnormal spacing 2^-9 below 2^-6)."""
-    exp = torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -6)))
-    return torch.exp2(exp - 3)
 
 
 def _check_quant(x: torch.Tensor):
@@ -82,7 +79,7 @@ def test_weight_per_channel():
     assert wq.dtype == FP8_DTYPE and wq.shape == (24, 64) and ws.shape == (24,) and ws.dtype == torch.float32
     assert ws[5] == 1.0 and (wq[5].float() == 0).all()
     assert torch.equal(wq.float().abs().amax(1)[ws != 1], torch.full((23,), FP8_MAX))
-    rel = (wq.float() * ws[:, None] - w.bfloat16().float()).norm() / w.norm()
+    rel = rel_l2(wq.float() * ws[:, None], w.bfloat16())
     assert rel < 0.05
     with pytest.raises(ValueError, match="2-D"):
         quantize_weight_per_channel(w[0])

@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+from longlive_triton.numerics import rel_l2
 import longlive_triton.patches.token_merge_ffn as tm_patch
 from longlive_triton import PatchConfig, load_preset, patch_model
 from longlive_triton.kernels.token_merge import token_merge_ref, token_unmerge_ref
@@ -52,7 +53,7 @@ def test_patched_model_equals_the_torch_reference_merge(monkeypatch):
     want = _generate(model)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     plain = _generate(build_model("tiny", seed=2))
-    assert ((got - plain).norm() / plain.norm()) > 1e-3     # the merge did change the output
+    assert rel_l2(got, plain) > 1e-3     # the merge did change the output
 
 
 def test_ffn_sees_fewer_tokens_and_the_cache_stays_full(monkeypatch):

@@ -19,16 +19,13 @@ import torch
 import torch.nn as nn
 
 from longlive_triton import patch_vae
+from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.vae_decoder import FastDecoder3d, VAEDecoderOptions
 from longlive_triton.reference.vae import build_vae_decoder, load_wan_vae_decoder
 from longlive_triton.vae_stream import StreamingVAEDecoder
 
 H, W = 3, 5
 _SRC = os.environ.get("LONGLIVE_SRC", "")
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _z(f, dtype=torch.float32, seed=0):
@@ -72,7 +69,7 @@ def test_patched_stream_equals_unpatched_fp32(options):
     dec = StreamingVAEDecoder(fast)
     got = torch.cat([dec.decode_block(z[:, :, :3]), dec.decode_block(z[:, :, 3:])], dim=2)
     assert got.shape == want.shape == (1, 3, 17, 8 * H, 8 * W)
-    assert _rel(got, want) <= 1e-5
+    assert rel_l2(got, want) <= 1e-5
     assert want.std() > 0.05
 
 
@@ -85,7 +82,7 @@ def test_triton_conv_option_fp32():
     assert fast.decoder._triton_weight("middle.0.residual.2", fast.decoder.middle[0].residual[2]) is not None
     assert fast.decoder._triton_weight("upsamples.8.residual.2", fast.decoder.upsamples[8].residual[2]) is None
     z = torch.randn(1, 16, 3, 1, 2, generator=torch.Generator().manual_seed(4))
-    assert _rel(StreamingVAEDecoder(fast).decode_block(z), ref.decode(z)) <= 1e-5
+    assert rel_l2(StreamingVAEDecoder(fast).decode_block(z), ref.decode(z)) <= 1e-5
 
 
 def test_patched_streaming_8_blocks_equals_whole_decode():
@@ -97,7 +94,7 @@ def test_patched_streaming_8_blocks_equals_whole_decode():
     dec = StreamingVAEDecoder(fast)
     blocks = [dec.decode_block(z[:, :, i:i + 3]) for i in range(0, 24, 3)]
     assert [b.shape[2] for b in blocks] == [9] + [12] * 7
-    assert _rel(torch.cat(blocks, dim=2), ref.decode(z)) <= 1e-5
+    assert rel_l2(torch.cat(blocks, dim=2), ref.decode(z)) <= 1e-5
 
 
 def test_patched_streaming_equals_patched_whole(pair):
@@ -108,7 +105,7 @@ def test_patched_streaming_equals_patched_whole(pair):
     assert [o.shape[2] for o in outs] == [9, 4]
     # other chunks (whole: frames 1-3 in one call; streamed: 1-2 and 3): the same numbers up to the
     # convolutions' summation order
-    assert _rel(torch.cat(outs, 2), fast.decode(z)) <= 1e-6
+    assert rel_l2(torch.cat(outs, 2), fast.decode(z)) <= 1e-6
 
 
 @pytest.mark.parametrize("options", [VARIANTS["defaults"], VARIANTS["all off"]], ids=["defaults", "all off"])
@@ -120,9 +117,9 @@ def test_patched_bf16_no_further_from_fp32_than_unpatched_bf16(options):
     patch_vae(fast16, options)
     z = _z(4, seed=3)
     truth = ref32.decode(z)
-    naive = _rel(ref16.decode(z.bfloat16()), truth)
+    naive = rel_l2(ref16.decode(z.bfloat16()), truth)
     assert 1e-3 < naive < 5e-2  # bf16 is bf16: the bound is not vacuous
-    assert _rel(fast16.decode(z.bfloat16()), truth) <= 1.1 * naive
+    assert rel_l2(fast16.decode(z.bfloat16()), truth) <= 1.1 * naive
 
 
 def test_options_are_validated():
@@ -155,7 +152,7 @@ def test_state_dict_unchanged_and_loads(pair, tmp_path):
     fresh = build_vae_decoder("tiny", seed=9)
     assert torch.equal(other.decoder.head[2].weight, fresh.decoder.head[2].weight)
     z = _z(2, seed=5)  # the sub-pixel weights follow the loaded 3x3 weights
-    assert _rel(other.decode(z), fresh.decode(z)) <= 1e-5
+    assert rel_l2(other.decode(z), fresh.decode(z)) <= 1e-5
 
 
 def test_patch_twice_and_refusals():
@@ -244,10 +241,10 @@ def test_patches_the_stock_wan_vae(pair):
     assert type(stock.encoder).__name__ == "Encoder3d"  # the encoder is left alone
     assert "decode and cached_decode pass up to 3 latent frames" in str(report)
     got = stock_decode(stock, z)
-    assert _rel(got, want) <= 1e-5
+    assert rel_l2(got, want) <= 1e-5
     stock.clear_cache()
     streamed = torch.cat([stock_cached_decode(stock, z[:, :, :3]), stock_cached_decode(stock, z[:, :, 3:])], 2)
-    assert _rel(streamed, got) <= 1e-6
+    assert rel_l2(streamed, got) <= 1e-6
     twin = copy.deepcopy(stock)  # the instance's decode loops are objects that copy with it
     assert twin.decode.vae is twin and twin.cached_decode.vae is twin
     assert torch.equal(stock_decode(twin, z), got)
@@ -260,4 +257,4 @@ def test_decoder_built_under_inference_mode():
         ref = copy.deepcopy(vae)
         patch_vae(vae, {"frames_per_call": 1})
         z = _z(2, seed=7)
-        assert _rel(vae.decode(z), ref.decode(z)) <= 1e-5
+        assert rel_l2(vae.decode(z), ref.decode(z)) <= 1e-5

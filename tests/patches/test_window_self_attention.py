@@ -6,15 +6,12 @@ import pytest
 import torch
 
 from longlive_triton import PatchConfig, load_preset, patch_model
+from longlive_triton.numerics import cosine, rel_l2
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
 from longlive_triton.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.reference import build_model, get_preset
 
 ON_GPU = torch.cuda.is_available()
-
-
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def _inputs(preset: str, frames: int, device, segments: int = 1):
@@ -46,7 +43,7 @@ def test_patched_tiny_model_matches_reference(device, backend, global_sink):
     assert all(isinstance(b.self_attn, WindowSelfAttention) for b in model.blocks)
     got = _run(model, noise, prompts, [12], global_sink)
     assert torch.isfinite(got).all()
-    assert _rel_l2(got, want) <= 1e-2
+    assert rel_l2(got, want) <= 1e-2
 
 
 def test_state_dict_keeps_stock_names_and_values(device):
@@ -80,9 +77,9 @@ def test_exact_preset_1p3b_matches_reference_over_20_blocks(backend):
     report = patch_model(model, dataclasses.replace(load_preset("exact"), attention_backend=backend))
     assert not report.skipped
     got = _run(model, noise, prompts, [])
-    per_block = [_rel_l2(got[:, i:i + 3], want[:, i:i + 3]) for i in range(0, 60, 3)]
+    per_block = [rel_l2(got[:, i:i + 3], want[:, i:i + 3]) for i in range(0, 60, 3)]
     print(f"{backend}: per-block relative L2 {['%.2e' % e for e in per_block]}")
-    assert _rel_l2(got, want) <= 1e-2
+    assert rel_l2(got, want) <= 1e-2
 
 
 def test_moving_the_model_after_patching_is_refused(device):
@@ -92,10 +89,6 @@ def test_moving_the_model_after_patching_is_refused(device):
     noise, prompts = _inputs("tiny", 3, device)
     with pytest.raises(RuntimeError, match="call patch_model after moving the model"):
         _run(model, noise.float(), [p.float() for p in prompts], [])
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
 
 
 # Max relative L2 of the tiny model's latents, FP8 cache (q, k, v in e4m3, both dots in FP8) against
@@ -127,11 +120,11 @@ def test_fp8_cache_tiny_model_stays_close(device):
     pipe = BlockPipeline(model, PipelineConfig(global_sink=global_sink))
     got = pipe.generate(noise, prompts, [12])
     assert torch.isfinite(got).all()
-    per_block = [(_rel_l2(got[:, i:i + 3], want[:, i:i + 3]), _cos(got[:, i:i + 3], want[:, i:i + 3]))
+    per_block = [(rel_l2(got[:, i:i + 3], want[:, i:i + 3]), cosine(got[:, i:i + 3], want[:, i:i + 3]))
                  for i in range(0, 21, 3)]
     print(f"fp8 cache, global_sink {global_sink}: per-block (rel L2, cos) "
           f"{[('%.2e' % e, '%.5f' % c) for e, c in per_block]}")
-    assert _rel_l2(got, want) <= FP8_DRIFT
+    assert rel_l2(got, want) <= FP8_DRIFT
     assert min(c for _, c in per_block) >= 0.99
     assert all(_fp8_layout_ok(cache) for cache in pipe.caches.kv)
 
@@ -154,7 +147,7 @@ def test_fp8_cache_swaps_in_the_quantized_content(device):
     assert _fp8_layout_ok(cache)
     k_back, v_back = dequantize_fp8_cache(cache["k"], layer._k_scale, cache["v"], cache["v_scale"])
     for x, back in ((k, k_back), (v, v_back)):
-        assert ((back - x.float()).norm() / x.float().norm()).item() < 4e-2
+        assert rel_l2(back, x) < 4e-2
     first = cache["k"]
     layer._use_fp8_cache(cache)
     assert cache["k"] is first
@@ -201,7 +194,7 @@ def test_fp8_cache_1p3b_drift_over_20_blocks(split, reference_1p3b_latents):
     torch.manual_seed(0)
     pipe = BlockPipeline(model, PipelineConfig())
     got = pipe.generate(noise, prompts[0])
-    per_block = [(_rel_l2(got[:, i:i + 3], want[:, i:i + 3]), _cos(got[:, i:i + 3], want[:, i:i + 3]))
+    per_block = [(rel_l2(got[:, i:i + 3], want[:, i:i + 3]), cosine(got[:, i:i + 3], want[:, i:i + 3]))
                  for i in range(0, 60, 3)]
     print(f"fp8 cache, split {split}: per-block (rel L2, cos) {[('%.2e' % e, '%.5f' % c) for e, c in per_block]}")
     fp8_bytes = sum(c[n].untyped_storage().nbytes() for c in pipe.caches.kv for n in ("k", "v", "v_scale"))

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("global_sink", [True, False], ids=["global_sink", "sink_recache"])
 def test_exact_preset_on_the_stock_class(device, global_sink):
     from longlive_triton.reference import build_model, get_preset
-    from longlive_triton.stock import build_stock_model, load_stock_longlive, parity_inputs, rel_l2, run_pipeline
+    from longlive_triton.numerics import rel_l2
+    from longlive_triton.stock import build_stock_model, load_stock_longlive, parity_inputs, run_pipeline
 
     stock = load_stock_longlive(_SRC)
     weights = build_model("tiny", dtype=torch.float32, seed=6).state_dict()
@@ -108,7 +109,8 @@ def test_fp8_cache_on_the_stock_class(device):
     stock forward keeps committing the pointers, and the latents stay within the FP8 bound of the
     unpatched stock model through a prompt switch."""
     from longlive_triton.config import load_preset
-    from longlive_triton.stock import parity_inputs, rel_l2, run_pipeline
+    from longlive_triton.numerics import rel_l2
+    from longlive_triton.stock import parity_inputs, run_pipeline
 
     noise, prompts = parity_inputs("tiny", 12, torch.bfloat16, device, num_prompts=2)
     want, _ = run_pipeline(_stock_tiny(device), noise, prompts, (6,))

@@ -57,7 +57,8 @@ def test_stock_parity_tiny_prompt_switch(stock, global_sink):
 def test_stock_parity_detects_a_weight_change(stock):
     """The comparison is not vacuous: one perturbed stock weight shows up in the latents."""
     from longlive_triton.reference.presets import build_model
-    from longlive_triton.stock import build_stock_model, parity_inputs, rel_l2, run_pipeline
+    from longlive_triton.numerics import rel_l2
+    from longlive_triton.stock import build_stock_model, parity_inputs, run_pipeline
     ref = build_model("tiny", seed=0)
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     state["blocks.1.cross_attn.k.weight"] += 1e-3

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from longlive_triton.numerics import rel_l2
 from longlive_triton.reference.vae import (CACHE_T, VAE_PRESETS, VAECheckpointError, WAN21_LATENT_MEAN,
                                            WAN21_LATENT_STD, WanVAEDecoder, build_vae_decoder,
                                            load_wan_vae_decoder)
@@ -26,10 +27,6 @@ def _latents(f: int, b: int = 1, seed: int = 0, dtype=torch.float32) -> torch.Te
 @pytest.fixture(scope="module")
 def vae() -> WanVAEDecoder:
     return build_vae_decoder("tiny", seed=0)
-
-
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 # --- shapes and values -------------------------------------------------------------------------------
@@ -96,7 +93,7 @@ def test_streaming_equals_whole_decode(vae, block):
     assert all(s == 4 * min(block, f - i) for s, i in zip(sizes[1:], range(block, f, block)))
     streamed = torch.cat(outs, dim=2)
     assert streamed.shape == whole.shape == (1, 3, 4 * f - 3, 8 * H, 8 * W)
-    assert _rel_l2(streamed, whole) <= 1e-5
+    assert rel_l2(streamed, whole) <= 1e-5
     assert torch.equal(streamed, whole)  # the same ops frame for frame
     assert dec.latent_frames_seen == f and dec.pixel_frames_out == 4 * f - 3
 
@@ -332,7 +329,7 @@ def test_matches_stock_wan_vae(dtype, tmp_path):
     out = ours.decode(z)
     dec = StreamingVAEDecoder(ours)
     streamed = torch.cat([dec.decode_block(z[:, :, :3]), dec.decode_block(z[:, :, 3:])], dim=2)
-    assert _rel_l2(out, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_l2(out, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)
     assert torch.equal(out, ref)
     assert torch.equal(loaded.decode(z), ref)
     assert torch.equal(streamed, cached)
