@@ -1,4 +1,9 @@
-"""Patch configuration: a validated dataclass, and YAML presets from configs/ that load into it."""
+"""Patch configuration: a validated dataclass, and YAML presets from configs/ that load into it.
+
+The dataclass defaults are the `exact` preset (the stock math, faster). A preset YAML names the keys
+it changes; `base: <preset name or .yaml path>` starts it from another preset (fastest is `base: fp8`
+plus a 9-frame window), and a base may have a base of its own.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +23,7 @@ class PatchConfig:
     merge_lora: bool = True
     # Self-attention on the fused RoPE/KV-append kernel over a ring-buffered cache, attending with
     # our Triton window kernel ("triton") or cuDNN through SDPA ("sdpa").
-    window_attention: bool = False
+    window_attention: bool = True
     attention_backend: str = "sdpa"
     # The self-attention KV cache in bf16, or in e4m3 (half the memory and the bytes attention
     # reads; q, k and v in e4m3 so both attention dots run on the FP8 tensor cores; needs
@@ -30,7 +35,7 @@ class PatchConfig:
     attention_tma: bool = False
     # Each layer's LayerNorms, adaLN modulation and gated residual adds as four fused passes, and
     # the cross-attention's query RMSNorm as one.
-    fused_glue: bool = False
+    fused_glue: bool = True
     # Capture each distinct generator forward in a CUDA graph and replay it (longlive_triton/graphs.py).
     # Needs window_attention and a model on CUDA; elsewhere it is left off and the report says why.
     cuda_graphs: bool = True
@@ -47,10 +52,12 @@ class PatchConfig:
     # Needs FP8 tensor cores (compute capability >= 8.9); elsewhere the layers stay bf16 and the
     # report says why.
     fp8_linear: bool = False
-    # Linear layers kept bf16 under fp8_linear: fnmatch patterns over their paths in the generator
-    # (e.g. "blocks.*.self_attn.o", "blocks.*.cross_attn.*"). The default keeps the conditioning and
-    # output layers (text/time embeddings, time projection, head), which see a handful of tokens.
-    fp8_exclude: tuple = ("text_embedding.*", "time_embedding.*", "time_projection.*", "head.*")
+    # Linear layers kept bf16 under fp8_linear: fnmatch patterns over their paths in the generator.
+    # The default keeps the conditioning and output layers (a handful of tokens each), and the
+    # layers whose input no fused producer quantizes (the o projections, the cross-attention query):
+    # each would pay a separate quantization pass over its 1536-wide input for a 1536 x 1536 GEMM.
+    fp8_exclude: tuple = ("text_embedding.*", "time_embedding.*", "time_projection.*", "head.*",
+                          "blocks.*.self_attn.o", "blocks.*.cross_attn.q", "blocks.*.cross_attn.o")
     # The FFN's hidden activation: True: the up GEMM's epilogue (bias, GELU) writes it in FP8 with
     # one scale per token and 128 columns, and the down GEMM applies them per K-tile; False: the up
     # GEMM writes bf16, a Triton pass quantizes it per token, then the down GEMM.
@@ -110,22 +117,47 @@ class PatchConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PatchConfig":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"patch config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"patch config file {path} is not valid YAML: {e}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise TypeError(f"patch config file {path} holds a {type(data).__name__}; it must be a mapping of "
-                            f"config keys (e.g. `window_attention: true`)")
+        data = _yaml_keys(path, ())
         data.setdefault("name", path.stem)
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
             raise type(e)(f"patch config file {path}: {e}") from None
+
+
+def _yaml_keys(path: Path, chain: tuple[Path, ...]) -> dict:
+    """A preset file's keys over those of its `base` (recursively); `name` is the file's own."""
+    if not path.is_file():
+        raise FileNotFoundError(f"patch config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"patch config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TypeError(f"patch config file {path} holds a {type(data).__name__}; it must be a mapping of "
+                        f"config keys (e.g. `window_attention: true`)")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise TypeError(f"patch config file {path}: base must be a preset name or a YAML path, got {base!r}")
+    base_path = _preset_path(base, relative_to=path.parent)
+    if base_path.resolve() in chain + (path.resolve(),):
+        raise ValueError(f"patch config file {path}: base {base!r} leads back to itself")
+    merged = {k: v for k, v in _yaml_keys(base_path, chain + (path.resolve(),)).items() if k != "name"}
+    return {**merged, **data}
+
+
+def _preset_path(name: str, relative_to: Path | None = None) -> Path:
+    """The YAML file of a preset name (configs/), or a path (relative to relative_to, if given)."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        return relative_to / path if relative_to is not None and not path.is_absolute() else path
+    if name not in preset_names():
+        raise ValueError(f"unknown patch preset {name!r}; presets: {preset_names()}")
+    return Path(str(resources.files("longlive_triton.configs") / f"{name}.yaml"))
 
 
 def preset_names() -> list[str]:
@@ -134,12 +166,7 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> PatchConfig:
     """A named preset from configs/ (e.g. "exact"), or a path to a YAML file."""
-    if name.endswith((".yaml", ".yml")) or "/" in name:
-        return PatchConfig.from_yaml(name)
-    if name not in preset_names():
-        raise ValueError(f"unknown patch preset {name!r}; presets: {preset_names()}")
-    with resources.as_file(resources.files("longlive_triton.configs") / f"{name}.yaml") as path:
-        return PatchConfig.from_yaml(path)
+    return PatchConfig.from_yaml(_preset_path(name))
 
 
 def as_config(config: PatchConfig | str | dict | None) -> PatchConfig:

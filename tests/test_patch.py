@@ -1,6 +1,8 @@
 """patch_model: recognition, the report, idempotence, configs, test-local patch lists, LoRA merging."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -144,6 +146,32 @@ def test_config_from_yaml_path(tmp_path):
         load_preset(str(wrong))
     with pytest.raises(FileNotFoundError):
         load_preset(str(tmp_path / "missing.yaml"))
+
+
+def test_presets_compose_through_base(tmp_path):
+    """The defaults are `exact`; fastest is fp8 with a 9-frame window; a file's own keys win over
+    its base's, its name is its own, and a base may be a path relative to the file."""
+    assert dataclasses.replace(PatchConfig(), name="exact") == load_preset("exact")
+    assert load_preset("fastest") == dataclasses.replace(load_preset("fp8"), name="fastest", local_attn_size=9)
+    assert load_preset("window9") == dataclasses.replace(load_preset("exact"), name="window9", local_attn_size=9)
+    (tmp_path / "mine.yaml").write_text("base: fastest\nlocal_attn_size: 6\nfp8_exclude: []\n")
+    (tmp_path / "child.yaml").write_text("base: mine.yaml\nattention_split: 2\n")
+    child = load_preset(str(tmp_path / "child.yaml"))
+    assert child == dataclasses.replace(load_preset("fastest"), name="child", local_attn_size=6, fp8_exclude=(),
+                                        attention_split=2)
+    (tmp_path / "loop_a.yaml").write_text("base: loop_b.yaml\n")
+    (tmp_path / "loop_b.yaml").write_text("base: loop_a.yaml\n")
+    with pytest.raises(ValueError, match="leads back to itself"):
+        load_preset(str(tmp_path / "loop_a.yaml"))
+    (tmp_path / "unknown.yaml").write_text("base: turbo\n")
+    with pytest.raises(ValueError, match="unknown patch preset 'turbo'"):
+        load_preset(str(tmp_path / "unknown.yaml"))
+    (tmp_path / "number.yaml").write_text("base: 3\n")
+    with pytest.raises(TypeError, match="base must be a preset name"):
+        load_preset(str(tmp_path / "number.yaml"))
+    (tmp_path / "orphan.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(FileNotFoundError, match="gone.yaml"):
+        load_preset(str(tmp_path / "orphan.yaml"))
 
 
 # ----------------------------------------------------------------------------------------------
