@@ -1,12 +1,13 @@
 """`longlive-bench kernels`: time every provider of every registered kernel case the same way.
 
 Case modules only register setups (bench/registry.py); this runner measures the GPU's ceilings in the
-same run, times each provider with triton.testing.do_bench, and prints one table per family.
+same run, times each provider with triton.testing.do_bench, and prints one table per family. A case
+module is any `bench/kernels_<family>.py`: adding a benchmark is adding that one file.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import pkgutil
 import sys
 from typing import Callable
 
@@ -16,34 +17,21 @@ import triton.testing
 from .registry import KernelCase, families
 from .results import environment, fmt, format_table, save
 
-# The case modules, listed explicitly so that a typo or a missing file is visible, not silently globbed.
-CASE_MODULES = (
-    "longlive_triton.bench.kernels_attention",
-    "longlive_triton.bench.kernels_attention_fp8",
-    "longlive_triton.bench.kernels_rope",
-    "longlive_triton.bench.kernels_adaln",
-    "longlive_triton.bench.kernels_rms_norm",
-    "longlive_triton.bench.kernels_fp8",
-    "longlive_triton.bench.kernels_token_merge",
-    "longlive_triton.bench.kernels_vae_rms_norm_silu",
-    "longlive_triton.bench.kernels_vae_conv3d",
-)
-
 # A timer takes the zero-argument call and returns (median, p20, p80) in ms.
 Timer = Callable[[Callable[[], object]], tuple[float, float, float]]
 
 
-def load_case_modules(names=CASE_MODULES) -> list[str]:
-    """Import the case modules so they register their families; returns a note per module not written yet."""
-    notes = []
-    for name in names:
-        # find_spec separates "this file does not exist" (skip) from an ImportError raised inside a module
-        # that does exist, which is a real bug and must surface.
-        if importlib.util.find_spec(name) is None:
-            notes.append(f"{name} does not exist yet: skipped")
-            continue
+def case_modules() -> list[str]:
+    """Every `kernels_<family>` module of this package, sorted."""
+    package = __name__.rpartition(".")[0]
+    return sorted(f"{package}.{m.name}" for m in pkgutil.iter_modules(sys.modules[package].__path__)
+                  if m.name.startswith("kernels_"))
+
+
+def load_case_modules(names: list[str] | None = None) -> None:
+    """Import the case modules so they register their families; an error inside one surfaces."""
+    for name in case_modules() if names is None else names:
         importlib.import_module(name)
-    return notes
 
 
 def do_bench_timer(warmup_ms: float, rep_ms: float, timing: str = "graph") -> Timer:
@@ -145,9 +133,7 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         print("kernels needs a CUDA GPU (none is visible here); `longlive-bench e2e` runs on the CPU", file=sys.stderr)
         return 2
-    notes = load_case_modules()
-    for note in notes:
-        print(f"note: {note}")
+    load_case_modules()
     registered = families()
     selected = args.only or list(registered)
     unknown = sorted(set(selected) - set(registered))

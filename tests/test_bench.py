@@ -153,9 +153,10 @@ def test_kernels_needs_cuda(capsys):
     assert "kernels needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_missing_case_module_is_a_note_but_a_broken_one_raises(tmp_path, monkeypatch):
-    assert kernels.load_case_modules(["longlive_triton.bench.no_such_cases"]) == [
-        "longlive_triton.bench.no_such_cases does not exist yet: skipped"]
+def test_every_case_module_is_found_and_a_broken_one_raises(tmp_path, monkeypatch):
+    found = kernels.case_modules()
+    assert "longlive_triton.bench.kernels_attention" in found and "longlive_triton.bench.kernels_fp8" in found
+    assert all(name.startswith("longlive_triton.bench.kernels_") for name in found) and len(found) == 9
     (tmp_path / "broken_cases_for_test.py").write_text("import a_dependency_that_is_not_installed\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
