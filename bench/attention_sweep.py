@@ -45,6 +45,35 @@ def _reference(q, k, v):
                                               v.float().transpose(1, 2)).transpose(1, 2)
 
 
+SHAPES = {"q4680 kv18720": (4680, 18720), "q4608 kv18688": (4608, 18688), "q4680 kv14040": (4680, 14040),
+          "q4224 kv18720": (4224, 18720)}
+
+
+def _sdpa_rows(row) -> None:
+    """cuDNN and FlashAttention-2 through SDPA at every shape: the references of the sweep."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name, (lq, lkv) in SHAPES.items():
+        q, k, v = _inputs(lq, lkv)
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+            def call():
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            ms = _bench(call)
+            row(kind="sdpa", backend=backend.name, shape=name, ms=ms, tflops=_flops(lq, lkv) / ms / 1e9)
+
+
+def _print_summary(rows: list[dict]) -> None:
+    print("\n| variant | best config (BM, BN, warps, stages) | ms | vs cuDNN | rel L2 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if r["kind"] == "best":
+            print(f"| {r['label']} | {r.get('config', '')} | {r['ms']:.4f} | {r['vs_cudnn']:.3f}x "
+                  f"| {r.get('rel_l2', float('nan')):.2e} |")
+    for r in rows:
+        if r["kind"] == "sdpa":
+            print(f"| sdpa {r['backend']} {r['shape']} | | {r['ms']:.4f} | {r['tflops']:.0f} TFLOP/s | |")
+
+
 def main(argv=None) -> int:
     from ..kernels.window_attention import window_attention
 
@@ -58,20 +87,10 @@ def main(argv=None) -> int:
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    shapes = {"q4680 kv18720": (4680, 18720), "q4608 kv18688": (4608, 18688), "q4680 kv14040": (4680, 14040),
-              "q4224 kv18720": (4224, 18720)}
     if "cudnn" in args.only:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        for name, (lq, lkv) in shapes.items():
-            q, k, v = _inputs(lq, lkv)
-            for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
-                def call():
-                    with sdpa_kernel(backend):
-                        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-                ms = _bench(call)
-                row(kind="sdpa", backend=backend.name, shape=name, ms=ms, tflops=_flops(lq, lkv) / ms / 1e9)
+        _sdpa_rows(row)
 
-    lq, lkv = shapes["q4680 kv18720"]
+    lq, lkv = SHAPES["q4680 kv18720"]
     q, k, v = _inputs(lq, lkv)
     ref = _reference(q, k, v)
     idx = [torch.tensor([x], device="cuda") for x in (4680, 4680, lkv)]
@@ -127,14 +146,7 @@ def main(argv=None) -> int:
                       lambda c, o=dict(use_tma=tma, split=split): (
                           lambda: window_attention_fp8(*ops, *idx, out=out, config=c, **o)), fp8_configs)
 
-    print("\n| variant | best config (BM, BN, warps, stages) | ms | vs cuDNN | rel L2 |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        if r["kind"] == "best":
-            print(f"| {r['label']} | {r.get('config', '')} | {r['ms']:.4f} | {r['vs_cudnn']:.3f}x | {r.get('rel_l2', float('nan')):.2e} |")
-    for r in rows:
-        if r["kind"] == "sdpa":
-            print(f"| sdpa {r['backend']} {r['shape']} | | {r['ms']:.4f} | {r['tflops']:.0f} TFLOP/s | |")
+    _print_summary(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

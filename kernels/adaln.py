@@ -109,23 +109,10 @@ def _per_frame(name: str, t: torch.Tensor, B: int, C: int, device) -> tuple[torc
     return t, t.shape[1]
 
 
-def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-          norm: bool = True, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-          shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, eps: float = 1e-6,
-          out_x: torch.Tensor | None = None, out_h: torch.Tensor | Fp8Activation | None = None,
-          fp8: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | Fp8Activation | None]:
-    """(x_new, h) per the module docstring: x_new is None without y, h is None without norm.
-
-    fp8: h comes back as an Fp8Activation (q [B, L, C] float8_e4m3fn, scale [B, L] fp32).
-    out_x / out_h: optional preallocated outputs (out_x may be x itself: each row is read before
-    it is written, by the same program); with fp8, out_h is an Fp8Activation of contiguous tensors.
-    """
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+def _check_operands(x, y, gate, norm, weight, bias, shift, scale) -> tuple[dict, int]:
+    """The per-frame [B, F, C] views of gate/shift/scale that are given, and F."""
     B, L, C = x.shape
     device = x.device
-    check_kernel_device("adaln", device)
-    _check_act("x", x, (B, L, C), device)
     if y is not None:
         _check_act("y", y, (B, L, C), device)
     if gate is not None and y is None:
@@ -152,7 +139,27 @@ def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor 
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _check_act(name, t, (C,), device)
+    return per_frame, num_frames
 
+
+def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+          norm: bool = True, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+          shift: torch.Tensor | None = None, scale: torch.Tensor | None = None, eps: float = 1e-6,
+          out_x: torch.Tensor | None = None, out_h: torch.Tensor | Fp8Activation | None = None,
+          fp8: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | Fp8Activation | None]:
+    """(x_new, h) per the module docstring: x_new is None without y, h is None without norm.
+
+    fp8: h comes back as an Fp8Activation (q [B, L, C] float8_e4m3fn, scale [B, L] fp32).
+    out_x / out_h: optional preallocated outputs (out_x may be x itself: each row is read before
+    it is written, by the same program); with fp8, out_h is an Fp8Activation of contiguous tensors.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    B, L, C = x.shape
+    device = x.device
+    check_kernel_device("adaln", device)
+    _check_act("x", x, (B, L, C), device)
+    per_frame, num_frames = _check_operands(x, y, gate, norm, weight, bias, shift, scale)
     if out_x is not None:
         _check_act("out_x", out_x, (B, L, C), device)
     if out_x is not None and y is None:

@@ -304,20 +304,8 @@ def _activation_scale(a_scale, M: int, K: int, device) -> tuple[torch.Tensor, bo
     return _vector("a_scale", a_scale, M, device), False
 
 
-def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
-             bias: torch.Tensor | None = None, *, gelu: bool = False, out: torch.Tensor | None = None,
-             out_fp8: bool = False, out_scale: torch.Tensor | None = None, use_tma: bool | None = None,
-             flatten: bool = True, warp_specialize: bool = False, config: dict | None = None):
-    """act((a_fp8 @ w_fp8.T) * scales + bias): bf16 [M, N], or with out_fp8 an Fp8Activation
-    (q [M, N] fp8, scale [M, N / 128]).
-
-    See the module docstring for layouts. use_tma: None picks the persistent TMA kernel where it runs
-    (compute capability >= 9, and the interpreter), True insists (ValueError where it cannot run),
-    False takes the pointer kernel. flatten / warp_specialize: Triton loop options of the TMA kernel.
-    config ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}) skips
-    autotuning on the GPU; the interpreter always runs small tiles.
-    No host sync: capturable in a CUDA graph once autotuned.
-    """
+def _check_operands(a_fp8, w_fp8) -> tuple[int, int, int, torch.device]:
+    """(M, N, K, device) of a checked pair of FP8 operands."""
     if not isinstance(a_fp8, torch.Tensor):
         raise TypeError(f"a_fp8 must be a torch.Tensor, got {type(a_fp8).__name__}")
     if a_fp8.dim() != 2:
@@ -338,10 +326,11 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
         raise ValueError("w_fp8 has N = 0 output channels")
     _check_aligned("a_fp8", a_fp8, 1)
     _check_aligned("w_fp8", w_fp8, 1)
-    a_scale, grouped = _activation_scale(a_scale, M, K, device)
-    w_scale = _vector("w_scale", w_scale, N, device)
-    if bias is not None:
-        _check_tensor("bias", bias, (torch.bfloat16, torch.float32), (N,), device, contiguous=True)
+    return M, N, K, device
+
+
+def _outputs(out, out_scale, out_fp8: bool, M: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output buffers, given (checked) or new: bf16 out, or FP8 out with its group scales."""
     if out_fp8:
         if N % ACT_GROUP:
             raise ValueError(f"out_fp8 needs N={N} to be a multiple of {ACT_GROUP} (one scale per {ACT_GROUP} columns)")
@@ -353,13 +342,36 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
             out_scale = torch.empty((M, N // ACT_GROUP), dtype=torch.float32, device=device)
         else:
             _check_tensor("out_scale", out_scale, torch.float32, (M, N // ACT_GROUP), device)
+        return out, out_scale
+    if out_scale is not None:
+        raise ValueError("out_scale is the FP8 output's scale: pass out_fp8=True")
+    if out is None:
+        out = torch.empty((M, N), dtype=torch.bfloat16, device=device)
     else:
-        if out_scale is not None:
-            raise ValueError("out_scale is the FP8 output's scale: pass out_fp8=True")
-        if out is None:
-            out = torch.empty((M, N), dtype=torch.bfloat16, device=device)
-        else:
-            _check_tensor("out", out, torch.bfloat16, (M, N), device)
+        _check_tensor("out", out, torch.bfloat16, (M, N), device)
+    return out, None
+
+
+def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None = None, *, gelu: bool = False, out: torch.Tensor | None = None,
+             out_fp8: bool = False, out_scale: torch.Tensor | None = None, use_tma: bool | None = None,
+             flatten: bool = True, warp_specialize: bool = False, config: dict | None = None):
+    """act((a_fp8 @ w_fp8.T) * scales + bias): bf16 [M, N], or with out_fp8 an Fp8Activation
+    (q [M, N] fp8, scale [M, N / 128]).
+
+    See the module docstring for layouts. use_tma: None picks the persistent TMA kernel where it runs
+    (compute capability >= 9, and the interpreter), True insists (ValueError where it cannot run),
+    False takes the pointer kernel. flatten / warp_specialize: Triton loop options of the TMA kernel.
+    config ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}) skips
+    autotuning on the GPU; the interpreter always runs small tiles.
+    No host sync: capturable in a CUDA graph once autotuned.
+    """
+    M, N, K, device = _check_operands(a_fp8, w_fp8)
+    a_scale, grouped = _activation_scale(a_scale, M, K, device)
+    w_scale = _vector("w_scale", w_scale, N, device)
+    if bias is not None:
+        _check_tensor("bias", bias, (torch.bfloat16, torch.float32), (N,), device, contiguous=True)
+    out, out_scale = _outputs(out, out_scale, out_fp8, M, N, device)
     result = Fp8Activation(out, out_scale) if out_fp8 else out
     if M == 0:
         return result

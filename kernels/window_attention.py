@@ -263,6 +263,9 @@ def _window_attn_fwd(
     FP8: tl.constexpr, SPLIT: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Long on purpose: the tile body, range walk and merge are jit helpers already; what is left is
+    # the 30-odd pointer and stride arguments and the two range loops, which must stay separate loops
+    # in this one function so the compiler keeps exactly two copies of the tile body.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
