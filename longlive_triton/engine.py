@@ -131,7 +131,7 @@ def real_engine(files: WeightFiles, preset: str = "exact", *, device, height: in
         raise ValueError(f"--height/--width must be multiples of 16 (the VAE's 8x and the 2x2 patch), "
                          f"got {height}x{width}")
     sizes = model_sizes(files.config)
-    # fp32 while loading and merging the LoRA, then the stock cast (spec: merge in fp32, then bf16).
+    # fp32 while loading and merging the LoRA, then the stock cast (as LongLive: merge in fp32, then bf16).
     model = build_model("longlive-1.3b", dtype=torch.float32, device=device, seed=None, **sizes)
     loaded = load_longlive(model, base=files.base, generator=files.generator, lora=files.lora)
     model = model.to(dtype)

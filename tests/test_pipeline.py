@@ -1,4 +1,4 @@
-"""The schedule and the block-step loop (spec sections 7-8) on the `tiny` reference generator."""
+"""The denoising schedule and the block-step loop (prompt switches included) on the `tiny` reference generator."""
 from __future__ import annotations
 
 import pytest
@@ -305,7 +305,7 @@ def test_global_sink_keeps_the_sink_slots(model, monkeypatch):
 
 
 def test_global_sink_recache_from_frame_zero_rewrites_the_sink(model, monkeypatch):
-    """Spec section 8: with rs = 0 the recache is not a recompute, so even global_sink rewrites the sink."""
+    """A switch at frame 0: the recache is not a recompute there, so even global_sink rewrites the sink."""
     noise, (pa, pb) = inputs(2, 18, prompts=2)
     pipe = BlockPipeline(model, PipelineConfig(global_sink=True))
     recaches, calls = [], []

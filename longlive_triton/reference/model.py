@@ -1,6 +1,6 @@
 """A faithful reference of LongLive v1.0's causal Wan2.1 generator (the KV-cached inference path).
 
-Written from ../shared/longlive_spec.md and a reading of the stock source, not copied from it. The
+Written from a description of the stock inference path and a reading of its source, not copied from it. The
 module tree, class names and parameter names are the stock `CausalWanModel`'s, so a stock state dict
 loads with strict=True, and the call protocol is the stock one:
 

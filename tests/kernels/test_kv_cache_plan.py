@@ -111,7 +111,7 @@ def test_plan_kernel_equals_stock_rules(g, loc, shift, s, n, sink, budget, local
 
 
 def test_longlive_trace():
-    """Spec section 5's trace: first calls of blocks 0..5 at 1.3B shapes, then a recompute."""
+    """LongLive's cache trace at 1.3B shapes: the first calls of blocks 0..5, then a recompute."""
     fs, C, S = 1560, 18720, 4680
     g, loc, shift = (torch.zeros(1, dtype=torch.long) for _ in range(3))
     expected_local = [4680, 9360, 14040, 18720, 18720, 18720]

@@ -1,4 +1,4 @@
-"""The self-attention KV cache protocol (spec section 5), on the `tiny` preset.
+"""The self-attention KV cache protocol of LongLive (sink, rolling window, recompute), on the `tiny` preset.
 
 Scaled to tiny: 8 tokens per frame, 3-frame blocks (24 tokens), a 3-frame sink S = 24 and a
 12-frame window, capacity C = M = 96. The spec's trace table becomes L' = 24, 48, 72, 96, 96, ...
@@ -27,7 +27,7 @@ CALLS_PER_BLOCK = 5          # 4 denoising steps + the cache pass
 
 
 def rope_reference(x: torch.Tensor, grid, start_frame: int, theta: float = 10000.0) -> torch.Tensor:
-    """Spec section 4, per token in float64: x [L, n, d] -> rotated [L, n, d]."""
+    """Wan's 3-D RoPE, per token in float64: x [L, n, d] -> rotated [L, n, d]."""
     f, h, w = grid
     d = x.shape[-1]
     dims = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]

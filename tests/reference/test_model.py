@@ -46,7 +46,7 @@ def call(model, x, t, ctx, caches, current_start=0, **kw):
 
 
 def rope_reference(x: torch.Tensor, grid, start_frame: int, theta: float = 10000.0) -> torch.Tensor:
-    """Spec section 4 written out per token: float64 cos/sin per (f, h, w), rotate adjacent pairs."""
+    """Wan's 3-D RoPE written out per token: float64 cos/sin per (f, h, w), rotate adjacent pairs."""
     f, h, w = grid
     n, d = x.shape[1], x.shape[2]
     c = d // 2
@@ -387,7 +387,7 @@ def bf16_attention(q, k, v):
 
 
 def spec_forward_first_block(m: CausalWanModel, x, t, ctx):
-    """Spec section 3 for an fp32 model and a first call at current_start 0 with empty caches."""
+    """The stock forward written out for an fp32 model and a first call at current_start 0 with empty caches."""
     B, _, Fr, H, W = x.shape
     C, n = m.dim, m.num_heads
     d = C // n
