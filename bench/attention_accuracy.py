@@ -74,7 +74,7 @@ def _quantize(x: torch.Tensor, mode: str, tile: int = 128, norm_k=None):
     """x [1, L, H, D] -> (e4m3, scale broadcastable to x) with the given granularity."""
     xf = x.float()
     if mode == "bound":
-        from ..kernels.kv_quant_append import k_head_scale
+        from ..kernels.fp8_kv_cache import k_head_scale
         s = k_head_scale(norm_k, x.shape[2]).reshape(1, 1, -1, 1)
         return (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
     if mode == "tensor":
@@ -114,7 +114,7 @@ def scheme_error(layer: dict, k_mode: str, v_mode: str) -> torch.Tensor:
 def kernel_output(layer: dict, **options) -> torch.Tensor:
     """Our FP8 attention on the layer's q/k/v quantized as the FP8 cache holds them (q per row, k
     with the static head scales of its norm weight, v per 128-slot group)."""
-    from ..kernels.kv_quant_append import k_head_scale, quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
+    from ..kernels.fp8_kv_cache import k_head_scale, quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
     from ..kernels.window_attention import window_attention_fp8
 
     q, k, v = layer["q"], layer["k"], layer["v"]

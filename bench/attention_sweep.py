@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                                                                                split=split, config=c)))
 
     if "fp8" in args.only:
-        from ..kernels.kv_quant_append import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
+        from ..kernels.fp8_kv_cache import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
         from ..kernels.window_attention import window_attention_fp8
         out = torch.empty_like(q)
         k_scale = (k.float().abs().amax(dim=(0, 1, 3)) / 448.0).contiguous()

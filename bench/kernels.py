@@ -157,6 +157,6 @@ def run(args) -> int:
     record = {"kind": "kernels", "env": environment(),
               "settings": {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "timing": args.timing,
                            "only": args.only},
-              "ceilings": ceilings, "notes": notes, "rows": all_rows}
+              "ceilings": ceilings, "rows": all_rows}
     save(record, args.json, args.append)
     return 1 if any(r["status"] != "ok" for r in all_rows) else 0

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.kv_quant_append import (fp8_kv_cache, k_head_scale, kv_quant_append, kv_quant_append_bytes,
-                                       quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref)
+from ..kernels.fp8_kv_cache import fp8_kv_cache, k_head_scale, quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
+from ..kernels.kv_quant_append import kv_quant_append, kv_quant_append_bytes
 from ..kernels.rope_kv_append import rope_kv_append, rope_kv_append_bytes, rope_tables
 from ..kernels.window_attention import window_attention_bytes, window_attention_flops, window_attention_fp8
 from .kernels_attention import _ours, _sdpa

@@ -124,3 +124,17 @@ def autotune(**kwargs):
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         kwargs.setdefault("cache_results", True)
     return triton.autotune(**kwargs)
+
+
+def check_bhld(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
+    """A [B, L, H, D] operand of the attention-side kernels (v8 may be tokens-contiguous)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [B, L, H, D], got shape {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if t.stride(-1) != 1 and t.shape[-1] > 1 and not (name == "v8" and (t.stride(1) == 1 or t.shape[1] == 1)):
+        raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")

@@ -2,21 +2,16 @@
 kernels/window_attention.py's FP8 path reads, with q handed over quantized, in one launch.
 
 Same inputs, math and slot rule as kernels/rope_kv_append.py (same plan values: dst_start,
-row_lo, ring_lo/ring_size/shift). What it writes (layouts of kernels/window_attention.py):
+row_lo, ring_lo/ring_size/shift). What it writes (the cache layout: kernels/fp8_kv_cache.py):
 - q8 [B, n, H, D] e4m3 and q_scale [B, n, H] fp32: each roped q row (token, head), rounded to bf16
   as the bf16 path would hand it over, with scale = amax|row| / 448 (1 for a row of zeros).
-- k8 [B, C, H, D] e4m3: the roped k rows (rounded to bf16, exactly what the bf16 cache would hold)
-  divided by k_scale [H], a static scale per head that `k_head_scale` derives from the RMSNorm
-  weight: after the norm no element of a row exceeds sqrt(H*D) * max|w| of its head, RoPE keeps
-  the norm of each pair, so no key can overflow e4m3; e4m3 keeps 3 mantissa bits anywhere in its
-  2^15 range, so the loose bound costs no precision for any key that matters.
-- v8 (a [B, C, H, D] view of [B, H, D, C]: tokens contiguous) and v_scale [B, ceil(C / 128), H]:
-  V rows share one scale per group of V_GROUP = 128 physical slots and head, so attention applies
-  it once per key tile. A group that this call fills only partly keeps its other slots (written
-  by other calls, the sink, or not yet): its scale becomes max(old scale, amax(new) / 448), and
-  when that grows, the old slots are re-rounded to it (one more e4m3 rounding of values already
-  in the cache; values move by at most half a step of the new scale). A scale of 0 marks a group
-  that holds nothing (its v8 are zero); attention reads it as 1.
+- k8: the roped k rows (rounded to bf16, exactly what the bf16 cache would hold) divided by the
+  static per-head k_scale (`k_head_scale`).
+- v8 and v_scale: V rows share one scale per group of V_GROUP slots and head. A group that this
+  call fills only partly keeps its other slots (written by other calls, the sink, or not yet): its
+  scale becomes max(old scale, amax(new) / 448), and when that grows, the old slots are re-rounded
+  to it (one more e4m3 rounding of values already in the cache; values move by at most half a
+  step of the new scale).
 
 One launch, two kinds of programs: the first cdiv(n, BLOCK_T) handle BLOCK_T tokens x all heads
 of q and k (RMSNorm needs whole rows); the others own one (V group, head) each over the whole
@@ -25,17 +20,15 @@ on shapes (capturable in a CUDA graph) and each V group is read and written by o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._common import cast_bf16, interpreting
+from .fp8_kv_cache import V_GROUP, check_fp8_cache, quantize_k_ref, quantize_rows_ref
 from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
 from .rope_kv_append import (_check, _ring_slot, _rms_norm_bf16, _rotate, _rows_written, _token_tables,
                              append_block_t, check_append_inputs)
-from .window_attention import V_GROUP, check_fp8_cache
 
 
 @triton.jit
@@ -169,33 +162,6 @@ def _kv_quant_append_kernel(
                  n, C, ring_lo, ring_size, HEAD_DIM, V_GROUP, FP8_MAX, INTERPRET)
 
 
-def k_head_scale(norm_k_weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The static per-head k scale [H] fp32 (module docstring): sqrt(H*D) * max|w| of the head, with
-    margin for the bf16 roundings of the norm, the weight product and the roped k, over 448."""
-    HD = norm_k_weight.numel()
-    if HD % heads:
-        raise ValueError(f"norm_k_weight has {HD} elements, not a multiple of {heads} heads")
-    wmax = norm_k_weight.detach().float().abs().reshape(heads, -1).amax(dim=1)
-    scale = wmax * math.sqrt(HD) * (1 + 2.0 ** -7) ** 3 / FP8_MAX
-    return torch.where(scale > 0, scale, torch.ones_like(scale)).contiguous()
-
-
-def _v_buffer(batch: int, slots: int, heads: int, head_dim: int, device) -> torch.Tensor:
-    """A zero e4m3 [B, C, H, D] view of a [B, H, D, C'] buffer, C' = C rounded up to 16 (rows
-    16-byte aligned for TMA; the padding is never read)."""
-    buf = torch.zeros(batch, heads, head_dim, -(-slots // 16) * 16, dtype=FP8_DTYPE, device=device)
-    return buf[..., :slots].permute(0, 3, 1, 2)
-
-
-def fp8_kv_cache(batch: int, slots: int, heads: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
-    """An empty FP8 cache: (k8 [B, C, H, D], v8 [B, C, H, D] view of [B, H, D, C'], v_scale
-    [B, ceil(C / 128), H]), all zero (a zero v scale marks an empty group)."""
-    k8 = torch.zeros(batch, slots, heads, head_dim, dtype=FP8_DTYPE, device=device)
-    v8 = _v_buffer(batch, slots, heads, head_dim, device)
-    v_scale = torch.zeros(batch, triton.cdiv(slots, V_GROUP), heads, dtype=torch.float32, device=device)
-    return k8, v8, v_scale
-
-
 def kv_quant_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
                     norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor,
@@ -246,35 +212,6 @@ def kv_quant_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
         num_warps=8,
     )
     return q8, q_scale
-
-
-def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (e4m3 [..., D], fp32 scale [...]), one scale per last-dim row (torch's division
-    tensor by tensor: on CUDA torch divides by a Python scalar as a multiply by its reciprocal)."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, FP8_MAX))
-    q = (xf * (torch.ones_like(scale) / scale)[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
-
-
-def quantize_k_ref(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
-    """k [..., H, D] (bf16 values) -> e4m3 with the static per-head scales [H]."""
-    inv = torch.ones_like(k_scale) / k_scale
-    return (k.float() * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-
-
-def quantize_v_groups_ref(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole bf16 V cache [B, C, H, D] -> (v8 view of [B, H, D, C], v_scale [B, ceil(C/128), H]),
-    one scale per group of 128 slots and head (as if every group were written at once)."""
-    B, C, H, D = v.shape
-    G = triton.cdiv(C, V_GROUP)
-    vp = torch.nn.functional.pad(v.float(), (0, 0, 0, 0, 0, G * V_GROUP - C))
-    scale = vp.reshape(B, G, V_GROUP, H, D).abs().amax(dim=(2, 4)) / FP8_MAX
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale)).repeat_interleave(V_GROUP, dim=1)[:, :C]
-    v8 = _v_buffer(B, C, H, D, v.device)
-    v8.copy_((v.float() * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
-    return v8, scale.contiguous()
 
 
 def kv_quant_append_ref(q_lin, k_lin, v, norm_q_weight, norm_k_weight, k8, k_scale, v8, v_scale,

@@ -8,12 +8,9 @@ Shapes, layout and dtypes (bf16 cache, `window_attention`):
 - out:      [B, Lq, H, D] bf16.
 FP8 cache (`window_attention_fp8`, written by kernels/kv_quant_append.py):
 - q8:       [B, Lq, H, D] float8_e4m3fn with q_scale [B, Lq, H] fp32: one scale per row (token, head).
-- k8:       [B, C, H, D] e4m3 with k_scale [H] fp32: one static scale per head (kv_quant_append
-            derives it from the RMSNorm weight so that no key can overflow).
-- v8:       [B, C, H, D] e4m3, a view of a [B, H, D, C'] buffer, C' >= C (tokens contiguous: Hopper's
-            FP8 MMA wants P.V's reduction axis, the tokens, K-major; C' rounds C up to 16 bytes for
-            TMA), with v_scale [B, ceil(C / 128), H]
-            fp32: one scale per group of V_GROUP = 128 physical slots and head.
+- k8, k_scale, v8, v_scale: the FP8 cache of kernels/fp8_kv_cache.py (k8 [B, C, H, D] with one
+            static scale per head; v8 a tokens-contiguous [B, C, H, D] view with one scale per
+            group of V_GROUP = 128 physical slots and head).
 Ranges (both): sink_end, win_start, win_end: int32/int64 tensors of shape [1] or [B] on q's device,
 or Python ints. The keys attended are the union of slots [0, sink_end) and [win_start, win_end);
 they form a set (no mask, no order), so a ring-buffer window is fine. ring_lo, ring_size, shift
@@ -53,13 +50,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (SUPPORTED_HEAD_DIMS, autotune, cast_bf16, check_kernel_device, index_arg, interpreting,
-                      launch_on, tma_supported, use_tma_allocator)
-from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
+from ._common import (SUPPORTED_HEAD_DIMS, autotune, cast_bf16, check_bhld, check_kernel_device, index_arg,
+                      interpreting, launch_on, tma_supported, use_tma_allocator)
+from .fp8_kv_cache import V_GROUP, check_fp8_cache, dequantize_fp8_cache
+from .fp8_quant import FP8_DTYPE, _cast_fp8
 
 _SUPPORTED_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 _LOG2E = 1.4426950408889634
-V_GROUP = 128  # physical slots per v scale in the FP8 cache, and the FP8 kernel's key tile
 # The launcher runs one fixed small config under the interpreter: autotuning there would time
 # every config in numpy, and small tiles exercise the tail paths at test sizes.
 _INTERPRET_BLOCK_M = 16
@@ -409,19 +406,6 @@ def _check_config(config: dict) -> dict:
     return config
 
 
-def _check_bhld(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [B, L, H, D], got shape {list(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    if t.stride(-1) != 1 and t.shape[-1] > 1 and not (name == "v8" and (t.stride(1) == 1 or t.shape[1] == 1)):
-        raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")
-
-
 def window_launch_args(q, k_cache, sink_end, win_start, win_end, ring_lo, ring_size, shift, out):
     """The checks and device index arguments every window-attention launcher shares (q and the
     caches already checked for layout): (B, Lq, H, D, C, sink_end, win_start, win_end, ring_size,
@@ -447,7 +431,7 @@ def window_launch_args(q, k_cache, sink_end, win_start, win_end, ring_lo, ring_s
     if out is None:
         out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=device)
     else:
-        _check_bhld("out", out, device)
+        check_bhld("out", out, device)
         if out.shape != q.shape:
             raise ValueError(f"out has shape {list(out.shape)}, expected {list(q.shape)}")
     return B, Lq, H, D, C, sink_end, win_start, win_end, ring_size, shift, out
@@ -529,40 +513,13 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     device = q.device
     check_kernel_device("window attention", device)
-    _check_bhld("q", q, device)
-    _check_bhld("k_cache", k_cache, device)
-    _check_bhld("v_cache", v_cache, device)
+    check_bhld("q", q, device)
+    check_bhld("k_cache", k_cache, device)
+    check_bhld("v_cache", v_cache, device)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
     return _launch(q, None, k_cache, None, v_cache, None, sink_end, win_start, win_end, ring_lo, ring_size, shift,
                    scale, out, use_tma, split, config, fp8=False)
-
-
-def check_fp8_cache(k8: torch.Tensor, k_scale: torch.Tensor, v8: torch.Tensor, v_scale: torch.Tensor,
-                    device: torch.device) -> None:
-    """The FP8 cache layout of the module docstring; errors name the tensor and what is wrong."""
-    _check_bhld("k8", k8, device, FP8_DTYPE)
-    _check_bhld("v8", v8, device, FP8_DTYPE)
-    B, C, H, D = k8.shape
-    if v8.shape != k8.shape:
-        raise ValueError(f"k8 {list(k8.shape)} and v8 {list(v8.shape)} differ in shape")
-    # Rows of V^T may be padded past C (so that they start 16-byte aligned, as TMA wants); strides
-    # of size-1 dimensions do not matter (torch may report any).
-    row = v8.stride(3) if D > 1 else C
-    if row < C or any(n > 1 and st != want for n, st, want in zip(v8.shape, v8.stride(), (H * D * row, 1, D * row, row))):
-        raise ValueError(f"v8 must be a [B, C, H, D] view of a contiguous [B, H, D, >= C] buffer (tokens contiguous; "
-                         f"see fp8_kv_cache), got strides {v8.stride()}")
-    if not k8.is_contiguous():
-        raise ValueError(f"k8 must be contiguous [B, C, H, D], got strides {k8.stride()}")
-    for name, s, shape in (("k_scale", k_scale, (H,)), ("v_scale", v_scale, (B, triton.cdiv(C, V_GROUP), H))):
-        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32:
-            raise TypeError(f"{name} must be a float32 tensor, got {getattr(s, 'dtype', type(s).__name__)}")
-        if tuple(s.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)}, got {list(s.shape)}")
-        if s.device != device:
-            raise ValueError(f"{name} is on {s.device} but q is on {device}")
-        if s.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim, got strides {s.stride()}")
 
 
 def window_attention_fp8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
@@ -578,7 +535,7 @@ def window_attention_fp8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tens
         raise TypeError(f"q8 must be a torch.Tensor, got {type(q8).__name__}")
     device = q8.device
     check_kernel_device("FP8 window attention", device)
-    _check_bhld("q8", q8, device, FP8_DTYPE)
+    check_bhld("q8", q8, device, FP8_DTYPE)
     check_fp8_cache(k8, k_scale, v8, v_scale, device)
     if not isinstance(q_scale, torch.Tensor) or q_scale.dtype != torch.float32 or tuple(q_scale.shape) != q8.shape[:3]:
         raise ValueError(f"q_scale must be a float32 tensor of shape {list(q8.shape[:3])} (one scale per row), got "
@@ -628,14 +585,6 @@ def window_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         with sdpa_kernel(SDPBackend.MATH):
             out[b] = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(0, 1)
     return out
-
-
-def dequantize_fp8_cache(k8, k_scale, v8, v_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 [B, C, H, D] keys and values of the FP8 cache (module docstring's layout)."""
-    C = k8.shape[1]
-    k = k8.float() * k_scale[None, None, :, None]
-    v = v8.float() * v_scale.repeat_interleave(V_GROUP, dim=1)[:, :C, :, None]
-    return k, v
 
 
 def window_attention_fp8_ref(q8, q_scale, k8, k_scale, v8, v_scale, sink_end, win_start, win_end,

@@ -27,7 +27,7 @@ class PatchConfig:
     attention_backend: str = "sdpa"
     # The self-attention KV cache in bf16, or in e4m3 (half the memory and the bytes attention
     # reads; q, k and v in e4m3 so both attention dots run on the FP8 tensor cores; needs
-    # window_attention with the "triton" backend). Layout and scales: kernels/window_attention.py.
+    # window_attention with the "triton" backend). Layout and scales: kernels/fp8_kv_cache.py.
     kv_cache_dtype: str = "bf16"
     # Launch options of our Triton attention (attention_backend "triton"): split-KV shares per
     # query tile (finer waves on the GPU) and TMA loads of K/V tiles (compute capability >= 9).

@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 from ..kernels.kv_cache_plan import (LOCAL_START, NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, START_FRAME,
                                      WIN_END, WIN_START, kv_cache_plan, kv_cache_plan_ref, window_ring_size)
+from ..kernels.fp8_kv_cache import k_head_scale, quantize_k_ref, quantize_v_groups_ref
 from ..kernels.fp8_quant import FP8_DTYPE
-from ..kernels.kv_quant_append import k_head_scale, kv_quant_append, quantize_k_ref, quantize_v_groups_ref
+from ..kernels.kv_quant_append import kv_quant_append
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rope_kv_append import rope_kv_append, rope_tables
 from ..kernels.window_attention import window_attention, window_attention_fp8

@@ -12,16 +12,10 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 
+from longlive_triton.kernels.fp8_kv_cache import V_GROUP, fp8_kv_cache, k_head_scale
 from longlive_triton.kernels.fp8_quant import FP8_DTYPE
-from longlive_triton.kernels.kv_quant_append import (
-    fp8_kv_cache,
-    k_head_scale,
-    kv_quant_append,
-    kv_quant_append_bytes,
-    kv_quant_append_ref,
-)
+from longlive_triton.kernels.kv_quant_append import kv_quant_append, kv_quant_append_bytes, kv_quant_append_ref
 from longlive_triton.kernels.rope_kv_append import rope_tables
-from longlive_triton.kernels.window_attention import V_GROUP
 
 from .test_rope_kv_append import _HEALTH, _real, _written_slots, append_cases
 

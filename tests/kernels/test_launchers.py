@@ -9,9 +9,10 @@ import torch
 from longlive_triton.kernels import _common
 from longlive_triton.kernels.adaln import adaln
 from longlive_triton.kernels.fp8_gemm import fp8_gemm
+from longlive_triton.kernels.fp8_kv_cache import fp8_kv_cache
 from longlive_triton.kernels.fp8_quant import FP8_DTYPE, quantize_rowwise
 from longlive_triton.kernels.kv_cache_plan import kv_cache_plan
-from longlive_triton.kernels.kv_quant_append import fp8_kv_cache, kv_quant_append
+from longlive_triton.kernels.kv_quant_append import kv_quant_append
 from longlive_triton.kernels.rms_norm import rms_norm
 from longlive_triton.kernels.rope_kv_append import rope_kv_append, rope_tables
 from longlive_triton.kernels.token_merge import token_merge, token_unmerge
@@ -101,7 +102,7 @@ def test_window_attention_honours_use_tma_in_the_interpreter(device):
 
 def test_fp8_window_attention_honours_use_tma_in_the_interpreter(device):
     """The FP8 cache through TMA descriptors (V^T tiles of [D, 128]) against the pointer-load path."""
-    from longlive_triton.kernels.kv_quant_append import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
+    from longlive_triton.kernels.fp8_kv_cache import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, 20, 2, 32, generator=gen).to(device, BF16)
     k, v = (torch.randn(1, 160, 2, 32, generator=gen).to(device, BF16) for _ in range(2))

@@ -12,14 +12,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from longlive_triton.kernels.kv_quant_append import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
-from longlive_triton.kernels.window_attention import (
-    V_GROUP,
-    dequantize_fp8_cache,
-    window_attention_bytes,
-    window_attention_fp8,
-    window_attention_fp8_ref,
-)
+from longlive_triton.kernels.fp8_kv_cache import (V_GROUP, dequantize_fp8_cache, quantize_k_ref, quantize_rows_ref,
+                                                  quantize_v_groups_ref)
+from longlive_triton.kernels.window_attention import window_attention_bytes, window_attention_fp8, window_attention_fp8_ref
 from longlive_triton.numerics import rel_l2
 
 from .test_window_attention import _HEALTH, _attended, _real, attention_cases
