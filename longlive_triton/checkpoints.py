@@ -10,7 +10,7 @@ Three formats, applied in the stock order by `load_longlive`:
    `_fsdp_wrapped_module.` anywhere. Both are stripped.
 3. **LongLive LoRA** (`merge_lora`): a torch pickle `{"generator_lora", "critic_lora", "step"}` (or
    the raw adapter dict) with `base_model.model.<linear path>.lora_{A,B}[.default].weight`; merged
-   into the Linear weights as W += scale * B @ A, computed in fp32.
+   into the Linear weights as W += scale * B @ A, computed in fp32 (`lora.py`, shared with patch_model).
 
 Every load goes through one strict check (`load_state_dict_strict`): missing keys, unexpected keys,
 shape mismatches and non-floating tensors are all collected and raised together as one
@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .lora import merge_lora_weight
 
 __all__ = [
     "CheckpointError", "LoadResult", "LoraMergeResult", "LongLiveLoadResult", "WAN_BASE_FILENAME",
@@ -519,13 +521,9 @@ def merge_lora(model: nn.Module, path_or_state_dict: str | Path | Mapping[str, A
                               + (f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""))
     _check_materialized(model)
     layers = []
-    with torch.no_grad():
-        for bare, slot in pairs.items():
-            w = modules[bare].weight
-            a = slot["A"][1].to(device=w.device, dtype=torch.float32)
-            b = slot["B"][1].to(device=w.device, dtype=torch.float32)
-            w.copy_(torch.addmm(w.float(), b, a, alpha=scale))
-            layers.append(bare)
+    for bare, slot in pairs.items():
+        merge_lora_weight(modules[bare].weight, [(slot["A"][1], slot["B"][1], scale)])
+        layers.append(bare)
     return LoraMergeResult(tuple(layers), next(iter(ranks)), float(scale), file)
 
 

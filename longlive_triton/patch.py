@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import dataclasses
 
-import torch
 import torch.nn as nn
 
 from .config import PatchConfig, as_config
 from .graphs import install_graphs
+from .lora import merge_lora_weight
 from .patches.attention_window import longlive_cache_note, set_attention_window
 from .patches.base import Patch, PatchSkip
 from .patches.registry import PATCHES
@@ -87,21 +87,17 @@ def _is_lora_layer(m: nn.Module) -> bool:
             and isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and isinstance(getattr(m, "scaling", None), dict))
 
 
-@torch.no_grad()
 def _merge_lora_layer(layer: nn.Module) -> nn.Linear:
+    """The peft layer's base Linear with its active adapters folded in (DoRA and peft-merged ones refused)."""
     base = layer.base_layer
     if any(getattr(layer, "use_dora", {}).values()) or len(getattr(layer, "lora_magnitude_vector", ())):
         raise PatchSkip("DoRA adapters are not a plain W += B @ A merge; merge them with peft first")
     merged = list(getattr(layer, "merged_adapters", ()))
     if merged:
         raise PatchSkip(f"adapters {merged} are already merged by peft; unmerge them first")
-    weight = base.weight.float()
-    for name in getattr(layer, "active_adapters", list(layer.lora_A.keys())):
-        if name not in layer.lora_A:
-            continue
-        a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
-        weight = weight + layer.scaling[name] * (b @ a)
-    base.weight.copy_(weight.to(base.weight.dtype))
+    active = [name for name in getattr(layer, "active_adapters", list(layer.lora_A.keys())) if name in layer.lora_A]
+    merge_lora_weight(base.weight, [(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+                                    for name in active])
     return base
 
 

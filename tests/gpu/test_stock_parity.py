@@ -6,7 +6,8 @@ without one); `tests/gpu/prepare_stock_src.sh` copies its python files into the 
 `.stock/LongLive`. Both generators get the same weights (ours, loaded strictly into the stock model),
 the same noise and prompt embeddings, and the same RNG seed before each run; our `BlockPipeline` drives
 both, calling them as LongLive's `WanDiffusionWrapper` does. How the stock code is imported (stand-ins
-for diffusers and flash-attn) is described in `longlive_triton.stock`.
+for diffusers and flash-attn) is described in `longlive_triton.stock`; the comparison is
+`tests/stock_harness.py`.
 
     LONGLIVE_SRC=.stock/LongLive PARITY_OUT=parity.json python -m pytest tests/gpu/test_stock_parity.py -s
 
@@ -56,7 +57,9 @@ def _record(key: str, figures: dict) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_stock_parity_1_3b(stock, dtype):
     """LongLive-1.3B shapes, B=1, 30 latent frames of 16x60x104 (10 blocks; the window rolls from block 4)."""
-    from longlive_triton.stock import compare_with_stock, free_memory
+    from longlive_triton.stock import free_memory
+
+    from ..stock_harness import compare_with_stock
     free_memory("cuda")
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     figures = compare_with_stock(stock, "longlive-1.3b", dtype, "cuda", frames=30)
@@ -78,7 +81,9 @@ def test_stock_parity_1_3b(stock, dtype):
 def test_patch_model_merges_peft_lora_on_stock_1_3b(stock):
     """patch_model folds peft LoRA (r=8 on all 300 block Linears) into the stock 1.3B model, output unchanged."""
     pytest.importorskip("peft")
-    from longlive_triton.stock import free_memory, lora_merge_figures, lora_merge_problems
+    from longlive_triton.stock import free_memory
+
+    from ..stock_harness import lora_merge_figures, lora_merge_problems
     free_memory("cuda")
     figures = lora_merge_figures(stock, "longlive-1.3b", "cuda", prompt_len=64)
     print(f"\n{figures['report']}")

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.skipif(
 def test_exact_preset_on_the_stock_class(device, global_sink):
     from longlive_triton.reference import build_model, get_preset
     from longlive_triton.numerics import rel_l2
-    from longlive_triton.stock import build_stock_model, load_stock_longlive, parity_inputs, run_pipeline
+    from longlive_triton.stock import build_stock_model, load_stock_longlive
+
+    from ..stock_harness import parity_inputs, run_pipeline
 
     stock = load_stock_longlive(_SRC)
     weights = build_model("tiny", dtype=torch.float32, seed=6).state_dict()
@@ -86,7 +88,7 @@ def test_wans_list_context_equals_the_padded_tensor_on_the_stock_class(device):
     model's own output for the list."""
     from longlive_triton.graphs import stack_context
     from longlive_triton.pipeline import BlockPipeline
-    from longlive_triton.stock import parity_inputs
+    from ..stock_harness import parity_inputs
 
     model = _stock_tiny(device)
     noise, prompts = parity_inputs("tiny", 3, torch.bfloat16, device)
@@ -110,7 +112,7 @@ def test_fp8_cache_on_the_stock_class(device):
     unpatched stock model through a prompt switch."""
     from longlive_triton.config import load_preset
     from longlive_triton.numerics import rel_l2
-    from longlive_triton.stock import parity_inputs, run_pipeline
+    from ..stock_harness import parity_inputs, run_pipeline
 
     noise, prompts = parity_inputs("tiny", 12, torch.bfloat16, device, num_prompts=2)
     want, _ = run_pipeline(_stock_tiny(device), noise, prompts, (6,))

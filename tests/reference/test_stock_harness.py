@@ -1,4 +1,5 @@
-"""The stock-LongLive harness without the stock source: errors, laziness, and the flash-attn stand-in."""
+"""Without the stock source: the stock importer's errors, laziness and flash-attn stand-in, and the
+parity harness's LoRA-merge verdict (tests/stock_harness.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -57,7 +58,7 @@ def test_varlen_standin_refuses_what_it_cannot_do():
 
 
 def test_lora_merge_problems_flags_each_failure():
-    from longlive_triton.stock import lora_merge_problems
+    from ..stock_harness import lora_merge_problems
     good = dict(lora_targets=20, num_layers=2, lora_layers=[f"l{i}" for i in range(20)],
                 merged_paths=sorted(f"l{i}" for i in range(20)), merge_skipped=[], lora_layers_left=[],
                 lora_effect_rel_l2=1e-2, layer_max_rel_err=1e-7, rounding_control_rel_l2=1e-4,

@@ -1,8 +1,8 @@
 """Our reference against the stock LongLive v1.0 generator at tiny shapes on the CPU (fast).
 
-Covers the stock-import harness (`longlive_triton.stock`) wherever a LongLive v1.0 checkout is
-available: set LONGLIVE_SRC (e.g. .stock/LongLive, made by tests/gpu/prepare_stock_src.sh); skipped
-otherwise. The real-shape GPU version is tests/gpu/test_stock_parity.py.
+Covers the stock importer (`longlive_triton.stock`) and the parity harness (`tests/stock_harness.py`)
+wherever a LongLive v1.0 checkout is available: set LONGLIVE_SRC (e.g. .stock/LongLive, made by
+tests/gpu/prepare_stock_src.sh); skipped otherwise. The real-shape GPU version is tests/gpu/test_stock_parity.py.
 """
 from __future__ import annotations
 
@@ -41,14 +41,14 @@ def _check(figures: dict, dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_stock_parity_tiny(stock, dtype):
     """6 blocks: the window fills at block 3 and rolls from block 4."""
-    from longlive_triton.stock import compare_with_stock
+    from ..stock_harness import compare_with_stock
     _check(compare_with_stock(stock, "tiny", dtype, "cpu", frames=18), dtype)
 
 
 @pytest.mark.parametrize("global_sink", [True, False], ids=["global_sink", "sink_recache"])
 def test_stock_parity_tiny_prompt_switch(stock, global_sink):
     """Interactive mode: prompt switches at frames 8 and 19 (taking effect at blocks starting 9 and 21)."""
-    from longlive_triton.stock import compare_with_stock
+    from ..stock_harness import compare_with_stock
     figures = compare_with_stock(stock, "tiny", torch.float32, "cpu", frames=30, num_prompts=3, switches=(8, 19),
                                  config=PipelineConfig(global_sink=global_sink), prompt_len=10)
     _check(figures, torch.float32)
@@ -58,7 +58,9 @@ def test_stock_parity_detects_a_weight_change(stock):
     """The comparison is not vacuous: one perturbed stock weight shows up in the latents."""
     from longlive_triton.reference.presets import build_model
     from longlive_triton.numerics import rel_l2
-    from longlive_triton.stock import build_stock_model, parity_inputs, run_pipeline
+    from longlive_triton.stock import build_stock_model
+
+    from ..stock_harness import parity_inputs, run_pipeline
     ref = build_model("tiny", seed=0)
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     state["blocks.1.cross_attn.k.weight"] += 1e-3
@@ -81,7 +83,7 @@ def test_build_stock_model_refuses_foreign_weights(stock):
 def test_patch_model_merges_peft_lora_on_stock(stock):
     """patch_model folds peft LoRA on every block Linear of the stock class; the output is unchanged."""
     pytest.importorskip("peft")
-    from longlive_triton.stock import lora_merge_figures, lora_merge_problems
+    from ..stock_harness import lora_merge_figures, lora_merge_problems
     figures = lora_merge_figures(stock, "tiny", "cpu")
     print(f"\n{figures['report']}\nmerged vs unmerged rel L2 {figures['merged_vs_unmerged_rel_l2']:.3e}; "
           f"LoRA effect {figures['lora_effect_rel_l2']:.3e}; rounding control "
