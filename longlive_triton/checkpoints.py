@@ -1,9 +1,9 @@
-"""Strict loaders for the checkpoints LongLive-1.3B inference reads (spec §9, §10).
+"""Strict loaders for the checkpoints LongLive-1.3B inference reads.
 
 Three formats, applied in the stock order by `load_longlive`:
 
 1. **Wan2.1 base** (`load_wan_base`): `diffusion_pytorch_model.safetensors`, or shards listed in
-   `diffusion_pytorch_model.safetensors.index.json`; bare Wan names (spec §2), fp32 on disk.
+   `diffusion_pytorch_model.safetensors.index.json`; bare Wan names, fp32 on disk.
 2. **LongLive generator** (`load_longlive_generator`): a torch pickle dict whose `generator`
    (`generator_ema` with `use_ema`; `model` as a fallback, as `inference.py` accepts) is the
    WanDiffusionWrapper state dict: keys are `model.` + the bare name, and FSDP may have inserted
@@ -15,12 +15,12 @@ Three formats, applied in the stock order by `load_longlive`:
 Every load goes through one strict check (`load_state_dict_strict`): missing keys, unexpected keys,
 shape mismatches and non-floating tensors are all collected and raised together as one
 `CheckpointError` *before* any parameter is written, so a bad file never leaves a half-loaded model
-and no parameter ever silently keeps its initial value (spec §11.3: the stock init zeroes the head).
+and no parameter ever silently keeps its initial value (the stock init zeroes the head, so a missed key would silently blank the output).
 Tensors are read one at a time (safetensors lazily, pickles memory-mapped) and copied into the
 model's own parameters, cast to their dtype and device, so no second full copy of the model is built.
 
 Paths may be local files, local directories, or Hugging Face repo ids, which are resolved from the
-local Hugging Face cache only (`resolve_checkpoint`); nothing here touches the network.
+local Hugging Face cache only (checkpoint_files.py); nothing here touches the network.
 """
 from __future__ import annotations
 
@@ -34,19 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint_files import (LONGLIVE_BASE_FILENAMES, LONGLIVE_LORA_FILENAMES, WAN_BASE_FILENAME,
+                               WAN_BASE_INDEX_FILENAME, resolve_first)
 from .lora import merge_lora_weight
 
 __all__ = [
-    "CheckpointError", "LoadResult", "LoraMergeResult", "LongLiveLoadResult", "WAN_BASE_FILENAME",
-    "WAN_BASE_INDEX_FILENAME", "LONGLIVE_BASE_FILENAMES", "LONGLIVE_LORA_FILENAMES", "resolve_checkpoint",
-    "load_state_dict_strict", "load_wan_base", "load_longlive_generator", "merge_lora", "load_longlive",
+    "CheckpointError", "LoadResult", "LoraMergeResult", "LongLiveLoadResult", "load_state_dict_strict",
+    "load_wan_base", "load_longlive_generator", "merge_lora", "load_longlive",
 ]
-
-WAN_BASE_FILENAME = "diffusion_pytorch_model.safetensors"
-WAN_BASE_INDEX_FILENAME = "diffusion_pytorch_model.safetensors.index.json"
-# Where the files sit inside a directory (or HF repo): the repo keeps them under models/.
-LONGLIVE_BASE_FILENAMES = ("longlive_base.pt", "models/longlive_base.pt")
-LONGLIVE_LORA_FILENAMES = ("lora.pt", "models/lora.pt")
 
 _FSDP_INFIX = "_fsdp_wrapped_module."
 _WRAPPER_PREFIX = "model."
@@ -91,84 +86,6 @@ class LongLiveLoadResult:
 # ----------------------------------------------------------------------------------------------
 # Resolution
 # ----------------------------------------------------------------------------------------------
-
-def _looks_like_repo_id(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "~")) and "\\" not in s
-
-
-def resolve_checkpoint(path_or_repo: str | Path, filename: str | None = None, *,
-                       cache_dir: str | Path | None = None) -> Path:
-    """Find a checkpoint file or directory on this machine, without any network access.
-
-    - An existing local path: a file is returned as is (if `filename` is given it must be that
-      file's name); a directory is returned as is, or `directory / filename` when `filename` is given.
-    - Otherwise `path_or_repo` is taken as a Hugging Face repo id (``"org/name"``) and looked up in the
-      local Hugging Face cache (`cache_dir`, default the standard hub cache) at revision ``main``:
-      with `filename`, that file of the cached snapshot (``huggingface_hub.try_to_load_from_cache``);
-      without it, the snapshot directory (``snapshot_download(local_files_only=True)``).
-
-    Raises FileNotFoundError naming what was looked for (path, repo id, file name, cache dir) when
-    nothing is found; it never downloads.
-    """
-    raw = str(path_or_repo)
-    p = Path(raw).expanduser()
-    if p.exists():
-        if p.is_dir():
-            if filename is None:
-                return p
-            target = p / filename
-            if target.exists():
-                return target
-            raise FileNotFoundError(f"checkpoint file {filename!r} not found in directory {str(p)!r}")
-        if filename is not None and p.name != Path(filename).name:
-            raise FileNotFoundError(f"asked for {filename!r} but {str(p)!r} is a different file")
-        return p
-    if not _looks_like_repo_id(raw):
-        what = f"{raw!r}" if filename is None else f"{filename!r} in {raw!r}"
-        raise FileNotFoundError(f"checkpoint {what} not found: no such local path, and not a Hugging Face "
-                                f"repo id ('org/name')")
-
-    import huggingface_hub  # lazy: importing this module has no side effects
-    from huggingface_hub import constants as hf_constants
-
-    where = f"Hugging Face cache {str(cache_dir if cache_dir is not None else hf_constants.HF_HUB_CACHE)!r}"
-    if filename is not None:
-        found = huggingface_hub.try_to_load_from_cache(raw, filename, cache_dir=cache_dir)
-        if isinstance(found, str) and Path(found).exists():
-            return Path(found)
-        raise FileNotFoundError(
-            f"checkpoint file {filename!r} of repo {raw!r} not found locally (no local path {raw!r}; not in the "
-            f"{where}); download it first, e.g. `huggingface-cli download {raw} {filename}`")
-    try:
-        snap = huggingface_hub.snapshot_download(raw, cache_dir=cache_dir, local_files_only=True)
-    except (FileNotFoundError, OSError, ValueError) as e:  # LocalEntryNotFoundError is a FileNotFoundError
-        raise FileNotFoundError(
-            f"repo {raw!r} not found locally (no local path {raw!r}; no snapshot in the {where}); "
-            f"download it first, e.g. `huggingface-cli download {raw}`") from e
-    return Path(snap)
-
-
-def _resolve_file(path_or_repo: str | Path, candidates: Iterable[str], *,
-                  cache_dir: str | Path | None) -> Path:
-    """A local file as is; else the first of `candidates` inside a directory or a cached repo."""
-    candidates = tuple(candidates)
-    p = Path(str(path_or_repo)).expanduser()
-    if p.is_file():
-        return p
-    for name in candidates:
-        try:
-            return resolve_checkpoint(path_or_repo, name, cache_dir=cache_dir)
-        except FileNotFoundError:
-            continue
-    fetch = ""
-    if not p.exists() and _looks_like_repo_id(str(path_or_repo)):
-        fetch = (f"; to fetch it from the Hugging Face Hub: `huggingface-cli download {path_or_repo} {candidates[0]}` "
-                 "(this loader never downloads)")
-    raise FileNotFoundError(f"no checkpoint found at {str(path_or_repo)!r}: looked for a file there, or "
-                            f"one of {list(candidates)} inside it (local directory or Hugging Face cache"
-                            f"{'' if cache_dir is None else ' ' + repr(str(cache_dir))}){fetch}")
-
 
 # ----------------------------------------------------------------------------------------------
 # Tensor sources: key -> (shape, dtype) metadata without reading, and one tensor at a time
@@ -353,7 +270,7 @@ def load_wan_base(model: nn.Module, path: str | Path, *, cache_dir: str | Path |
     cache (`cache_dir`). Tensors are read lazily one at a time and cast to the model's dtype and device.
     Raises FileNotFoundError when nothing is found and CheckpointError when the weights do not match.
     """
-    file = _resolve_file(path, (WAN_BASE_FILENAME, WAN_BASE_INDEX_FILENAME), cache_dir=cache_dir)
+    file = resolve_first(path, (WAN_BASE_FILENAME, WAN_BASE_INDEX_FILENAME), cache_dir=cache_dir)
     if file.name.endswith(".json"):
         try:
             weight_map = json.loads(file.read_text())["weight_map"]
@@ -400,7 +317,7 @@ def load_longlive_generator(model: nn.Module, path: str | Path, *, use_ema: bool
     `path` is the file, a directory holding `longlive_base.pt` or `models/longlive_base.pt`, or a repo
     id resolved from the local Hugging Face cache. Strict (see `load_state_dict_strict`).
     """
-    file = _resolve_file(path, LONGLIVE_BASE_FILENAMES, cache_dir=cache_dir)
+    file = resolve_first(path, LONGLIVE_BASE_FILENAMES, cache_dir=cache_dir)
     ckpt = _torch_load(file)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{str(file)!r} holds a {type(ckpt).__name__}, not a dict")
@@ -434,7 +351,7 @@ def _lora_state_dict(path_or_state_dict, cache_dir) -> tuple[Mapping[str, Any], 
     if isinstance(path_or_state_dict, Mapping):
         ckpt, file = path_or_state_dict, None
     else:
-        file = _resolve_file(path_or_state_dict, LONGLIVE_LORA_FILENAMES, cache_dir=cache_dir)
+        file = resolve_first(path_or_state_dict, LONGLIVE_LORA_FILENAMES, cache_dir=cache_dir)
         ckpt = _torch_load(file)
         if not isinstance(ckpt, Mapping):
             raise CheckpointError(f"{str(file)!r} holds a {type(ckpt).__name__}, not a dict")
@@ -540,7 +457,7 @@ def load_longlive(model: nn.Module, *, base: str | Path | None = None, generator
     `base` -> `load_wan_base`, `generator` -> `load_longlive_generator` (with `use_ema`),
     `lora` -> `merge_lora` (with `scale=lora_scale`). The generator fully overwrites the base, as in
     the stock pipeline, so the base is only useful on its own. Cast the model to bf16 after this if the
-    stock numerics are wanted (spec §9: a fp32 merge before the bf16 cast matches up to rounding).
+    stock numerics are wanted (as LongLive: a fp32 merge before the bf16 cast matches up to rounding).
     """
     if base is None and generator is None and lora is None:
         raise ValueError("load_longlive needs at least one of base=, generator=, lora=")

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from longlive_triton.checkpoint_files import resolve_checkpoint
 from longlive_triton.checkpoints import (
-    CheckpointError, load_longlive, load_longlive_generator, load_state_dict_strict, load_wan_base,
-    merge_lora, resolve_checkpoint,
+    CheckpointError, load_longlive, load_longlive_generator, load_state_dict_strict, load_wan_base, merge_lora,
 )
 from longlive_triton.reference import build_model
 
@@ -58,7 +58,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_targets(model: nn.Module) -> list[str]:
-    """LongLive's targets: every nn.Linear inside a CausalWanAttentionBlock (spec §9)."""
+    """LongLive's targets: every nn.Linear inside a CausalWanAttentionBlock."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
 
 
