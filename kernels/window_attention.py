@@ -54,6 +54,7 @@ from ._common import (SUPPORTED_HEAD_DIMS, autotune, cast_bf16, check_bhld, chec
                       interpreting, launch_on, tma_supported, use_tma_allocator)
 from .fp8_kv_cache import V_GROUP, check_fp8_cache, dequantize_fp8_cache
 from .fp8_quant import FP8_DTYPE, _cast_fp8
+from .window_split import merge_store, pick3, split_share, split_workspace, tile_edges, window_ranges
 
 _SUPPORTED_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 _LOG2E = 1.4426950408889634
@@ -142,108 +143,6 @@ def _load_tile(k_base, v_base, vs_base, k_desc, v_desc, desc_k_row, desc_v_row, 
     return k, v, vs
 
 
-@triton.jit
-def _edges(start, end, BLOCK_N: tl.constexpr):
-    """Keys [start, end) in tiles aligned to BLOCK_N: (first tile, start of the full tiles, end of
-    the full tiles). The tile at `first` is partial when first < start, the one at `hi_full` when
-    hi_full < end; those two are read masked, the full tiles between them not."""
-    first = start // BLOCK_N * BLOCK_N
-    lo_full = tl.where(first < start, first + BLOCK_N, first)
-    hi_full = tl.maximum(end // BLOCK_N * BLOCK_N, lo_full)
-    return first, lo_full, hi_full
-
-
-@triton.jit
-def _pick(r, a, b, c):
-    return tl.where(r == 0, a, tl.where(r == 1, b, c))
-
-
-@triton.jit
-def _window_ranges(sink_end_ptr, win_start_ptr, win_end_ptr, shift_ptr, b,
-                   stride_sink, stride_wstart, stride_wend, stride_shift, C, ring_lo, ring_size,
-                   RING: tl.constexpr):
-    """Sample b's physical key ranges [0, sink_end) U [win_start, win_end) U [ring_lo, wrap_end)
-    (the last empty unless RING) from the device range values (module docstring)."""
-    # Clamp on the device: the host never sees these values.
-    sink_end = tl.load(sink_end_ptr + b * stride_sink).to(tl.int32)
-    win_start = tl.load(win_start_ptr + b * stride_wstart).to(tl.int32)
-    win_end = tl.load(win_end_ptr + b * stride_wend).to(tl.int32)
-    sink_end = tl.minimum(tl.maximum(sink_end, 0), C)
-    win_end = tl.minimum(tl.maximum(win_end, 0), C)
-    # The union of the two ranges: the window starts no earlier than the sink ends.
-    win_start = tl.minimum(tl.maximum(win_start, sink_end), C)
-    # A rotated ring maps the logical window to physical [win_start, win_end) plus [ring_lo, wrap_end).
-    if RING:
-        sink_end = tl.minimum(sink_end, ring_lo)
-        win_start = tl.maximum(win_start, ring_lo)
-        length = tl.minimum(tl.maximum(win_end - win_start, 0), ring_size)
-        rel = (win_start - ring_lo + tl.load(shift_ptr + b * stride_shift).to(tl.int32)) % ring_size
-        # Triton's % truncates toward zero; fold a negative remainder back into [0, ring_size).
-        rel = tl.where(rel < 0, rel + ring_size, rel)
-        head = tl.minimum(length, ring_size - rel)
-        win_start = ring_lo + rel
-        win_end = win_start + head
-        wrap_end = ring_lo + length - head
-    else:
-        wrap_end = ring_lo
-    # Steady state has the window right behind the sink: one range, one ragged tile instead of two.
-    if win_start == sink_end:
-        sink_end = tl.maximum(win_end, sink_end)
-        win_start = sink_end
-        win_end = sink_end
-    return sink_end, win_start, win_end, wrap_end
-
-
-@triton.jit
-def _share(lo_t, hi_t, off_t, start, end, BLOCK_N: tl.constexpr):
-    """The keys of range [start, end) whose aligned tiles, numbered from off_t, fall in [lo_t, hi_t);
-    and the next range's first tile number."""
-    first_t = start // BLOCK_N
-    n_t = tl.where(end > start, tl.cdiv(end, BLOCK_N) - first_t, 0)
-    a = tl.minimum(tl.maximum(lo_t - off_t, 0), n_t)
-    b = tl.minimum(tl.maximum(hi_t - off_t, 0), n_t)
-    return (tl.maximum(start, (first_t + a) * BLOCK_N), tl.minimum(end, (first_t + b) * BLOCK_N), off_t + n_t)
-
-
-@triton.jit
-def _merge_store(acc, l_i, m_i, o_ptrs, m_ok, ws_ptr, ml_ptr, cnt_ptr, unit, n_units, offs_m_local, split,
-                 SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
-    """Normalise and store; with SPLIT > 1 leave the partial, and let the last share merge them all."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    if SPLIT > 1:
-        # Workspace: acc [SPLIT, n_units, BLOCK_M, D] and (m, l) [SPLIT, n_units, 2, BLOCK_M], fp32.
-        row = (split * n_units + unit).to(tl.int64) * BLOCK_M + offs_m_local
-        tl.store(ws_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
-        ml = (split * n_units + unit).to(tl.int64) * 2 * BLOCK_M + offs_m_local
-        tl.store(ml_ptr + ml, m_i)
-        tl.store(ml_ptr + ml + BLOCK_M, l_i)
-        # Every thread's partial is written before the counter says so (release), and read after it
-        # (acquire); .cg loads bypass L1, which is not coherent across SMs.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + unit, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            for i in tl.static_range(SPLIT):
-                r = (i * n_units + unit).to(tl.int64) * 2 * BLOCK_M + offs_m_local
-                m_all = tl.maximum(m_all, tl.load(ml_ptr + r, cache_modifier=".cg"))
-            m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for i in tl.static_range(SPLIT):
-                r = (i * n_units + unit).to(tl.int64) * 2 * BLOCK_M + offs_m_local
-                w = tl.math.exp2(tl.load(ml_ptr + r, cache_modifier=".cg") - m_ref)
-                l_i += tl.load(ml_ptr + r + BLOCK_M, cache_modifier=".cg") * w
-                a = (i * n_units + unit).to(tl.int64) * BLOCK_M + offs_m_local
-                acc += tl.load(ws_ptr + a[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg") * w[:, None]
-            tl.atomic_xchg(cnt_ptr + unit, 0)
-            # An empty key set gives zeros instead of 0/0.
-            l_i = tl.where(l_i == 0.0, 1.0, l_i)
-            tl.store(o_ptrs, cast_bf16(acc / l_i[:, None], INTERPRET), mask=m_ok[:, None])
-    else:
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)
-        tl.store(o_ptrs, cast_bf16(acc / l_i[:, None], INTERPRET), mask=m_ok[:, None])
-
-
 # Sizes stay runtime values: specialising a size of 1 made ptxas crash (SIGSEGV, triton 3.6, H200).
 @triton.jit(do_not_specialize=["B", "H", "Lq", "C", "ring_lo", "ring_size"])
 def _window_attn_fwd(
@@ -269,7 +168,7 @@ def _window_attn_fwd(
     b = pid_bh // H
     h = pid_bh % H
     b64 = b.to(tl.int64)
-    sink_end, win_start, win_end, wrap_end = _window_ranges(
+    sink_end, win_start, win_end, wrap_end = window_ranges(
         sink_end_ptr, win_start_ptr, win_end_ptr, shift_ptr, b, stride_sink, stride_wstart, stride_wend,
         stride_shift, C, ring_lo, ring_size, RING)
 
@@ -313,9 +212,9 @@ def _window_attn_fwd(
     lo_t = split * n_tiles // SPLIT
     hi_t = (split + 1) * n_tiles // SPLIT
 
-    s0, e0, off = _share(lo_t, hi_t, 0, 0, sink_end, BLOCK_N)
-    s1, e1, off = _share(lo_t, hi_t, off, win_start, win_end, BLOCK_N)
-    s2, e2, off = _share(lo_t, hi_t, off, ring_lo, wrap_end, BLOCK_N)
+    s0, e0, off = split_share(lo_t, hi_t, 0, 0, sink_end, BLOCK_N)
+    s1, e1, off = split_share(lo_t, hi_t, off, win_start, win_end, BLOCK_N)
+    s2, e2, off = split_share(lo_t, hi_t, off, ring_lo, wrap_end, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -324,9 +223,9 @@ def _window_attn_fwd(
     # Loops over the ranges (runtime loops, not unrolled) keep the code to two tile bodies, one
     # masked and one not: first the partial tiles at the ranges' edges, then the full tiles.
     for r in range(0, N_RANGES):
-        start = _pick(r, s0, s1, s2)
-        end = _pick(r, e0, e1, e2)
-        first, lo_full, hi_full = _edges(start, end, BLOCK_N)
+        start = pick3(r, s0, s1, s2)
+        end = pick3(r, e0, e1, e2)
+        first, lo_full, hi_full = tile_edges(start, end, BLOCK_N)
         for edge in range(0, 2):
             n0 = tl.where(edge == 0, first, hi_full)
             if tl.where(edge == 0, (first < start) & (start < end), hi_full < end):
@@ -335,13 +234,13 @@ def _window_attn_fwd(
                                       valid, stride_kn, stride_vn, stride_vsg, True, FP8, USE_TMA, BLOCK_N, HEAD_DIM)
                 acc, l_i, m_i = _tile(acc, l_i, m_i, q, a_row, k, v, vs, valid, True, FP8, INTERPRET)
     for r in range(0, N_RANGES):
-        first, lo_full, hi_full = _edges(_pick(r, s0, s1, s2), _pick(r, e0, e1, e2), BLOCK_N)
+        first, lo_full, hi_full = tile_edges(pick3(r, s0, s1, s2), pick3(r, e0, e1, e2), BLOCK_N)
         for n0 in tl.range(lo_full, hi_full, BLOCK_N):
             k, v, vs = _load_tile(k_base, v_base, vs_base, k_desc, v_desc, desc_k_row, desc_v_row, desc_col, n0,
                                   offs_n, stride_kn, stride_vn, stride_vsg, False, FP8, USE_TMA, BLOCK_N, HEAD_DIM)
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, a_row, k, v, vs, offs_n, False, FP8, INTERPRET)
     o_ptrs = o_ptr + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    _merge_store(acc, l_i, m_i, o_ptrs, m_ok, ws_ptr, ml_ptr, cnt_ptr, pid_bh * tl.num_programs(0) + pid_m,
+    merge_store(acc, l_i, m_i, o_ptrs, m_ok, ws_ptr, ml_ptr, cnt_ptr, pid_bh * tl.num_programs(0) + pid_m,
                  B * H * tl.num_programs(0), offs_m_local, split, SPLIT, HEAD_DIM, BLOCK_M, INTERPRET)
 
 
@@ -375,23 +274,6 @@ _window_attn_fwd_tuned = autotune(
     key=["LQ_BUCKET", "HEAD_DIM", "USE_TMA", "FP8", "SPLIT"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_window_attn_fwd)
-
-
-_WORKSPACES: dict = {}
-
-
-def _split_workspace(device: torch.device, split: int, units: int, head_dim: int):
-    """The split-KV partials and counters, one set per (device, size), kept for reuse: a captured
-    graph bakes their addresses in, and the counters must start at zero (each launch leaves them so)."""
-    key = (device, split, units, head_dim)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        rows = split * units * 128  # sized for BLOCK_M <= 128
-        ws = (torch.empty(rows * head_dim, dtype=torch.float32, device=device),
-              torch.empty(rows * 2, dtype=torch.float32, device=device),
-              torch.zeros(units, dtype=torch.int32, device=device))
-        _WORKSPACES[key] = ws
-    return ws
 
 
 def _check_config(config: dict) -> dict:
@@ -467,7 +349,7 @@ def _launch(q, q_scale, k, k_scale, v, v_scale, sink_end, win_start, win_end, ri
     if interpret:
         config = {"BLOCK_M": _INTERPRET_BLOCK_M, "BLOCK_N": V_GROUP if fp8 else _INTERPRET_BLOCK_N}
     max_units = B * H * triton.cdiv(Lq, 64 if config is None else config["BLOCK_M"])
-    ws, ml, cnt = (_split_workspace(device, split, max_units, D) if split > 1 else (out, out, out))
+    ws, ml, cnt = (split_workspace(device, split, max_units, D) if split > 1 else (out, out, out))
     qs = q_scale if fp8 else out
     args = (
         q, qs, k, k_scale if fp8 else out, v, v_scale if fp8 else out, out, ws, ml, cnt,
