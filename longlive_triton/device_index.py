@@ -1,11 +1,7 @@
-"""DeviceIndex: an int that also lives on the GPU, so one captured CUDA graph serves every block.
+"""DeviceIndex: an int that also carries its value in a one-element int64 device tensor.
 
-LongLive passes `current_start` (the first new token's index) as a Python int through the model to
-every self-attention layer. The host needs it as an int (the stock code's arithmetic, our host-side
-window bookkeeping), but a kernel launch captured in a CUDA graph would freeze an int argument. A
-DeviceIndex is that int, carrying a one-element int64 device tensor with the same value: the patched
-layers hand the tensor to their kernels, so a graph replays with whatever the tensor holds when the
-graph runner has refilled it for the next call. Everything else sees a plain int.
+The CUDA-graph runner passes `current_start` as one so that one captured graph serves every block;
+which code reads the int and which the tensor: longlive_triton/graphs.py, module docstring.
 """
 from __future__ import annotations
 

@@ -24,11 +24,31 @@ never run concurrently), so a graph costs little beyond its static inputs and ou
 
 A key's first call runs eagerly on the capture stream (Triton autotuning and cuDNN planning happen
 there, not during capture); its second call is captured and replayed; every later call replays.
-Calls that cannot be replayed run eagerly: a cross-attention cache being (re)filled after a prompt
-switch, a window that is not one range of the cache (a gathered copy; the ring is as long as the
-window, so a full window never is: kernels/kv_cache_plan.py), grad mode, non-tensor x or t.
+Calls that cannot be replayed run eagerly, each counted by its reason in `stats`: a cross-attention
+cache being (re)filled after a prompt switch, a window that is not one range of the cache (a gathered
+copy; the ring is as long as the window, so a full window never is: kernels/kv_cache_plan.py), grad
+mode, non-tensor x, t or context, positional arguments or no caches (not LongLive's cached call), a
+kv_cache with another number of layers, and every call while `enabled` is off.
 The text context may be one [B, L, text_dim] tensor (LongLive's wrapper) or Wan's list of B
 [L, text_dim] tensors: the list is zero-padded to text_len and stacked, as the stock model does.
+
+What the host keeps and what the device reads. A replay runs the captured kernels with the arguments
+they had at capture and runs no Python, so two things the forward computes on the host need care:
+- `current_start`, the first new token's index, a Python int in LongLive's calls. The runner passes
+  a `DeviceIndex` (device_index.py): an int that also carries a one-element int64 tensor, the
+  runner's own, refilled with the call's value before each replay. Host code (the stock arithmetic,
+  the window copy below) sees the int; the patched layers hand the tensor to their kernels (the
+  cache plan reads the start on the device), so a replay follows the call, not the capture.
+- the host-side window copy: each patched self-attention layer mirrors its cache pointers (global
+  end, local end, ring shift) on the host, in its cache dict, by the stock rules the device runs
+  (`WindowSelfAttention.host_window`, no device read). It gives the window each call attends: the
+  cuDNN path slices the cache with it (a shape, frozen in a graph) and the runner keys graphs on it
+  (`attention_windows`). Capture runs the forward's Python once, which moves the copy on: the runner
+  puts the cache dicts back afterwards, also when the capture fails. A replay runs no Python: the
+  runner moves the copy on itself after each replay, as the call would have.
+
+The torch.cuda calls (graphs, streams, the memory pool) come from a `CudaGraphBackend`; tests hand
+the runner a CPU stand-in (tests/test_graph_runner.py) to run everything but the capture itself.
 """
 from __future__ import annotations
 
@@ -36,6 +56,7 @@ import contextvars
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -43,11 +64,38 @@ import torch.nn as nn
 from .device_index import DeviceIndex
 from .reference.model import sinusoidal_embedding_1d
 
-__all__ = ["GraphedGenerator", "install_graphs", "uninstall_graphs", "graph_runner", "attention_windows"]
+__all__ = ["GraphedGenerator", "CudaGraphBackend", "install_graphs", "uninstall_graphs", "graph_runner",
+           "attention_windows"]
 
 _RUNNER = "_longlive_triton_graphs"
 # Keys seen once (their eager warm-up ran) but not captured yet: at most this many per graph held.
 _SEEN_PER_GRAPH = 4
+
+
+class CudaGraphBackend:
+    """The torch.cuda calls a GraphedGenerator makes, in one place so that a test can stand in for them."""
+
+    device_type = "cuda"
+
+    def pool_handle(self):
+        return torch.cuda.graph_pool_handle()
+
+    def new_stream(self, device: torch.device) -> torch.cuda.Stream:
+        return torch.cuda.Stream(device)
+
+    def current_stream(self, device: torch.device) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(device)
+
+    def on_stream(self, stream: torch.cuda.Stream):
+        return torch.cuda.stream(stream)
+
+    def new_graph(self) -> torch.cuda.CUDAGraph:
+        return torch.cuda.CUDAGraph()
+
+    def capture(self, graph: torch.cuda.CUDAGraph, forward, *, pool, stream: torch.cuda.Stream):
+        """Record forward() into graph and return its output, which every replay rewrites in place."""
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            return forward()
 
 
 @dataclass
@@ -75,7 +123,7 @@ class GraphStats:
 class GraphedGenerator:
     """Stands in for a patched CausalWanModel's forward; see the module docstring."""
 
-    def __init__(self, generator: nn.Module, max_graphs: int = 16):
+    def __init__(self, generator: nn.Module, max_graphs: int = 16, backend: CudaGraphBackend | None = None):
         layers = [getattr(block, "self_attn", None) for block in generator.blocks]
         # WindowSelfAttention by what the runner uses (importing it here would close an import cycle).
         if not all(callable(getattr(layer, "host_window", None)) for layer in layers):
@@ -91,12 +139,14 @@ class GraphedGenerator:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._eager = type(generator).forward.__get__(generator)
+        self.backend = backend if backend is not None else CudaGraphBackend()
         device = next(generator.parameters()).device
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the generator on a CUDA device; it is on {device}")
+        if device.type != self.backend.device_type:
+            raise ValueError(f"CUDA graphs need the generator on a {self.backend.device_type.upper()} device; "
+                             f"it is on {device}")
         self.device = device
-        self._pool = torch.cuda.graph_pool_handle()
-        self._stream = torch.cuda.Stream(device)
+        self._pool = self.backend.pool_handle()
+        self._stream = self.backend.new_stream(device)
         self._start = torch.zeros(1, dtype=torch.int64, device=device)
         # (batch, frames per call) a BlockPipeline captured with; it refuses another (see pipeline.py).
         self.pipeline_shape: tuple[int, int] | None = None
@@ -183,7 +233,7 @@ class GraphedGenerator:
         self._start.fill_(call[0])
         graph.graph.replay()
         self.stats.replays += 1
-        # The replay ran no Python: move the host-side window bookkeeping on as the call did.
+        # The replay ran no Python: the host-side window copy moves on here (module docstring).
         attention_windows(self.layers, kwargs["kv_cache"], *call, commit=True)
         return graph.out.clone()
 
@@ -196,9 +246,9 @@ class GraphedGenerator:
             _IN_RUNNER.reset(token)
 
     def _on_capture_stream(self, fn):
-        main = torch.cuda.current_stream(self.device)
+        main = self.backend.current_stream(self.device)
         self._stream.wait_stream(main)
-        with torch.cuda.stream(self._stream):
+        with self.backend.on_stream(self._stream):
             out = fn()
         main.wait_stream(self._stream)
         return out
@@ -208,14 +258,13 @@ class GraphedGenerator:
         static_t = torch.empty_like(kwargs["t"])
         static_ctx = torch.empty_like(kwargs["context"])
         call = dict(kwargs, t=static_t, context=static_ctx, current_start=DeviceIndex(current_start, self._start))
-        # Capturing runs the forward's Python (not its kernels): keep the host bookkeeping it moves,
-        # also when the capture fails.
+        # Capturing runs the forward's Python, which moves the host-side window copy: put it back after.
         saved = [dict(cache) for cache in kwargs["kv_cache"]]
-        graph = torch.cuda.CUDAGraph()
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        graph = self.backend.new_graph()
+        self._stream.wait_stream(self.backend.current_stream(self.device))
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
-                out = self._run_eager(static_x, **call)
+            out = self.backend.capture(graph, partial(self._run_eager, static_x, **call), pool=self._pool,
+                                       stream=self._stream)
         except RuntimeError as e:
             raise RuntimeError(f"capturing the generator's forward in a CUDA graph failed ({e}); run with "
                                "cuda_graphs: false (patch config) or PipelineConfig(cuda_graphs=False)") from e
@@ -231,11 +280,12 @@ class GraphedGenerator:
         return entry
 
 
-def install_graphs(generator: nn.Module, max_graphs: int = 16) -> GraphedGenerator:
+def install_graphs(generator: nn.Module, max_graphs: int = 16, backend: CudaGraphBackend | None = None
+                   ) -> GraphedGenerator:
     """Route the generator's calls through a GraphedGenerator (idempotent); returns it."""
     runner = getattr(generator, _RUNNER, None)
     if runner is None:
-        runner = GraphedGenerator(generator, max_graphs)
+        runner = GraphedGenerator(generator, max_graphs, backend)
         _swap_time_embedding(sys.modules.get(type(generator).__module__))
         setattr(generator, _RUNNER, runner)
         # An instance attribute: nn.Module.__call__ finds it before the class's forward.

@@ -160,9 +160,7 @@ class WindowSelfAttention(nn.Module):
     def host_window(kv_cache: dict, plan_args: dict, *, commit: bool) -> tuple[int, int, int]:
         """(keys attended, first physical window slot, window length) of one call, from the stock rules
         tracked on the host (no device read); with commit, the tracked pointers move on as the call does.
-
-        The cuDNN path slices the cache with these; a CUDA graph runner keys its graphs on them and
-        commits them for each replayed call (the replay runs no Python)."""
+        This is the host-side window copy of longlive_triton/graphs.py (its docstring: who reads it)."""
         state = kv_cache.get(_HOST_STATE, (0, 0, 0))
         _check_forward_only(state[0], plan_args)
         plan = kv_cache_plan_ref(*state, **plan_args)
@@ -236,14 +234,14 @@ class WindowSelfAttention(nn.Module):
         plan_args = self.plan_args(kv_cache, current_start, s, frame_seqlen, sink_recache_after_switch)
         if not self._told_cache_size:
             self._note_cache_size(plan_args)
-        # The host mirror of the pointers moves on with every call (both backends): the cuDNN path
-        # and the graph runner read it, and it refuses a call the ring cannot serve.
+        # The host-side window copy moves on with every call, whatever the backend: the graph runner
+        # keys on it, and it refuses a call the ring cannot serve.
         window = self.host_window(kv_cache, plan_args, commit=True)
         shift = kv_cache.get(_RING_SHIFT)
         if shift is None:
             shift = kv_cache[_RING_SHIFT] = torch.zeros(1, dtype=torch.long, device=k_cache.device)
-        # A DeviceIndex (from the CUDA-graph runner) carries the start on the device: the plan kernel
-        # reads it there, so a captured graph follows the value the runner writes before each replay.
+        # A DeviceIndex (the CUDA-graph runner's, longlive_triton/graphs.py): the plan kernel reads the
+        # start on the device.
         device_start = getattr(current_start, "tensor", None)
         plan = kv_cache_plan(kv_cache["global_end_index"], kv_cache["local_end_index"], shift,
                              **dict(plan_args, current_start=plan_args["current_start"] if device_start is None

@@ -1,6 +1,8 @@
 """CUDA-graph plumbing that runs without a GPU: the device-side start index gives the same result as
-the int, caches are reused in place across videos, and graphs are refused clearly off CUDA.
-(Graph capture itself is tested on the GPU: tests/gpu/test_graphs.py.)"""
+the int, caches are reused in place across videos, graphs are refused clearly off CUDA, Wan's list
+context is padded as the stock model pads it, and the capture-safe time embedding serves only the
+runner. (The runner's decisions, with a CPU stand-in for its graphs: tests/test_graph_runner.py; the
+capture itself, on the GPU: tests/gpu/test_graphs.py.)"""
 import pytest
 import torch
 
@@ -97,49 +99,6 @@ def test_a_batch_of_two_matches_the_unpatched_reference():
     assert not torch.equal(got[0], got[1])
 
 
-# -- the graph runner's decisions, without a GPU -------------------------------------------------
-def _cpu_runner(model, max_graphs: int = 16):
-    """A GraphedGenerator whose CUDA parts are skipped: its __init__ (streams, memory pool) is not run,
-    its device is the CPU and its warm-up runs on the current thread. It plans and runs eager calls."""
-    from collections import OrderedDict
-
-    from longlive_triton.graphs import GraphedGenerator, GraphStats
-
-    runner = GraphedGenerator.__new__(GraphedGenerator)
-    runner.generator, runner.layers = model, [b.self_attn for b in model.blocks]
-    runner.enabled, runner.stats, runner.device, runner.max_graphs = True, GraphStats(), torch.device("cpu"), max_graphs
-    runner.graphs, runner._seen = OrderedDict(), OrderedDict()
-    runner._eager = type(model).forward.__get__(model)
-    runner._on_capture_stream = lambda fn: fn()
-    return runner
-
-
-def _call_kwargs(pipe, noise, prompt, start_frame=0, **extra):
-    b, f = noise.shape[:2]
-    pipe.frame_seqlen = 8
-    pipe.init_caches(b, f, noise.dtype, noise.device)
-    for cache in pipe.caches.crossattn:  # a filled cross-attention cache: the call a graph can serve
-        cache["is_init"] = True
-    t = torch.full((b, 3), 1000.0)
-    return dict(t=t, context=prompt, seq_len=32760, kv_cache=pipe.caches.kv, crossattn_cache=pipe.caches.crossattn,
-                current_start=start_frame * 8, **extra)
-
-
-def test_the_runner_takes_wans_list_context():
-    """A list of [L, text_dim] prompt embeddings (Wan's form) is planned like the tensor LongLive's
-    wrapper passes (no "must be tensors" fallback) and gives the same output."""
-    noise, prompt = _inputs(3)
-    model = _patched()
-    x = noise.permute(0, 2, 1, 3, 4)
-    with torch.no_grad():
-        runner = _cpu_runner(model)
-        got = runner(x, **_call_kwargs(BlockPipeline(model), noise, [prompt[0, :10]]))
-        assert runner.stats.eager_reasons == {"first call of its kind (warm-up)": 1}
-        padded = torch.cat([prompt[:, :10], torch.zeros_like(prompt[:, 10:])], dim=1)
-        want = model(x, **_call_kwargs(BlockPipeline(model), noise, padded))
-    assert torch.equal(got, want)
-
-
 def test_stack_context_pads_like_the_stock_model():
     from longlive_triton.graphs import stack_context
 
@@ -153,44 +112,6 @@ def test_stack_context_pads_like_the_stock_model():
         stack_context([a, b.double()], 9)
     with pytest.raises(TypeError, match="2-D"):
         stack_context([a[None]], 9)
-
-
-def test_the_runner_forgets_old_warm_up_keys():
-    """Keys seen once are remembered up to a bound (4 per graph held), oldest first."""
-    noise, prompt = _inputs(3)
-    model = _patched()
-    runner = _cpu_runner(model, max_graphs=1)
-    x = noise.permute(0, 2, 1, 3, 4)
-    with torch.no_grad():
-        for i in range(5):  # seq_len is part of the key (the stock model only asserts on it)
-            runner(x, **dict(_call_kwargs(BlockPipeline(model), noise, prompt), seq_len=10**6 + i))
-    assert len(runner._seen) == 4 and [k[7] for k in runner._seen] == [10**6 + i for i in range(1, 5)]
-
-
-def test_a_failed_capture_restores_the_cache_bookkeeping(monkeypatch):
-    """The capture runs the forward's Python, which moves the host-side window bookkeeping; when the
-    capture fails, the caches are put back as they were all the same."""
-    import contextlib
-
-    noise, prompt = _inputs(3)
-    model = _patched()
-    runner = _cpu_runner(model)
-
-    @contextlib.contextmanager
-    def failing_capture(graph, pool=None, stream=None):
-        yield
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
-    runner._stream = type("Stream", (), {"wait_stream": lambda self, other: None})()
-    runner._pool, runner._start = None, torch.zeros(1, dtype=torch.int64)
-    kwargs = _call_kwargs(BlockPipeline(model), noise, prompt)
-    before = [dict(c) for c in kwargs["kv_cache"]]
-    with torch.no_grad(), pytest.raises(RuntimeError, match="capturing the generator's forward in a CUDA graph failed"):
-        runner._capture(("key",), noise.permute(0, 2, 1, 3, 4), kwargs, 0)
-    assert [dict(c) for c in kwargs["kv_cache"]] == before
 
 
 def test_the_capture_safe_time_embedding_serves_only_the_runner():
@@ -218,24 +139,3 @@ def test_the_capture_safe_time_embedding_serves_only_the_runner():
     assert module.sinusoidal_embedding_1d is not stock   # the other runner still needs it
     graphs._restore_time_embedding(module)
     assert module.sinusoidal_embedding_1d is stock
-
-
-def test_uninstall_graphs_restores_the_forward_and_the_time_embedding():
-    """What install_graphs does (on CUDA), undone: the instance forward, the runner attribute and the
-    module's time embedding."""
-    import sys
-
-    from longlive_triton import graphs
-
-    model = _patched()
-    module = sys.modules[type(model).__module__]
-    stock = module.sinusoidal_embedding_1d
-    runner = _cpu_runner(model)
-    setattr(model, graphs._RUNNER, runner)  # install_graphs' steps, minus the CUDA runner's construction
-    model.forward = runner
-    graphs._swap_time_embedding(module)
-    assert graphs.graph_runner(model) is runner and module.sinusoidal_embedding_1d is not stock
-    assert graphs.uninstall_graphs(model)
-    assert graphs.graph_runner(model) is None and "forward" not in model.__dict__
-    assert module.sinusoidal_embedding_1d is stock
-    assert not graphs.uninstall_graphs(model)
