@@ -5,15 +5,12 @@ import torch
 
 from longlive_triton import patch_model
 from longlive_triton.graphs import graph_runner
+from longlive_triton.numerics import rel_l2
 from longlive_triton.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.reference import build_model, get_preset
 
 pytestmark = pytest.mark.gpu
 BLOCKS, SWITCH_FRAME = 20, 30
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +46,13 @@ def test_graphed_equals_eager_with_a_prompt_switch(setup):
     stats = runner.stats
     print(f"graphs: {len(runner.graphs)} held, {stats.captures} captured, {stats.replays} replays, "
           f"eager calls {stats.eager_reasons}")
-    rel, rel_again = _rel(graphed, eager), _rel(again, eager)
+    rel, rel_again = rel_l2(graphed, eager), rel_l2(again, eager)
     print(f"graphed vs eager over {BLOCKS} blocks with a switch at frame {SWITCH_FRAME}: rel L2 {rel:.3e} "
           f"(bit-exact: {torch.equal(graphed, eager)}); second video {rel_again:.3e}")
     assert stats.replays - before >= 5 * BLOCKS, "most forwards must replay a graph"
     assert rel <= 1e-3 and rel_again <= 1e-3
     for start in range(0, BLOCKS * 3, 3):
-        assert _rel(graphed[:, start:start + 3], eager[:, start:start + 3]) <= 1e-3, start
+        assert rel_l2(graphed[:, start:start + 3], eager[:, start:start + 3]) <= 1e-3, start
 
 
 @pytest.mark.slow
@@ -107,4 +104,4 @@ def test_window9_in_a_12_frame_cache_stays_in_the_graphs(context_as_list):
     assert set(reasons) <= {"first call of its kind (warm-up)", "cross-attention cache being filled"}, reasons
     # The first call of the video, the re-cache and the call after it fill the text cache.
     assert reasons.get("cross-attention cache being filled", 0) <= 3
-    assert _rel(graphed, eager) <= 1e-3
+    assert rel_l2(graphed, eager) <= 1e-3
