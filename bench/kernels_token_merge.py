@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.token_merge import (
-    merge_count, merge_plan, merge_plan_ref, token_match, token_match_ref, token_merge, token_merge_bytes, token_merge_ref, token_unmerge,
-    token_unmerge_ref,
-)
+from ..kernels.token_merge import (token_match, token_match_ref, token_merge, token_merge_bytes, token_merge_ref,
+                                   token_unmerge, token_unmerge_ref)
+from ..kernels.token_merge_plan import merge_count, merge_plan, merge_plan_ref
 from .registry import KernelCase, register
 
 FRAMES, GRID, STRIDE, RATIO, DIM = 3, (30, 52), (2, 2), 0.5, 1536

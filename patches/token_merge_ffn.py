@@ -22,7 +22,8 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from ..kernels.token_merge import merge_count, token_merge, token_unmerge
+from ..kernels.token_merge import token_merge, token_unmerge
+from ..kernels.token_merge_plan import merge_count
 from .base import Patch, PatchSkip, require_kernel_device
 
 

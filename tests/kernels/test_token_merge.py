@@ -4,9 +4,9 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from longlive_triton.kernels.token_merge import (
-    frame_layout, merge_count, merge_plan, merge_plan_ref, token_match, token_match_ref, token_merge, token_merge_bytes,
-    token_merge_ref, token_unmerge, token_unmerge_ref,
+    token_match, token_match_ref, token_merge, token_merge_bytes, token_merge_ref, token_unmerge, token_unmerge_ref,
 )
+from longlive_triton.kernels.token_merge_plan import frame_layout, merge_count, merge_plan, merge_plan_ref
 
 # Merged destinations are fp32 weighted means rounded once to x's dtype; the kernel and the reference
 # may sum in a different order (and the GPU may fuse a multiply-add): one output ulp either way.
