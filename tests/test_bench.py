@@ -99,15 +99,16 @@ def test_e2e_on_a_cpu_prints_no_speedup(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(e2e, "block_bar", Bar)
     out = tmp_path / "e2e.json"
     assert main(["e2e", "--preset-model", "tiny", "--blocks", "2", "--warmup-blocks", "1", "--configs",
-                 "exact,fused_glue=false", "--json", str(out)]) == 0
+                 "exact", "--json", str(out)]) == 0
     stock, exact = json.loads(out.read_text())["rows"]
     assert exact["patch"]["applied"] > 0 and exact["speedup"] is None and stock["speedup"] is None
+    assert exact["rel_l2"] <= 1e-2, exact["rel_l2"]  # the bf16 kernels ran and match the stock math
     printed = capsys.readouterr().out
     assert "Triton's interpreter: its time is no speed figure" in printed and "x\n" not in printed
     assert [(b.n, b.total) for b in bars] == [(2, 2), (2, 2)]
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels cannot run: every patch skips
     assert main(["e2e", "--preset-model", "tiny", "--blocks", "2", "--warmup-blocks", "1", "--configs",
-                 "exact,fused_glue=false", "--json", str(out)]) == 0
+                 "exact", "--json", str(out)]) == 0
     exact = json.loads(out.read_text())["rows"][1]
     assert exact["patch"]["applied"] == 0 and exact["speedup"] is None
     assert "nothing was patched (the kernels need a CUDA device" in capsys.readouterr().out
