@@ -1,9 +1,10 @@
-"""Whether a refactor changed the window-attention kernel's machine code, without a GPU.
+"""Whether a refactor changed kernels' machine code, without a GPU.
 
-Compiles `_window_attn_fwd` for sm_90 (Triton's bundled ptxas) from the working tree and from a git
-revision, in its bf16, FP8 and FP8 split-KV forms at LongLive's head dim, and compares the SASS
-(nvdisasm, addresses and comments stripped). Identical SASS means identical GPU behaviour, so a
-change that only moves code needs no GPU run to show it; a difference means it does.
+Compiles kernels for sm_90 (Triton's bundled ptxas) from the working tree and from a git revision
+and compares the SASS (nvdisasm, addresses and comments stripped): the window attention in its
+bf16, FP8 and FP8 split-KV forms at LongLive's head dim, and the VAE's 3x3x3 convolution in bf16
+and fp32. Identical SASS means identical GPU behaviour, so a change that only moves code needs no
+GPU run to show it; a difference means it does.
 
     python -m longlive_triton.bench.sass_diff --rev main~3
 """
@@ -19,10 +20,24 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
-VARIANTS = {"bf16": dict(FP8=False, SPLIT=1), "fp8": dict(FP8=True, SPLIT=1), "fp8 split 2": dict(FP8=True, SPLIT=2)}
+_ATTENTION = dict(LQ_BUCKET=4096, HEAD_DIM=128, RING=True, N_RANGES=3, USE_TMA=False, INTERPRET=False,
+                  BLOCK_M=128, BLOCK_N=128)
+_CONV = dict(C_IN=128, C_OUT=128, HAS_BIAS=True, INTERPRET=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+# label -> (module in kernels/, kernel, constexpr values, launch options)
+VARIANTS = {
+    "window attention bf16": ("window_attention", "_window_attn_fwd", dict(_ATTENTION, FP8=False, SPLIT=1), 2),
+    "window attention fp8": ("window_attention", "_window_attn_fwd", dict(_ATTENTION, FP8=True, SPLIT=1), 2),
+    "window attention fp8 split 2": ("window_attention", "_window_attn_fwd", dict(_ATTENTION, FP8=True, SPLIT=2), 2),
+    "vae conv3d bf16": ("vae_conv3d", "_vae_conv3d_kernel", dict(_CONV, FP32=False), 3),
+    "vae conv3d fp32": ("vae_conv3d", "_vae_conv3d_kernel", dict(_CONV, FP32=True), 3),
+}
 
 
 def _signature(fn, const: dict) -> dict:
+    if "C_IN" in const:  # the convolution
+        data = "*fp32" if const["FP32"] else "*bf16"
+        return {n: "constexpr" if n in const else data if n in ("x_ptr", "w_ptr", "o_ptr")
+                else "*fp32" if n == "b_ptr" else "i32" for n in fn.arg_names}
     fp8 = const["FP8"]
     sig = {}
     for name in fn.arg_names:
@@ -41,17 +56,16 @@ def _signature(fn, const: dict) -> dict:
     return sig
 
 
-def sass(module_name: str, variant: dict) -> list[str]:
+def sass(package: str, label: str) -> list[str]:
     """The SASS lines of one compiled variant, without addresses, encodings and comments."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = importlib.import_module(module_name)._window_attn_fwd
-    const = dict(LQ_BUCKET=4096, HEAD_DIM=128, RING=True, N_RANGES=3, USE_TMA=False, INTERPRET=False,
-                 BLOCK_M=128, BLOCK_N=128, **variant)
+    module, name, const, stages = VARIANTS[label]
+    fn = getattr(importlib.import_module(f"{package}.{module}"), name)
     kernel = triton.compile(ASTSource(fn, _signature(fn, const), const), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=8, num_stages=2))
+                            options=dict(num_warps=8, num_stages=stages))
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -62,13 +76,13 @@ def sass(module_name: str, variant: dict) -> list[str]:
 
 
 def _kernels_at(rev: str, root: Path) -> str:
-    """kernels/ of `rev` as a package under `root`; returns the window attention module's name."""
+    """kernels/ of `rev` as a package under `root`; returns its name."""
     archive = subprocess.run(["git", "archive", "--format=tar", rev, "kernels"], check=True, capture_output=True,
                              cwd=Path(__file__).resolve().parent.parent).stdout
     tarfile.open(fileobj=BytesIO(archive)).extractall(root / "at_rev", filter="data")
     (root / "at_rev" / "kernels" / "__init__.py").touch()
     sys.path.insert(0, str(root / "at_rev"))
-    return "kernels.window_attention"
+    return "kernels"
 
 
 def main(argv=None) -> int:
@@ -76,10 +90,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rev", required=True, help="the git revision to compare the working tree with")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        old_module = _kernels_at(args.rev, Path(tmp))
+        old_package = _kernels_at(args.rev, Path(tmp))
         differ = 0
-        for label, variant in VARIANTS.items():
-            new, old = sass("longlive_triton.kernels.window_attention", variant), sass(old_module, variant)
+        for label in VARIANTS:
+            new, old = sass("longlive_triton.kernels", label), sass(old_package, label)
             same = new == old
             differ += not same
             print(f"{label}: {'identical' if same else 'DIFFERS'} SASS ({len(new)} instructions now, "

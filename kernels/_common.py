@@ -87,6 +87,16 @@ def round_bf16(x):
 
 
 @triton.jit
+def dot(a, b, acc, INTERPRET: tl.constexpr):
+    """tl.dot; in the interpreter, whose bf16 dot is wrong, bf16 operands are upcast to fp32 first
+    (exact, and the fp32 products are exact, as on the tensor cores). Other dtypes pass as they are."""
+    if INTERPRET and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def cast_bf16(x, INTERPRET: tl.constexpr):
     """fp32 -> bf16, rounding to nearest even: the plain cast on the GPU, by hand in the interpreter."""
     if INTERPRET:

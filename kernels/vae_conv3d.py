@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, interpreting
+from ._common import cast_bf16, dot, interpreting
 
 _DTYPES = (torch.bfloat16, torch.float32)
 CACHE_T = 2
@@ -62,10 +62,8 @@ def _vae_conv3d_kernel(x_ptr, w_ptr, b_ptr, o_ptr, sxb, sob, M, H, W,
                      mask=n_ok[None, :], other=0.0)
         if FP32:
             acc = tl.dot(a, wk, acc, input_precision="ieee")
-        elif INTERPRET:  # the interpreter's bf16 dot is wrong; upcast (exact) and multiply in fp32
-            acc = tl.dot(a.to(tl.float32), wk.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, wk, acc)
+            acc = dot(a, wk, acc, INTERPRET)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = o_ptr + b * sob + offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (SUPPORTED_HEAD_DIMS, autotune, cast_bf16, check_bhld, check_kernel_device, index_arg,
+from ._common import (SUPPORTED_HEAD_DIMS, autotune, cast_bf16, check_bhld, check_kernel_device, dot, index_arg,
                       interpreting, launch_on, tma_supported, use_tma_allocator)
 from .fp8_kv_cache import V_GROUP, check_fp8_cache, dequantize_fp8_cache
 from .fp8_quant import FP8_DTYPE, _cast_fp8
@@ -65,19 +65,10 @@ _INTERPRET_BLOCK_N = 16
 
 
 @triton.jit
-def _dot(a, b, acc, FP8: tl.constexpr, INTERPRET: tl.constexpr):
-    # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there (fp8 dots are right).
-    if INTERPRET and not FP8:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _tile(acc, l_i, m_i, q, a_row, k, v, vs, valid, MASKED: tl.constexpr, FP8: tl.constexpr,
           INTERPRET: tl.constexpr):
     """One key tile into the running (acc, l, m). vs: the tile's v scale (FP8), else unused."""
-    s = _dot(q, tl.trans(k), None, FP8, INTERPRET)
+    s = dot(q, tl.trans(k), None, INTERPRET)
     if MASKED:
         s = tl.where(valid[None, :], s, float("-inf"))
     if FP8:
@@ -95,10 +86,10 @@ def _tile(acc, l_i, m_i, q, a_row, k, v, vs, valid, MASKED: tl.constexpr, FP8: t
         # Each tile's P.V into a fresh accumulator, added in fp32: Hopper's FP8 MMA accumulates with
         # far fewer mantissa bits than fp32, and a running sum over ~150 tiles of a flat softmax
         # then loses most of each tile (relative L2 0.3 against 3e-3 at 1.3B shapes, measured).
-        acc = acc * alpha[:, None] + _dot(_cast_fp8(p, INTERPRET), v, None, FP8, INTERPRET)
+        acc = acc * alpha[:, None] + dot(_cast_fp8(p, INTERPRET), v, None, INTERPRET)
     else:
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(cast_bf16(p, INTERPRET), v, acc * alpha[:, None], FP8, INTERPRET)
+        acc = dot(cast_bf16(p, INTERPRET), v, acc * alpha[:, None], INTERPRET)
     return acc, l_i, m_new
 
 
