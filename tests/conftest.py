@@ -51,6 +51,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_cpu_thread():
+    """One torch thread for the CPU suite: its tensors are tiny, and two threads contending with other
+    work for two cores ran them several times slower (the graph-runner tests under load: 31 s against
+    8.5 s). The GPU machine keeps its threads."""
+    if ON_GPU:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device kernels are tested on: the GPU at real shapes, else the CPU interpreter."""

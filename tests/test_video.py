@@ -20,15 +20,6 @@ def _inputs(frames: int, seed: int = 0, prompts: int = 1):
     return noise, ps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions on a shared CPU run many times faster on one thread than on contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_model("tiny", seed=21)

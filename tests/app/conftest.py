@@ -8,20 +8,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--window-size=1000,1400")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models' ops run many times faster on one thread than on contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

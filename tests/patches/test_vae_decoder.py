@@ -32,15 +32,6 @@ def _z(f, dtype=torch.float32, seed=0):
     return torch.randn(1, 16, f, H, W, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions on a shared CPU run many times faster on one thread than on contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pair():
     ref = build_vae_decoder("tiny", seed=2)

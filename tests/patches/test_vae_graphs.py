@@ -119,15 +119,7 @@ def test_eviction_and_capture_that_reallocates_is_refused():
         ChunkGraphs(RerunBackend(), max_graphs=0)
 
 
-@pytest.fixture(autouse=False)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_graphed_decoder_equals_eager_decoder(one_thread):
+def test_graphed_decoder_equals_eager_decoder():
     """The patched tiny decoder, streamed in blocks of 3 with graphs (stand-in backend) and without:
     the same pixels block by block, also after the weights change in place between blocks."""
     ref = build_vae_decoder("tiny", seed=5)

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import longlive_triton.reference.model as ref_model
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.pipeline import BlockPipeline
 from longlive_triton.reference import build_model, get_preset
 
 TINY = get_preset("tiny")

@@ -6,7 +6,6 @@ use the `tiny` preset.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -48,7 +47,7 @@ def call(model, x, t, ctx, caches, current_start=0, **kw):
 def rope_reference(x: torch.Tensor, grid, start_frame: int, theta: float = 10000.0) -> torch.Tensor:
     """Wan's 3-D RoPE written out per token: float64 cos/sin per (f, h, w), rotate adjacent pairs."""
     f, h, w = grid
-    n, d = x.shape[1], x.shape[2]
+    d = x.shape[2]
     c = d // 2
     dims = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]  # temporal, height, width table widths
     ncols = [k // 2 for k in dims]
