@@ -79,10 +79,12 @@ def _kernels_at(rev: str, root: Path) -> str:
     """kernels/ of `rev` as a package under `root`; returns its name."""
     archive = subprocess.run(["git", "archive", "--format=tar", rev, "kernels"], check=True, capture_output=True,
                              cwd=Path(__file__).resolve().parent.parent).stdout
-    tarfile.open(fileobj=BytesIO(archive)).extractall(root / "at_rev", filter="data")
-    (root / "at_rev" / "kernels" / "__init__.py").touch()
-    sys.path.insert(0, str(root / "at_rev"))
-    return "kernels"
+    tarfile.open(fileobj=BytesIO(archive)).extractall(root, filter="data")
+    # A name of its own: a plain `kernels` could be Hugging Face's package, already imported.
+    (root / "kernels").rename(root / "kernels_at_rev")
+    (root / "kernels_at_rev" / "__init__.py").touch()
+    sys.path.insert(0, str(root))
+    return "kernels_at_rev"
 
 
 def main(argv=None) -> int:

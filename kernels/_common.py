@@ -1,5 +1,6 @@
-"""Helpers shared by the kernels: bf16 rounding that the compiler and the interpreter both honour,
-the launchers' device and index arguments, and the scratch allocator of device-side TMA descriptors."""
+"""Helpers shared by the kernels: bf16 rounding and a bf16 dot that the compiler and the interpreter
+both honour, the launchers' device, operand and index checks, the row kernels' launch rule, and the
+scratch allocator of device-side TMA descriptors."""
 from __future__ import annotations
 
 import contextlib
