@@ -230,6 +230,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join([format_table("end to end, steady state (medians over blocks)", headers, body)] + errors)
 
 
+def _check_blocks(args, steady: int) -> str | None:
+    """What is wrong with the block counts (warm-up, switch, profiled blocks), or None."""
+    profiled = 2 if args.profile else 0
+    if args.switch_block is not None and not args.warmup_blocks <= args.switch_block < args.blocks - profiled - 1:
+        return (f"--switch-block {args.switch_block} must be a timed block before the last one "
+                f"({args.warmup_blocks}..{args.blocks - profiled - 2})")
+    if args.blocks - profiled <= args.warmup_blocks:
+        return (f"--blocks {args.blocks} leaves no timed block after {args.warmup_blocks} warm-up blocks "
+                f"(the window is full from block {steady}){' and 2 profiled blocks' if profiled else ''}")
+    return None
+
+
 def run(args) -> int:
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")
@@ -254,14 +266,9 @@ def run(args) -> int:
     steady = steady_start(preset.local_attn_size, fpb)
     if args.warmup_blocks is None:
         args.warmup_blocks = steady
-    profiled = 2 if args.profile else 0
-    if args.switch_block is not None and not args.warmup_blocks <= args.switch_block < args.blocks - profiled - 1:
-        print(f"e2e: --switch-block {args.switch_block} must be a timed block before the last one "
-              f"({args.warmup_blocks}..{args.blocks - profiled - 2})", file=sys.stderr)
-        return 2
-    if args.blocks - profiled <= args.warmup_blocks:
-        print(f"e2e: --blocks {args.blocks} leaves no timed block after {args.warmup_blocks} warm-up blocks "
-              f"(the window is full from block {steady}){' and 2 profiled blocks' if profiled else ''}", file=sys.stderr)
+    problem = _check_blocks(args, steady)
+    if problem is not None:
+        print(f"e2e: {problem}", file=sys.stderr)
         return 2
     if args.warmup_blocks < steady:
         print(f"e2e: note: blocks {args.warmup_blocks}..{steady - 1} are timed before the window is full "
