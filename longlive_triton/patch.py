@@ -96,8 +96,11 @@ def _merge_lora_layer(layer: nn.Module) -> nn.Linear:
     if merged:
         raise PatchSkip(f"adapters {merged} are already merged by peft; unmerge them first")
     active = [name for name in getattr(layer, "active_adapters", list(layer.lora_A.keys())) if name in layer.lora_A]
-    merge_lora_weight(base.weight, [(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
-                                    for name in active])
+    try:
+        merge_lora_weight(base.weight, [(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+                                        for name in active])
+    except ValueError as e:  # a misshapen adapter: the layer stays as it was, and the report says why
+        raise PatchSkip(str(e)) from None
     return base
 
 

@@ -338,15 +338,16 @@ def test_lora_merge_weight_formula_bf16():
     assert torch.equal(model.blocks[1].self_attn.o.weight, expected)
 
 
-def test_lora_merge_refuses_a_misshapen_adapter():
+def test_lora_merge_skips_a_misshapen_adapter_and_says_why():
     model = build_model("tiny")
     layer = FakeLoraLinear(model.blocks[0].self_attn.q, extra_inactive=False)
     layer.lora_B["default"] = nn.Linear(4, 65, bias=False)
     model.blocks[0].self_attn.q = layer
     w = layer.base_layer.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"B \[65, 4\] do not fit a weight of shape \[64, 64\]"):
-        patch_model(model, patches=[])
-    assert torch.equal(layer.base_layer.weight, w)
+    report = patch_model(model, patches=[])
+    assert [(e.path, e.patch) for e in report.skipped] == [("blocks.0.self_attn.q", "merge_lora")]
+    assert "B [65, 4] do not fit a weight of shape [64, 64]" in report.skipped[0].reason
+    assert model.blocks[0].self_attn.q is layer and torch.equal(layer.base_layer.weight, w)
 
 
 def test_merge_lora_false_leaves_adapters_with_a_note():
