@@ -28,8 +28,8 @@ def capture_layers(blocks: int, seed: int = 0, preset_name: str = "longlive-1.3b
     """Per layer: q [1, 4680, 12, 128] bf16 and the keys/values it attends to (gathered in order)."""
     from ..patch import patch_model
     from ..patches import window_self_attention as wsa
-    from ..pipeline import BlockPipeline, PipelineConfig
-    from ..reference import build_model, get_preset
+    from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+    from longlive_triton.models import build_model, get_preset
 
     preset = get_preset(preset_name)
     model = build_model(preset_name, dtype=torch.bfloat16, device=device, seed=seed)

@@ -16,11 +16,11 @@ import torch
 import yaml
 
 from longlive_triton.config import PatchConfig, load_preset
-from longlive_triton.graphs import graph_runner
+from longlive_triton.runtime.graphs import graph_runner
 from longlive_triton.numerics import cosine, rel_l2
 from longlive_triton.patch import patch_model
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
 
 from . import e2e_stock
 from .breakdown import format_breakdown, profile_block

@@ -4,7 +4,7 @@ patched per preset, driven block by block as LongLive's pipeline drives it, same
     longlive-bench e2e --model stock --configs exact fp8 window9 fastest --cache-frames 12 window
     longlive-bench e2e --model stock --configs exact fp8 fastest --blocks 100 --switch-every 25   # the soak
 
-The stock source comes from `--stock-src` or $LONGLIVE_SRC (longlive_triton/stock.py imports it).
+The stock source comes from `--stock-src` or $LONGLIVE_SRC (longlive_triton/stock/longlive1.py imports it).
 What LongLive's pipeline does and this bench does too: its config's `local_attn_size` sizes the KV
 cache, resets every module's attention budget and sets the re-cache length (`--cache-frames N`,
 default the model's own, LongLive's 12; `window`: sized to each preset's window); the text context
@@ -25,10 +25,10 @@ import time
 
 import torch
 
-from longlive_triton.graphs import graph_runner
+from longlive_triton.runtime.graphs import graph_runner
 from longlive_triton.patch import patch_model
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
 
 from .progress import announce, block_bar
 from .results import environment, fmt, format_table, quantiles, save
@@ -147,7 +147,7 @@ def _per_block_drift(out, ref, fpb) -> list[float]:
 
 def measure(args, stock, config, cache_frames: int, weights, noise, prompts, switches, steady, ref):
     """One row: build the stock model from `weights`, patch it (config None: unpatched), run the blocks."""
-    from longlive_triton.stock import build_stock_model, free_memory
+    from longlive_triton.stock.longlive1 import build_stock_model, free_memory
 
     fpb = args.frames_per_block
     announce(f"building the stock CausalWanModel ({args.preset_model}) for {config.name if config else 'stock'}")
@@ -229,7 +229,7 @@ def _summary(rows: list[dict], on_cuda: bool, blocks: int) -> str:
 
 def run(args, configs, device) -> int:
     """The bench (module docstring); arguments checked by check_arguments already. Returns the exit code."""
-    from longlive_triton.stock import load_stock_longlive
+    from longlive_triton.stock.longlive1 import load_stock_longlive
 
     try:
         stock = load_stock_longlive(args.stock_src)

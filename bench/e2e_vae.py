@@ -1,6 +1,6 @@
 """`longlive-bench e2e --vae`: what a viewer waits for, generator + VAE decode per block in one loop.
 
-Each row streams one video through `longlive_triton.video.iter_video`: block by block, the generator
+Each row streams one video through `longlive_triton.runtime.video.iter_video`: block by block, the generator
 denoises the block (BlockPipeline) and the streaming VAE decoder turns its latents into pixel frames
 before the next block starts, exactly as an application shows frames. The `stock` row is the
 unpatched reference generator with the unpatched reference VAE (both the stock math, bit for bit);
@@ -24,12 +24,12 @@ import torch
 
 from longlive_triton.numerics import rel_l2
 from longlive_triton.patch import patch_model
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model
-from longlive_triton.reference.vae import build_vae_decoder
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model
+from longlive_triton.models.wan21_vae import build_vae_decoder
 from longlive_triton.vae_patch import VAEDecoderOptions, patch_vae
-from longlive_triton.vae_stream import StreamingVAEDecoder
-from longlive_triton.video import iter_video
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
+from longlive_triton.runtime.video import iter_video
 
 from .results import environment, fmt, format_table, quantiles, save
 from .vae import variant_options

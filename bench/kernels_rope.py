@@ -36,7 +36,7 @@ def _ours():
 
 
 def _stock():
-    from ..reference.model import WanRMSNorm, causal_rope_apply, rope_freqs
+    from longlive_triton.models.longlive1.model import WanRMSNorm, causal_rope_apply, rope_freqs
 
     q_lin, k_lin, v, wq, wk, k_cache, v_cache = _inputs()
     norm_q, norm_k = (WanRMSNorm(HEADS * HEAD_DIM, eps=EPS).to("cuda", torch.bfloat16) for _ in range(2))

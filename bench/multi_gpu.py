@@ -26,12 +26,12 @@ import torch.distributed as dist
 from longlive_triton.distributed import close_distributed, init_distributed, iter_video_split, sequence_parallel, \
     serve_vae
 from longlive_triton.patch import patch_model
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
-from longlive_triton.reference.vae import build_vae_decoder
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
+from longlive_triton.models.wan21_vae import build_vae_decoder
 from longlive_triton.vae_patch import patch_vae
-from longlive_triton.vae_stream import StreamingVAEDecoder
-from longlive_triton.video import iter_video
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
+from longlive_triton.runtime.video import iter_video
 
 from . import e2e
 from .results import environment, fmt, format_table, quantiles, save

@@ -14,8 +14,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from longlive_triton import patch_model
-from longlive_triton.pipeline import BlockPipeline
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models import build_model, get_preset
 
 
 def main(argv=None) -> None:

@@ -33,9 +33,9 @@ import yaml
 
 from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.vae_decoder import FastDecoder3d
-from longlive_triton.reference.vae import build_vae_decoder
+from longlive_triton.models.wan21_vae import build_vae_decoder
 from longlive_triton.vae_patch import VAEDecoderOptions, patch_vae
-from longlive_triton.vae_stream import StreamingVAEDecoder
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
 
 from .results import environment, fmt, format_table, quantiles, save
 
@@ -159,7 +159,7 @@ def measure_vae(*, latent_hw=(60, 104), frames_per_block: int = 3, blocks: int =
                   ("patched", ours("patched"))]
     providers += [(f"patched, {spec}", ours("patched", options)) for spec, options in specs.items() if spec != "defaults"]
     if stock_src:
-        from longlive_triton.stock_vae import build_stock_vae, load_stock_vae, stock_cached_decode
+        from longlive_triton.stock.vae import build_stock_vae, load_stock_vae, stock_cached_decode
         sv = load_stock_vae(stock_src)
 
         def stock(options: dict | None):
@@ -218,8 +218,8 @@ def table(rows: list[dict]) -> str:
 
 def generator_rows(configs: list[str], *, blocks: int, frames_per_block: int, dtype_name: str, seed: int) -> list[dict]:
     """The generator's steady-state ms per block at 1.3B shapes: the stock reference and each preset."""
-    from longlive_triton.pipeline import PipelineConfig
-    from longlive_triton.reference import get_preset
+    from longlive_triton.runtime.pipeline import PipelineConfig
+    from longlive_triton.models import get_preset
 
     from . import e2e
     preset = get_preset("longlive-1.3b")

@@ -36,7 +36,7 @@ class PatchConfig:
     # Each layer's LayerNorms, adaLN modulation and gated residual adds as four fused passes, and
     # the cross-attention's query RMSNorm as one.
     fused_glue: bool = True
-    # Capture each distinct generator forward in a CUDA graph and replay it (longlive_triton/graphs.py).
+    # Capture each distinct generator forward in a CUDA graph and replay it (longlive_triton/runtime/graphs.py).
     # Needs window_attention and a model on CUDA; elsewhere it is left off and the report says why.
     cuda_graphs: bool = True
     # Speed levers that change the output (off in `exact`). The KV window in latent frames, sink

@@ -20,8 +20,8 @@ import dataclasses
 import torch.nn as nn
 
 from .config import PatchConfig, as_config
-from .graphs import install_graphs
-from .lora import merge_lora_weight
+from longlive_triton.runtime.graphs import install_graphs
+from longlive_triton.loading.lora import merge_lora_weight
 from .patches.attention_window import longlive_cache_note, set_attention_window
 from .patches.base import Patch, PatchSkip
 from .patches.registry import PATCHES
@@ -207,4 +207,4 @@ def _install_graphs(generator: nn.Module) -> str:
         install_graphs(generator)
     except ValueError as why:
         return f"off ({why})"
-    return "on (each distinct forward captured on its second call and replayed after; see longlive_triton/graphs.py)"
+    return "on (each distinct forward captured on its second call and replayed after; see longlive_triton/runtime/graphs.py)"

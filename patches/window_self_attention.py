@@ -160,7 +160,7 @@ class WindowSelfAttention(nn.Module):
     def host_window(kv_cache: dict, plan_args: dict, *, commit: bool) -> tuple[int, int, int]:
         """(keys attended, first physical window slot, window length) of one call, from the stock rules
         tracked on the host (no device read); with commit, the tracked pointers move on as the call does.
-        This is the host-side window copy of longlive_triton/graphs.py (its docstring: who reads it)."""
+        This is the host-side window copy of longlive_triton/runtime/graphs.py (its docstring: who reads it)."""
         state = kv_cache.get(_HOST_STATE, (0, 0, 0))
         _check_forward_only(state[0], plan_args)
         plan = kv_cache_plan_ref(*state, **plan_args)
@@ -240,7 +240,7 @@ class WindowSelfAttention(nn.Module):
         shift = kv_cache.get(_RING_SHIFT)
         if shift is None:
             shift = kv_cache[_RING_SHIFT] = torch.zeros(1, dtype=torch.long, device=k_cache.device)
-        # A DeviceIndex (the CUDA-graph runner's, longlive_triton/graphs.py): the plan kernel reads the
+        # A DeviceIndex (the CUDA-graph runner's, longlive_triton/runtime/graphs.py): the plan kernel reads the
         # start on the device.
         device_start = getattr(current_start, "tensor", None)
         plan = kv_cache_plan(kv_cache["global_end_index"], kv_cache["local_end_index"], shift,

@@ -5,7 +5,7 @@ prompts and seed, and the figures that judge them (rel L2 per block, the peft Lo
     figures = compare_with_stock(stock, "tiny", torch.float32, "cpu", frames=18)
 
 Used by tests/reference/ (test_stock_parity_cpu, test_patch_stock_class, test_stock_harness) and
-tests/gpu/test_stock_parity.py. The stock code itself is imported and built by `longlive_triton.stock`
+tests/gpu/test_stock_parity.py. The stock code itself is imported and built by `longlive_triton.stock.longlive1`
 (load_stock_longlive, build_stock_model, free_memory), which `longlive-bench e2e --model stock` uses
 too; what only the tests need is here.
 """
@@ -19,9 +19,9 @@ import torch.nn as nn
 
 from longlive_triton import patch_model
 from longlive_triton.numerics import rel_l2
-from longlive_triton.pipeline import BlockPipeline
-from longlive_triton.reference.presets import build_model, get_preset
-from longlive_triton.stock import StockLongLive, build_stock_model, free_memory, load_stock_longlive
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models.longlive1.presets import build_model, get_preset
+from longlive_triton.stock.longlive1 import StockLongLive, build_stock_model, free_memory, load_stock_longlive
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

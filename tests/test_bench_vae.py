@@ -5,7 +5,7 @@ import torch
 
 from longlive_triton.bench import vae as bench_vae
 from longlive_triton.bench.cli import build_parser, main
-from longlive_triton.reference.vae import build_vae_decoder
+from longlive_triton.models.wan21_vae import build_vae_decoder
 
 
 def test_block_flops_counts_the_convolutions():

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from longlive_triton.checkpoint_files import resolve_checkpoint
-from longlive_triton.checkpoints import (
+from longlive_triton.loading.files import resolve_checkpoint
+from longlive_triton.loading.checkpoints import (
     CheckpointError, load_longlive, load_longlive_generator, load_state_dict_strict, load_wan_base, merge_lora,
 )
-from longlive_triton.reference import build_model
+from longlive_triton.models import build_model
 
 LORA_RANK = 4
 

@@ -1,4 +1,4 @@
-"""The CUDA-graph runner (longlive_triton/graphs.py) on the CPU, through a stand-in for torch.cuda.
+"""The CUDA-graph runner (longlive_triton/runtime/graphs.py) on the CPU, through a stand-in for torch.cuda.
 
 `FakeBackend` takes CudaGraphBackend's place: its graph's capture runs the forward once and keeps
 it, and a replay runs it again on the graph's static buffers with the host-side window copy the
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from longlive_triton import patch_model
-from longlive_triton.graphs import (GraphStats, attention_windows, graph_runner, install_graphs, restore_caches,
+from longlive_triton.runtime.graphs import (GraphStats, attention_windows, graph_runner, install_graphs, restore_caches,
                                     uninstall_graphs)
 from longlive_triton.numerics import rel_l2
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
 
 TINY = get_preset("tiny")  # 8 tokens per latent frame, 3-frame blocks and sink
 FS = TINY.frame_seqlen

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from longlive_triton import patch_model
-from longlive_triton.device_index import DeviceIndex
+from longlive_triton.runtime.device_index import DeviceIndex
 from longlive_triton.numerics import rel_l2
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
 
 
 def _inputs(frames: int):
@@ -101,7 +101,7 @@ def test_a_batch_of_two_matches_the_unpatched_reference():
 
 
 def test_stack_context_pads_like_the_stock_model():
-    from longlive_triton.graphs import stack_context
+    from longlive_triton.runtime.graphs import stack_context
 
     a, b = torch.randn(5, 4), torch.randn(7, 4)
     out = stack_context([a, b], 9)

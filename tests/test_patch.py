@@ -11,8 +11,8 @@ from longlive_triton import PatchConfig, PatchReport, load_preset, patch_model
 from longlive_triton.config import as_config, preset_names
 from longlive_triton.patches.base import Patch, PatchSkip
 from longlive_triton.patches.registry import PATCHES
-from longlive_triton.pipeline import BlockPipeline
-from longlive_triton.reference import CausalWanSelfAttention, build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models import CausalWanSelfAttention, build_model, get_preset
 
 TINY = get_preset("tiny")
 

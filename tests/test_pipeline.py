@@ -6,9 +6,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
-from longlive_triton.scheduler import FlowMatchSchedule
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
+from longlive_triton.runtime.scheduler import FlowMatchSchedule
 
 TINY = get_preset("tiny")
 FS = TINY.frame_seqlen
@@ -450,7 +450,7 @@ def test_batch_two_equals_two_single_runs_with_the_same_draws(model, monkeypatch
 @pytest.mark.parametrize("local", [15, -1])
 def test_attention_budget_follows_pipeline_local_attn_size(monkeypatch, local):
     """Regression (fixed in 3c79cee): a pipeline window other than the model's sets the budget."""
-    import longlive_triton.reference.model as ref_model
+    import longlive_triton.models.longlive1.model as ref_model
 
     model = build_model("tiny", seed=8)           # built with local_attn_size 12
     lengths = []

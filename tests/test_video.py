@@ -1,14 +1,14 @@
-"""Generate and decode in one loop (longlive_triton/video.py): tiny generator, tiny VAE, CPU."""
+"""Generate and decode in one loop (longlive_triton/runtime/video.py): tiny generator, tiny VAE, CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from longlive_triton.pipeline import BlockPipeline
-from longlive_triton.reference import build_model, get_preset
-from longlive_triton.reference.vae import build_vae_decoder
-from longlive_triton.vae_stream import StreamingVAEDecoder
-from longlive_triton.video import generate_video, iter_video
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models import build_model, get_preset
+from longlive_triton.models.wan21_vae import build_vae_decoder
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
+from longlive_triton.runtime.video import generate_video, iter_video
 
 TINY = get_preset("tiny")
 

@@ -40,7 +40,7 @@ FP32_BOUND, BF16_BOUND = 1e-5, 1e-2
 
 
 def _tiny_inputs(frames: int, dtype: torch.dtype, device, prompts: int = 2):
-    from ..reference import get_preset
+    from longlive_triton.models import get_preset
     p = get_preset("tiny")
     gen = torch.Generator().manual_seed(11)
     noise = torch.randn(1, frames, p.in_dim, p.latent_height, p.latent_width, generator=gen).to(device, dtype)
@@ -49,7 +49,7 @@ def _tiny_inputs(frames: int, dtype: torch.dtype, device, prompts: int = 2):
 
 
 def _tiny_model(dtype, device, layers: int | None = None, window: int | None = None):
-    from ..reference import build_model
+    from longlive_triton.models import build_model
     overrides = {k: v for k, v in (("num_layers", layers), ("local_attn_size", window)) if v is not None}
     if torch.device(device).type == "cuda":
         # Head dim 128, which the GPU kernels serve (the tiny preset's 32 runs in the interpreter only).
@@ -58,7 +58,7 @@ def _tiny_model(dtype, device, layers: int | None = None, window: int | None = N
 
 
 def _generate(model, noise, prompts, switch_frame: int):
-    from ..pipeline import BlockPipeline
+    from longlive_triton.runtime.pipeline import BlockPipeline
     torch.manual_seed(0)
     pipe = BlockPipeline(model)
     return pipe.generate(noise, prompts, [switch_frame]), pipe
@@ -101,9 +101,9 @@ def scenario_sp(timeout_s: float, backend: str | None = None, preset: str | dict
 
 
 def scenario_vae(timeout_s: float, backend: str | None = None, blocks: int = 4, switch_block: int = 2) -> dict:
-    from ..pipeline import BlockPipeline
-    from ..reference.vae import build_vae_decoder
-    from ..video import generate_video
+    from longlive_triton.runtime.pipeline import BlockPipeline
+    from longlive_triton.models.wan21_vae import build_vae_decoder
+    from longlive_triton.runtime.video import generate_video
     from .vae_rank import iter_video_split, serve_vae
     ctx = init_distributed(expected_world_size=2, timeout_s=timeout_s, backend=backend)
     vae = build_vae_decoder("tiny", seed=4).to(ctx.device)
@@ -137,8 +137,8 @@ def scenario_vae(timeout_s: float, backend: str | None = None, blocks: int = 4, 
 
 def scenario_peer_exit(timeout_s: float, backend: str | None = None, mode: str = "vae") -> dict:
     """Rank 1 leaves after one block; rank 0 carries on and must get a DistributedError quickly."""
-    from ..pipeline import BlockPipeline
-    from ..reference.vae import build_vae_decoder
+    from longlive_triton.runtime.pipeline import BlockPipeline
+    from longlive_triton.models.wan21_vae import build_vae_decoder
     from .sequence_parallel import sequence_parallel
     from .vae_rank import serve_vae, stream_to_vae
     if mode not in ("vae", "sp"):

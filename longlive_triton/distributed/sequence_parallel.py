@@ -23,7 +23,7 @@ DistributedError if they differ; that costs a tiny all-gather and a host sync pe
 off for timing. Not here yet: CUDA graphs (the forward runs eagerly; a graph runner patch_model
 installed stays on the generator, unused), the fp8 KV cache (its append fuses the RMSNorm), token
 merging (it picks the pairs to merge across a whole frame), and the stock LongLive class (load its
-weights into our reference: longlive_triton.checkpoints).
+weights into our reference: longlive_triton.loading.checkpoints).
 """
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def _refusal(generator: nn.Module) -> str | None:
     """Why this generator cannot run sequence-parallel, or None."""
     if not all(callable(getattr(generator, name, None)) for name in ("embed", "run_blocks")):
         return (f"{type(generator).__name__} is not our reference generator (no embed/run_blocks): load the "
-                "LongLive weights into longlive_triton.reference (longlive_triton.checkpoints), patched or not")
+                "LongLive weights into longlive_triton.models (longlive_triton.loading.checkpoints), patched or not")
     for index, block in enumerate(generator.blocks):
         attn = block.self_attn
         if isinstance(attn, UlyssesSelfAttention):

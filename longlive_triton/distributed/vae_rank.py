@@ -35,10 +35,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from ..pipeline import BlockPipeline
-from ..reference.vae import WanVAEDecoder
-from ..vae_stream import StreamingVAEDecoder
-from ..video import VideoBlock
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models.wan21_vae import WanVAEDecoder
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
+from longlive_triton.runtime.video import VideoBlock
 from .group import DistributedError, comm_device, comm_errors
 
 __all__ = ["VaeServeResult", "iter_video_split", "serve_vae", "stream_to_vae"]

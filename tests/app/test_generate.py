@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from longlive_triton.cli import main
-from longlive_triton.engine import embedded_engine
-from longlive_triton.mp4 import read_mp4
-from longlive_triton.reference import get_preset
-from longlive_triton.video import iter_video
+from longlive_triton.app.cli import main
+from longlive_triton.app.engine import embedded_engine
+from longlive_triton.app.mp4 import read_mp4
+from longlive_triton.models import get_preset
+from longlive_triton.runtime.video import iter_video
 
 TINY = get_preset("tiny")
 H, W = 8 * TINY.latent_height, 8 * TINY.latent_width

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from longlive_triton.cli import main
-from longlive_triton.mp4 import read_mp4
-from longlive_triton.reference import build_model, get_preset
-from longlive_triton.reference.vae import build_vae_decoder
+from longlive_triton.app.cli import main
+from longlive_triton.app.mp4 import read_mp4
+from longlive_triton.models import build_model, get_preset
+from longlive_triton.models.wan21_vae import build_vae_decoder
 
 pytestmark = pytest.mark.gpu
 REAL = get_preset("longlive-1.3b")

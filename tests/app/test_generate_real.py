@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from longlive_triton.cli import main
-from longlive_triton.engine import real_engine
-from longlive_triton.mp4 import read_mp4
-from longlive_triton.reference import build_model, get_preset
-from longlive_triton.reference.vae import build_vae_decoder
-from longlive_triton.weights import locate_weights
+from longlive_triton.app.cli import main
+from longlive_triton.app.engine import real_engine
+from longlive_triton.app.mp4 import read_mp4
+from longlive_triton.models import build_model, get_preset
+from longlive_triton.models.wan21_vae import build_vae_decoder
+from longlive_triton.loading.weights import locate_weights
 
 TINY = get_preset("tiny")
 H, W = 8 * TINY.latent_height, 8 * TINY.latent_width
@@ -118,8 +118,8 @@ def _write_text_encoder(src: str, wan) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from longlive_triton.stock import resolve_stock_src
-    from longlive_triton.stock_text import _import_stock_t5
+    from longlive_triton.stock.longlive1 import resolve_stock_src
+    from longlive_triton.stock.text_encoder import _import_stock_t5
 
     t5, _ = _import_stock_t5(resolve_stock_src(src))
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from longlive_triton.prompts import PromptError, from_command_line, load_prompt_file, parse_switch_frames
-from longlive_triton.text import EmbeddingsError, HashedPromptEmbeddings, load_embeddings_file
+from longlive_triton.app.prompts import PromptError, from_command_line, load_prompt_file, parse_switch_frames
+from longlive_triton.app.embeddings import EmbeddingsError, HashedPromptEmbeddings, load_embeddings_file
 
 # LongLive's interactive config, as it ships (the keys this reader does not use are LongLive's own).
 LONGLIVE_YAML = """\

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from longlive_triton.engine import embedded_engine
-from longlive_triton.pipeline import BlockPipeline
-from longlive_triton.reference import get_preset
-from longlive_triton.serve import LiveSession
+from longlive_triton.app.engine import embedded_engine
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models import get_preset
+from longlive_triton.app.serve import LiveSession
 
 TINY = get_preset("tiny")
 

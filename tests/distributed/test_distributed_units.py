@@ -7,8 +7,8 @@ import torch.distributed as dist
 from longlive_triton import patch_model
 from longlive_triton.distributed import DistributedError, init_distributed, sequence_parallel
 from longlive_triton.distributed.sequence_parallel import check_sp_shapes
-from longlive_triton.pipeline import BlockPipeline
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models import build_model, get_preset
 
 TINY = get_preset("tiny")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy the python files of LongLive v1.0 (wan/, utils/, pipeline/; no assets, weights or docs) from a
 # local git mirror of NVlabs/LongLive into .stock/LongLive at the repository root. That folder is
-# git-ignored: it is read at run time by longlive_triton.stock (LONGLIVE_SRC=.stock/LongLive) and is
+# git-ignored: it is read at run time by longlive_triton.stock.longlive1 (LONGLIVE_SRC=.stock/LongLive) and is
 # never committed. LongLive's code is CC-BY-NC-SA-4.0 / Apache-2.0 and stays outside this repository.
 #
 #   tests/gpu/prepare_stock_src.sh [MIRROR_GIT_DIR] [REF]

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from longlive_triton import patch_model
-from longlive_triton.graphs import graph_runner
+from longlive_triton.runtime.graphs import graph_runner
 from longlive_triton.numerics import rel_l2
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
 
 pytestmark = pytest.mark.gpu
 BLOCKS, SWITCH_FRAME = 20, 30

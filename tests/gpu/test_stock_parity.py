@@ -6,7 +6,7 @@ without one); `tests/gpu/prepare_stock_src.sh` copies its python files into the 
 `.stock/LongLive`. Both generators get the same weights (ours, loaded strictly into the stock model),
 the same noise and prompt embeddings, and the same RNG seed before each run; our `BlockPipeline` drives
 both, calling them as LongLive's `WanDiffusionWrapper` does. How the stock code is imported (stand-ins
-for diffusers and flash-attn) is described in `longlive_triton.stock`; the comparison is
+for diffusers and flash-attn) is described in `longlive_triton.stock.longlive1`; the comparison is
 `tests/stock_harness.py`.
 
     LONGLIVE_SRC=.stock/LongLive PARITY_OUT=parity.json python -m pytest tests/gpu/test_stock_parity.py -s
@@ -40,7 +40,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 @pytest.fixture(scope="module")
 def stock():
-    from longlive_triton.stock import load_stock_longlive
+    from longlive_triton.stock.longlive1 import load_stock_longlive
     return load_stock_longlive(_SRC)
 
 
@@ -57,7 +57,7 @@ def _record(key: str, figures: dict) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_stock_parity_1_3b(stock, dtype):
     """LongLive-1.3B shapes, B=1, 30 latent frames of 16x60x104 (10 blocks; the window rolls from block 4)."""
-    from longlive_triton.stock import free_memory
+    from longlive_triton.stock.longlive1 import free_memory
 
     from ..stock_harness import compare_with_stock
     free_memory("cuda")
@@ -81,7 +81,7 @@ def test_stock_parity_1_3b(stock, dtype):
 def test_patch_model_merges_peft_lora_on_stock_1_3b(stock):
     """patch_model folds peft LoRA (r=8 on all 300 block Linears) into the stock 1.3B model, output unchanged."""
     pytest.importorskip("peft")
-    from longlive_triton.stock import free_memory
+    from longlive_triton.stock.longlive1 import free_memory
 
     from ..stock_harness import lora_merge_figures, lora_merge_problems
     free_memory("cuda")

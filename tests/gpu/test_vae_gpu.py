@@ -30,8 +30,8 @@ import torch
 from longlive_triton import patch_vae
 from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.vae_decoder import FastDecoder3d
-from longlive_triton.reference.vae import build_vae_decoder
-from longlive_triton.vae_stream import StreamingVAEDecoder
+from longlive_triton.models.wan21_vae import build_vae_decoder
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
 
 pytestmark = pytest.mark.gpu
 _SRC = os.environ.get("LONGLIVE_SRC", "")
@@ -89,7 +89,7 @@ def _stream(vae, z, block: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=IDS.get)
 def test_reference_matches_stock_code(dtype):
     """Our reference and the stock WanVAE_ (same weights) at 480x832, 4 latent frames: whole and cached."""
-    from longlive_triton.stock_vae import build_stock_vae, load_stock_vae, stock_cached_decode, stock_decode
+    from longlive_triton.stock.vae import build_stock_vae, load_stock_vae, stock_cached_decode, stock_decode
     ours = build_vae_decoder("wan2.1", dtype=dtype, device="cuda", seed=1)
     stock = build_stock_vae(load_stock_vae(_SRC), ours)
     z = _latents(4, FULL, dtype)
@@ -168,7 +168,7 @@ def test_patched_streaming_8_blocks_equals_stock_whole_video(dtype, hw):
     ref = build_vae_decoder("wan2.1", dtype=dtype, device="cuda", seed=3)
     z = _latents(24, hw, dtype, seed=2)
     if _has_stock():
-        from longlive_triton.stock_vae import build_stock_vae, load_stock_vae, stock_decode
+        from longlive_triton.stock.vae import build_stock_vae, load_stock_vae, stock_decode
         whole, source = stock_decode(build_stock_vae(load_stock_vae(_SRC), ref), z), "stock WanVAE_.decode"
     else:
         whole, source = ref.decode(z), "reference decode"
@@ -203,7 +203,7 @@ def test_patched_streaming_8_blocks_equals_stock_whole_video(dtype, hw):
 def test_patch_vae_on_the_stock_class(variant):
     """patch_vae on the stock WanVAE_ itself, bf16 at 480x832: decode and cached_decode (8 blocks, the
     instance's block loop and CUDA graphs with the defaults)."""
-    from longlive_triton.stock_vae import build_stock_vae, load_stock_vae, stock_cached_decode, stock_decode
+    from longlive_triton.stock.vae import build_stock_vae, load_stock_vae, stock_cached_decode, stock_decode
     ref = build_vae_decoder("wan2.1", dtype=torch.bfloat16, device="cuda", seed=4)
     stock = build_stock_vae(load_stock_vae(_SRC), ref)
     z = _latents(24, FULL, torch.bfloat16, seed=3)

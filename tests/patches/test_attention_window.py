@@ -5,8 +5,8 @@ import torch
 
 from longlive_triton import PatchConfig, load_preset, patch_model
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
 
 TINY = get_preset("tiny")                       # window 12, sink 3, 3-frame blocks, 8 tokens per frame
 FS = (TINY.latent_height // 2) * (TINY.latent_width // 2)

@@ -14,8 +14,8 @@ from longlive_triton.numerics import cosine, rel_l2
 from longlive_triton.patches import fp8_linear as fp8_patch
 from longlive_triton.patches.fp8_linear import FP8FeedForward, FP8Linear, Fp8Weight
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
 
 
 class LoraLinear(nn.Module):

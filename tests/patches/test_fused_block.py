@@ -9,8 +9,8 @@ from longlive_triton.patches.cross_attention import FusedCrossAttention
 from longlive_triton.patches.fused_block import FusedAttentionBlock
 from longlive_triton.patches.fused_head import FusedHead
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import CausalWanModel, build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import CausalWanModel, build_model, get_preset
 
 
 def _generate(model, device, switches=(12,)):

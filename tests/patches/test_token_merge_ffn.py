@@ -9,8 +9,8 @@ import longlive_triton.patches.token_merge_ffn as tm_patch
 from longlive_triton import PatchConfig, load_preset, patch_model
 from longlive_triton.kernels.token_merge import token_merge_ref, token_unmerge_ref
 from longlive_triton.patches.token_merge_ffn import TokenMergedFFN
-from longlive_triton.pipeline import BlockPipeline
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models import build_model, get_preset
 
 TINY = get_preset("tiny")                       # latent 4x8: a 2x4 token grid, 8 tokens per frame
 FS = (TINY.latent_height // 2) * (TINY.latent_width // 2)

@@ -21,8 +21,8 @@ import torch.nn as nn
 from longlive_triton import patch_vae
 from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.vae_decoder import FastDecoder3d, VAEDecoderOptions
-from longlive_triton.reference.vae import build_vae_decoder, load_wan_vae_decoder
-from longlive_triton.vae_stream import StreamingVAEDecoder
+from longlive_triton.models.wan21_vae import build_vae_decoder, load_wan_vae_decoder
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
 
 H, W = 3, 5
 _SRC = os.environ.get("LONGLIVE_SRC", "")
@@ -220,7 +220,7 @@ def test_wrong_latents_still_raise(pair):
 @pytest.mark.skipif(not _SRC or not (Path(_SRC) / "wan/modules/vae.py").is_file(),
                     reason="LONGLIVE_SRC is not set to a LongLive v1.0 checkout")
 def test_patches_the_stock_wan_vae(pair):
-    from longlive_triton.stock_vae import build_stock_vae, load_stock_vae, stock_cached_decode, stock_decode
+    from longlive_triton.stock.vae import build_stock_vae, load_stock_vae, stock_cached_decode, stock_decode
     ref, _ = pair
     sv = load_stock_vae(_SRC)
     stock = build_stock_vae(sv, ref)

@@ -16,8 +16,8 @@ import torch
 
 from longlive_triton import patch_vae
 from longlive_triton.patches.vae_graphs import ChunkGraphs
-from longlive_triton.reference.vae import build_vae_decoder
-from longlive_triton.vae_stream import StreamingVAEDecoder
+from longlive_triton.models.wan21_vae import build_vae_decoder
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
 
 
 class _Rerun:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from longlive_triton import PatchConfig, patch_model
-from longlive_triton.graphs import attention_windows
+from longlive_triton.runtime.graphs import attention_windows
 from longlive_triton.numerics import rel_l2
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
 
 TINY = get_preset("tiny")                 # 8 tokens per frame, 3-frame blocks and sink, 12-frame window
 FS = TINY.frame_seqlen

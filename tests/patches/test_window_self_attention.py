@@ -8,8 +8,8 @@ import torch
 from longlive_triton import PatchConfig, load_preset, patch_model
 from longlive_triton.numerics import cosine, rel_l2
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
-from longlive_triton.pipeline import BlockPipeline, PipelineConfig
-from longlive_triton.reference import build_model, get_preset
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.models import build_model, get_preset
 
 ON_GPU = torch.cuda.is_available()
 

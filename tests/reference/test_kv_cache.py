@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import longlive_triton.reference.model as ref_model
-from longlive_triton.pipeline import BlockPipeline
-from longlive_triton.reference import build_model, get_preset
+import longlive_triton.models.longlive1.model as ref_model
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models import build_model, get_preset
 
 TINY = get_preset("tiny")
 FS = TINY.frame_seqlen       # 8

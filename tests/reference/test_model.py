@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from longlive_triton.pipeline import BlockPipeline
-from longlive_triton.reference import (CausalWanModel, WanLayerNorm, WanRMSNorm, WanT2VCrossAttention,
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models import (CausalWanModel, WanLayerNorm, WanRMSNorm, WanT2VCrossAttention,
                                        build_model, get_preset)
-from longlive_triton.reference.model import causal_rope_apply, rope_freqs, sinusoidal_embedding_1d
+from longlive_triton.models.longlive1.model import causal_rope_apply, rope_freqs, sinusoidal_embedding_1d
 
 TINY = get_preset("tiny")
 FS = TINY.frame_seqlen  # 8 tokens per latent frame

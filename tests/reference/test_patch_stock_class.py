@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from longlive_triton import patch_model
-from longlive_triton.pipeline import PipelineConfig
+from longlive_triton.runtime.pipeline import PipelineConfig
 
 _SRC = os.environ.get("LONGLIVE_SRC", "")
 pytestmark = pytest.mark.skipif(
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.mark.parametrize("global_sink", [True, False], ids=["global_sink", "sink_recache"])
 def test_exact_preset_on_the_stock_class(device, global_sink):
-    from longlive_triton.reference import build_model, get_preset
+    from longlive_triton.models import build_model, get_preset
     from longlive_triton.numerics import rel_l2
-    from longlive_triton.stock import build_stock_model, load_stock_longlive
+    from longlive_triton.stock.longlive1 import build_stock_model, load_stock_longlive
 
     from ..stock_harness import parity_inputs, run_pipeline
 
@@ -52,15 +52,15 @@ def test_exact_preset_on_the_stock_class(device, global_sink):
     assert rel_l2(got, want) <= 1e-2
     if device.type == "cuda":
         # On CUDA the stock class runs through CUDA graphs (on by default): the eager patched path agrees.
-        from longlive_triton.graphs import graph_runner
+        from longlive_triton.runtime.graphs import graph_runner
         assert graph_runner(patched).stats.replays > 0
         eager, _ = run_pipeline(patched, noise, prompts, (9,), config=dataclasses.replace(config, cuda_graphs=False))
         assert rel_l2(got, eager) <= 1e-3
 
 
 def _stock_tiny(device):
-    from longlive_triton.reference import build_model, get_preset
-    from longlive_triton.stock import build_stock_model, load_stock_longlive
+    from longlive_triton.models import build_model, get_preset
+    from longlive_triton.stock.longlive1 import build_stock_model, load_stock_longlive
 
     weights = build_model("tiny", dtype=torch.float32, seed=6).state_dict()
     kwargs = {**get_preset("tiny").model_kwargs(), "num_heads": 1}
@@ -70,7 +70,7 @@ def _stock_tiny(device):
 def test_the_sink_is_read_where_the_stock_class_keeps_it(device):
     """The stock CausalWanModel has no sink_size of its own (its attention modules do): the report
     and the window check use the modules' 3-frame sink, not 0."""
-    from longlive_triton.pipeline import BlockPipeline
+    from longlive_triton.runtime.pipeline import BlockPipeline
 
     model = _stock_tiny(device)
     assert not hasattr(model, "sink_size") and model.blocks[0].self_attn.sink_size == 3
@@ -86,8 +86,8 @@ def test_the_sink_is_read_where_the_stock_class_keeps_it(device):
 def test_wans_list_context_equals_the_padded_tensor_on_the_stock_class(device):
     """What the graph runner does with Wan's list form (zero-pad to text_len, stack) gives the stock
     model's own output for the list."""
-    from longlive_triton.graphs import stack_context
-    from longlive_triton.pipeline import BlockPipeline
+    from longlive_triton.runtime.graphs import stack_context
+    from longlive_triton.runtime.pipeline import BlockPipeline
     from ..stock_harness import parity_inputs
 
     model = _stock_tiny(device)
@@ -120,7 +120,7 @@ def test_fp8_cache_on_the_stock_class(device):
     config = dataclasses.replace(load_preset("exact"), attention_backend="triton", kv_cache_dtype="fp8")
     report = patch_model(patched, config)
     assert report.counts()["window_self_attention"] == {"applied": 2, "skipped": 0}, str(report)
-    from longlive_triton.pipeline import BlockPipeline
+    from longlive_triton.runtime.pipeline import BlockPipeline
     pipe = BlockPipeline(patched)
     torch.manual_seed(1234)  # run_pipeline's seed: the same re-noising draws
     got = pipe.generate(noise, prompts, (6,))

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from longlive_triton.reference.model import attention
-from longlive_triton.stock import _flash_attention_anywhere, flash_attn_varlen_func, resolve_stock_src
+from longlive_triton.models.longlive1.model import attention
+from longlive_triton.stock.longlive1 import _flash_attention_anywhere, flash_attn_varlen_func, resolve_stock_src
 
 
 def test_missing_source_is_a_clear_error(tmp_path, monkeypatch):
@@ -32,7 +32,7 @@ def test_a_foreign_causal_model_is_refused(tmp_path):
 
 
 def test_importing_the_package_loads_no_stock_code():
-    code = "import sys, longlive_triton; assert 'longlive_triton.stock' not in sys.modules and 'wan' not in sys.modules"
+    code = "import sys, longlive_triton; assert 'longlive_triton.stock.longlive1' not in sys.modules and 'wan' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

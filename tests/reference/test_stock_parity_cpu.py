@@ -1,6 +1,6 @@
 """Our reference against the stock LongLive v1.0 generator at tiny shapes on the CPU (fast).
 
-Covers the stock importer (`longlive_triton.stock`) and the parity harness (`tests/stock_harness.py`)
+Covers the stock importer (`longlive_triton.stock.longlive1`) and the parity harness (`tests/stock_harness.py`)
 wherever a LongLive v1.0 checkout is available: set LONGLIVE_SRC (e.g. .stock/LongLive, made by
 tests/gpu/prepare_stock_src.sh); skipped otherwise. The real-shape GPU version is tests/gpu/test_stock_parity.py.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longlive_triton.pipeline import PipelineConfig
+from longlive_triton.runtime.pipeline import PipelineConfig
 
 _SRC = os.environ.get("LONGLIVE_SRC", "")
 pytestmark = pytest.mark.skipif(
@@ -26,7 +26,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 @pytest.fixture(scope="module")
 def stock():
-    from longlive_triton.stock import load_stock_longlive
+    from longlive_triton.stock.longlive1 import load_stock_longlive
     return load_stock_longlive(_SRC)
 
 
@@ -56,9 +56,9 @@ def test_stock_parity_tiny_prompt_switch(stock, global_sink):
 
 def test_stock_parity_detects_a_weight_change(stock):
     """The comparison is not vacuous: one perturbed stock weight shows up in the latents."""
-    from longlive_triton.reference.presets import build_model
+    from longlive_triton.models.longlive1.presets import build_model
     from longlive_triton.numerics import rel_l2
-    from longlive_triton.stock import build_stock_model
+    from longlive_triton.stock.longlive1 import build_stock_model
 
     from ..stock_harness import parity_inputs, run_pipeline
     ref = build_model("tiny", seed=0)
@@ -72,8 +72,8 @@ def test_stock_parity_detects_a_weight_change(stock):
 
 
 def test_build_stock_model_refuses_foreign_weights(stock):
-    from longlive_triton.reference.presets import build_model
-    from longlive_triton.stock import build_stock_model
+    from longlive_triton.models.longlive1.presets import build_model
+    from longlive_triton.stock.longlive1 import build_stock_model
     state = build_model("tiny", seed=0).state_dict()
     state.pop("head.modulation")
     with pytest.raises(RuntimeError, match="head.modulation"):

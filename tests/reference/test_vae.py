@@ -1,4 +1,4 @@
-"""Reference Wan2.1 VAE decoder (longlive_triton/reference/vae.py) and the streaming decode (vae_stream.py).
+"""Reference Wan2.1 VAE decoder (longlive_triton/models/wan21_vae.py) and the streaming decode (vae_stream.py).
 
 CPU, tiny preset, small latents. The stock-parity test at the end runs only where a LongLive v1.0
 checkout is available (LONGLIVE_SRC, as tests/reference/test_stock_parity_cpu.py).
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from longlive_triton.numerics import rel_l2
-from longlive_triton.reference.vae import (CACHE_T, VAE_PRESETS, VAECheckpointError, WAN21_LATENT_MEAN,
+from longlive_triton.models.wan21_vae import (CACHE_T, VAE_PRESETS, VAECheckpointError, WAN21_LATENT_MEAN,
                                            WAN21_LATENT_STD, WanVAEDecoder, build_vae_decoder,
                                            load_wan_vae_decoder)
-from longlive_triton.vae_stream import StreamingVAEDecoder
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
 
 H, W = 4, 6
 
@@ -298,7 +298,7 @@ _SRC = os.environ.get("LONGLIVE_SRC", "")
                     reason="LONGLIVE_SRC is not set to a LongLive v1.0 checkout")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_stock_wan_vae(dtype, tmp_path):
-    from longlive_triton.stock_vae import load_stock_vae
+    from longlive_triton.stock.vae import load_stock_vae
     sv = load_stock_vae(_SRC)
     with torch.device("meta"):
         stock_big = sv.WanVAE_(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],

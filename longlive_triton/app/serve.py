@@ -23,10 +23,10 @@ from importlib import resources
 
 import torch
 
-from .engine import FRAMES_PER_BLOCK, Engine
-from .generate import DEFAULT_PROMPT, VIDEO_FPS, UsageError, add_model_arguments, build_engine, choose_device
-from .mp4 import to_uint8
-from .video import iter_video
+from longlive_triton.app.engine import FRAMES_PER_BLOCK, Engine
+from longlive_triton.app.generate import DEFAULT_PROMPT, VIDEO_FPS, UsageError, add_model_arguments, build_engine, choose_device
+from longlive_triton.app.mp4 import to_uint8
+from longlive_triton.runtime.video import iter_video
 
 __all__ = ["add_arguments", "run", "LiveSession", "make_app"]
 
@@ -137,7 +137,7 @@ class LiveSession:
 
 
 def _page() -> str:
-    return resources.files("longlive_triton").joinpath("demo.html").read_text(encoding="utf-8")
+    return resources.files("longlive_triton.app").joinpath("demo.html").read_text(encoding="utf-8")
 
 
 def make_app(session: LiveSession, fps: float):

@@ -61,8 +61,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from .device_index import DeviceIndex
-from .reference.model import sinusoidal_embedding_1d
+from longlive_triton.runtime.device_index import DeviceIndex
+from longlive_triton.models.longlive1.model import sinusoidal_embedding_1d
 
 __all__ = ["GraphedGenerator", "CudaGraphBackend", "install_graphs", "uninstall_graphs", "graph_runner",
            "attention_windows"]
@@ -373,7 +373,7 @@ def _swap_time_embedding(module) -> None:
 
     setattr(dispatch, _SWAPPED, stock)
     dispatch.users = 1
-    dispatch.__doc__ = f"longlive_triton.graphs: {_swap_time_embedding.__doc__}"
+    dispatch.__doc__ = f"longlive_triton.runtime.graphs: {_swap_time_embedding.__doc__}"
     setattr(module, _TIME_EMBEDDING, dispatch)
 
 

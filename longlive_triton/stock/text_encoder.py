@@ -1,6 +1,6 @@
 """The stock text encoder: LongLive's umT5-XXL encoder and tokenizer, imported from a LongLive checkout.
 
-    from longlive_triton.stock_text import load_stock_text_encoder
+    from longlive_triton.stock.text_encoder import load_stock_text_encoder
     enc = load_stock_text_encoder(src, "wan_models/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth",
                                   "wan_models/Wan2.1-T2V-1.3B/google/umt5-xxl", text_len=512,
                                   device="cuda", dtype=torch.bfloat16)
@@ -9,7 +9,7 @@
 No LongLive code is part of this package: `wan/modules/t5.py` and `tokenizers.py` are imported
 from the checkout named by `src` (or $LONGLIVE_SRC), with `wan` and `wan.modules` registered as
 bare packages so their `__init__` files (the generator, VAE and CLIP stacks) do not run, as
-`longlive_triton.stock` does. The tokenizer needs `transformers`, `ftfy` and `regex`. Without CUDA,
+`longlive_triton.stock.longlive1` does. The tokenizer needs `transformers`, `ftfy` and `regex`. Without CUDA,
 `torch.cuda.current_device` answers 0 during the import (t5.py calls it in a default argument).
 
 The encoder's sizes are read from the checkpoint's tensor shapes and passed to the stock
@@ -31,8 +31,8 @@ from typing import Sequence
 
 import torch
 
-from .checkpoints import CheckpointError
-from .stock import _check_package_slots, _module, resolve_stock_src
+from longlive_triton.loading.checkpoints import CheckpointError
+from longlive_triton.stock.longlive1 import _check_package_slots, _module, resolve_stock_src
 
 __all__ = ["StockTextEncoder", "load_stock_text_encoder", "t5_encoder_sizes"]
 

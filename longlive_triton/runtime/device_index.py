@@ -1,7 +1,7 @@
 """DeviceIndex: an int that also carries its value in a one-element int64 device tensor.
 
 The CUDA-graph runner passes `current_start` as one so that one captured graph serves every block;
-which code reads the int and which the tensor: longlive_triton/graphs.py, module docstring.
+which code reads the int and which the tensor: longlive_triton/runtime/graphs.py, module docstring.
 """
 from __future__ import annotations
 

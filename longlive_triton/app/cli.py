@@ -24,13 +24,13 @@ def _use_interpreter_without_gpu() -> str | None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """What a user can cause and fix: each is reported as one line, without a traceback."""
-    from .checkpoints import CheckpointError
-    from .generate import UsageError
-    from .mp4 import MissingWriterError, OutputError
-    from .prompts import PromptError
-    from .reference.vae import VAECheckpointError
-    from .text import EmbeddingsError
-    from .weights import MissingWeightsError
+    from longlive_triton.loading.checkpoints import CheckpointError
+    from longlive_triton.app.generate import UsageError
+    from longlive_triton.app.mp4 import MissingWriterError, OutputError
+    from longlive_triton.app.prompts import PromptError
+    from longlive_triton.models.wan21_vae import VAECheckpointError
+    from longlive_triton.app.embeddings import EmbeddingsError
+    from longlive_triton.loading.weights import MissingWeightsError
 
     # FileNotFoundError: the LongLive checkout (--longlive-src); ImportError: its tokenizer's packages.
     return (CheckpointError, VAECheckpointError, EmbeddingsError, MissingWeightsError, MissingWriterError, OutputError,
@@ -38,7 +38,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import generate, serve
+    from longlive_triton.app import generate, serve
 
     parser = argparse.ArgumentParser(prog="longlive-triton", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

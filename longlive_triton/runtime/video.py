@@ -1,6 +1,6 @@
 """Generate and decode in one loop: each block's pixel frames as soon as the block is denoised.
 
-    from longlive_triton.video import iter_video
+    from longlive_triton.runtime.video import iter_video
     for blk in iter_video(BlockPipeline(model), vae, noise, prompt_embeds):
         show(blk.pixels)             # [B, 3, T', 8h, 8w] float32 in [-1, 1]; T' = 9 then 12 for 3-frame blocks
 
@@ -16,9 +16,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .pipeline import BlockPipeline
-from .reference.vae import WanVAEDecoder
-from .vae_stream import StreamingVAEDecoder
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models.wan21_vae import WanVAEDecoder
+from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
 
 __all__ = ["VideoBlock", "iter_video", "generate_video"]
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError, load_longlive
-from .pipeline import BlockPipeline
-from .reference import build_model, get_preset
-from .reference.vae import VAEPreset, WanVAEDecoder, build_vae_decoder, load_wan_vae_decoder
-from .text import HashedPromptEmbeddings, PromptEncoder
-from .weights import WeightFiles
+from longlive_triton.loading.checkpoints import CheckpointError, load_longlive
+from longlive_triton.runtime.pipeline import BlockPipeline
+from longlive_triton.models import build_model, get_preset
+from longlive_triton.models.wan21_vae import VAEPreset, WanVAEDecoder, build_vae_decoder, load_wan_vae_decoder
+from longlive_triton.app.embeddings import HashedPromptEmbeddings, PromptEncoder
+from longlive_triton.loading.weights import WeightFiles
 
 __all__ = ["Engine", "embedded_engine", "real_engine", "STOCK", "FRAMES_PER_BLOCK"]
 
@@ -67,7 +67,7 @@ def _patch(engine: Engine, preset: str) -> Engine:
     if preset == STOCK:
         engine.reports.append("preset stock: the generator and the VAE run unpatched (the stock math)")
         return engine
-    from . import patch_model, patch_vae  # Triton kernels load here, after the caller chose the interpreter
+    from longlive_triton import patch_model, patch_vae  # Triton kernels load here, after the caller chose the interpreter
 
     engine.reports.append(str(patch_model(engine.model, preset)))
     engine.reports.append(str(patch_vae(engine.vae)))
@@ -138,7 +138,7 @@ def real_engine(files: WeightFiles, preset: str = "exact", *, device, height: in
     vae = _load_vae(files.vae, device, dtype)
     encoder = None
     if files.text_encoder is not None:
-        from .stock_text import load_stock_text_encoder
+        from longlive_triton.stock.text_encoder import load_stock_text_encoder
 
         encoder = load_stock_text_encoder(encoder_src, files.text_encoder, files.tokenizer,
                                           text_len=model.text_len, device=device, dtype=dtype)

@@ -1,6 +1,6 @@
 """The stock LongLive v1.0 generator: import it from a local checkout, build it, load weights.
 
-    from longlive_triton.stock import load_stock_longlive, build_stock_model
+    from longlive_triton.stock.longlive1 import load_stock_longlive, build_stock_model
     stock = load_stock_longlive("/path/to/LongLive")           # or env LONGLIVE_SRC
     model = build_stock_model(stock, "longlive-1.3b", device="cuda", dtype=torch.bfloat16,
                               state_dict=reference.state_dict())
@@ -138,7 +138,7 @@ def _device_dispatch(stock_flash_attention):
         return _flash_attention_anywhere(q, k, v, *args, **kwargs)
 
     flash_attention.__wrapped__ = stock_flash_attention
-    flash_attention.__doc__ = "longlive_triton.stock: " + (_device_dispatch.__doc__ or "")
+    flash_attention.__doc__ = "longlive_triton.stock.longlive1: " + (_device_dispatch.__doc__ or "")
     return flash_attention
 
 
@@ -210,7 +210,7 @@ def _standin_modules() -> tuple[dict[str, types.ModuleType], list[str]]:
                      "register_to_config the identity")
     if not _installed("einops"):
         def repeat(*args, **kwargs):
-            raise NotImplementedError("einops stand-in from longlive_triton.stock: install einops")
+            raise NotImplementedError("einops stand-in from longlive_triton.stock.longlive1: install einops")
 
         mods["einops"] = _module("einops", repeat=repeat, __version__="0+longlive_triton.standin")
         notes.append("einops is not installed: a stand-in whose repeat() raises (used only by the GAN head)")
@@ -347,7 +347,7 @@ def build_stock_model(stock: StockLongLive | str | os.PathLike | None = None, mo
     """The stock `CausalWanModel` with explicit arguments, on `device` in `dtype`, eval mode, no grad.
 
     stock: a `load_stock_longlive` namespace, or a source path for it (None: $LONGLIVE_SRC).
-    model_kwargs: constructor arguments, or a preset name of `longlive_triton.reference.presets`.
+    model_kwargs: constructor arguments, or a preset name of `longlive_triton.models.longlive1.presets`.
     state_dict: weights to load with strict=True (e.g. our reference's `state_dict()`). With weights
     the model is built on the meta device and materialised on `device` (no 1.4e9-draw init), and its
     RoPE table is recomputed on the CPU with the stock `rope_params`, as the stock constructor does
@@ -359,7 +359,7 @@ def build_stock_model(stock: StockLongLive | str | os.PathLike | None = None, mo
         stock = load_stock_longlive(stock)
     preset_blocks = 3
     if isinstance(model_kwargs, str):
-        from .reference.presets import get_preset
+        from longlive_triton.models.longlive1.presets import get_preset
         preset = get_preset(model_kwargs)
         preset_blocks = preset.num_frame_per_block
         model_kwargs = preset.model_kwargs()

@@ -1,7 +1,7 @@
 """Streaming VAE decode: latent blocks in, pixel frames out, the causal feature cache carried across calls.
 
-    from longlive_triton.reference.vae import build_vae_decoder
-    from longlive_triton.vae_stream import StreamingVAEDecoder
+    from longlive_triton.models.wan21_vae import build_vae_decoder
+    from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
     dec = StreamingVAEDecoder(build_vae_decoder("tiny"))
     frames = [dec.decode_block(z[:, :, i:i + 3]) for i in range(0, F, 3)]   # z [B, 16, F, H, W]
     torch.cat(frames, dim=2) == vae.decode(z)                                 # [B, 3, 4F-3, 8H, 8W]
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference.vae import FeatCache, WanVAEDecoder
+from longlive_triton.models.wan21_vae import FeatCache, WanVAEDecoder
 
 __all__ = ["StreamingVAEDecoder"]
 

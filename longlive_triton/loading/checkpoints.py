@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint_files import (LONGLIVE_BASE_FILENAMES, LONGLIVE_LORA_FILENAMES, WAN_BASE_FILENAME,
+from longlive_triton.loading.files import (LONGLIVE_BASE_FILENAMES, LONGLIVE_LORA_FILENAMES, WAN_BASE_FILENAME,
                                WAN_BASE_INDEX_FILENAME, resolve_first)
-from .lora import merge_lora_weight
+from longlive_triton.loading.lora import merge_lora_weight
 
 __all__ = [
     "CheckpointError", "LoadResult", "LoraMergeResult", "LongLiveLoadResult", "load_state_dict_strict",
@@ -201,7 +201,7 @@ def _check_materialized(model: nn.Module) -> None:
 
 
 def _refuse_patched(model: nn.Module) -> None:
-    from .patch import patched_config
+    from longlive_triton.patch import patched_config
 
     config = patched_config(model)
     if config is not None:

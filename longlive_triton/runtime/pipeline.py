@@ -18,9 +18,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .graphs import graph_runner, install_graphs
-from .patches.attention_window import sink_frames
-from .scheduler import FlowMatchSchedule
+from longlive_triton.runtime.graphs import graph_runner, install_graphs
+from longlive_triton.patches.attention_window import sink_frames
+from longlive_triton.runtime.scheduler import FlowMatchSchedule
 
 
 @dataclass
@@ -39,7 +39,7 @@ class PipelineConfig:
     # [B, L, text_dim] tensor (the stock model takes both).
     context_as_list: bool = False
     frame_seqlen: int | None = None    # tokens per latent frame; None: from the latent size
-    # CUDA graphs (longlive_triton/graphs.py): None keeps what patch_model set up, False runs this
+    # CUDA graphs (longlive_triton/runtime/graphs.py): None keeps what patch_model set up, False runs this
     # pipeline eagerly, True installs the graph runner if patch_model did not (a patched CUDA model).
     cuda_graphs: bool | None = None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from .model import CausalWanModel
+from longlive_triton.models.longlive1.model import CausalWanModel
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint_files import (LONGLIVE_BASE_FILENAMES, LONGLIVE_LORA_FILENAMES, WAN_BASE_FILENAME,
+from longlive_triton.loading.files import (LONGLIVE_BASE_FILENAMES, LONGLIVE_LORA_FILENAMES, WAN_BASE_FILENAME,
                                WAN_BASE_INDEX_FILENAME, resolve_checkpoint)
 
 __all__ = ["MissingWeightsError", "WeightFiles", "locate_weights", "WAN_REPO", "LONGLIVE_REPO"]

@@ -15,12 +15,12 @@ import time
 
 import torch
 
-from .engine import FRAMES_PER_BLOCK, STOCK, Engine, embedded_engine, real_engine
-from .mp4 import Mp4Writer, check_output_path, require_writer, to_uint8
-from .prompts import PromptError, PromptSchedule, from_command_line, load_prompt_file, parse_switch_frames
-from .text import load_embeddings_file
-from .video import iter_video
-from .weights import locate_weights
+from longlive_triton.app.engine import FRAMES_PER_BLOCK, STOCK, Engine, embedded_engine, real_engine
+from longlive_triton.app.mp4 import Mp4Writer, check_output_path, require_writer, to_uint8
+from longlive_triton.app.prompts import PromptError, PromptSchedule, from_command_line, load_prompt_file, parse_switch_frames
+from longlive_triton.app.embeddings import load_embeddings_file
+from longlive_triton.runtime.video import iter_video
+from longlive_triton.loading.weights import locate_weights
 
 __all__ = ["UsageError", "add_model_arguments", "add_arguments", "build_engine", "choose_device", "run",
            "DEFAULT_PROMPT"]
@@ -43,7 +43,7 @@ def choose_device(name: str | None) -> torch.device:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options that choose the model, its weights and the prompt encoder (generate and serve)."""
-    from .config import preset_names
+    from longlive_triton.config import preset_names
 
     p.add_argument("--preset", default="exact", choices=preset_names() + [STOCK],
                    help="patch preset (configs/), or 'stock' to run unpatched (default: exact)")

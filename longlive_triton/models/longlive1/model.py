@@ -8,7 +8,7 @@ loads with strict=True, and the call protocol is the stock one:
           crossattn_cache=crossattn_cache, current_start=current_start)
 
 with x [B, 16, F, H, W], t [B, F] (fractional timesteps), context [B, L<=text_len, text_dim], and the
-cache dicts as the stock pipeline builds them (see `longlive_triton.pipeline`). The rounding points
+cache dicts as the stock pipeline builds them (see `longlive_triton.runtime.pipeline`). The rounding points
 are the stock ones on purpose (float64 sinusoid and RoPE, fp32 RMSNorm statistics, bf16 LayerNorm
 and modulation, attention in bf16 even for an fp32 model): this file is what our kernels are judged
 against, so it must compute what LongLive computes, host syncs and cache clones included.

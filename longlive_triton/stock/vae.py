@@ -1,6 +1,6 @@
 """Run the stock LongLive v1.0 Wan VAE (`wan/modules/vae.py`) beside ours, with our decoder weights.
 
-    from longlive_triton.stock_vae import load_stock_vae, build_stock_vae, stock_decode
+    from longlive_triton.stock.vae import load_stock_vae, build_stock_vae, stock_decode
     sv = load_stock_vae(".stock/LongLive")                    # or $LONGLIVE_SRC
     stock = build_stock_vae(sv, reference_decoder)            # WanVAE_ holding the same decoder weights
     pixels = stock_decode(stock, z)                           # what LongLive's decode_to_pixel computes
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .reference.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAEDecoder
+from longlive_triton.models.wan21_vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAEDecoder
 
 __all__ = ["load_stock_vae", "build_stock_vae", "stock_scale", "stock_decode", "stock_cached_decode"]
 
@@ -38,7 +38,7 @@ def _rearrange(x: torch.Tensor, pattern: str, **sizes) -> torch.Tensor:
         t = sizes["t"]
         bt, c, h, w = x.shape
         return x.reshape(bt // t, t, c, h, w).permute(0, 2, 1, 3, 4)
-    raise NotImplementedError(f"einops stand-in from longlive_triton.stock_vae: pattern {pattern!r}")
+    raise NotImplementedError(f"einops stand-in from longlive_triton.stock.vae: pattern {pattern!r}")
 
 
 def load_stock_vae(src_dir: str | os.PathLike | None = None) -> types.ModuleType:

@@ -1,0 +1,1 @@
+"""Importers of the stock LongLive source (generator, VAE, text encoder), to run beside ours."""
