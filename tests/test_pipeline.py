@@ -284,6 +284,14 @@ def _spy_forward(monkeypatch, model, log):
     monkeypatch.setattr(model, "forward", spy)
 
 
+def _recomputed_or_changed(after: torch.Tensor, before: torch.Tensor, layer: int) -> bool:
+    """A re-cached V under a new prompt: layer 0's reads only the latents and t = 0, so it is the same
+    values recomputed (fp32 rounding apart); every later layer has seen the prompt (tiny model: its
+    changes are of order 0.1)."""
+    diff = (after - before).abs().max().item()
+    return diff <= 1e-5 if layer == 0 else diff > 1e-3
+
+
 def test_global_sink_keeps_the_sink_slots(model, monkeypatch):
     noise, (pa, pb) = inputs(2, 21, prompts=2)
     pipe = BlockPipeline(model, PipelineConfig(global_sink=True))
@@ -294,10 +302,13 @@ def test_global_sink_keeps_the_sink_slots(model, monkeypatch):
     pipe.generate(noise, [pa, pb], [15])
     (r,) = recaches
     assert r["start"] == 15 and r["prompt"] is pb
-    for (kb, vb, gb, lb), (ka, va, ga, la) in zip(r["before"], r["after"]):
+    for layer, ((kb, vb, gb, lb), (ka, va, ga, la)) in enumerate(zip(r["before"], r["after"])):
         assert (ga, la) == (gb, lb) == (15 * FS, 12 * FS)        # pointers kept
         assert torch.equal(ka[:, :S], kb[:, :S]) and torch.equal(va[:, :S], vb[:, :S])
-        assert not torch.equal(va[:, S:], vb[:, S:])            # the rest re-cached under the new prompt
+        # The rest is re-cached under the new prompt. Layer 0's V reads only the latents and t = 0,
+        # which the re-cache recomputes (in one 12-frame call instead of 3-frame ones: fp32 rounding
+        # may differ); every later layer has seen the prompt.
+        assert _recomputed_or_changed(va[:, S:], vb[:, S:], layer)
     rc = [c for c in calls if c["t"].shape[1] == 12]
     assert len(rc) == 1 and rc[0]["start"] == 3 * FS          # frames 3..14, rs = 15 - 12
     assert rc[0]["context"] is pb and rc[0]["flag"] is False
@@ -316,9 +327,9 @@ def test_global_sink_recache_from_frame_zero_rewrites_the_sink(model, monkeypatc
     (r,) = recaches
     rc = [c for c in calls if c["t"].shape[1] == 12]
     assert len(rc) == 1 and rc[0]["start"] == 0 and rc[0]["flag"] is False
-    for (kb, vb, gb, lb), (ka, va, ga, la) in zip(r["before"], r["after"]):
+    for layer, ((kb, vb, gb, lb), (ka, va, ga, la)) in enumerate(zip(r["before"], r["after"])):
         assert (ga, la) == (gb, lb) == (12 * FS, 12 * FS)
-        assert not torch.equal(va[:, :S], vb[:, :S])
+        assert _recomputed_or_changed(va[:, :S], vb[:, :S], layer)
 
 
 def test_local_sink_zeroes_then_rewrites_the_sink(model, monkeypatch):
