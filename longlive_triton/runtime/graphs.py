@@ -54,70 +54,19 @@ from __future__ import annotations
 
 import contextvars
 import sys
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn as nn
 
-from longlive_triton.runtime.device_index import DeviceIndex
 from longlive_triton.models.longlive1.model import sinusoidal_embedding_1d
+from longlive_triton.patches.graph_cache import CudaGraphBackend, GraphCache, GraphStats
+from longlive_triton.runtime.device_index import DeviceIndex
 
-__all__ = ["GraphedGenerator", "CudaGraphBackend", "install_graphs", "uninstall_graphs", "graph_runner",
-           "attention_windows"]
+__all__ = ["GraphedGenerator", "CudaGraphBackend", "GraphStats", "install_graphs", "uninstall_graphs",
+           "graph_runner", "attention_windows"]
 
 _RUNNER = "_longlive_triton_graphs"
-# Keys seen once (their eager warm-up ran) but not captured yet: at most this many per graph held.
-_SEEN_PER_GRAPH = 4
-
-
-class CudaGraphBackend:
-    """The torch.cuda calls a GraphedGenerator makes, in one place so that a test can stand in for them."""
-
-    device_type = "cuda"
-
-    def pool_handle(self):
-        return torch.cuda.graph_pool_handle()
-
-    def new_stream(self, device: torch.device) -> torch.cuda.Stream:
-        return torch.cuda.Stream(device)
-
-    def current_stream(self, device: torch.device) -> torch.cuda.Stream:
-        return torch.cuda.current_stream(device)
-
-    def on_stream(self, stream: torch.cuda.Stream):
-        return torch.cuda.stream(stream)
-
-    def new_graph(self) -> torch.cuda.CUDAGraph:
-        return torch.cuda.CUDAGraph()
-
-    def capture(self, graph: torch.cuda.CUDAGraph, forward, *, pool, stream: torch.cuda.Stream):
-        """Record forward() into graph and return its output, which every replay rewrites in place."""
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
-            return forward()
-
-
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    x: torch.Tensor
-    t: torch.Tensor
-    context: torch.Tensor
-    out: torch.Tensor
-
-
-@dataclass
-class GraphStats:
-    eager: int = 0
-    captures: int = 0
-    replays: int = 0
-    evicted: int = 0
-    eager_reasons: dict[str, int] = field(default_factory=dict)
-
-    def note_eager(self, reason: str) -> None:
-        self.eager += 1
-        self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
 
 
 class GraphedGenerator:
@@ -129,33 +78,35 @@ class GraphedGenerator:
         if not all(callable(getattr(layer, "host_window", None)) for layer in layers):
             raise ValueError("CUDA graphs need every self-attention layer patched (window_attention: true): the stock "
                              "layer reads its cache pointers with .item(), which a graph cannot replay")
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        device = next(generator.parameters()).device
+        device_type = CudaGraphBackend.device_type if backend is None else backend.device_type
+        if device.type != device_type:
+            raise ValueError(f"CUDA graphs need the generator on a {device_type.upper()} device; it is on {device}")
         self.generator = generator
         self.layers = layers
-        self.max_graphs = max_graphs
         self.enabled = True
-        self.stats = GraphStats()
-        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self._seen: OrderedDict[tuple, None] = OrderedDict()
+        # A stream and memory pool of its own: the VAE's graphs may replay while the generator's do.
+        self.cache = GraphCache(backend if backend is not None else CudaGraphBackend(device), max_graphs,
+                                what="the generator's forward",
+                                fix="run with cuda_graphs: false (patch config) or PipelineConfig(cuda_graphs=False)")
         self._eager = type(generator).forward.__get__(generator)
-        self.backend = backend if backend is not None else CudaGraphBackend()
-        device = next(generator.parameters()).device
-        if device.type != self.backend.device_type:
-            raise ValueError(f"CUDA graphs need the generator on a {self.backend.device_type.upper()} device; "
-                             f"it is on {device}")
         self.device = device
-        self._pool = self.backend.pool_handle()
-        self._stream = self.backend.new_stream(device)
         self._start = torch.zeros(1, dtype=torch.int64, device=device)
         # (batch, frames per call) a BlockPipeline captured with; it refuses another (see pipeline.py).
         self.pipeline_shape: tuple[int, int] | None = None
 
+    @property
+    def stats(self) -> GraphStats:
+        return self.cache.stats
+
+    @property
+    def graphs(self) -> dict:
+        return self.cache.graphs
+
     # -- bookkeeping --------------------------------------------------------------------------
     def release(self) -> None:
         """Drop every graph (and the pool's memory once nothing else holds it)."""
-        self.graphs.clear()
-        self._seen.clear()
+        self.cache.clear()
         self.pipeline_shape = None
 
     @staticmethod
@@ -216,26 +167,16 @@ class GraphedGenerator:
         if reason is not None:
             self.stats.note_eager(reason)
             return self._run_eager(x, *args, **kwargs)
-        graph = self.graphs.get(key)
-        if graph is None and key not in self._seen:
-            self._seen[key] = None
-            while len(self._seen) > _SEEN_PER_GRAPH * self.max_graphs:
-                self._seen.popitem(last=False)
-            self.stats.note_eager("first call of its kind (warm-up)")
-            return self._on_capture_stream(lambda: self._run_eager(x, **kwargs))
-        if graph is None:
-            graph = self._capture(key, x, kwargs, call[0])
-        else:
-            self.graphs.move_to_end(key)
-        graph.x.copy_(x)
-        graph.t.copy_(kwargs["t"])
-        graph.context.copy_(kwargs["context"])
-        self._start.fill_(call[0])
-        graph.graph.replay()
-        self.stats.replays += 1
-        # The replay ran no Python: the host-side window copy moves on here (module docstring).
-        attention_windows(self.layers, kwargs["kv_cache"], *call, commit=True)
-        return graph.out.clone()
+        kv_cache = kwargs["kv_cache"]
+
+        def before_replay() -> None:
+            self._start.fill_(call[0])
+            # The replay runs no Python: the host-side window copy moves on here (module docstring).
+            attention_windows(self.layers, kv_cache, *call, commit=True)
+
+        return self.cache.run(key, (x, kwargs["t"], kwargs["context"]), warm_up=lambda: self._run_eager(x, **kwargs),
+                              capture=partial(self._captured_forward, kwargs, call[0]), state=lambda: kv_cache,
+                              before_replay=before_replay)
 
     def _run_eager(self, *args, **kwargs):
         """The patched forward itself (with the capture-safe time embedding, see install_graphs)."""
@@ -245,39 +186,15 @@ class GraphedGenerator:
         finally:
             _IN_RUNNER.reset(token)
 
-    def _on_capture_stream(self, fn):
-        main = self.backend.current_stream(self.device)
-        self._stream.wait_stream(main)
-        with self.backend.on_stream(self._stream):
-            out = fn()
-        main.wait_stream(self._stream)
-        return out
-
-    def _capture(self, key, x, kwargs, current_start: int) -> _Graph:
-        static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-        static_t = torch.empty_like(kwargs["t"])
-        static_ctx = torch.empty_like(kwargs["context"])
-        call = dict(kwargs, t=static_t, context=static_ctx, current_start=DeviceIndex(current_start, self._start))
+    def _captured_forward(self, kwargs, current_start: int, x, t, context):
+        """The forward a graph records: the static inputs, and `current_start` read from the device."""
         # Capturing runs the forward's Python, which moves the host-side window copy: put it back after.
         saved = [dict(cache) for cache in kwargs["kv_cache"]]
-        graph = self.backend.new_graph()
-        self._stream.wait_stream(self.backend.current_stream(self.device))
         try:
-            out = self.backend.capture(graph, partial(self._run_eager, static_x, **call), pool=self._pool,
-                                       stream=self._stream)
-        except RuntimeError as e:
-            raise RuntimeError(f"capturing the generator's forward in a CUDA graph failed ({e}); run with "
-                               "cuda_graphs: false (patch config) or PipelineConfig(cuda_graphs=False)") from e
+            return self._run_eager(x, **dict(kwargs, t=t, context=context,
+                                             current_start=DeviceIndex(current_start, self._start)))
         finally:
             restore_caches(kwargs["kv_cache"], saved)
-        entry = _Graph(graph, static_x, static_t, static_ctx, out)
-        self.graphs[key] = entry
-        self.stats.captures += 1
-        while len(self.graphs) > self.max_graphs:
-            old_key, _ = self.graphs.popitem(last=False)
-            self._seen.pop(old_key, None)
-            self.stats.evicted += 1
-        return entry
 
 
 def install_graphs(generator: nn.Module, max_graphs: int = 16, backend: CudaGraphBackend | None = None
