@@ -4,51 +4,17 @@
     patch_model(model)                      # on CUDA, installs a GraphedGenerator (cuda_graphs: true)
     ...LongLive's own loop, or BlockPipeline, calls the model exactly as before...
 
-What is captured: one whole generator forward (30 layers: GEMMs, the cache plan, RoPE + cache
-append, attention, glue, the head), the unit LongLive's loop calls 5 times per block (4 denoising
-steps and the cache pass). The five calls of a block differ only in their inputs (latents, timestep)
-and in device-side cache state, so in steady state one graph serves all of them and every later
-block: the runner copies the inputs into the graph's static buffers, writes `current_start` into a
-device scalar the patched layers read (a `DeviceIndex`), replays, and returns a copy of the output.
-Between replays the host only does the scheduler's few small ops, so it stays ahead of the GPU.
-
-Graphs are keyed by everything a replay would otherwise get wrong: input shapes, strides and dtypes,
-the addresses of every cache tensor, and the attention window each layer reads. With the cuDNN
-backend that window's length is a host-side shape, so the first blocks of a stream (while the KV
-window fills: 4 blocks at LongLive's settings) each get their own graph, and the full window one
-graph for the rest of the stream; with the Triton backend the window is read on the device and every
-block shares one graph. A block's first step reads its latents as a strided slice of the noise and
-the later calls contiguous tensors, so each of those is two graphs (same kernels, other strides):
-about 10 graphs while the window fills, 2 in steady state. All graphs share one memory pool (they
-never run concurrently), so a graph costs little beyond its static inputs and output.
-
-A key's first call runs eagerly on the capture stream (Triton autotuning and cuDNN planning happen
-there, not during capture); its second call is captured and replayed; every later call replays.
-Calls that cannot be replayed run eagerly, each counted by its reason in `stats`: a cross-attention
-cache being (re)filled after a prompt switch, a window that is not one range of the cache (a gathered
-copy; the ring is as long as the window, so a full window never is: kernels/kv_cache_plan.py), grad
-mode, non-tensor x, t or context, positional arguments or no caches (not LongLive's cached call), a
-kv_cache with another number of layers, and every call while `enabled` is off.
-The text context may be one [B, L, text_dim] tensor (LongLive's wrapper) or Wan's list of B
-[L, text_dim] tensors: the list is zero-padded to text_len and stacked, as the stock model does.
-
-What the host keeps and what the device reads. A replay runs the captured kernels with the arguments
-they had at capture and runs no Python, so two things the forward computes on the host need care:
-- `current_start`, the first new token's index, a Python int in LongLive's calls. The runner passes
-  a `DeviceIndex` (device_index.py): an int that also carries a one-element int64 tensor, the
-  runner's own, refilled with the call's value before each replay. Host code (the stock arithmetic,
-  the window copy below) sees the int; the patched layers hand the tensor to their kernels (the
-  cache plan reads the start on the device), so a replay follows the call, not the capture.
-- the host-side window copy: each patched self-attention layer mirrors its cache pointers (global
-  end, local end, ring shift) on the host, in its cache dict, by the stock rules the device runs
-  (`WindowSelfAttention.host_window`, no device read). It gives the window each call attends: the
-  cuDNN path slices the cache with it (a shape, frozen in a graph) and the runner keys graphs on it
-  (`attention_windows`). Capture runs the forward's Python once, which moves the copy on: the runner
-  puts the cache dicts back afterwards, also when the capture fails. A replay runs no Python: the
-  runner moves the copy on itself after each replay, as the call would have.
-
-The torch.cuda calls (graphs, streams, the memory pool) come from a `CudaGraphBackend`; tests hand
-the runner a CPU stand-in (tests/test_graph_runner.py) to run everything but the capture itself.
+`GraphedGenerator` stands in for the generator's forward (30 layers and the head, the unit LongLive
+calls 5 times per block) and runs it through the graph cache (patches/graph_cache.py), keyed by the
+input shapes, strides and dtypes, the cache tensors' addresses and each layer's attention window
+(`attention_windows`). A replay copies x, t and context into the graph's static inputs, writes
+`current_start` into a device scalar (a `DeviceIndex`), moves the host-side window copy on as the
+call would have, and returns a copy of the output. Calls run eagerly instead, counted by reason in
+`stats`: the text cache being (re)filled, a window gathered from the cache, grad mode, non-tensor or
+positional arguments, no caches, another number of layers, `enabled` off. Refused: x, t or context
+on another device, or x in another dtype than the weights. The context is a [B, L, text_dim] tensor
+or Wan's list of [L, text_dim] tensors (zero-padded to text_len and stacked, as the stock model does).
+Why these keys, how many graphs a stream makes, what the host keeps: docs/graph-keys.md.
 """
 from __future__ import annotations
 
