@@ -6,9 +6,8 @@ Shapes, layout and dtypes:
 - a_fp8:   [M, K] float8_e4m3fn, K contiguous (row stride any multiple of 16): the activation.
 - a_scale: float32, either one scale per token, [M] (or [M, 1]), as kernels/fp8_quant.quantize_rowwise
            and the adaln kernel's FP8 output make it; or one scale per token and group of 128
-           features, [M, K / 128] (last dim contiguous), as this GEMM's own FP8 output makes it.
-           Group scales are applied to each 128-wide K-tile's partial product before it is
-           accumulated (BLOCK_K is 128 then), so they need K % 128 == 0.
+           features, [M, K / 128] (last dim contiguous; K % 128 == 0), as this GEMM's own FP8
+           output makes it.
 - w_fp8:   [N, K] float8_e4m3fn, K contiguous: the nn.Linear weight layout, quantized once per
            output channel by kernels/fp8_quant.quantize_weight_per_channel.
 - w_scale: [N] (or [1, N] / [N, 1]) float32, contiguous.
@@ -17,21 +16,15 @@ Shapes, layout and dtypes:
 - out:     [M, N] bf16, N contiguous (any row stride), optional preallocated.
 - out_fp8: instead of bf16, emit the result quantized for the next GEMM: (q [M, N] fp8,
            scale [M, N / 128] fp32), one scale per token and 128 output columns, computed from the
-           fp32 epilogue value (amax / 448, the row-wise rule per group); needs N % 128 == 0. This is
-           how the FFN up GEMM hands its GELU output to the FFN down GEMM without a quantization pass.
+           fp32 epilogue value (amax / 448, the row-wise rule per group); needs N % 128 == 0.
 K must be a multiple of 16 (the fp8 MMA's K step) and the operands 16-byte aligned.
 
 Accumulation is fp32 (tl.dot on fp8 operands: wgmma on Hopper); the scales, bias and GELU are
 applied to the fp32 accumulator and the result is rounded once (to bf16, or to fp8 with out_fp8).
 
-Two kernels, one epilogue:
-- `_fp8_gemm_tma_kernel` (Hopper, compute capability >= 9, and Triton's interpreter): persistent
-  (one program per SM walks the output tiles in GROUP_M-swizzled order) with operand tiles loaded
-  through device-side TMA descriptors (`tl.make_tensor_descriptor`). `flatten` lets Triton fuse the
-  tile and K loops so the next tile's loads overlap this tile's epilogue; `warp_specialize` asks
-  Triton to split producer and consumer warps. Each is a launcher flag so a GPU or Triton version
-  that cannot compile it can be switched off without editing the kernel.
-- `_fp8_gemm_kernel`: plain pointer loads, one program per tile: Ada (8.9) and the fallback.
+Two kernels, one epilogue: `_fp8_gemm_tma_kernel` (Hopper and the interpreter: persistent, TMA
+operand loads, launcher flags `flatten` / `warp_specialize`) and `_fp8_gemm_kernel` (Ada and the
+fallback). Why these and what the flags do: docs/fp8-gemm.md.
 
 `fp8_linear(x, w_fp8, w_scale, bias, gelu)` takes a bf16 activation (quantized per token here) or
 an `Fp8Activation` from a fused producer, and runs the GEMM.

@@ -3,14 +3,12 @@ the kernel that writes it (kernels/kv_quant_append.py) and the attention that re
 (kernels/window_attention.py).
 
 - k8 [B, C, H, D] e4m3 with k_scale [H] fp32: one static scale per head, `k_head_scale`, derived
-  from the k RMSNorm weight: after the norm no element of a row exceeds sqrt(H*D) * max|w| of its
-  head, and RoPE keeps the norm of each pair, so no key can overflow e4m3; e4m3 keeps 3 mantissa
-  bits anywhere in its 2^15 range, so the loose bound costs no precision for any key that matters.
-- v8 [B, C, H, D] e4m3, a view of a [B, H, D, C'] buffer, C' >= C: tokens contiguous, because
-  Hopper's FP8 MMA wants P.V's reduction axis (the tokens) K-major; C' rounds C up to 16 bytes for
-  TMA (the padding is never read). v_scale [B, ceil(C / V_GROUP), H] fp32: one scale per group of
-  V_GROUP = 128 physical slots and head, so attention applies it once per key tile. A scale of 0
-  marks a group that holds nothing (its v8 are zero); attention reads it as 1.
+  from the k RMSNorm weight, so that no roped key can overflow e4m3.
+- v8 [B, C, H, D] e4m3, a view of a [B, H, D, C'] buffer (tokens contiguous), C' = C rounded up to
+  16 bytes (the padding is never read). v_scale [B, ceil(C / V_GROUP), H] fp32: one scale per group
+  of V_GROUP = 128 physical slots and head. A scale of 0 marks a group that holds nothing (its v8
+  are zero); attention reads it as 1.
+Why this layout and these scales: docs/fp8-kv-cache.md.
 """
 from __future__ import annotations
 

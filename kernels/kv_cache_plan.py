@@ -1,29 +1,11 @@
 """LongLive's KV-cache bookkeeping as index arithmetic on the GPU: one tiny kernel per layer call.
 
-The stock self-attention reads the cache pointers with `.item()` (a host sync per read), clones
-the whole cache, and on eviction shifts the kept window left with a memmove. Here the same rules
-run in one single-program kernel that reads the pointers on the device and writes a plan that the
-append and attention kernels read, so nothing waits for the host and a CUDA graph can hold it.
-
-Slots are *logical* (the stock layout's indices). The non-sink part of the buffer is a ring: a
-stock roll by E slots is `shift += E (mod ring_size)`, and a logical slot l maps to the physical
-slot
-
-    l                                                  if l <  ring_lo   (the sink; never moves)
-    ring_lo + (l - ring_lo + shift) % ring_size        otherwise
-
-with ring_lo = sink tokens. Attention treats its keys as a set, so the physical order does not
-matter; what it attends to, and what it writes, are exactly the stock's.
-
-The ring holds what the window needs (`window_ring_size`): budget - sink tokens when the cache is
-larger than that (LongLive sizes its cache from its own config, which may exceed the window a
-patch set), else capacity - sink tokens. A ring as long as the window makes every full window the
-whole ring, so attention reads slots [0, sink + ring) in place whatever the shift (cuDNN needs one
-contiguous range). It holds the last ring_size positions written: the window reads no older ones,
-and LongLive's calls never move the window back (a recompute ends where the last commit did), so
-older positions are never read again. The append kernels write only the last ring_size rows of a
-call that has more (a re-cache of 12 frames into a 6-frame ring): the earlier ones would share
-slots with them and lie outside every later window.
+The stock cache rules (pointers, eviction, the sink) run in one single-program kernel that reads
+the pointers on the device and writes a plan that the append and attention kernels read: no host
+sync, capturable in a CUDA graph. Slots are logical (the stock layout's indices); the non-sink part
+of the buffer is a ring of R slots (`window_ring_size`), logical slot l read and written at
+l if l < ring_lo (the sink, ring_lo = sink tokens), else ring_lo + (l - ring_lo + shift) % R.
+Why a ring, how long, and why it is enough: docs/kv-cache-ring.md.
 
 Inputs (int64 device tensors of one element): global_end (G), local_end (L), shift (updated in
 place), and current_start s (a device tensor or a host int: a captured CUDA graph replays with

@@ -20,16 +20,11 @@ slots [0, c - 2(c//3)) rotate by the temporal table at absolute frame start_fram
 by the height table at h, the last c//3 by the width table at w (c = D/2).
 
 Cache writes: rows r in [row_lo, n) of the roped k and the raw v go to the physical slot of the
-logical slot l = dst_start + r:
-
-    l                                                  if l <  ring_lo   (the sink; never moves)
-    ring_lo + ((l - ring_lo + shift) mod ring_size)    otherwise
-
-(the ring-buffer layout of kernels/kv_cache_plan.py; shift is a device int tensor, 0 if not given).
-With the defaults (ring_lo 0, ring_size C, no shift) this is the contiguous write dst_start + r,
-wrapping past C. Rows below row_lo are not written (the stock's "sink is protected on recompute"
-rule). When more than ring_size rows land in the ring, only the last ring_size are written, as a
-write in row order would leave it (the earlier ones share slots with them).
+logical slot dst_start + r by the ring rule of kernels/kv_cache_plan.py (shift a device int tensor,
+0 if not given; the defaults ring_lo 0, ring_size C make it the contiguous write, wrapping past C).
+Rows below row_lo are not written (the stock's protected sink); of more than ring_size rows landing
+in the ring only the last ring_size are written, as a write in row order would leave it
+(docs/kv-cache-ring.md).
 """
 from __future__ import annotations
 

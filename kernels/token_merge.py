@@ -6,29 +6,16 @@ frame are the tokens at rows 0, sh, 2sh, ... and columns 0, sw, 2sw, ... (one pe
 n_dst = (Hg/sh) * (Wg/sw), in row-major order); the other n_src = T - n_dst tokens, in ascending
 token order, are the *sources*. Nothing ever crosses a frame boundary.
 
-1. Matching (`token_match`, one Triton kernel): for every source, the cosine similarity (rows
-   normalised in fp32, eps-clamped norms) to every destination of its own frame; the dot products
-   accumulate in fp32: bf16 x goes to the tensor cores as is on the GPU (bf16 products are exact in
-   fp32, so this costs no accuracy), fp32 x and every x in the interpreter are upcast tiles with
-   IEEE precision; outputs the best destination (local index
-   0..n_dst-1, ties -> lowest index) and its score, each [B, F, n_src].
-2. Selection (`merge_plan` in kernels/token_merge_plan.py, two Triton kernels, no sort, no host
-   sync): per frame the r = floor(ratio * T) sources with the highest score are merged (ratio is
-   the fraction of the frame's tokens merged away, so the module after the merge sees T - r tokens
-   per frame; r may not exceed n_src), ties -> the lower source index. `_rank_kernel` ranks every source by counting
-   the sources ahead of it; `_layout_kernel` counts again to place each source (kept: its row;
-   merged: its slot in the list grouped by destination, then source) and writes every token's
-   merged row. O(n_src^2) comparisons in registers (a frame has at most a few thousand sources)
-   in two launches, in place of the sorts and some twenty small launches of `merge_plan_ref`
-   (the two are timed side by side in the `token_merge` benchmark).
-3. Merge (`token_merge`, one Triton kernel, one program per output row): out [B, L', C] with
-   L' = F * T', T' = T - r. Per frame the fixed layout is: the n_src - r kept sources in ascending
-   token order, then the n_dst destinations in order. A destination becomes the size-weighted mean
-   (fp32) of itself and the sources merged into it, summed in ascending source order; a kept source,
-   and a destination that received nothing, are copied bit-exactly. Also returned: the new sizes
-   [B, L'] fp32 (sizes are 1 per token unless `sizes` [B, L] is given) and the mapping [B, L] int64:
-   for every original token its row in the merged sequence (what unmerging needs).
-4. Unmerge (`token_unmerge`, one Triton kernel): out[b, t] = merged[b, mapping[b, t]], [B, L, C].
+1. Matching (`token_match`): each source's best destination of its own frame by cosine similarity
+   (fp32 norms and accumulation; ties -> lowest index) and its score, each [B, F, n_src].
+2. Selection (`merge_plan`, kernels/token_merge_plan.py): per frame the r = floor(ratio * T)
+   best-scoring sources are merged (r <= n_src; ties -> the lower source index).
+3. Merge (`token_merge`): out [B, L', C], L' = F * (T - r): per frame the kept sources in token
+   order, then the destinations, each the size-weighted fp32 mean of itself and its merged sources
+   (copied bit-exactly when nothing merged into it); also the new sizes [B, L'] fp32 and the
+   mapping [B, L] int64 (each token's row in the merged sequence).
+4. Unmerge (`token_unmerge`): out[b, t] = merged[b, mapping[b, t]], [B, L, C].
+How each step runs and rounds: docs/token-merge.md.
 
 The launchers never call .item(): the whole path can sit inside a CUDA graph.
 """

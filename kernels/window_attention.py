@@ -19,27 +19,11 @@ the sink range lies below ring_lo and is read as is, the window lies inside [rin
 ring_size) and logical slot l is read from ring_lo + ((l - ring_lo + shift) mod ring_size), at
 most two physical ranges. D is 32, 64 or 128. Scale 1/sqrt(D) unless given.
 
-The kernel (flash style, online softmax with fp32 statistics and accumulator):
-- Key tiles start on multiples of BLOCK_N in physical slots; a range that starts or ends inside a
-  tile reads that tile masked. With the FP8 cache BLOCK_N = V_GROUP, so every tile has one v
-  scale per head.
-- Scales cost nothing per score: the q row scale and the k head scale fold into the per-row factor
-  that turns dots into log2-domain scores; the tile's v scale vs rides in the exponent, P~ = 448 vs
-  exp2(x - m) (m tracks max(x + log2 vs), so P~ <= 448, e4m3's range), with l summing P~ / vs, so
-  that sum P~ v8 / l is the softmax times V (448 cancels). P~ is cast to e4m3 for the P.V dot,
-  whose tile result is added to the fp32 accumulator outside the MMA (see _tile).
-- SPLIT > 1 (split-KV): the key tiles of every (query tile, head) are cut into SPLIT contiguous
-  shares, one program each. At LongLive's shape 37 query tiles x 12 heads = 444 programs of 128
-  rows fill 132 SMs 3.36 times: the last wave leaves most of the GPU idle, and splitting makes the
-  waves finer. Each share writes its fp32 partial (acc, m, l) to a workspace and bumps a counter;
-  the last to arrive merges all shares in split order (so the result does not depend on the order
-  of arrival) and resets the counter.
-The range values are read on the device: the grid depends only on shapes, so no host sync happens
-and the launch can be captured in a CUDA graph (autotune in warm-up, before capture). Tensor range
-values are clamped to [0, C] inside the kernel; Python ints are checked on the host.
-
-The same kernel serves cross-attention to the text: a 512-slot cache with sink_end=0 and the
-window [0, 512).
+Online softmax with fp32 statistics and accumulator; SPLIT > 1 cuts each (query tile, head)'s key
+tiles into SPLIT shares merged in split order (the result does not depend on arrival order). The
+range values are read on the device: the grid depends only on shapes, so the launch can be captured
+in a CUDA graph (autotune in warm-up, before capture). Tensor range values are clamped to [0, C]
+inside the kernel; Python ints are checked on the host. The kernel's design: docs/window-attention.md.
 """
 from __future__ import annotations
 

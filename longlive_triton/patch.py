@@ -13,8 +13,6 @@ layers hold copies made at patch time (fused, quantized): a patched model refuse
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import dataclasses
 
 import torch.nn as nn
@@ -23,48 +21,11 @@ from .config import PatchConfig, as_config
 from longlive_triton.runtime.graphs import install_graphs
 from longlive_triton.loading.lora import merge_lora_weight
 from .patches.attention_window import longlive_cache_note, set_attention_window
-from .patches.base import Patch, PatchSkip
+from .patches.base import Patch, PatchEntry, PatchReport, PatchSkip, set_submodule
 from .patches.registry import PATCHES
 
 _MARK = "_longlive_triton_patch"
 _PATCHED_FOR = "_longlive_triton_patched_for"  # (dtype, device) of the weights when patched
-
-
-@dataclass
-class PatchEntry:
-    path: str
-    patch: str
-    reason: str = ""
-
-
-@dataclass
-class PatchReport:
-    config: PatchConfig
-    applied: list[PatchEntry] = field(default_factory=list)
-    skipped: list[PatchEntry] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for kind, entries in (("applied", self.applied), ("skipped", self.skipped)):
-            for e in entries:
-                out.setdefault(e.patch, {"applied": 0, "skipped": 0})[kind] += 1
-        return out
-
-    def __str__(self) -> str:
-        lines = [f"longlive-triton patch report (config {self.config.name!r})"]
-        lines += [f"  note: {n}" for n in self.notes]
-        for name, c in self.counts().items():
-            lines.append(f"  {name}: {c['applied']} applied, {c['skipped']} skipped")
-        reasons: dict[tuple[str, str], list[str]] = {}
-        for e in self.skipped:
-            reasons.setdefault((e.patch, e.reason), []).append(e.path)
-        for (name, reason), paths in reasons.items():
-            shown = ", ".join(paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
-            lines.append(f"  skipped {name} at {shown}: {reason}")
-        if not self.applied and not self.skipped:
-            lines.append("  no module patched")
-        return "\n".join(lines)
 
 
 def _is_block(m: nn.Module) -> bool:
@@ -104,12 +65,6 @@ def _merge_lora_layer(layer: nn.Module) -> nn.Linear:
     return base
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, module)
-
-
 def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None,
                 patches: list[Patch] | None = None) -> PatchReport:
     """Patch a LongLive generator in place; returns the report of swapped and skipped modules.
@@ -119,7 +74,7 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
     """
     config = as_config(config)
     generator = find_generator(model)
-    report = PatchReport(config)
+    report = PatchReport(f"patch report (config {config.name!r})", config)
     previous = getattr(generator, _MARK, None)
     if previous is not None:
         if dataclasses.replace(previous, name="") != dataclasses.replace(config, name=""):
@@ -141,7 +96,7 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
         else:
             for name in lora_layers:
                 try:
-                    _set_submodule(model, name, _merge_lora_layer(model.get_submodule(name)))
+                    set_submodule(model, name, _merge_lora_layer(model.get_submodule(name)))
                     report.applied.append(PatchEntry(name, "merge_lora"))
                 except PatchSkip as why:
                     report.skipped.append(PatchEntry(name, "merge_lora", str(why)))
@@ -158,7 +113,7 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
                 report.skipped.append(PatchEntry(name, patch.name, kept))
                 continue
             try:
-                _set_submodule(generator, name, patch.replace(module, config))
+                set_submodule(generator, name, patch.replace(module, config))
                 report.applied.append(PatchEntry(name, patch.name))
                 applied += 1
             except PatchSkip as why:

@@ -16,29 +16,18 @@ A decoder that does not have the stock structure is left untouched and the repor
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .patches.base import PatchSkip
+from .patches.base import PatchEntry, PatchReport, PatchSkip, set_submodule
 from .patches.vae_decoder import FastDecoder3d, VAEDecoderOptions, is_wan_decoder
 
-__all__ = ["VAEDecoderOptions", "VAEPatchReport", "patch_vae"]
+__all__ = ["VAEDecoderOptions", "PatchReport", "VAEPatchReport", "patch_vae"]
 
 
-@dataclass
-class VAEPatchReport:
-    applied: list[str] = field(default_factory=list)           # module paths replaced
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    notes: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = ["longlive-triton VAE patch report"]
-        lines += [f"  note: {n}" for n in self.notes]
-        lines += [f"  fast_decoder applied at {p}" for p in self.applied]
-        lines += [f"  fast_decoder skipped at {p}: {why}" for p, why in self.skipped]
-        return "\n".join(lines)
+# The one report type; the name stays for the VAE's callers.
+VAEPatchReport = PatchReport
 
 
 def _root(vae) -> nn.Module:
@@ -49,11 +38,6 @@ def _root(vae) -> nn.Module:
         return inner
     raise TypeError(f"patch_vae expects a Wan VAE module (or an object whose .model is one), "
                     f"got {type(vae).__name__}")
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, leaf, module)
 
 
 def _options(options) -> VAEDecoderOptions:
@@ -100,7 +84,7 @@ def _is_stock_wan_vae(m: nn.Module) -> bool:
             and hasattr(m, "_feat_map") and hasattr(m, "z_dim"))
 
 
-def patch_vae(vae, options: VAEDecoderOptions | dict | None = None) -> VAEPatchReport:
+def patch_vae(vae, options: VAEDecoderOptions | dict | None = None) -> PatchReport:
     """Swap each Wan Decoder3d inside `vae` for FastDecoder3d, in place; returns the report.
 
     options: VAEDecoderOptions (or a dict of its fields); None takes the defaults. Patching twice is
@@ -109,7 +93,7 @@ def patch_vae(vae, options: VAEDecoderOptions | dict | None = None) -> VAEPatchR
     """
     options = _options(options)
     root = _root(vae)
-    report = VAEPatchReport()
+    report = PatchReport("VAE patch report", options)
     if is_wan_decoder(root):
         raise TypeError("patch_vae takes the VAE that holds the decoder (it replaces the `decoder` child), "
                         f"not the {type(root).__name__} itself")
@@ -122,10 +106,10 @@ def patch_vae(vae, options: VAEDecoderOptions | dict | None = None) -> VAEPatchR
                         "upsamples and head)")
     for name, module in targets:
         try:
-            _set_submodule(root, name, FastDecoder3d.from_stock(module, options))
-            report.applied.append(name)
+            set_submodule(root, name, FastDecoder3d.from_stock(module, options))
+            report.applied.append(PatchEntry(name, "fast_decoder"))
         except PatchSkip as why:
-            report.skipped.append((name, str(why)))
+            report.skipped.append(PatchEntry(name, "fast_decoder", str(why)))
     if report.applied:
         report.notes.append("options: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(options).items()))
         for path, m in root.named_modules():

@@ -1,52 +1,17 @@
 """A faster drop-in for the Wan2.1 VAE's `Decoder3d` (stock `wan/modules/vae.py` and our reference alike).
 
-`FastDecoder3d.from_stock(decoder, options)` adopts the decoder's own submodules (same names, same
-parameters, so state dicts are unchanged) and replaces only how one chunk of latent frames runs
-through them:
-
-* Layout: activations and convolution weights are channels-last 3-D (`torch.channels_last_3d`), which
-  cuDNN runs faster than the stock channel-first layout, and which makes each video frame one
-  contiguous slab of memory.
-* Causal convolutions: each 3x3x3 (and the 3x1x1 `time_conv`) owns a time-padded input buffer
-  [B, C, 2 + T, H, W] whose first two frames are its cache. The op before the convolution writes its
-  output straight into the frames after them, the convolution runs over the buffer with spatial
-  padding only, and afterwards the last two frames move to the front for the next chunk. The stock
-  code instead clones the cache frames, concatenates them to the input and pads the result: three
-  copies of the whole input per convolution.
-* Glue: RMS_norm + SiLU run as one Triton kernel (`kernels/vae_rms_norm_silu.py`), fused with the
-  residual add that precedes it; it writes both the sum (the next residual) and the normalised input.
-* Resampling: the time interleave of `upsample3d` and the nearest 2x upsample are one copy (no fp32
-  round trip: nearest copies values, so bf16 gives the same numbers); 1x1 convolutions are GEMMs.
-
-`VAEDecoderOptions` switches the further steps, each measured on its own (`longlive-bench vae`):
-* `subpixel_upsample`: the upsample + 3x3 convolution of each Resample as one 2x2 convolution with
-  four phases on the low-resolution frames and a pixel shuffle (patches/vae_subpixel.py): 2.25x fewer
-  FLOPs there. The 2x2 weights are derived from the module's own 3x3 weights when first needed and
-  again whenever those change (the state dict keeps the stock keys and tensors).
-* `fused_bias`: convolutions run without their bias (torch adds a cuDNN convolution's bias in a pass
-  of its own over the output); the bias is added by the kernel that reads the output next (norm or
-  add), together with the residual.
-* `frames_per_call`: how many latent frames one decoder call takes (the stock loop: 1). After the
-  stream's first frame, which must go alone (the temporal upsample treats it differently),
-  `decode_frames` passes up to this many frames per call: fewer launches and cache moves, larger
-  convolutions at the 60x104 and 120x208 stages. The results are the same as frame by frame, because
-  every operation is causal in time or per frame.
-* `cuda_graphs`: steady-state calls replay a captured CUDA graph (patches/vae_graphs.py).
-* `cudnn_benchmark`: cuDNN times its algorithms for each convolution shape of the decoder (only
-  inside decoder calls; the global setting is restored after each).
-* `triton_conv`: the residual blocks' 3x3x3 convolutions (96 to 384 channels) run as our Triton
-  implicit GEMM (kernels/vae_conv3d.py) over the time-padded buffers instead of cuDNN.
-
-The cache protocol is the caller's: the stock `decoder(x, feat_cache=list, feat_idx=[0])` and our
-`decoder(x, FeatCache)` both work. The fast decoder keeps its per-stream state (the time-padded
-buffers, the chunk count) in the first slot of the caller's cache, so `clear_cache()` / `new_cache()`
-start a new stream exactly as before, and several streams can run side by side. Without a cache the
-stock (uncached) forward runs unchanged.
-
-Numerics: the same operations in the same order as the stock decoder, except that the norm's math
-runs in fp32 with one rounding at the end (the stock rounds after each op in bf16), the convolution
-algorithms may differ and the options above change summation orders (and, in bf16, round the summed
-sub-pixel taps once). fp32 agrees with the stock decoder to 1e-5 relative L2.
+`FastDecoder3d.from_stock(decoder, options)` adopts the decoder's own submodules (same names and
+parameters: state dicts are unchanged) and runs one chunk of latent frames through them
+channels-last, with time-padded convolution buffers that hold the causal cache, RMS_norm + SiLU
+fused with the residual add (kernels/vae_rms_norm_silu.py) and one-copy resampling.
+`VAEDecoderOptions`: `subpixel_upsample`, `fused_bias`, `frames_per_call`, `cuda_graphs`
+(patches/vae_graphs.py), `cudnn_benchmark`, `triton_conv` (kernels/vae_conv3d.py).
+Call: the stock `decoder(x, feat_cache=list, feat_idx=[0])` or our `decoder(x, FeatCache)`, x
+[B, z_dim, T, H, W] in the weights' dtype and device; the per-stream state lives in the cache's
+first slot; without a cache the stock (uncached) forward runs. Refused: a decoder without the stock
+structure (PatchSkip, with the reason), a cache filled by the unpatched decoder, input of another
+shape, dtype or device. Numerics: fp32 agrees with the stock decoder to 1e-5 relative L2; the norm
+rounds once (the stock rounds after each bf16 op). The design and each option: docs/vae-decoder.md.
 """
 from __future__ import annotations
 

@@ -1,37 +1,16 @@
 """WindowSelfAttention: LongLive's causal self-attention on our kernels, same call, same cache dicts.
 
-Replaces `CausalWanSelfAttention`. Per call (one layer of one forward):
-1. one fused q|k|v GEMM (the q, k, v Linear weights are views into one [3C, C] matrix, so the
-   state dict keeps the stock names and no weight is stored twice);
-2. `kv_cache_plan`: the stock cache rules as index arithmetic on the device (no `.item()`);
-3. `rope_kv_append`: q/k RMSNorm + causal RoPE in fp32, roped k and raw v written straight into
-   their cache slots (no clone of the cache, no eviction memmove: the non-sink slots are a ring);
-4. attention of q over sink + window read in place: our Triton kernel (`backend="triton"`, any
-   fill level with one shape, so one CUDA graph serves every block) or cuDNN through SDPA
-   (`backend="sdpa"`, which needs the window length on the host: it is tracked there from the
-   same rules, with no device read);
-5. the o projection.
-
-The stock model commits the pointers from what each layer returns; we return the new values as
-device scalars, so its `_apply_cache_updates` leaves them right (a recompute returns the old ones).
-Our ring shift lives in the layer's cache dict under `ring_shift`; a fresh dict starts a fresh ring.
-The ring is as long as the window needs (kernels/kv_cache_plan.py): a cache larger than the window
-(LongLive sizes it from its config, not from a window a patch set) is read in place at full speed,
-its extra slots unused, and the layer warns once that they could be freed.
-
-A window set by patch_model (`local_attn_size`) is kept as a cap: LongLive's pipeline resets every
-module's `max_attention_size` from its own config on each inference(), which would otherwise undo it.
-
-With `kv_cache_dtype: fp8` the layer keeps its cache in the FP8 layout of
-kernels/window_attention.py: k in e4m3 with a static scale per head (derived once from norm_k's
-weight, held by the layer), v in e4m3 stored tokens-contiguous with one scale per 128 slots and
-head. On the first call with a dict whose "k"/"v" are still the pipeline's bf16 tensors it
-quantizes them (whatever they hold, so no host read of the pointers is needed) and replaces the
-entries by e4m3 tensors of the same [B, C, H, D] shape ("v" a view of its [B, H, D, C] buffer)
-plus "v_scale" [B, ceil(C / 128), H]; the bf16 tensors are then freed. A pipeline that zeroes
-"k"/"v" on a prompt switch zeroes the e4m3 values (0 times any scale is 0, as in bf16), and one
-that re-creates the dicts gets them swapped again. Steps 3-4 become `kv_quant_append` (which also
-hands q over in e4m3 with one scale per row) and `window_attention_fp8`.
+Replaces `CausalWanSelfAttention`. Per call: one fused q|k|v GEMM (the Linear weights are views into
+one [3C, C] matrix, so the state dict keeps the stock names); `kv_cache_plan` (the stock cache rules
+on the device, no `.item()`); `rope_kv_append` (q/k RMSNorm + causal RoPE, roped k and raw v written
+into their slots of a ring); attention over sink + window read in place (`backend="triton"`: one
+shape at any fill; `"sdpa"`: cuDNN, the window length tracked on the host); the o projection.
+The new cache pointers are returned as device scalars, so the stock `_apply_cache_updates` leaves
+them right; the ring shift lives in the cache dict under `ring_shift` (a fresh dict, a fresh ring).
+`kv_cache_dtype: fp8` swaps the dict's k/v for the FP8 layout on first use (docs/fp8-kv-cache.md).
+Refused: the uncached call, a batch without one shared latent grid, a recompute before the last
+committed token, a layer moved after patching. The ring, the window cap and the host-side window
+copy: docs/kv-cache-ring.md.
 """
 from __future__ import annotations
 

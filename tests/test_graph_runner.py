@@ -1,13 +1,13 @@
 """The CUDA-graph runner (longlive_triton/runtime/graphs.py) on the CPU, through a stand-in for torch.cuda.
 
-`FakeBackend` takes CudaGraphBackend's place: its graph's capture runs the forward once and keeps
-it, and a replay runs it again on the graph's static buffers with the host-side window copy the
-capture saw (what a real graph freezes), writing into the captured output as a real replay does.
-So replayed latents are real numbers, and everything the runner decides (keys, warm-up, capture,
-eviction, eager fallbacks, the bookkeeping it moves) runs as on the GPU. The capture itself is
-tested on the GPU: tests/gpu/test_graphs.py.
+`FakeBackend` (tests/_graph_fakes.py) takes CudaGraphBackend's place: its capture runs the forward
+once and keeps it, and a replay runs it again on the graph's static buffers with the host-side
+window copy the capture saw (what a real graph freezes; the runner hands the KV cache dicts over as
+the call's state), writing into the captured output as a real replay does. So replayed latents are
+real numbers, and everything the runner decides (keys, warm-up, capture, eviction, eager fallbacks,
+the bookkeeping it moves) runs as on the GPU. The capture itself is tested on the GPU:
+tests/gpu/test_graphs.py.
 """
-import contextlib
 import sys
 from dataclasses import replace
 
@@ -15,89 +15,16 @@ import pytest
 import torch
 
 from longlive_triton import patch_model
-from longlive_triton.runtime.graphs import (GraphStats, attention_windows, graph_runner, install_graphs, restore_caches,
-                                    uninstall_graphs)
+from longlive_triton.runtime.graphs import GraphStats, attention_windows, graph_runner, install_graphs, uninstall_graphs
 from longlive_triton.numerics import rel_l2
 from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.models import build_model, get_preset
+from longlive_triton.patches.graph_cache import WARM_UP
+
+from ._graph_fakes import FakeBackend
 
 TINY = get_preset("tiny")  # 8 tokens per latent frame, 3-frame blocks and sink
 FS = TINY.frame_seqlen
-WARM_UP = "first call of its kind (warm-up)"
-
-
-class FakeStream:
-    def __init__(self, name: str, log: list):
-        self.name, self.log = name, log
-
-    def wait_stream(self, other: "FakeStream") -> None:
-        self.log.append(f"{self.name} waits for {other.name}")
-
-
-class FakeGraph:
-    def __init__(self, log: list):
-        self.log = log
-        self.forward = self.out = self.kv_cache = self.host_copy = None
-
-    def replay(self) -> None:
-        self.log.append("replay")
-        now = [dict(cache) for cache in self.kv_cache]
-        restore_caches(self.kv_cache, self.host_copy)
-        try:
-            self.out.copy_(self.forward())
-        finally:
-            restore_caches(self.kv_cache, now)
-
-
-class FakeBackend:
-    """CudaGraphBackend's calls on the CPU (module docstring); logs what the runner asks of it."""
-
-    device_type = "cpu"
-
-    def __init__(self, fail_capture: bool = False):
-        self.fail_capture = fail_capture
-        self.log: list[str] = []
-        self.current = FakeStream("main", self.log)
-        self.graphs: list[FakeGraph] = []
-
-    def pool_handle(self):
-        return "pool"
-
-    def new_stream(self, device):
-        return FakeStream("side", self.log)
-
-    def current_stream(self, device):
-        return self.current
-
-    @contextlib.contextmanager
-    def on_stream(self, stream: FakeStream):
-        before, self.current = self.current, stream
-        self.log.append(f"on {stream.name}")
-        try:
-            yield
-        finally:
-            self.current = before
-            self.log.append(f"back on {before.name}")
-
-    def new_graph(self) -> FakeGraph:
-        return FakeGraph(self.log)
-
-    def capture(self, graph: FakeGraph, forward, *, pool, stream: FakeStream):
-        self.log.append(f"capture on {stream.name} into {pool}")
-        # The runner hands over a partial of its eager forward: its caches hold the host-side copy.
-        graph.forward, graph.kv_cache = forward, forward.keywords["kv_cache"]
-        graph.host_copy = [dict(cache) for cache in graph.kv_cache]
-        # A capture runs no kernel: the cache tensors keep their contents (the static inputs are not
-        # filled yet, so what the forward writes here is garbage).
-        tensors = [t for cache in graph.kv_cache for t in cache.values() if isinstance(t, torch.Tensor)]
-        contents = [t.clone() for t in tensors]
-        graph.out = forward()
-        for t, before in zip(tensors, contents):
-            t.copy_(before)
-        if self.fail_capture:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        self.graphs.append(graph)
-        return graph.out
 
 
 def _model(attention_backend: str = "sdpa", window: int = 6):
@@ -288,7 +215,7 @@ def test_the_runner_forgets_old_warm_up_keys(install):
     calls = [_call(pipe, prompt, seq_len=10**6 + i) for i in range(5)]
     for kwargs in calls:
         runner(_x(noise), **kwargs)
-    assert list(runner._seen) == [runner._plan(_x(noise), (), kwargs)[1] for kwargs in calls[1:]]
+    assert list(runner.cache.seen) == [runner._plan(_x(noise), (), kwargs)[1] for kwargs in calls[1:]]
 
 
 def _x_as_a_list(runner, x, kwargs):
@@ -334,7 +261,7 @@ def test_each_eager_fallback_is_counted_by_its_reason(install, call):
     noise, (prompt,) = _inputs(3)
     runner = install(_model())
     out = call(runner, _x(noise), _call(_pipe(runner.generator), prompt))
-    assert runner.stats.eager_reasons == {_EAGER_REASONS[call]: 1} and not runner.graphs and not runner._seen
+    assert runner.stats.eager_reasons == {_EAGER_REASONS[call]: 1} and not runner.graphs and not runner.cache.seen
     assert out.shape == _x(noise).shape and torch.isfinite(out).all()
 
 
@@ -373,9 +300,9 @@ def test_release_drops_the_graphs_and_the_warm_up_keys(install):
     for _ in range(3):  # creates the ring-shift tensors, warms its key up, captures it
         runner(_x(noise), **kwargs)
     runner.pipeline_shape = (1, 3)  # as BlockPipeline sets it
-    assert runner.graphs and runner._seen and runner.stats.captures == 1
+    assert runner.graphs and runner.cache.seen and runner.stats.captures == 1
     runner.release()
-    assert (runner.graphs, runner._seen, runner.pipeline_shape) == ({}, {}, None)
+    assert (runner.graphs, runner.cache.seen, runner.pipeline_shape) == ({}, {}, None)
     runner(_x(noise), **kwargs)
     assert runner.stats.eager_reasons == {WARM_UP: 3} and runner.stats.captures == 1
 

@@ -7,15 +7,10 @@
     torch.manual_seed(seed)                         # every rank draws the same noise and re-noising
     latents = BlockPipeline(sp).generate(noise, prompt_embeds)     # the one-GPU call; every rank gets them
 
-Layout. Rank r holds token rows [r*S/N, (r+1)*S/N) of each latent frame's S tokens, so the per-frame
-adaLN modulation, the cross-attention, the FFN and the head run unchanged on the local shard (their
-modules are the model's own, patched or not). Around self-attention: q, k, v are projected and q, k
-RMS-normed (over all heads, so before the split) on the local tokens; one all-to-all trades tokens
-for heads, so each rank holds every token of the call for H/N heads; RoPE, the KV-cache rules and
-attention run there, over a KV cache that holds only those heads (BlockPipeline allocates H/N heads
-per layer, from `kv_cache_heads`); one all-to-all trades back, and the o projection runs on the
-local tokens. Only the current call's q, k, v and attention output move, never the cache. The head's
-output is all-gathered, so every rank returns the whole flow and the pipeline runs unchanged on each.
+Rank r holds rows [r*S/N, (r+1)*S/N) of each latent frame's S tokens; around self-attention two
+all-to-alls trade tokens for heads and back, so each rank's KV cache holds H/N heads of every token
+(`kv_cache_heads`); the head's output is all-gathered, so every rank returns the whole flow. How
+the shards move: docs/distributed.md.
 
 Every rank must run the same loop on the same inputs (same noise, prompts, seeds). With check_inputs
 (the default) each forward compares a fingerprint of its inputs across ranks and raises a

@@ -7,11 +7,9 @@
     else:                                               # the VAE's GPU
         serve_vae(vae)                                  # until rank 0 ends the stream
 
-Rank 1 decodes block i while rank 0 generates block i+1, so in steady state a block costs
-max(generator, VAE) instead of their sum. Frames come back to rank 0 one block late (block i's
-pixels travel once block i+1's latents have been sent); a consumer on rank 1 (`serve_vae(vae,
-on_block=...)`, with `stream_to_vae` on rank 0 so no pixels travel back) gets each block's frames
-as soon as they are decoded: the first ones one decode after the first block.
+Rank 1 decodes block i while rank 0 generates block i+1; frames come back to rank 0 one block
+late, or stay on rank 1 (`serve_vae(vae, on_block=...)` with `stream_to_vae` on rank 0). Why, and
+how the two ranks stay in step: docs/distributed.md.
 
 Messages (point-to-point on the group: NCCL between GPUs, gloo on the CPU), each an int64 header
 of HEADER_LEN values and an optional payload:
@@ -23,9 +21,8 @@ of HEADER_LEN values and an optional payload:
     0 -> 1  END     (all blocks sent) or ABORT (rank 0 stopped early: an error, or its consumer left
                     the loop); rank 1 then returns.
 
-Both ranks post their messages in one shared order, which NCCL needs (its point-to-point calls
-between two ranks are matched in order). A rank that dies makes the other's next call fail, a hung
-one makes it fail after the group's timeout: both as DistributedError.
+A rank that dies or hangs makes the other's next call fail (after the group's timeout): both as
+DistributedError.
 """
 from __future__ import annotations
 

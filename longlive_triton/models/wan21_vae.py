@@ -7,30 +7,9 @@ z_dim -> z_dim) and `decoder` (Decoder3d). Module and parameter names are the st
 
 Layouts: latents z [B, z_dim=16, F, H, W] (channel-first, as the stock `WanVAE_.decode` takes them;
 `WanVAEWrapper.decode_to_pixel` permutes from [B, F, C, H, W] before the call), pixels
-[B, 3, 4F-3, 8H, 8W] in [-1, 1], float32.
-
-How decoding works (the stock protocol, written out):
-
-* Latents are un-normalised per channel, `z / scale[1] + scale[0]` with scale = [mean, 1/std] in
-  the latent dtype (the Wan2.1 constants below), then `conv2` runs on the whole clip at once.
-* The decoder then runs one latent frame per call, the first frame alone and then one at a time,
-  carrying a feature cache (a list of slots, one per cached CausalConv3d, consumed in module order):
-  - every temporal CausalConv3d (kernel 3 in time, padding 2 frames in front, none behind) stores
-    the last CACHE_T = 2 frames of its input; the next call prepends them instead of zero padding.
-    When a call has a single frame, the slot keeps the previous slot's last frame plus this one.
-    The result equals a causal convolution over the whole stream with 2 zero frames in front.
-  - an `upsample3d` Resample doubles time with `time_conv` (dim -> 2*dim channels, interleaved into
-    two frames). On the first call its slot is only marked 'Rep' and time is NOT doubled (the first
-    latent frame gives one frame per temporal upsample); from the second call on, its causal
-    context starts from zeros, not from the first call's frame.
-  - two temporal upsamples (`temperal_upsample` = reversed `temperal_downsample`
-    [False, True, True] = [True, True, False]): latent frame 0 gives 1 pixel frame, every later
-    latent frame gives 4, hence 4F - 3.
-* The wrapper clamps `out.float()` to [-1, 1].
-
-Without a cache (`Decoder3d.forward(x)` with cache=None) the stock code runs all convolutions with
-zero padding and skips the temporal upsampling entirely; that path is kept for fidelity but is not
-what `decode` uses.
+[B, 3, 4F-3, 8H, 8W] in [-1, 1], float32. Decoding runs the stock protocol: un-normalise, `conv2`
+on the whole clip, then the decoder one latent frame per call over a feature cache (a frame gives 4
+pixel frames, the first 1). That protocol written out: docs/vae-decoder.md.
 """
 from __future__ import annotations
 

@@ -4,120 +4,35 @@
     patch_model(model)                      # on CUDA, installs a GraphedGenerator (cuda_graphs: true)
     ...LongLive's own loop, or BlockPipeline, calls the model exactly as before...
 
-What is captured: one whole generator forward (30 layers: GEMMs, the cache plan, RoPE + cache
-append, attention, glue, the head), the unit LongLive's loop calls 5 times per block (4 denoising
-steps and the cache pass). The five calls of a block differ only in their inputs (latents, timestep)
-and in device-side cache state, so in steady state one graph serves all of them and every later
-block: the runner copies the inputs into the graph's static buffers, writes `current_start` into a
-device scalar the patched layers read (a `DeviceIndex`), replays, and returns a copy of the output.
-Between replays the host only does the scheduler's few small ops, so it stays ahead of the GPU.
-
-Graphs are keyed by everything a replay would otherwise get wrong: input shapes, strides and dtypes,
-the addresses of every cache tensor, and the attention window each layer reads. With the cuDNN
-backend that window's length is a host-side shape, so the first blocks of a stream (while the KV
-window fills: 4 blocks at LongLive's settings) each get their own graph, and the full window one
-graph for the rest of the stream; with the Triton backend the window is read on the device and every
-block shares one graph. A block's first step reads its latents as a strided slice of the noise and
-the later calls contiguous tensors, so each of those is two graphs (same kernels, other strides):
-about 10 graphs while the window fills, 2 in steady state. All graphs share one memory pool (they
-never run concurrently), so a graph costs little beyond its static inputs and output.
-
-A key's first call runs eagerly on the capture stream (Triton autotuning and cuDNN planning happen
-there, not during capture); its second call is captured and replayed; every later call replays.
-Calls that cannot be replayed run eagerly, each counted by its reason in `stats`: a cross-attention
-cache being (re)filled after a prompt switch, a window that is not one range of the cache (a gathered
-copy; the ring is as long as the window, so a full window never is: kernels/kv_cache_plan.py), grad
-mode, non-tensor x, t or context, positional arguments or no caches (not LongLive's cached call), a
-kv_cache with another number of layers, and every call while `enabled` is off.
-The text context may be one [B, L, text_dim] tensor (LongLive's wrapper) or Wan's list of B
-[L, text_dim] tensors: the list is zero-padded to text_len and stacked, as the stock model does.
-
-What the host keeps and what the device reads. A replay runs the captured kernels with the arguments
-they had at capture and runs no Python, so two things the forward computes on the host need care:
-- `current_start`, the first new token's index, a Python int in LongLive's calls. The runner passes
-  a `DeviceIndex` (device_index.py): an int that also carries a one-element int64 tensor, the
-  runner's own, refilled with the call's value before each replay. Host code (the stock arithmetic,
-  the window copy below) sees the int; the patched layers hand the tensor to their kernels (the
-  cache plan reads the start on the device), so a replay follows the call, not the capture.
-- the host-side window copy: each patched self-attention layer mirrors its cache pointers (global
-  end, local end, ring shift) on the host, in its cache dict, by the stock rules the device runs
-  (`WindowSelfAttention.host_window`, no device read). It gives the window each call attends: the
-  cuDNN path slices the cache with it (a shape, frozen in a graph) and the runner keys graphs on it
-  (`attention_windows`). Capture runs the forward's Python once, which moves the copy on: the runner
-  puts the cache dicts back afterwards, also when the capture fails. A replay runs no Python: the
-  runner moves the copy on itself after each replay, as the call would have.
-
-The torch.cuda calls (graphs, streams, the memory pool) come from a `CudaGraphBackend`; tests hand
-the runner a CPU stand-in (tests/test_graph_runner.py) to run everything but the capture itself.
+`GraphedGenerator` stands in for the generator's forward (30 layers and the head, the unit LongLive
+calls 5 times per block) and runs it through the graph cache (patches/graph_cache.py), keyed by the
+input shapes, strides and dtypes, the cache tensors' addresses and each layer's attention window
+(`attention_windows`). A replay copies x, t and context into the graph's static inputs, writes
+`current_start` into a device scalar (a `DeviceIndex`), moves the host-side window copy on as the
+call would have, and returns a copy of the output. Calls run eagerly instead, counted by reason in
+`stats`: the text cache being (re)filled, a window gathered from the cache, grad mode, non-tensor or
+positional arguments, no caches, another number of layers, `enabled` off. Refused: x, t or context
+on another device, or x in another dtype than the weights. The context is a [B, L, text_dim] tensor
+or Wan's list of [L, text_dim] tensors (zero-padded to text_len and stacked, as the stock model does).
+Why these keys, how many graphs a stream makes, what the host keeps: docs/graph-keys.md.
 """
 from __future__ import annotations
 
 import contextvars
 import sys
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn as nn
 
-from longlive_triton.runtime.device_index import DeviceIndex
 from longlive_triton.models.longlive1.model import sinusoidal_embedding_1d
+from longlive_triton.patches.graph_cache import CudaGraphBackend, GraphCache, GraphStats
+from longlive_triton.runtime.device_index import DeviceIndex
 
-__all__ = ["GraphedGenerator", "CudaGraphBackend", "install_graphs", "uninstall_graphs", "graph_runner",
-           "attention_windows"]
+__all__ = ["GraphedGenerator", "CudaGraphBackend", "GraphStats", "install_graphs", "uninstall_graphs",
+           "graph_runner", "attention_windows"]
 
 _RUNNER = "_longlive_triton_graphs"
-# Keys seen once (their eager warm-up ran) but not captured yet: at most this many per graph held.
-_SEEN_PER_GRAPH = 4
-
-
-class CudaGraphBackend:
-    """The torch.cuda calls a GraphedGenerator makes, in one place so that a test can stand in for them."""
-
-    device_type = "cuda"
-
-    def pool_handle(self):
-        return torch.cuda.graph_pool_handle()
-
-    def new_stream(self, device: torch.device) -> torch.cuda.Stream:
-        return torch.cuda.Stream(device)
-
-    def current_stream(self, device: torch.device) -> torch.cuda.Stream:
-        return torch.cuda.current_stream(device)
-
-    def on_stream(self, stream: torch.cuda.Stream):
-        return torch.cuda.stream(stream)
-
-    def new_graph(self) -> torch.cuda.CUDAGraph:
-        return torch.cuda.CUDAGraph()
-
-    def capture(self, graph: torch.cuda.CUDAGraph, forward, *, pool, stream: torch.cuda.Stream):
-        """Record forward() into graph and return its output, which every replay rewrites in place."""
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
-            return forward()
-
-
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    x: torch.Tensor
-    t: torch.Tensor
-    context: torch.Tensor
-    out: torch.Tensor
-
-
-@dataclass
-class GraphStats:
-    eager: int = 0
-    captures: int = 0
-    replays: int = 0
-    evicted: int = 0
-    eager_reasons: dict[str, int] = field(default_factory=dict)
-
-    def note_eager(self, reason: str) -> None:
-        self.eager += 1
-        self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
 
 
 class GraphedGenerator:
@@ -129,33 +44,35 @@ class GraphedGenerator:
         if not all(callable(getattr(layer, "host_window", None)) for layer in layers):
             raise ValueError("CUDA graphs need every self-attention layer patched (window_attention: true): the stock "
                              "layer reads its cache pointers with .item(), which a graph cannot replay")
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        device = next(generator.parameters()).device
+        device_type = CudaGraphBackend.device_type if backend is None else backend.device_type
+        if device.type != device_type:
+            raise ValueError(f"CUDA graphs need the generator on a {device_type.upper()} device; it is on {device}")
         self.generator = generator
         self.layers = layers
-        self.max_graphs = max_graphs
         self.enabled = True
-        self.stats = GraphStats()
-        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self._seen: OrderedDict[tuple, None] = OrderedDict()
+        # A stream and memory pool of its own: the VAE's graphs may replay while the generator's do.
+        self.cache = GraphCache(backend if backend is not None else CudaGraphBackend(device), max_graphs,
+                                what="the generator's forward",
+                                fix="run with cuda_graphs: false (patch config) or PipelineConfig(cuda_graphs=False)")
         self._eager = type(generator).forward.__get__(generator)
-        self.backend = backend if backend is not None else CudaGraphBackend()
-        device = next(generator.parameters()).device
-        if device.type != self.backend.device_type:
-            raise ValueError(f"CUDA graphs need the generator on a {self.backend.device_type.upper()} device; "
-                             f"it is on {device}")
         self.device = device
-        self._pool = self.backend.pool_handle()
-        self._stream = self.backend.new_stream(device)
         self._start = torch.zeros(1, dtype=torch.int64, device=device)
         # (batch, frames per call) a BlockPipeline captured with; it refuses another (see pipeline.py).
         self.pipeline_shape: tuple[int, int] | None = None
 
+    @property
+    def stats(self) -> GraphStats:
+        return self.cache.stats
+
+    @property
+    def graphs(self) -> dict:
+        return self.cache.graphs
+
     # -- bookkeeping --------------------------------------------------------------------------
     def release(self) -> None:
         """Drop every graph (and the pool's memory once nothing else holds it)."""
-        self.graphs.clear()
-        self._seen.clear()
+        self.cache.clear()
         self.pipeline_shape = None
 
     @staticmethod
@@ -216,26 +133,16 @@ class GraphedGenerator:
         if reason is not None:
             self.stats.note_eager(reason)
             return self._run_eager(x, *args, **kwargs)
-        graph = self.graphs.get(key)
-        if graph is None and key not in self._seen:
-            self._seen[key] = None
-            while len(self._seen) > _SEEN_PER_GRAPH * self.max_graphs:
-                self._seen.popitem(last=False)
-            self.stats.note_eager("first call of its kind (warm-up)")
-            return self._on_capture_stream(lambda: self._run_eager(x, **kwargs))
-        if graph is None:
-            graph = self._capture(key, x, kwargs, call[0])
-        else:
-            self.graphs.move_to_end(key)
-        graph.x.copy_(x)
-        graph.t.copy_(kwargs["t"])
-        graph.context.copy_(kwargs["context"])
-        self._start.fill_(call[0])
-        graph.graph.replay()
-        self.stats.replays += 1
-        # The replay ran no Python: the host-side window copy moves on here (module docstring).
-        attention_windows(self.layers, kwargs["kv_cache"], *call, commit=True)
-        return graph.out.clone()
+        kv_cache = kwargs["kv_cache"]
+
+        def before_replay() -> None:
+            self._start.fill_(call[0])
+            # The replay runs no Python: the host-side window copy moves on here (module docstring).
+            attention_windows(self.layers, kv_cache, *call, commit=True)
+
+        return self.cache.run(key, (x, kwargs["t"], kwargs["context"]), warm_up=lambda: self._run_eager(x, **kwargs),
+                              capture=partial(self._captured_forward, kwargs, call[0]), state=lambda: kv_cache,
+                              before_replay=before_replay)
 
     def _run_eager(self, *args, **kwargs):
         """The patched forward itself (with the capture-safe time embedding, see install_graphs)."""
@@ -245,39 +152,15 @@ class GraphedGenerator:
         finally:
             _IN_RUNNER.reset(token)
 
-    def _on_capture_stream(self, fn):
-        main = self.backend.current_stream(self.device)
-        self._stream.wait_stream(main)
-        with self.backend.on_stream(self._stream):
-            out = fn()
-        main.wait_stream(self._stream)
-        return out
-
-    def _capture(self, key, x, kwargs, current_start: int) -> _Graph:
-        static_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-        static_t = torch.empty_like(kwargs["t"])
-        static_ctx = torch.empty_like(kwargs["context"])
-        call = dict(kwargs, t=static_t, context=static_ctx, current_start=DeviceIndex(current_start, self._start))
+    def _captured_forward(self, kwargs, current_start: int, x, t, context):
+        """The forward a graph records: the static inputs, and `current_start` read from the device."""
         # Capturing runs the forward's Python, which moves the host-side window copy: put it back after.
         saved = [dict(cache) for cache in kwargs["kv_cache"]]
-        graph = self.backend.new_graph()
-        self._stream.wait_stream(self.backend.current_stream(self.device))
         try:
-            out = self.backend.capture(graph, partial(self._run_eager, static_x, **call), pool=self._pool,
-                                       stream=self._stream)
-        except RuntimeError as e:
-            raise RuntimeError(f"capturing the generator's forward in a CUDA graph failed ({e}); run with "
-                               "cuda_graphs: false (patch config) or PipelineConfig(cuda_graphs=False)") from e
+            return self._run_eager(x, **dict(kwargs, t=t, context=context,
+                                             current_start=DeviceIndex(current_start, self._start)))
         finally:
             restore_caches(kwargs["kv_cache"], saved)
-        entry = _Graph(graph, static_x, static_t, static_ctx, out)
-        self.graphs[key] = entry
-        self.stats.captures += 1
-        while len(self.graphs) > self.max_graphs:
-            old_key, _ = self.graphs.popitem(last=False)
-            self._seen.pop(old_key, None)
-            self.stats.evicted += 1
-        return entry
 
 
 def install_graphs(generator: nn.Module, max_graphs: int = 16, backend: CudaGraphBackend | None = None

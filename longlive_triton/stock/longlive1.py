@@ -7,38 +7,12 @@
     BlockPipeline(model, PipelineConfig()).generate(noise, prompt_embeds)
 
 Nothing here runs when `longlive_triton` is imported, and no LongLive code is part of this package:
-the stock source is read from the checkout at run time (`tests/gpu/prepare_stock_src.sh` copies the
-python files of branch v1.0 into the git-ignored `.stock/LongLive`). This module imports and builds;
-`longlive-bench e2e --model stock` and the tests use it. The parity harness that runs our reference
-beside the stock model and judges the figures (`compare_with_stock`, `lora_merge_figures`) is test
-code: `tests/stock_harness.py`.
-
-How the stock `wan.modules.causal_model` is imported without LongLive's dependencies:
-
-* `wan`, `wan.modules` and `utils` are registered as bare packages (module objects whose `__path__`
-  is the checkout's folder), so their `__init__` files, which import T5, the VAE and CLIP, are skipped.
-* `peft` (and so transformers) is imported first when installed: transformers probes
-  `flash_attn.__spec__`, which must not meet a half-made module.
-* `diffusers` is replaced, only when it is not installed, by stand-ins: `ConfigMixin` an empty class,
-  `register_to_config` the identity, `ModelMixin` plain `nn.Module`. That is all inference needs; the
-  model is then built with explicit arguments (the constructor defaults are not the 1.3B values).
-* `einops` (imported by `wan.modules.model` for a GAN head that inference never uses) gets a stand-in
-  whose `repeat` raises, only when it is not installed.
-* `flash_attn` gets a stand-in whose `flash_attn_varlen_func` runs torch SDPA on the unpacked
-  [B, H, L, D] views. It computes exactly what our reference's `attention()` computes (the same SDPA
-  call on the same bf16 tensors with the same strides), so fp32 runs of the two generators agree to
-  rounding-free equality. After the import the stock attention module is pointed at this stand-in
-  even if a real flash-attn (or FA3's `flash_attn_interface`) is installed: parity needs one kernel.
-* `utils.memory` calls `torch.cuda.current_device()` at import. The real module is used when it
-  imports; otherwise (no CUDA) a stub with the names `causal_model` imports takes its place.
-* The stand-ins for diffusers, einops and flash_attn are in `sys.modules` only during the import;
-  the stock modules keep their references, and nothing else in the process sees them afterwards.
-* CPU runs: the stock `flash_attention` asserts `q.device.type == 'cuda'`. The module globals
-  `wan.modules.attention.flash_attention` and `wan.modules.model.flash_attention` (cross-attention)
-  are rebound to a wrapper that calls the stock function unchanged for CUDA tensors and, for CPU
-  tensors, an equivalent of it (the same half-precision casts, packing and stand-in call, minus the
-  device assert). The stock `attention()` (self-attention) reaches the wrapper through the first of
-  those globals. On the GPU the stock code path runs untouched.
+the source is read from the checkout at run time. The parity harness (`compare_with_stock`,
+`lora_merge_figures`) is test code: `tests/stock_harness.py`.
+The import needs none of LongLive's dependencies (T5, the VAE, CLIP, diffusers, einops,
+flash-attn): stand-ins fill in only during the import, flash-attn's runs the SDPA call our reference
+runs (parity needs one kernel), and on the CPU the stock CUDA assert is bypassed. Each stand-in and
+why: docs/stock-standins.md.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from longlive_triton import patch_vae
+from longlive_triton import PatchReport, VAEPatchReport, patch_vae
 from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.vae_decoder import FastDecoder3d, VAEDecoderOptions
 from longlive_triton.models.wan21_vae import build_vae_decoder, load_wan_vae_decoder
@@ -37,7 +37,9 @@ def pair():
     ref = build_vae_decoder("tiny", seed=2)
     fast = copy.deepcopy(ref)
     report = patch_vae(fast)
-    assert report.applied == ["decoder"] and not report.skipped, str(report)
+    assert [e.path for e in report.applied] == ["decoder"] and not report.skipped, str(report)
+    assert "fast_decoder: 1 applied, 0 skipped (applied at decoder)" in str(report)
+    assert isinstance(report, PatchReport) and isinstance(report, VAEPatchReport)  # one report type, both names
     return ref, fast
 
 
@@ -162,10 +164,10 @@ def test_patch_twice_and_refusals():
 def test_holder_objects_are_patched_through_model():
     """LongLive's WanVAE keeps the VAE module as .model on a plain object; WanVAEWrapper as a child."""
     holder = SimpleNamespace(model=build_vae_decoder("tiny", seed=0))
-    assert patch_vae(holder).applied == ["decoder"]
+    assert [e.path for e in patch_vae(holder).applied] == ["decoder"]
     wrapper = nn.Module()
     wrapper.model = build_vae_decoder("tiny", seed=0)
-    assert patch_vae(wrapper).applied == ["model.decoder"]
+    assert [e.path for e in patch_vae(wrapper).applied] == ["model.decoder"]
     assert isinstance(wrapper.model.decoder, FastDecoder3d)
 
 
@@ -175,9 +177,10 @@ def test_unknown_structure_is_skipped_with_reason():
     before = vae.decoder
     report = patch_vae(vae)
     assert not report.applied and vae.decoder is before
-    (path, why), = report.skipped
-    assert path == "decoder" and "upsamples.1" in why and "GELU" in why
-    assert "skipped" in str(report)
+    (entry,) = report.skipped
+    assert (entry.path, entry.patch) == ("decoder", "fast_decoder") and "upsamples.1" in entry.reason
+    assert "GELU" in entry.reason
+    assert f"skipped fast_decoder at decoder: {entry.reason}" in str(report)
 
 
 def test_cache_from_the_unpatched_decoder_is_refused(pair):
@@ -228,7 +231,7 @@ def test_patches_the_stock_wan_vae(pair):
     want = stock_decode(stock, z)
     assert torch.equal(want, ref.decode(z))  # the reference is the stock code, bit for bit
     report = patch_vae(stock, {"frames_per_call": 3})
-    assert report.applied == ["decoder"], str(report)
+    assert [e.path for e in report.applied] == ["decoder"], str(report)
     assert type(stock.encoder).__name__ == "Encoder3d"  # the encoder is left alone
     assert "decode and cached_decode pass up to 3 latent frames" in str(report)
     got = stock_decode(stock, z)

@@ -1,10 +1,10 @@
 """CUDA-graph bookkeeping of the fast VAE decoder (patches/vae_graphs.py), on the CPU.
 
-A stand-in backend emulates what a CUDA graph does to the program's state: capturing executes
-nothing (the stream's buffers are restored after the Python ran), replaying runs the captured call
-again on the static input and writes the static output. With it, the runner's decisions (warm up,
-capture, replay, re-warm after a reallocation or a weight change), the static-input copy and the
-output copies are checked against eager decoding. That the kernels themselves capture and replay
+The stand-in backend (tests/_graph_fakes.py) emulates what a CUDA graph does to the program's state:
+capturing executes nothing (the stream's buffers are restored after the Python ran), replaying runs
+the captured call again on the static input and writes the static output. With it, the runner's
+decisions (warm up, capture, replay, re-warm after a reallocation or a weight change), the
+static-input copy and the output copies are checked against eager decoding. That the kernels themselves capture and replay
 bit-exactly is tests/gpu/test_vae_gpu.py's job.
 """
 from __future__ import annotations
@@ -19,34 +19,7 @@ from longlive_triton.patches.vae_graphs import ChunkGraphs
 from longlive_triton.models.wan21_vae import build_vae_decoder
 from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
 
-
-class _Rerun:
-    def __init__(self, fn, out):
-        self.fn, self.out = fn, out
-        self.replays = 0
-
-    def replay(self):
-        self.out.copy_(self.fn())
-        self.replays += 1
-
-
-class RerunBackend:
-    """Capture: run the Python, then put the state back (a real capture executes no kernel)."""
-
-    def __init__(self):
-        self.captured: list[_Rerun] = []
-
-    def eager(self, fn):
-        return fn()
-
-    def capture(self, fn, state):
-        saved = [t.clone() for t in state()]
-        out = fn()
-        for t, s in zip(state(), saved):
-            t.copy_(s)
-        graph = _Rerun(fn, out)
-        self.captured.append(graph)
-        return graph, out
+from .._graph_fakes import FakeBackend
 
 
 class _Accumulator:
@@ -71,21 +44,21 @@ def _run(graphs, acc, x, fingerprint=()):
 
 
 def test_warm_up_capture_replay_and_static_copies():
-    backend, acc, twin = RerunBackend(), _Accumulator(), _Accumulator()
+    backend, acc, twin = FakeBackend(), _Accumulator(), _Accumulator()
     graphs = ChunkGraphs(backend)
     xs = [torch.full((3,), float(i + 1)) for i in range(5)]
     outs = [_run(graphs, acc, x) for x in xs]
     want = [twin(x) for x in xs]
     # call 0 allocates and runs eagerly, call 1 is captured and replayed, calls 2-4 replay
     assert (graphs.stats.eager, graphs.stats.captures, graphs.stats.replays) == (1, 1, 4)
-    assert len(backend.captured) == 1 and backend.captured[0].replays == 4
+    assert len(backend.graphs) == 1 and backend.graphs[0].replays == 4
     for got, w in zip(outs, want):  # each output is its own copy: later replays did not overwrite it
         assert torch.equal(got, w)
     assert torch.equal(acc.cache, twin.cache)
 
 
 def test_reallocation_and_weight_change_start_a_new_key():
-    backend, acc, twin = RerunBackend(), _Accumulator(), _Accumulator()
+    backend, acc, twin = FakeBackend(), _Accumulator(), _Accumulator()
     graphs = ChunkGraphs(backend)
     calls = [(torch.ones(2), ()), (torch.ones(2) * 2, ()), (torch.ones(4), ()), (torch.ones(4) * 3, ()),
              (torch.ones(4) * 4, ()), (torch.ones(4) * 5, ("new weights",)), (torch.ones(4) * 6, ("new weights",))]
@@ -98,10 +71,10 @@ def test_reallocation_and_weight_change_start_a_new_key():
 
 def test_eviction_and_capture_that_reallocates_is_refused():
     acc = _Accumulator()
-    graphs = ChunkGraphs(RerunBackend(), max_graphs=1)
+    graphs = ChunkGraphs(FakeBackend(), max_graphs=1)
     for n in (2, 2, 3, 3):  # the second key's capture evicts the first
         _run(graphs, acc, torch.ones(n))
-    assert len(graphs.graphs) == 1 and graphs.stats.captures == 2
+    assert len(graphs.cache.graphs) == 1 and graphs.stats.captures == 2
 
     class Grows(_Accumulator):
         def __call__(self, x):
@@ -111,12 +84,12 @@ def test_eviction_and_capture_that_reallocates_is_refused():
             return super().__call__(x)
 
     grows = Grows()
-    graphs = ChunkGraphs(RerunBackend())
+    graphs = ChunkGraphs(FakeBackend())
     _run(graphs, grows, torch.ones(2))
     with pytest.raises(RuntimeError, match="reallocated during graph capture"):
         _run(graphs, grows, torch.ones(2))
     with pytest.raises(ValueError, match="max_graphs"):
-        ChunkGraphs(RerunBackend(), max_graphs=0)
+        ChunkGraphs(FakeBackend(), max_graphs=0)
 
 
 def test_graphed_decoder_equals_eager_decoder():
@@ -126,7 +99,7 @@ def test_graphed_decoder_equals_eager_decoder():
     eager, graphed = copy.deepcopy(ref), copy.deepcopy(ref)
     patch_vae(eager, {"cuda_graphs": False, "frames_per_call": 3})
     patch_vae(graphed, {"cuda_graphs": True, "frames_per_call": 3})
-    backend = RerunBackend()
+    backend = FakeBackend()
     graphed.decoder.graph_backend = backend
     z = torch.randn(1, 16, 15, 2, 3, generator=torch.Generator().manual_seed(6))
     de, dg = StreamingVAEDecoder(eager), StreamingVAEDecoder(graphed)
@@ -145,9 +118,9 @@ def test_graphed_decoder_equals_eager_decoder():
 
 def test_a_copied_stream_starts_without_graphs():
     acc = _Accumulator()
-    graphs = ChunkGraphs(RerunBackend(), max_graphs=3)
+    graphs = ChunkGraphs(FakeBackend(), max_graphs=3)
     for _ in range(3):
         _run(graphs, acc, torch.ones(2))
     twin = copy.deepcopy(graphs)
-    assert graphs.graphs and not twin.graphs and not twin.stable
-    assert twin.backend is graphs.backend and twin.max_graphs == 3
+    assert graphs.cache.graphs and not twin.cache.graphs and not twin.cache.seen
+    assert twin.cache.backend is graphs.cache.backend and twin.cache.max_graphs == 3
