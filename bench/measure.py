@@ -47,9 +47,8 @@ def config_from_spec(spec: str) -> PatchConfig:
         if not sep:
             raise ValueError(f"config override {item!r} in {spec!r} is not key=value")
         changes[key.strip()] = yaml.safe_load(value)
-    # from_dict names unknown keys and lists the known ones.
-    return PatchConfig.from_dict({**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
-                                  **changes, "name": spec})
+    # from_dict names unknown keys and lists the known ones; a tuning knob is a flat key like the others.
+    return PatchConfig.from_dict({**config.to_dict(), **changes, "name": spec})
 
 
 def configs_from_specs(specs: list[str]) -> list[PatchConfig]:
