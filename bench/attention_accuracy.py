@@ -15,8 +15,15 @@ import json
 import sys
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from longlive_triton.kernels.fp8_kv_cache import k_head_scale, quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
+from longlive_triton.kernels.window_attention import window_attention_fp8
+from longlive_triton.models import build_model, get_preset
 from longlive_triton.numerics import cosine, rel_l2
+from longlive_triton.patch import patch_model
+from longlive_triton.patches import window_self_attention as wsa
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
 
 # scheme -> (k scale mode, v scale mode); "per-tensor" is one scale per tensor (all heads); "bound"
 # is the static per-head k scale our FP8 cache uses (kv_quant_append.k_head_scale).
@@ -26,11 +33,6 @@ SCHEMES = {"per-tensor": ("tensor", "tensor"), "head": ("head", "head"), "tile":
 
 def capture_layers(blocks: int, seed: int = 0, preset_name: str = "longlive-1.3b", device: str = "cuda") -> list[dict]:
     """Per layer: q [1, 4680, 12, 128] bf16 and the keys/values it attends to (gathered in order)."""
-    from ..patch import patch_model
-    from ..patches import window_self_attention as wsa
-    from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
-    from longlive_triton.models import build_model, get_preset
-
     preset = get_preset(preset_name)
     model = build_model(preset_name, dtype=torch.bfloat16, device=device, seed=seed)
     patch_model(model, {"name": "capture", "window_attention": True, "attention_backend": "triton",
@@ -74,7 +76,6 @@ def _quantize(x: torch.Tensor, mode: str, tile: int = 128, norm_k=None):
     """x [1, L, H, D] -> (e4m3, scale broadcastable to x) with the given granularity."""
     xf = x.float()
     if mode == "bound":
-        from ..kernels.fp8_kv_cache import k_head_scale
         s = k_head_scale(norm_k, x.shape[2]).reshape(1, 1, -1, 1)
         return (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
     if mode == "tensor":
@@ -96,7 +97,6 @@ def _quantize(x: torch.Tensor, mode: str, tile: int = 128, norm_k=None):
 
 
 def _attention_fp32(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         return torch.nn.functional.scaled_dot_product_attention(
             q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2)).transpose(1, 2)
@@ -114,9 +114,6 @@ def scheme_error(layer: dict, k_mode: str, v_mode: str) -> torch.Tensor:
 def kernel_output(layer: dict, **options) -> torch.Tensor:
     """Our FP8 attention on the layer's q/k/v quantized as the FP8 cache holds them (q per row, k
     with the static head scales of its norm weight, v per 128-slot group)."""
-    from ..kernels.fp8_kv_cache import k_head_scale, quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
-    from ..kernels.window_attention import window_attention_fp8
-
     q, k, v = layer["q"], layer["k"], layer["v"]
     k_scale = k_head_scale(layer["norm_k"], k.shape[2])
     ops = (*quantize_rows_ref(q), quantize_k_ref(k, k_scale), k_scale, *quantize_v_groups_ref(v))

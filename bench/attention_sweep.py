@@ -14,7 +14,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from longlive_triton.kernels.fp8_kv_cache import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
+from longlive_triton.kernels.window_attention import window_attention, window_attention_fp8
 from longlive_triton.numerics import rel_l2
 
 HEADS, D = 12, 128
@@ -22,7 +26,6 @@ CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
 
 
 def _bench(fn) -> float:
-    import triton.testing
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
@@ -39,7 +42,6 @@ def _inputs(lq, lkv, seed=0):
 
 
 def _reference(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
         return F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
                                               v.float().transpose(1, 2)).transpose(1, 2)
@@ -51,7 +53,6 @@ SHAPES = {"q4680 kv18720": (4680, 18720), "q4608 kv18688": (4608, 18688), "q4680
 
 def _sdpa_rows(row) -> None:
     """cuDNN and FlashAttention-2 through SDPA at every shape: the references of the sweep."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     for name, (lq, lkv) in SHAPES.items():
         q, k, v = _inputs(lq, lkv)
         for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
@@ -75,8 +76,6 @@ def _print_summary(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    from ..kernels.window_attention import window_attention
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", default=["cudnn", "bf16", "fp8"])
     parser.add_argument("--json")
@@ -94,7 +93,6 @@ def main(argv=None) -> int:
     q, k, v = _inputs(lq, lkv)
     ref = _reference(q, k, v)
     idx = [torch.tensor([x], device="cuda") for x in (4680, 4680, lkv)]
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def cudnn():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -134,8 +132,6 @@ def main(argv=None) -> int:
                                                                                split=split, config=c)))
 
     if "fp8" in args.only:
-        from ..kernels.fp8_kv_cache import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
-        from ..kernels.window_attention import window_attention_fp8
         out = torch.empty_like(q)
         k_scale = (k.float().abs().amax(dim=(0, 1, 3)) / 448.0).contiguous()
         ops = (*quantize_rows_ref(q), quantize_k_ref(k, k_scale), k_scale, *quantize_v_groups_ref(v))

@@ -5,7 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import e2e, e2e_stock, e2e_vae, kernels, vae
+import torch
+
+from . import e2e, e2e_stock, e2e_vae, kernels, multi_gpu, report_html, vae
+from .measure import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--warmup-blocks", type=int,
                    help="blocks left out of the statistics (default: until the KV window is full, 4 at defaults)")
     e.add_argument("--frames-per-block", type=int, default=3, help="latent frames per block (default 3)")
-    e.add_argument("--dtype", choices=sorted(e2e.DTYPES), default="bf16", help="model and latent dtype (default bf16)")
+    e.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model and latent dtype (default bf16)")
     e.add_argument("--seed", type=int, default=0, help="weights, noise and prompt seed (default 0)")
     e.add_argument("--switch-block", type=int, default=None, metavar="N",
                    help="switch to a second prompt at block N (timed apart from the steady median)")
@@ -39,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also profile two extra blocks per row: time by kind of work, and the GPU's idle share")
     e2e_vae.add_arguments(e)
     e2e_stock.add_arguments(e)
-    e.set_defaults(run=e2e.run)
+    e.set_defaults(run=run_e2e)
 
     e.add_argument("--html", metavar="PATH", help="also write the time-budget report as a self-contained HTML page "
                    "(bench/report_html.py); the JSON goes beside it unless --json names a file")
@@ -57,9 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def report(args) -> int:
-    from . import report_html
+def run_e2e(args) -> int:
+    """`e2e`: the checks every model shares, then the run of the model asked for: a stock class
+    (bench/e2e_stock.py), or the reference generator with the VAE (bench/e2e_vae.py) or alone (bench/e2e.py)."""
+    on_cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if on_cuda else "cpu")
+    try:
+        problem = e2e.check_arguments(args, on_cuda) or e2e_stock.check_arguments(args)
+        if problem is not None:
+            raise e2e.UsageError(problem)
+        configs = e2e.row_configs(args, on_cuda)
+        if args.model in e2e_stock.MODELS:
+            return e2e_stock.run(args, configs, device)
+        inputs = e2e.reference_inputs(args, device)
+    except e2e.UsageError as err:
+        print(f"e2e: {err}", file=sys.stderr)
+        return 2
+    return (e2e_vae.run if args.vae else e2e.run)(args, configs, inputs)
 
+
+def report(args) -> int:
     try:
         out = report_html.render_file(args.json, args.html)
     except (OSError, ValueError) as e:  # a missing or unreadable file, bad JSON, not an e2e document
@@ -83,7 +103,6 @@ def _add_devices(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "devices", 1) > 1:
-        from . import multi_gpu
         return multi_gpu.run(args)
     html = getattr(args, "html", None) if args.command == "e2e" else None
     if html is not None:
@@ -93,7 +112,5 @@ def main(argv: list[str] | None = None) -> int:
         args.json = args.json or str(Path(html).with_suffix(".json"))
     rc = args.run(args)
     if html is not None and rc in (0, 1):  # 1: some rows failed; the report shows them
-        from . import report_html
-
         print(f"e2e: wrote {report_html.render_file(args.json, html)} (from {args.json})")
     return rc

@@ -22,14 +22,20 @@ import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
-from longlive_triton.runtime.graphs import graph_runner
-from longlive_triton.patch import patch_model
-from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.models import build_model, get_preset
+from longlive_triton.patch import patch_model
+from longlive_triton.runtime.graphs import graph_runner
+from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
+from longlive_triton.stock.longlive1 import build_stock_model, free_memory, load_stock_longlive
 
+from .measure import DTYPES, RowSettings, draw_inputs, drift_per_block
 from .progress import announce, block_bar
 from .results import environment, fmt, format_table, quantiles, save
 
@@ -37,9 +43,31 @@ from .results import environment, fmt, format_table, quantiles, save
 SWITCH_EAGER = "cross-attention cache being filled"
 
 
+@dataclass(frozen=True)
+class StockModel:
+    """A stock model family as this bench drives it: its class's name, where its source came from, and
+    `build(preset_model, *, device, dtype, state_dict, num_frame_per_block)`: the model holding our
+    reference's weights (`state_dict`), unpatched."""
+
+    title: str
+    src: Path
+    build: Callable[..., nn.Module]
+
+
+def longlive1(stock_src: str | None) -> StockModel:
+    """LongLive v1.0's CausalWanModel, imported from `stock_src` or $LONGLIVE_SRC."""
+    stock = load_stock_longlive(stock_src)
+    return StockModel("stock CausalWanModel", stock.src,
+                      lambda preset_model, **kw: build_stock_model(stock, preset_model, **kw))
+
+
+# --model NAME -> the function that loads the family's source (a second family is one more entry).
+MODELS: dict[str, Callable[[str | None], StockModel]] = {"stock": longlive1}
+
+
 def add_arguments(parser) -> None:
     """The e2e options of the stock-class bench (on the `e2e` subcommand's parser)."""
-    parser.add_argument("--model", choices=["reference", "stock"], default="reference",
+    parser.add_argument("--model", choices=["reference", *MODELS], default="reference",
                         help="reference: our generator (default); stock: LongLive v1.0's CausalWanModel itself, "
                              "from --stock-src or $LONGLIVE_SRC")
     parser.add_argument("--stock-src", metavar="PATH", help="LongLive v1.0 checkout (--model stock; default $LONGLIVE_SRC)")
@@ -71,11 +99,11 @@ def check_arguments(args) -> str | None:
     """What is wrong with the stock options, before anything is built (None: nothing)."""
     stock_only = {"--stock-src": args.stock_src, "--cache-frames": args.cache_frames,
                   "--switch-every": args.switch_every, "--context list": args.context == "list" or None}
-    if args.model != "stock":
+    if args.model not in MODELS:
         given = [name for name, value in stock_only.items() if value]
-        return f"{', '.join(given)} need --model stock" if given else None
+        return f"{', '.join(given)} need --model {' or '.join(MODELS)}" if given else None
     if args.profile or args.switch_block is not None:
-        return "--model stock takes --switch-every, not --profile or --switch-block"
+        return f"--model {args.model} takes --switch-every, not --profile or --switch-block"
     if args.switch_every is not None and args.switch_every < 1:
         return f"--switch-every must be >= 1, got {args.switch_every}"
     values = _cache_values(args, args.frames_per_block)
@@ -139,20 +167,14 @@ def _block_loop(model, pipe_cfg, noise, prompts, switches, seed, steady: int, de
     return block_ms, (memory if on_cuda else None), out, graphs, pipe.caches.kv[0]["k"].shape[1]
 
 
-def _per_block_drift(out, ref, fpb) -> list[float]:
-    from .e2e import drift_per_block
-
-    return drift_per_block(out, ref, fpb)["rel_l2"]
-
-
-def measure(args, stock, config, cache_frames: int, weights, noise, prompts, switches, steady, ref):
-    """One row: build the stock model from `weights`, patch it (config None: unpatched), run the blocks."""
-    from longlive_triton.stock.longlive1 import build_stock_model, free_memory
-
-    fpb = args.frames_per_block
-    announce(f"building the stock CausalWanModel ({args.preset_model}) for {config.name if config else 'stock'}")
-    model = build_stock_model(stock, args.preset_model, device=noise.device, dtype=noise.dtype, state_dict=weights,
-                              num_frame_per_block=fpb)
+def measure(stock: StockModel, settings: RowSettings, config, cache_frames: int, context_as_list: bool, weights,
+            noise, prompts, switches, ref):
+    """One row: build the stock model from `weights`, patch it (config None: unpatched), run the blocks;
+    statistics from block settings.warmup_blocks (the first with the cache full)."""
+    fpb, steady = settings.frames_per_block, settings.warmup_blocks
+    announce(f"building the {stock.title} ({settings.preset_model}) for {config.name if config else 'stock'}")
+    model = stock.build(settings.preset_model, device=noise.device, dtype=noise.dtype, state_dict=weights,
+                        num_frame_per_block=fpb)
     row = {"config": "stock" if config is None else config.name, "cache_frames": cache_frames}
     if config is not None:
         report = patch_model(model, config)
@@ -161,9 +183,8 @@ def measure(args, stock, config, cache_frames: int, weights, noise, prompts, swi
     if noise.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    pipe_cfg = PipelineConfig(num_frame_per_block=fpb, local_attn_size=cache_frames,
-                              context_as_list=args.context == "list")
-    block_ms, memory, out, graphs, slots = _block_loop(model, pipe_cfg, noise, prompts, switches, args.seed, steady,
+    pipe_cfg = PipelineConfig(num_frame_per_block=fpb, local_attn_size=cache_frames, context_as_list=context_as_list)
+    block_ms, memory, out, graphs, slots = _block_loop(model, pipe_cfg, noise, prompts, switches, settings.seed, steady,
                                                        f"{row['config']}, cache {cache_frames}")
     row["window_frames"] = _window_frames(model)
     del model
@@ -176,7 +197,7 @@ def measure(args, stock, config, cache_frames: int, weights, noise, prompts, swi
                worst_block=worst, worst_ms=block_ms[worst], switch_block_ms={i: block_ms[i] for i in range(len(block_ms))
                                                                              if i * fpb in switches},
                mem_allocated=memory, graphs=graphs,
-               drift_rel_l2=None if ref is None else _per_block_drift(out, ref, fpb))
+               drift_rel_l2=None if ref is None else drift_per_block(out, ref, fpb)["rel_l2"])
     return row, out
 
 
@@ -201,7 +222,7 @@ def compare_to_window(rows: list[dict]) -> list[list[str]]:
     return body
 
 
-def _summary(rows: list[dict], on_cuda: bool, blocks: int) -> str:
+def _summary(title: str, rows: list[dict], on_cuda: bool, blocks: int) -> str:
     body = []
     for r in rows:
         if r["status"] != "ok":
@@ -221,7 +242,7 @@ def _summary(rows: list[dict], on_cuda: bool, blocks: int) -> str:
     headers = ["config", "cache", "ms/block", "worst steady block ms", "eager steady calls",
                f"drift block {min(20, last)}", f"drift block {last}", f"GiB block {min(20, last)}",
                f"GiB block {last}", "switch block ms"]
-    title = "stock CausalWanModel, per block (steady blocks: after the cache fills, prompt switches apart)"
+    title += ", per block (steady blocks: after the cache fills, prompt switches apart)"
     if not on_cuda:
         title += "; CPU times are no speed figures"
     return format_table(title, headers, body, labels=2)
@@ -229,15 +250,13 @@ def _summary(rows: list[dict], on_cuda: bool, blocks: int) -> str:
 
 def run(args, configs, device) -> int:
     """The bench (module docstring); arguments checked by check_arguments already. Returns the exit code."""
-    from longlive_triton.stock.longlive1 import load_stock_longlive
-
     try:
-        stock = load_stock_longlive(args.stock_src)
+        stock = MODELS[args.model](args.stock_src)
     except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"e2e: --model stock: {e}", file=sys.stderr)
+        print(f"e2e: --model {args.model}: {e}", file=sys.stderr)
         return 2
     preset = get_preset(args.preset_model)
-    fpb, dtype = args.frames_per_block, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    fpb, dtype = args.frames_per_block, DTYPES[args.dtype]
     cache_values = _cache_values(args, fpb)
     plan = _rows_to_run(configs, cache_values, preset.local_attn_size)
     steady = max(math.ceil(frames / fpb) for _, frames in plan) if args.warmup_blocks is None else args.warmup_blocks
@@ -247,24 +266,24 @@ def run(args, configs, device) -> int:
         return 2
     every = args.switch_every
     switches = [k * fpb for k in range(every, args.blocks, every)] if every else []
-    print(f"e2e: stock CausalWanModel from {stock.src}, {args.preset_model} on {device} in {args.dtype}, "
+    print(f"e2e: {stock.title} from {stock.src}, {args.preset_model} on {device} in {args.dtype}, "
           f"{args.blocks} blocks of {fpb} latent frames, context as a {args.context}, steady from block {steady}, "
           f"prompt switches at blocks {[s // fpb for s in switches]}")
 
     announce(f"drawing the {args.preset_model} weights")
     weights = {k: v.to("cpu") for k, v in build_model(args.preset_model, dtype=dtype, device=device,
                                                        seed=args.seed).state_dict().items()}
-    gen = torch.Generator(device).manual_seed(args.seed)
-    noise = torch.randn([1, args.blocks * fpb, preset.in_dim, preset.latent_height, preset.latent_width],
-                        generator=gen, device=device).to(dtype)
-    prompts = [torch.randn([1, preset.text_len, preset.text_dim], generator=gen, device=device).to(dtype)
-               for _ in range(2)]
+    noise, prompts = draw_inputs(args.preset_model, blocks=args.blocks, frames_per_block=fpb, dtype=dtype,
+                                 seed=args.seed, device=device, prompts=2)
     segments = [prompts[i % 2] for i in range(len(switches) + 1)]
 
+    row_settings = RowSettings(preset_model=args.preset_model, seed=args.seed, frames_per_block=fpb,
+                               warmup_blocks=steady)
     rows, ref = [], None
     for config, frames in plan:
         try:
-            row, out = measure(args, stock, config, frames, weights, noise, segments, switches, steady, ref)
+            row, out = measure(stock, row_settings, config, frames, args.context == "list", weights, noise, segments,
+                               switches, ref)
         except Exception as e:  # noqa: BLE001 - a broken config is a row of the table, the others still run
             if config is None:
                 raise
@@ -276,14 +295,14 @@ def run(args, configs, device) -> int:
             row["drift_rel_l2"] = [0.0] * (args.blocks)
         rows.append(row)
     on_cuda = device.type == "cuda"
-    print(_summary(rows, on_cuda, args.blocks))
+    print(_summary(stock.title, rows, on_cuda, args.blocks))
     comparison = compare_to_window(rows)
     if comparison:
         print(format_table("a cache larger than the window against one sized to it (acceptance: worst block "
                            "within +5% of the window-sized median)",
                            ["config", "cache", "window", "ms/block, cache = window", "ms/block", "worst block ms",
                             "worst vs window-sized median"], comparison, labels=3))
-    settings = {"model": "stock", "stock_src": str(stock.src), "preset_model": args.preset_model, "device": str(device),
+    settings = {"model": args.model, "stock_src": str(stock.src), "preset_model": args.preset_model, "device": str(device),
                 "dtype": args.dtype, "blocks": args.blocks, "frames_per_block": fpb, "steady_start": steady,
                 "context": args.context, "cache_frames": [str(v) for v in cache_values] or None,
                 "switch_blocks": [s // fpb for s in switches], "seed": args.seed, "configs": list(args.configs)}

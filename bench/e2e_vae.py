@@ -31,8 +31,8 @@ from longlive_triton.vae_patch import VAEDecoderOptions, patch_vae
 from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
 from longlive_triton.runtime.video import iter_video
 
+from .measure import RowSettings, variant_options
 from .results import environment, fmt, format_table, quantiles, save
-from .vae import variant_options
 
 VAE_PRESET = {"longlive-1.3b": "wan2.1", "tiny": "tiny"}
 WARMUP_VIDEO_BLOCKS = 2
@@ -92,11 +92,11 @@ def _video(pipe, stream: _TimedStream, noise, prompts, switches, clock: _Clock) 
     return ends, list(stream.marks), kept
 
 
-def measure_row(args, config, vae_options: dict, noise, prompts, clock: _Clock) -> tuple[dict, dict]:
+def measure_row(settings: RowSettings, config, vae_options: dict, noise, prompts, clock: _Clock) -> tuple[dict, dict]:
     """Build (and patch) a generator and a VAE, run the warm-up and the timed video; (row, kept pixels)."""
     device, dtype = noise.device, noise.dtype
-    model = build_model(args.preset_model, dtype=dtype, device=device, seed=args.seed)
-    vae = build_vae_decoder(VAE_PRESET[args.preset_model], dtype=dtype, device=device, seed=args.seed)
+    model = build_model(settings.preset_model, dtype=dtype, device=device, seed=settings.seed)
+    vae = build_vae_decoder(VAE_PRESET[settings.preset_model], dtype=dtype, device=device, seed=settings.seed)
     row = {"config": "stock" if config is None else config.name, "vae": "reference"}
     if config is not None:
         report = patch_model(model, config)
@@ -106,16 +106,16 @@ def measure_row(args, config, vae_options: dict, noise, prompts, clock: _Clock) 
         print(vae_report)
         row["vae"] = "patched" if vae_report.applied else "reference (patch_vae skipped)"
         row["vae_options"] = dataclasses.asdict(vae.decoder.options) if vae_report.applied else None
-    pipe = BlockPipeline(model, PipelineConfig(num_frame_per_block=args.frames_per_block))
+    fpb, switch = settings.frames_per_block, settings.switch_block
+    pipe = BlockPipeline(model, PipelineConfig(num_frame_per_block=fpb))
     stream = _TimedStream(vae, clock)
-    fpb = args.frames_per_block
-    torch.manual_seed(args.seed)
+    torch.manual_seed(settings.seed)
     warm_ends, warm_dec, _ = _video(pipe, stream, noise[:, :WARMUP_VIDEO_BLOCKS * fpb], prompts[:1], [], clock)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    switches = [] if args.switch_block is None else [args.switch_block * fpb]
-    torch.manual_seed(args.seed)  # the pipeline's re-noising draws: identical for every row
+    switches = [] if switch is None else [switch * fpb]
+    torch.manual_seed(settings.seed)  # the pipeline's re-noising draws: identical for every row
     ends, dec, kept = _video(pipe, stream, noise, prompts, switches, clock)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -123,7 +123,7 @@ def measure_row(args, config, vae_options: dict, noise, prompts, clock: _Clock) 
     total = [clock.ms(a, b) for a, b in zip(ends, ends[1:])]
     vae_ms = [clock.ms(a, b) for a, b in dec]
     gen_ms = [t - v for t, v in zip(total, vae_ms)]
-    steady = [i for i in range(len(total)) if i >= args.warmup_blocks and i != args.switch_block]
+    steady = [i for i in range(len(total)) if i >= settings.warmup_blocks and i != switch]
     median, p20, p80 = quantiles([total[i] for i in steady])
     frames = 4 * fpb
     row.update(status="ok", block_ms=total, generator_block_ms=gen_ms, vae_block_ms=vae_ms,
@@ -132,8 +132,8 @@ def measure_row(args, config, vae_options: dict, noise, prompts, clock: _Clock) 
                ms_per_video_frame=median / frames, fps=1e3 * frames / median,
                ttff_ms=total[0], first_block_cold_ms=clock.ms(warm_ends[0], warm_ends[1]),
                first_block_cold_vae_ms=clock.ms(*warm_dec[0]))
-    if args.switch_block is not None:
-        row.update(switch_block_ms=total[args.switch_block], switch_extra_ms=total[args.switch_block] - median)
+    if switch is not None:
+        row.update(switch_block_ms=total[switch], switch_extra_ms=total[switch] - median)
     del model, vae, pipe, stream
     return row, kept
 
@@ -158,7 +158,7 @@ def table(rows: list[dict], frames_per_block: int) -> str:
 
 def run(args, configs: list, inputs: tuple) -> int:
     """The --vae run of `longlive-bench e2e`, after bench/e2e.py checked the arguments, parsed `configs`
-    and drew the inputs: (device, dtype, noise, prompts)."""
+    and drew the inputs: (device, dtype, noise, prompts) (bench/cli.py's run_e2e)."""
     if args.profile:
         print("e2e: --profile is not supported with --vae", file=sys.stderr)
         return 2
@@ -170,11 +170,13 @@ def run(args, configs: list, inputs: tuple) -> int:
     device, dtype, noise, prompts = inputs
     clock = _Clock(device.type == "cuda")
     fpb = args.frames_per_block
+    row_settings = RowSettings(preset_model=args.preset_model, seed=args.seed, frames_per_block=fpb,
+                               warmup_blocks=args.warmup_blocks, switch_block=args.switch_block)
     rows, pixels = [], {}
     for config in [None] + configs:
         name = "stock" if config is None else config.name
         try:
-            row, kept = measure_row(args, config, vae_options, noise, prompts, clock)
+            row, kept = measure_row(row_settings, config, vae_options, noise, prompts, clock)
         except Exception as e:  # noqa: BLE001 - a broken config is a row of the table, the others still run
             if config is None:
                 raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels.window_attention import window_attention, window_attention_bytes, window_attention_flops
 from .registry import KernelCase, register
@@ -32,8 +33,6 @@ def _ours(lq: int, cap: int, sink_end: int, win_start: int, win_end: int, **opti
 
 def _sdpa(backend, lq: int, lkv: int):
     def setup():
-        from torch.nn.attention import sdpa_kernel
-
         q = torch.randn(1, lq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, lkv, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -46,8 +45,6 @@ def _sdpa(backend, lq: int, lkv: int):
 
 
 def _case(shape: str, lq: int, cap: int, sink_end: int, win_start: int, win_end: int) -> KernelCase:
-    from torch.nn.attention import SDPBackend
-
     lkv = sink_end + max(0, win_end - max(win_start, sink_end))
     return KernelCase(
         name="window_attention",

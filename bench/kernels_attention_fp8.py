@@ -13,6 +13,7 @@ kv_quant_append against rope_kv_append: one steady-state block's append (n = 468
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from ..kernels.fp8_kv_cache import fp8_kv_cache, k_head_scale, quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
 from ..kernels.kv_quant_append import kv_quant_append, kv_quant_append_bytes
@@ -60,8 +61,6 @@ FP8_OPTIONS = {"ours_fp8": {}, "ours_fp8_split2": dict(split=2), "ours_fp8_tma":
 
 
 def _attention_case(lkv: int, extra: dict | None = None) -> KernelCase:
-    from torch.nn.attention import SDPBackend
-
     providers = {name: _ours_fp8(lkv, SINK, **opts) for name, opts in FP8_OPTIONS.items()}
     providers["ours_bf16"] = _ours(LQ, lkv, SINK, SINK, lkv)
     providers["ours_bf16_tma_split2"] = _ours(LQ, lkv, SINK, SINK, lkv, use_tma=True, split=2)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from longlive_triton.models.longlive1.model import WanRMSNorm, causal_rope_apply, rope_freqs
+
 from ..kernels.rope_kv_append import rope_kv_append, rope_kv_append_bytes, rope_tables
 from .registry import KernelCase, register
 
@@ -36,8 +38,6 @@ def _ours():
 
 
 def _stock():
-    from longlive_triton.models.longlive1.model import WanRMSNorm, causal_rope_apply, rope_freqs
-
     q_lin, k_lin, v, wq, wk, k_cache, v_cache = _inputs()
     norm_q, norm_k = (WanRMSNorm(HEADS * HEAD_DIM, eps=EPS).to("cuda", torch.bfloat16) for _ in range(2))
     with torch.no_grad():

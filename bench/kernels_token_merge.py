@@ -9,6 +9,7 @@ import torch
 from ..kernels.token_merge import (token_match, token_match_ref, token_merge, token_merge_bytes, token_merge_ref,
                                    token_unmerge, token_unmerge_ref)
 from ..kernels.token_merge_plan import merge_count, merge_plan, merge_plan_ref
+from ..patches.token_merge_ffn import TokenMergedFFN
 from .registry import KernelCase, register
 
 FRAMES, GRID, STRIDE, RATIO, DIM = 3, (30, 52), (2, 2), 0.5, 1536
@@ -94,8 +95,6 @@ def _plain_ffn():
 
 
 def _merged_ffn():
-    from ..patches.token_merge_ffn import TokenMergedFFN
-
     ffn = TokenMergedFFN(_ffn(), RATIO, STRIDE)
     ffn.grid = (FRAMES, *GRID)          # what the patched block's pre-hook hands it
     x = _x()

@@ -33,7 +33,7 @@ from longlive_triton.vae_patch import patch_vae
 from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
 from longlive_triton.runtime.video import iter_video
 
-from . import e2e
+from .measure import DTYPES, compare, config_from_spec, draw_inputs, run_blocks, steady_start
 from .results import environment, fmt, format_table, quantiles, save
 
 
@@ -64,13 +64,9 @@ def _setup(args, devices: int):
     ctx = init_distributed(expected_world_size=devices)
     on_cuda = ctx.device.type == "cuda"
     name = getattr(args, "preset_model", None) or ("longlive-1.3b" if on_cuda else "tiny")
-    preset = get_preset(name)
-    dtype = e2e.DTYPES[args.dtype]
-    blocks, fpb = args.blocks_total, args.frames_per_block
-    gen = torch.Generator(ctx.device).manual_seed(args.seed)
-    noise = torch.randn([1, blocks * fpb, preset.in_dim, preset.latent_height, preset.latent_width],
-                        generator=gen, device=ctx.device).to(dtype)
-    prompts = [torch.randn([1, preset.text_len, preset.text_dim], generator=gen, device=ctx.device).to(dtype)]
+    dtype = DTYPES[args.dtype]
+    noise, prompts = draw_inputs(name, blocks=args.blocks_total, frames_per_block=args.frames_per_block, dtype=dtype,
+                                 seed=args.seed, device=ctx.device)
     return ctx, name, dtype, noise, prompts
 
 
@@ -89,11 +85,11 @@ def run_e2e(args) -> int:
     args.blocks_total = args.blocks
     ctx, name, dtype, noise, prompts = _setup(args, args.devices)
     fpb = args.frames_per_block
-    warmup = e2e.steady_start(get_preset(name).local_attn_size, fpb) if args.warmup_blocks is None else args.warmup_blocks
+    warmup = steady_start(get_preset(name).local_attn_size, fpb) if args.warmup_blocks is None else args.warmup_blocks
     if args.blocks <= warmup:
         raise SystemExit(f"e2e --devices: --blocks {args.blocks} leaves no timed block after {warmup} warm-up blocks")
     pipe_cfg = PipelineConfig(num_frame_per_block=fpb)
-    specs = [None] + [e2e.config_from_spec(s) for s in args.configs]
+    specs = [None] + [config_from_spec(s) for s in args.configs]
     rows = []
     for config in specs:
         label = "stock" if config is None else config.name
@@ -101,10 +97,10 @@ def run_e2e(args) -> int:
         if ctx.rank == 0:  # one GPU: alone on rank 0, the other ranks wait
             variants = [(label, config)]
             if config is not None and config.cuda_graphs and ctx.device.type == "cuda":
-                variants.append((f"{label},cuda_graphs=false", e2e.config_from_spec(f"{label},cuda_graphs=false")))
+                variants.append((f"{label},cuda_graphs=false", config_from_spec(f"{label},cuda_graphs=false")))
             for key, cfg in variants:
                 model = _model(name, dtype, ctx.device, args.seed, cfg)
-                ms, latents, _ = e2e.run_blocks(model, pipe_cfg, noise, prompts, [], args.seed)
+                ms, latents, _ = run_blocks(model, pipe_cfg, noise, prompts, [], args.seed)
                 row["one_gpu" if key == label else "one_gpu_eager"] = _steady(ms, warmup)[0]
                 if key == label:
                     row["one_gpu_block_ms"], one_latents = ms, latents
@@ -112,13 +108,13 @@ def run_e2e(args) -> int:
         dist.barrier()
         model = _model(name, dtype, ctx.device, args.seed, config)
         sp = sequence_parallel(model, check_inputs=False)
-        ms, latents, _ = e2e.run_blocks(sp, pipe_cfg, noise, prompts, [], args.seed)
+        ms, latents, _ = run_blocks(sp, pipe_cfg, noise, prompts, [], args.seed)
         del sp, model
         if ctx.rank == 0:
             row["sp"], row["sp_block_ms"] = _steady(ms, warmup)[0], ms
             row["speedup"] = row["one_gpu"] / row["sp"]
             row["speedup_vs_eager"] = row.get("one_gpu_eager", row["one_gpu"]) / row["sp"]
-            row["rel_l2"], row["cosine"] = e2e.compare(latents, one_latents)
+            row["rel_l2"], row["cosine"] = compare(latents, one_latents)
             rows.append(row)
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -176,19 +172,19 @@ def run_vae(args) -> int:
     args.preset_model = None
     ctx, name, dtype, noise, prompts = _setup(args, 2)
     fpb = args.frames_per_block
-    warmup = e2e.steady_start(get_preset(name).local_attn_size, fpb)
+    warmup = steady_start(get_preset(name).local_attn_size, fpb)
     if args.generator_blocks <= warmup + 1:
         raise SystemExit(f"vae --devices 2: --generator-blocks {args.generator_blocks} leaves no timed interval "
                          f"after {warmup} warm-up blocks")
     pipe_cfg = PipelineConfig(num_frame_per_block=fpb)
     rows = []
     for spec in args.generator or ["exact"]:
-        config = e2e.config_from_spec(spec)
+        config = config_from_spec(spec)
         row = {"config": config.name}
         if ctx.rank == 0:
             # Alone on each GPU at once: the generator here, the decode on rank 1.
             model = _model(name, dtype, ctx.device, args.seed, config)
-            ms, _, _ = e2e.run_blocks(model, pipe_cfg, noise, prompts, [], args.seed)
+            ms, _, _ = run_blocks(model, pipe_cfg, noise, prompts, [], args.seed)
             row["generator_ms"] = _steady(ms, warmup)[0]
             # One GPU, one after the other: the baseline the split is for.
             row["sequential_ms"], sequential = _one_gpu_sequential(ctx, model, name, dtype, noise, prompts, args, warmup)
@@ -213,7 +209,7 @@ def run_vae(args) -> int:
             row["split_interval_ms"], row["split_intervals"] = _steady(intervals[1:], warmup)[0], intervals
             row["ratio_to_generator"] = row["split_interval_ms"] / row["generator_ms"]
             video = torch.cat(pixels, dim=2)
-            row["pixels_rel_l2_vs_sequential"] = e2e.compare(video, sequential.to(video.device))[0]
+            row["pixels_rel_l2_vs_sequential"] = compare(video, sequential.to(video.device))[0]
             del model
         else:
             row["vae_rank"] = _serve(ctx, vae)

@@ -20,6 +20,10 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
 _ATTENTION = dict(LQ_BUCKET=4096, HEAD_DIM=128, RING=True, N_RANGES=3, USE_TMA=False, INTERPRET=False,
                   BLOCK_M=128, BLOCK_N=128)
 _CONV = dict(C_IN=128, C_OUT=128, HAS_BIAS=True, INTERPRET=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
@@ -58,10 +62,6 @@ def _signature(fn, const: dict) -> dict:
 
 def sass(package: str, label: str) -> list[str]:
     """The SASS lines of one compiled variant, without addresses, encodings and comments."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     module, name, const, stages = VARIANTS[label]
     fn = getattr(importlib.import_module(f"{package}.{module}"), name)
     kernel = triton.compile(ASTSource(fn, _signature(fn, const), const), target=GPUTarget("cuda", 90, 32),

@@ -25,41 +25,24 @@ import copy
 import dataclasses
 import os
 import sys
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
-import yaml
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
+from longlive_triton.models import get_preset
+from longlive_triton.models.wan21_vae import build_vae_decoder
 from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.vae_decoder import FastDecoder3d
-from longlive_triton.models.wan21_vae import build_vae_decoder
-from longlive_triton.vae_patch import VAEDecoderOptions, patch_vae
+from longlive_triton.runtime.pipeline import PipelineConfig
 from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
+from longlive_triton.stock.vae import build_stock_vae, load_stock_vae, stock_cached_decode
+from longlive_triton.vae_patch import VAEDecoderOptions, patch_vae
 
+from .measure import DTYPES, VAE_ALL_OFF, RowSettings, config_from_spec, draw_inputs, measure_row, steady_start, \
+    variant_options
 from .results import environment, fmt, format_table, quantiles, save
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-ALL_OFF = dict(subpixel_upsample=False, fused_bias=False, frames_per_call=1, cuda_graphs=False,
-               cudnn_benchmark=False, triton_conv=False)
-
-
-def variant_options(spec: str) -> dict:
-    """'defaults', 'all-off', or 'key=value,...' (YAML values) over VAEDecoderOptions' defaults."""
-    if spec == "defaults":
-        return {}
-    if spec == "all-off":
-        return dict(ALL_OFF)
-    changes = {}
-    for item in spec.split(","):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"VAE variant {spec!r}: {item!r} is not key=value")
-        changes[key.strip()] = yaml.safe_load(value)
-    VAEDecoderOptions(**changes)  # unknown keys and bad values fail here, before anything is built
-    return changes
 
 
 def default_variants() -> list[str]:
@@ -94,7 +77,6 @@ def time_stream(decode_block: Callable[[torch.Tensor], torch.Tensor], blocks: li
 
 def profile_block(vae, z: torch.Tensor, rows: int) -> str:
     """The top GPU ops of one steady-state block (after two warm-up blocks), by total device time."""
-    from torch.profiler import ProfilerActivity, profile
     stream = StreamingVAEDecoder(vae)
     stream.decode_block(z)
     stream.decode_block(z)
@@ -107,7 +89,6 @@ def profile_block(vae, z: torch.Tensor, rows: int) -> str:
 
 def block_flops(vae, z: torch.Tensor) -> float:
     """FLOPs of one steady-state block (convolutions, GEMMs, attention), counted by torch on the reference."""
-    from torch.utils.flop_counter import FlopCounterMode
     stream = StreamingVAEDecoder(vae)
     stream.decode_block(z[:, :, :1])
     with FlopCounterMode(display=False) as counter:
@@ -159,7 +140,6 @@ def measure_vae(*, latent_hw=(60, 104), frames_per_block: int = 3, blocks: int =
                   ("patched", ours("patched"))]
     providers += [(f"patched, {spec}", ours("patched", options)) for spec, options in specs.items() if spec != "defaults"]
     if stock_src:
-        from longlive_triton.stock.vae import build_stock_vae, load_stock_vae, stock_cached_decode
         sv = load_stock_vae(stock_src)
 
         def stock(options: dict | None):
@@ -171,7 +151,7 @@ def measure_vae(*, latent_hw=(60, 104), frames_per_block: int = 3, blocks: int =
                 return (lambda z: stock_cached_decode(model, z)), (lambda: model._feat_map) if options is not None else None
             return setup
         providers += [("stock WanVAE_", stock(None)), ("stock WanVAE_ + patch_vae", stock({})),
-                      ("stock WanVAE_ + patch_vae, all-off", stock(dict(ALL_OFF)))]
+                      ("stock WanVAE_ + patch_vae, all-off", stock(dict(VAE_ALL_OFF)))]
 
     rows, ref_out, base = [], None, None
     for name, setup in providers:
@@ -218,23 +198,15 @@ def table(rows: list[dict]) -> str:
 
 def generator_rows(configs: list[str], *, blocks: int, frames_per_block: int, dtype_name: str, seed: int) -> list[dict]:
     """The generator's steady-state ms per block at 1.3B shapes: the stock reference and each preset."""
-    from longlive_triton.runtime.pipeline import PipelineConfig
-    from longlive_triton.models import get_preset
-
-    from . import e2e
-    preset = get_preset("longlive-1.3b")
-    args = SimpleNamespace(preset_model="longlive-1.3b", seed=seed, frames_per_block=frames_per_block,
-                           warmup_blocks=e2e.steady_start(preset.local_attn_size, frames_per_block),
-                           switch_block=None, profile=False)
+    name = "longlive-1.3b"
+    settings = RowSettings(preset_model=name, seed=seed, frames_per_block=frames_per_block,
+                           warmup_blocks=steady_start(get_preset(name).local_attn_size, frames_per_block))
     pipe_cfg = PipelineConfig(num_frame_per_block=frames_per_block)  # each row takes its model's window
-    gen = torch.Generator("cuda").manual_seed(seed)
-    dtype = e2e.DTYPES[dtype_name]
-    noise = torch.randn([1, blocks * frames_per_block, preset.in_dim, preset.latent_height, preset.latent_width],
-                        generator=gen, device="cuda").to(dtype)
-    prompts = [torch.randn([1, preset.text_len, preset.text_dim], generator=gen, device="cuda").to(dtype)]
+    noise, prompts = draw_inputs(name, blocks=blocks, frames_per_block=frames_per_block, dtype=DTYPES[dtype_name],
+                                 seed=seed, device="cuda")
     rows = []
-    for config in [None] + [e2e.config_from_spec(c) for c in configs]:
-        row, _ = e2e.measure_row(args, config, pipe_cfg, noise, prompts)
+    for config in [None] + [config_from_spec(c) for c in configs]:
+        row, _ = measure_row(settings, config, pipe_cfg, noise, prompts)
         rows.append({"config": row["config"], "generator_ms": row["median_ms"]})
     return rows
 

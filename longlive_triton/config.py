@@ -7,32 +7,153 @@ plus a 9-frame window), and a base may have a base of its own.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+import types
+import typing
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
 
 
+class PatchConfigError(ValueError, TypeError):
+    """A config key with a value it does not take (a ValueError and a TypeError, for callers of either)."""
+
+
+@dataclass(frozen=True)
+class Between:
+    """Declares a number's range next to its field: [low, high], or [low, high) with high_open."""
+
+    low: float
+    high: float = math.inf
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        # Written so NaN fails: every comparison with it is False.
+        return self.low <= value and (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        return f"in [{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def _describe(hint) -> str:
+    """What a field of type `hint` takes, in words (for the error message)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return f"{' and '.join(str(a) for a in args[1:])} ({_describe(args[0])})"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list, each item {_describe(args[0])}"
+        return f"a list of {len(args)} items: " + ", ".join(_describe(a) for a in args)
+    return {bool: "a bool", int: "an int", float: "a number", str: "a str"}[hint]
+
+
+class _Mismatch(Exception):
+    """A value that does not fit a field's declared type (turned into a PatchConfigError naming the key)."""
+
+
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def _convert(hint, value):
+    """`value` as the field of type `hint` holds it (a YAML list becomes a tuple), or _Mismatch."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        value = _convert(args[0], value)
+        if not all(check.holds(value) for check in args[1:]):
+            raise _Mismatch
+        return value
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise _Mismatch
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            if arm is type(None):
+                if value is None:
+                    return value
+                continue
+            try:
+                return _convert(arm, value)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise _Mismatch
+        return tuple(_convert(h, v) for h, v in zip(items, value))
+    # bool is an int in Python: only a bool field takes True/False.
+    if not isinstance(value, _SCALARS[hint]) or (hint is not bool and isinstance(value, bool)):
+        raise _Mismatch
+    return value
+
+
+def _check_fields(config) -> None:
+    """Every field of a frozen config dataclass against its declared type (Literal choices, Between
+    ranges, tuples from YAML lists); the error names the key and what it takes."""
+    for name, hint in typing.get_type_hints(type(config), include_extras=True).items():
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            if not isinstance(getattr(config, name), hint):
+                raise PatchConfigError(f"{name} must be a {hint.__name__}, got {getattr(config, name)!r}")
+            continue
+        value = getattr(config, name)
+        try:
+            object.__setattr__(config, name, _convert(hint, value))  # frozen: set once, converted
+        except _Mismatch:
+            raise PatchConfigError(f"{name} must be {_describe(hint)}, got {value!r}") from None
+
+
+AttentionBackend = Literal["sdpa", "triton"]   # cuDNN through SDPA, or our Triton window kernel
+KVCacheDtype = Literal["bf16", "fp8"]
+DEFAULT_FP8_EXCLUDE = ("text_embedding.*", "time_embedding.*", "time_projection.*", "head.*",
+                       "blocks.*.self_attn.o", "blocks.*.cross_attn.q", "blocks.*.cross_attn.o")
+
+
+@dataclass(frozen=True)
+class KernelTuning:
+    """The kernels' launch knobs: each changes how fast a kernel runs, not what the user chose.
+    In YAML and dicts they are flat keys beside the choices (`attention_split: 2`), or under `tuning:`."""
+
+    # Our Triton attention (attention_backend "triton"): split-KV shares per query tile (finer waves
+    # on the GPU) and TMA loads of K/V tiles (compute capability >= 9).
+    attention_split: Annotated[int, Between(1, 8)] = 1
+    attention_tma: bool = False
+    # Hopper paths of the FP8 GEMM, each switchable without touching the kernel: the persistent
+    # kernel with TMA-descriptor loads (else pointer loads, one program per tile), Triton's loop
+    # flattening in it, and Triton's warp specialisation in it.
+    fp8_gemm_tma: bool = True
+    fp8_gemm_flatten: bool = True
+    fp8_gemm_warp_specialize: bool = False
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
 @dataclass(frozen=True)
 class PatchConfig:
-    """What patch_model does. Unknown keys, wrong types and bad values are refused on construction."""
+    """What patch_model does: the user's choices, and the kernels' tuning knobs apart (`tuning`).
+    Unknown keys, wrong types and bad values are refused on construction."""
 
-    name: str = "custom"
+    name: str = "custom"  # the preset's name
     # Fold unmerged peft LoRA adapters into their base Linear weights (fp32 math) before patching.
     merge_lora: bool = True
     # Self-attention on the fused RoPE/KV-append kernel over a ring-buffered cache, attending with
     # our Triton window kernel ("triton") or cuDNN through SDPA ("sdpa").
     window_attention: bool = True
-    attention_backend: str = "sdpa"
+    attention_backend: AttentionBackend = "sdpa"
     # The self-attention KV cache in bf16, or in e4m3 (half the memory and the bytes attention
     # reads; q, k and v in e4m3 so both attention dots run on the FP8 tensor cores; needs
     # window_attention with the "triton" backend). Layout and scales: kernels/fp8_kv_cache.py.
-    kv_cache_dtype: str = "bf16"
-    # Launch options of our Triton attention (attention_backend "triton"): split-KV shares per
-    # query tile (finer waves on the GPU) and TMA loads of K/V tiles (compute capability >= 9).
-    attention_split: int = 1
-    attention_tma: bool = False
+    kv_cache_dtype: KVCacheDtype = "bf16"
     # Each layer's LayerNorms, adaLN modulation and gated residual adds as four fused passes, and
     # the cross-attention's query RMSNorm as one.
     fused_glue: bool = True
@@ -41,11 +162,11 @@ class PatchConfig:
     cuda_graphs: bool = True
     # Speed levers that change the output (off in `exact`). The KV window in latent frames, sink
     # included (None: keep the model's; must hold the sink and one block, checked by patch_model).
-    local_attn_size: int | None = None
+    local_attn_size: Annotated[int, Between(1)] | None = None
     # Token merging before each block's FFN: the fraction of every latent frame's tokens merged into
     # a destination grid of one token per stride cell (0: off); the FFN runs on the rest.
-    token_merge_ratio: float = 0.0
-    token_merge_stride: tuple[int, int] = (2, 2)
+    token_merge_ratio: Annotated[float, Between(0, 1, high_open=True)] = 0.0
+    token_merge_stride: tuple[Annotated[int, Between(1)], Annotated[int, Between(1)]] = (2, 2)  # rows, columns
     # Linear layers as W8A8 FP8 GEMMs (patches/fp8_linear.py): e4m3 weights with one scale per
     # output channel, quantized once at patch time (after the LoRA merge), e4m3 activations with one
     # scale per token, handed over already quantized by the block's adaln where fused_glue is on.
@@ -56,63 +177,41 @@ class PatchConfig:
     # The default keeps the conditioning and output layers (a handful of tokens each), and the
     # layers whose input no fused producer quantizes (the o projections, the cross-attention query):
     # each would pay a separate quantization pass over its 1536-wide input for a 1536 x 1536 GEMM.
-    fp8_exclude: tuple = ("text_embedding.*", "time_embedding.*", "time_projection.*", "head.*",
-                          "blocks.*.self_attn.o", "blocks.*.cross_attn.q", "blocks.*.cross_attn.o")
+    fp8_exclude: tuple[str, ...] = DEFAULT_FP8_EXCLUDE
     # The FFN's hidden activation: True: the up GEMM's epilogue (bias, GELU) writes it in FP8 with
     # one scale per token and 128 columns, and the down GEMM applies them per K-tile; False: the up
     # GEMM writes bf16, a Triton pass quantizes it per token, then the down GEMM.
     fp8_ffn_fused: bool = True
-    # Hopper paths of the FP8 GEMM, each switchable without touching the kernel: the persistent
-    # kernel with TMA-descriptor loads (else pointer loads, one program per tile), Triton's loop
-    # flattening in it, and Triton's warp specialisation in it.
-    fp8_gemm_tma: bool = True
-    fp8_gemm_flatten: bool = True
-    fp8_gemm_warp_specialize: bool = False
+    tuning: KernelTuning = field(default_factory=KernelTuning)
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            expected = {"str": str, "bool": bool, "int": int, "float": (int, float)}.get(str(f.type))
-            if expected is not None and not isinstance(value, expected):
-                raise TypeError(f"PatchConfig.{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
-        exclude = self.fp8_exclude
-        if isinstance(exclude, str) or not isinstance(exclude, (list, tuple)) \
-                or not all(isinstance(p, str) for p in exclude):
-            raise TypeError(f"PatchConfig.fp8_exclude must be a list of path patterns (str), got {exclude!r}")
-        object.__setattr__(self, "fp8_exclude", tuple(exclude))  # frozen: hashable, comparable
-        if self.attention_backend not in ("sdpa", "triton"):
-            raise ValueError(f"attention_backend must be 'sdpa' or 'triton', got {self.attention_backend!r}")
-        window = self.local_attn_size
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(f"local_attn_size must be None (keep the model's) or a positive number of latent "
-                             f"frames, got {window!r}")
-        ratio = self.token_merge_ratio
-        if not 0.0 <= ratio < 1.0:  # also refuses NaN
-            raise ValueError(f"token_merge_ratio must be in [0, 1) (the fraction of each frame's tokens merged "
-                             f"before the FFN; 0 is off), got {ratio!r}")
-        stride = self.token_merge_stride
-        if (not isinstance(stride, (tuple, list)) or len(stride) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in stride)):
-            raise ValueError(f"token_merge_stride must be two positive ints [rows, columns] of the latent token "
-                             f"grid, got {stride!r}")
-        object.__setattr__(self, "token_merge_stride", tuple(stride))  # YAML gives a list
-        if self.kv_cache_dtype not in ("bf16", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be 'bf16' or 'fp8', got {self.kv_cache_dtype!r}")
-        if isinstance(self.attention_split, bool) or not 1 <= self.attention_split <= 8:
-            raise ValueError(f"attention_split must be an int in [1, 8], got {self.attention_split!r}")
+        _check_fields(self)
         if self.kv_cache_dtype == "fp8" and not (self.window_attention and self.attention_backend == "triton"):
-            raise ValueError("kv_cache_dtype 'fp8' needs window_attention: true and attention_backend: 'triton' "
-                             "(cuDNN's SDPA cannot read the fp8 cache)")
+            raise PatchConfigError("kv_cache_dtype 'fp8' needs window_attention: true and attention_backend: "
+                                   "'triton' (cuDNN's SDPA cannot read the fp8 cache)")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The keys a preset file or dict may name (the tuning knobs flat among them, or under `tuning`)."""
+        choices = [f.name for f in dataclasses.fields(cls) if f.name != "tuning"]
+        return sorted(choices + [f.name for f in dataclasses.fields(KernelTuning)] + ["tuning"])
+
+    def to_dict(self) -> dict:
+        """Every key with its value, flat (the tuning knobs beside the choices): what from_dict takes back."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tuning"}
+        return {**data, **dataclasses.asdict(self.tuning)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PatchConfig":
         if not isinstance(data, dict):
             raise TypeError(f"a patch config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        data = _flat(data)
+        unknown = sorted(set(data) - set(cls.keys()))
         if unknown:
-            raise ValueError(f"unknown patch config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+            raise ValueError(f"unknown patch config keys {unknown}; known keys: {cls.keys()}")
+        knobs = {f.name for f in dataclasses.fields(KernelTuning)}
+        tuning = KernelTuning(**{k: v for k, v in data.items() if k in knobs})
+        return cls(**{k: v for k, v in data.items() if k not in knobs}, tuning=tuning)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PatchConfig":
@@ -123,6 +222,21 @@ class PatchConfig:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
             raise type(e)(f"patch config file {path}: {e}") from None
+
+
+def _flat(data: dict) -> dict:
+    """`data` with a `tuning:` mapping (or KernelTuning) spread into flat keys."""
+    tuning = data.get("tuning")
+    if tuning is None:
+        return dict(data)
+    if isinstance(tuning, KernelTuning):
+        tuning = dataclasses.asdict(tuning)
+    if not isinstance(tuning, dict):
+        raise PatchConfigError(f"tuning must be a mapping of kernel knobs, got {tuning!r}")
+    twice = sorted(set(tuning) & set(data))
+    if twice:
+        raise ValueError(f"patch config keys {twice} are given both flat and under tuning")
+    return {**{k: v for k, v in data.items() if k != "tuning"}, **tuning}
 
 
 def _yaml_keys(path: Path, chain: tuple[Path, ...]) -> dict:
@@ -140,14 +254,14 @@ def _yaml_keys(path: Path, chain: tuple[Path, ...]) -> dict:
                         f"config keys (e.g. `window_attention: true`)")
     base = data.pop("base", None)
     if base is None:
-        return data
+        return _flat(data)
     if not isinstance(base, str):
         raise TypeError(f"patch config file {path}: base must be a preset name or a YAML path, got {base!r}")
     base_path = _preset_path(base, relative_to=path.parent)
     if base_path.resolve() in chain + (path.resolve(),):
         raise ValueError(f"patch config file {path}: base {base!r} leads back to itself")
     merged = {k: v for k, v in _yaml_keys(base_path, chain + (path.resolve(),)).items() if k != "name"}
-    return {**merged, **data}
+    return {**merged, **_flat(data)}  # flat: a file's tuning keys win over its base's one by one
 
 
 def _preset_path(name: str, relative_to: Path | None = None) -> Path:

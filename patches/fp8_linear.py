@@ -32,8 +32,9 @@ from .window_self_attention import WindowSelfAttention
 
 def gemm_options(config, device: torch.device) -> dict:
     """fp8_gemm's kernel options from the config; TMA only where the device has it."""
-    return dict(use_tma=bool(config.fp8_gemm_tma) and tma_supported(device), flatten=config.fp8_gemm_flatten,
-                warp_specialize=config.fp8_gemm_warp_specialize)
+    tuning = config.tuning
+    return dict(use_tma=bool(tuning.fp8_gemm_tma) and tma_supported(device), flatten=tuning.fp8_gemm_flatten,
+                warp_specialize=tuning.fp8_gemm_warp_specialize)
 
 
 def _check_weight(name: str, linear: nn.Module) -> None:
@@ -201,8 +202,9 @@ def _fp8_qkv(attn: WindowSelfAttention, config) -> WindowSelfAttention:
 
 
 def _describe(config) -> str:
-    opts = dict(use_tma=config.fp8_gemm_tma, flatten=config.fp8_gemm_flatten,
-                warp_specialize=config.fp8_gemm_warp_specialize)
+    tuning = config.tuning
+    opts = dict(use_tma=tuning.fp8_gemm_tma, flatten=tuning.fp8_gemm_flatten,
+                warp_specialize=tuning.fp8_gemm_warp_specialize)
     return (f"FP8 GEMMs ({_options_repr(opts)} where the GPU has TMA); FFN hidden activation "
             + ("fused into the up GEMM" if config.fp8_ffn_fused else "quantized in a separate pass")
             + f"; kept bf16: {', '.join(config.fp8_exclude) or 'none'}")

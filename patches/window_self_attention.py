@@ -93,8 +93,8 @@ class WindowSelfAttention(nn.Module):
             raise PatchSkip(f"the fp8 KV cache needs FP8 support (compute capability >= 8.9); this GPU is "
                             f"{torch.cuda.get_device_capability(weight.device)}")
         # TMA where the GPU has it (compute capability >= 9); elsewhere the same kernel with pointer loads.
-        use_tma = config.attention_tma and tma_supported(weight.device)
-        new = cls(stock, backend, config.kv_cache_dtype, config.attention_split, use_tma)
+        use_tma = config.tuning.attention_tma and tma_supported(weight.device)
+        new = cls(stock, backend, config.kv_cache_dtype, config.tuning.attention_split, use_tma)
         new.window_frames = config.local_attn_size
         with torch.no_grad():
             fused_w = torch.cat([stock.q.weight, stock.k.weight, stock.v.weight])

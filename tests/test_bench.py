@@ -66,7 +66,7 @@ def test_e2e_presets_use_their_window_and_report_drift_against_exact(tmp_path, c
 
 
 def test_drift_per_block():
-    from longlive_triton.bench.e2e import drift_per_block
+    from longlive_triton.bench.measure import drift_per_block
 
     ref = torch.randn(1, 6, 4, 2, 2, dtype=torch.float64) + 0.5
     out = ref.clone()
@@ -78,7 +78,7 @@ def test_drift_per_block():
 def test_e2e_on_a_cpu_prints_no_speedup(tmp_path, capsys, monkeypatch):
     """bf16 on a CPU: the patched row runs Triton's interpreter (a time, not a speed figure); without
     the interpreter nothing is patched. Neither prints a speed-up; the progress bar counts the blocks."""
-    from longlive_triton.bench import e2e
+    from longlive_triton.bench import measure
 
     bars = []
 
@@ -96,7 +96,7 @@ def test_e2e_on_a_cpu_prints_no_speedup(tmp_path, capsys, monkeypatch):
         def update(self):
             self.n += 1
 
-    monkeypatch.setattr(e2e, "block_bar", Bar)
+    monkeypatch.setattr(measure, "block_bar", Bar)
     out = tmp_path / "e2e.json"
     assert main(["e2e", "--preset-model", "tiny", "--blocks", "2", "--warmup-blocks", "1", "--configs",
                  "exact", "--json", str(out)]) == 0
@@ -131,9 +131,10 @@ def test_e2e_configs_none_is_the_stock_row_only(tmp_path):
     (["--model", "stock", "--switch-block", "5"], "--model stock takes --switch-every"),
 ] + ([] if torch.cuda.is_available() else [(["--profile"], "--profile needs a CUDA GPU")]))
 def test_e2e_checks_arguments_before_any_work(argv, message, capsys, monkeypatch):
-    from longlive_triton.bench import e2e
+    from longlive_triton.bench import e2e_stock, e2e_vae, measure
 
-    monkeypatch.setattr(e2e, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    for module in (measure, e2e_stock, e2e_vae):
+        monkeypatch.setattr(module, "build_model", lambda *a, **k: pytest.fail("a model was built"))
     assert main(["e2e", "--preset-model", "tiny"] + argv) == 2
     assert message in capsys.readouterr().err
 

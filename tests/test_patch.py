@@ -158,7 +158,7 @@ def test_presets_compose_through_base(tmp_path):
     (tmp_path / "child.yaml").write_text("base: mine.yaml\nattention_split: 2\n")
     child = load_preset(str(tmp_path / "child.yaml"))
     assert child == dataclasses.replace(load_preset("fastest"), name="child", local_attn_size=6, fp8_exclude=(),
-                                        attention_split=2)
+                                        tuning=dataclasses.replace(load_preset("fastest").tuning, attention_split=2))
     (tmp_path / "loop_a.yaml").write_text("base: loop_b.yaml\n")
     (tmp_path / "loop_b.yaml").write_text("base: loop_a.yaml\n")
     with pytest.raises(ValueError, match="leads back to itself"):

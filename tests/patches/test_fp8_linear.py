@@ -187,7 +187,7 @@ def test_fp8_config_keys():
     with pytest.raises(TypeError, match="fp8_exclude"):
         PatchConfig(fp8_exclude="head.*")
     with pytest.raises(TypeError, match="fp8_gemm_tma"):
-        PatchConfig(fp8_gemm_tma="yes")
+        PatchConfig.from_dict({"fp8_gemm_tma": "yes"})
 
 
 @pytest.mark.gpu

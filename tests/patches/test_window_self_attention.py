@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from longlive_triton import PatchConfig, load_preset, patch_model
+from longlive_triton.config import KernelTuning
 from longlive_triton.numerics import cosine, rel_l2
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
 from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
@@ -113,7 +114,8 @@ def test_fp8_cache_tiny_model_stays_close(device):
     ref = build_model("tiny", dtype=torch.bfloat16, device=device, seed=3)
     want = _run(ref, noise, prompts, [12], global_sink)
     model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=3)
-    cfg = PatchConfig(window_attention=True, attention_backend="triton", kv_cache_dtype="fp8", attention_split=2)
+    cfg = PatchConfig(window_attention=True, attention_backend="triton", kv_cache_dtype="fp8",
+                      tuning=KernelTuning(attention_split=2))
     report = patch_model(model, cfg)
     assert report.counts()["window_self_attention"] == {"applied": 2, "skipped": 0}
     assert "both attention dots in FP8" in str(report)
@@ -162,7 +164,9 @@ def test_fp8_cache_config_is_validated():
     with pytest.raises(ValueError, match="kv_cache_dtype must be"):
         PatchConfig(kv_cache_dtype="int8")
     with pytest.raises(ValueError, match="attention_split must be"):
-        PatchConfig(attention_split=0)
+        PatchConfig.from_dict({"attention_split": 0})
+    with pytest.raises(ValueError, match="attention_split must be"):
+        KernelTuning(attention_split=9)
     with pytest.raises(ValueError, match="unknown patch config keys"):
         PatchConfig.from_dict({"fp8_attention_dots": "both"})
 
@@ -189,7 +193,7 @@ def test_fp8_cache_1p3b_drift_over_20_blocks(split, reference_1p3b_latents):
     noise, prompts, want = reference_1p3b_latents
     model = build_model("longlive-1.3b", dtype=torch.bfloat16, device="cuda", seed=0)
     cfg = dataclasses.replace(load_preset("exact"), attention_backend="triton", kv_cache_dtype="fp8",
-                              attention_split=split)
+                              tuning=KernelTuning(attention_split=split))
     report = patch_model(model, cfg)
     assert not report.skipped
     torch.manual_seed(0)
