@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, check_tensor, interpreting
+from ._common import cast_bf16, check_kernel_device, check_tensor, interpreting
 from .fp8_kv_cache import V_GROUP, check_fp8_cache, quantize_k_ref, quantize_rows_ref
 from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
 from .rope_kv_append import (_ring_slot, _rms_norm_bf16, _rotate, _rows_written, _token_tables,
@@ -173,6 +173,7 @@ def kv_quant_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     written; returns (q8 [B, n, H, D] e4m3, q_scale [B, n, H] fp32), into q_out if given."""
     check_tensor("q_lin", q_lin, dtype=torch.bfloat16, shape=("B", "n", "H*D"))
     device = q_lin.device
+    check_kernel_device("kv_quant_append", device)
     check_fp8_cache(k8, k_scale, v8, v_scale, device)
     start_frame, dst_start, row_lo, shift, ring_size = check_append_inputs(
         q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, k8.shape, grid_sizes,

@@ -161,12 +161,11 @@ def _rope_kv_append_kernel(
 def check_append_inputs(q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, cache_shape,
                         grid_sizes, start_frame, dst_start, row_lo, ring_lo, ring_size, shift,
                         norm_optional: bool = False):
-    """Validate the inputs that rope_kv_append and kv_quant_append share (everything but the caches'
-    dtypes); returns (start_frame, dst_start, row_lo, shift) as device tensors and the ring size.
-    With norm_optional, both norm weights may be None (inputs already normed)."""
-    check_tensor("q_lin", q_lin, dtype=torch.bfloat16, shape=("B", "n", "H*D"))
+    """Validate the inputs that rope_kv_append and kv_quant_append share (everything but q_lin, which
+    the launcher checks first, and the caches' dtypes); returns (start_frame, dst_start, row_lo,
+    shift) as device tensors and the ring size. With norm_optional, both norm weights may be None
+    (inputs already normed)."""
     device = q_lin.device
-    check_kernel_device("the RoPE + KV append", device)
     check_tensor("k_lin", k_lin, dtype=torch.bfloat16, shape=("B", "n", "H*D"), device=device)
     check_tensor("v", v, dtype=torch.bfloat16, shape=("B", "n", "H*D"), device=device)
     if k_lin.shape != q_lin.shape or v.shape != q_lin.shape:
@@ -232,6 +231,7 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     """
     check_tensor("q_lin", q_lin, dtype=torch.bfloat16, shape=("B", "n", "H*D"))
     device = q_lin.device
+    check_kernel_device("rope_kv_append", device)
     check_tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=("B", "C", "H", "D"), device=device)
     check_tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=("B", "C", "H", "D"), device=device)
     if k_cache.shape != v_cache.shape:
