@@ -1,11 +1,12 @@
 """Helpers shared by the kernels: bf16 rounding and a bf16 dot that the compiler and the interpreter
-both honour, the launchers' device, operand and index checks, the row kernels' launch rule, and the
-scratch allocator of device-side TMA descriptors."""
+both honour, the launchers' checks (`check_kernel_device`, the one tensor checker `check_tensor`,
+`index_arg`), the row kernels' launch rule, and the scratch allocator of device-side TMA descriptors."""
 from __future__ import annotations
 
 import contextlib
 import inspect
 import os
+from typing import Literal
 
 import torch
 import triton
@@ -27,6 +28,56 @@ def check_kernel_device(what: str, device: torch.device) -> None:
     if device.type != "cuda" and not interpreting():
         raise ValueError(f"{what} needs CUDA tensors (or Triton's CPU interpreter: TRITON_INTERPRET=1, set before "
                          f"triton is imported); its inputs are on {device}")
+
+
+def check_tensor(name: str, t, *, dtype: torch.dtype | tuple[torch.dtype, ...],
+                 shape: tuple[int | str, ...] | None = None, device: torch.device | None = None,
+                 layout: Literal["last_dim", "contiguous", "channels_last_3d", "any"] = "last_dim") -> None:
+    """A launcher's check of one tensor argument; the error names the argument and what is wrong.
+
+    dtype: the dtype, or a tuple of the dtypes allowed. shape: one entry per dim, an int (that size)
+    or a name (any size; the message shows the name), e.g. (B, "L", C). device: where the kernel's
+    other inputs are (None: not checked). layout: "last_dim" (the last dim contiguous, other dims
+    any stride: the kernels take row strides), "contiguous", "channels_last_3d" (a [B, C, T, H, W]
+    video addressed as ((t * H + h) * W + w) * C + c from its batch start), or "any". Strides of
+    size-1 dims do not count: torch may report any, and no kernel steps along them.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if shape is not None:
+        want = "[" + ", ".join(map(str, shape)) + "]"
+        if t.dim() != len(shape):
+            raise ValueError(f"{name} must be {len(shape)}-D {want}, got shape {list(t.shape)}")
+        if any(isinstance(size, int) and n != size for n, size in zip(t.shape, shape)):
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but the kernel's other inputs are on {device}")
+    if layout == "last_dim":
+        if t.dim() and t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    elif layout == "contiguous":
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    elif layout == "channels_last_3d":
+        _check_channels_last_3d(name, t)
+    elif layout != "any":
+        raise ValueError(f"unknown layout {layout!r}")
+
+
+def _check_channels_last_3d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 5:
+        raise ValueError(f"{name} must be 5-D [B, C, T, H, W] to be channels-last 3-D, got shape {list(t.shape)}")
+    _, c, frames, h, w = t.shape
+    want = {"C": (c, 1), "W": (w, c), "H": (h, w * c), "T": (frames, h * w * c)}
+    got = {"C": t.stride(1), "W": t.stride(4), "H": t.stride(3), "T": t.stride(2)}
+    bad = [k for k, (size, stride) in want.items() if size > 1 and got[k] != stride]
+    if bad:
+        raise ValueError(f"{name} must be channels-last 3-D (strides C=1, W=C, H=W*C, T=H*W*C); dims {bad} of "
+                         f"shape {list(t.shape)} have strides {t.stride()} "
+                         "(use .contiguous(memory_format=torch.channels_last_3d))")
 
 
 def tma_supported(device: torch.device) -> bool:
@@ -110,7 +161,8 @@ def index_arg(name: str, value, *, batch: int, lo: int, hi: int, device: torch.d
     """A launcher's index argument as a device tensor the kernel reads (so the host never waits).
 
     A Python int is range-checked here and becomes a one-element int32 tensor by a device fill (no
-    copy, no sync, capturable); a tensor must be int32/int64 of shape [1] or [batch] on `device`.
+    copy, no sync, capturable); a tensor must be int32/int64 of shape [1] or [batch] on `device`,
+    contiguous (the kernel steps 0 or 1 element per sample).
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int tensor or an int, got bool")
@@ -120,12 +172,9 @@ def index_arg(name: str, value, *, batch: int, lo: int, hi: int, device: torch.d
         return torch.full((1,), value, dtype=torch.int32, device=device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be an int tensor or an int, got {type(value).__name__}")
-    if value.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {value.dtype}")
+    check_tensor(name, value, dtype=(torch.int32, torch.int64), device=device)
     if value.dim() != 1 or value.numel() not in (1, batch):
         raise ValueError(f"{name} must have shape [1] or [B={batch}], got {list(value.shape)}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device}, the kernel's inputs on {device}")
     return value
 
 
@@ -135,17 +184,3 @@ def autotune(**kwargs):
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         kwargs.setdefault("cache_results", True)
     return triton.autotune(**kwargs)
-
-
-def check_bhld(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
-    """A [B, L, H, D] operand of the attention-side kernels (v8 may be tokens-contiguous)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [B, L, H, D], got shape {list(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    if t.stride(-1) != 1 and t.shape[-1] > 1 and not (name == "v8" and (t.stride(1) == 1 or t.shape[1] == 1)):
-        raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_device, interpreting, round_bf16, row_warps, rows_per_program
+from ._common import check_kernel_device, check_tensor, interpreting, round_bf16, row_warps, rows_per_program
 from .fp8_quant import FP8_DTYPE, FP8_MAX, Fp8Activation, _cast_fp8, quantize_rowwise_ref
 
 
@@ -86,26 +86,11 @@ def _adaln_kernel(
             tl.store(h_ptr + b * stride_hb + r * stride_hl + offs, h.to(tl.bfloat16), mask=mask)
 
 
-def _check_act(name: str, t: torch.Tensor, shape, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.bfloat16:
-        raise TypeError(f"{name} must be bfloat16, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension")
-
-
 def _per_frame(name: str, t: torch.Tensor, B: int, C: int, device) -> tuple[torch.Tensor, int]:
     """Accept [B, F, C] or the stock [B, F, 1, C] chunk; returns the 3-D view and F."""
     if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] == 1:
         t = t.squeeze(2)
-    if not isinstance(t, torch.Tensor) or t.dim() != 3:
-        raise ValueError(f"{name} must be [B, F, C] (or [B, F, 1, C]), got {getattr(t, 'shape', type(t).__name__)}")
-    _check_act(name, t, (B, t.shape[1], C), device)
+    check_tensor(name, t, dtype=torch.bfloat16, shape=(B, "F", C), device=device)
     return t, t.shape[1]
 
 
@@ -114,7 +99,7 @@ def _check_operands(x, y, gate, norm, weight, bias, shift, scale) -> tuple[dict,
     B, L, C = x.shape
     device = x.device
     if y is not None:
-        _check_act("y", y, (B, L, C), device)
+        check_tensor("y", y, dtype=torch.bfloat16, shape=(B, L, C), device=device)
     if gate is not None and y is None:
         raise ValueError("gate needs y: the gate multiplies the residual branch")
     if (weight is None) != (bias is None):
@@ -138,7 +123,7 @@ def _check_operands(x, y, gate, norm, weight, bias, shift, scale) -> tuple[dict,
         raise ValueError(f"{L} tokens do not split into {num_frames} frames")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
-            _check_act(name, t, (C,), device)
+            check_tensor(name, t, dtype=torch.bfloat16, shape=(C,), device=device)
     return per_frame, num_frames
 
 
@@ -153,28 +138,20 @@ def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor 
     out_x / out_h: optional preallocated outputs (out_x may be x itself: each row is read before
     it is written, by the same program); with fp8, out_h is an Fp8Activation of contiguous tensors.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    check_tensor("x", x, dtype=torch.bfloat16, shape=("B", "L", "C"))
     B, L, C = x.shape
     device = x.device
     check_kernel_device("adaln", device)
-    _check_act("x", x, (B, L, C), device)
     per_frame, num_frames = _check_operands(x, y, gate, norm, weight, bias, shift, scale)
-    if out_x is not None:
-        _check_act("out_x", out_x, (B, L, C), device)
-    if out_x is not None and y is None:
-        raise ValueError("out_x needs y: without a residual there is no x_new")
-    if out_h is not None and not norm:
-        raise ValueError("out_h needs norm=True")
-    if fp8 and not norm:
-        raise ValueError("fp8 quantizes the LayerNorm output h; norm=False has none")
+    _check_outputs(out_x, out_h, y, norm, fp8, B, L, C, device)
     x_new = (torch.empty_like(x) if out_x is None else out_x) if y is not None else None
     h = h_scale = None
+    if fp8 and out_h is None:
+        out_h = Fp8Activation(torch.empty((B, L, C), dtype=FP8_DTYPE, device=device),
+                              torch.empty((B, L), dtype=torch.float32, device=device))
     if fp8:
-        h, h_scale = _fp8_out(out_h, B, L, C, device)
+        h, h_scale = out_h
     elif norm:
-        if out_h is not None:
-            _check_act("out_h", out_h, (B, L, C), device)
         h = torch.empty_like(x) if out_h is None else out_h
     result_h = Fp8Activation(h, h_scale) if fp8 else h
     if B == 0 or L == 0:
@@ -201,19 +178,26 @@ def adaln(x: torch.Tensor, *, y: torch.Tensor | None = None, gate: torch.Tensor 
     return x_new, result_h
 
 
-def _fp8_out(out_h, B: int, L: int, C: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (q, scale) buffers of an FP8 h: out_h's, checked, or new ones."""
+def _check_outputs(out_x, out_h, y, norm: bool, fp8: bool, B: int, L: int, C: int, device) -> None:
+    """The preallocated outputs that are given: out_x [B, L, C] bf16; out_h [B, L, C] bf16, or with fp8
+    an Fp8Activation of contiguous (q [B, L, C] fp8, scale [B, L] fp32)."""
+    if out_x is not None:
+        check_tensor("out_x", out_x, dtype=torch.bfloat16, shape=(B, L, C), device=device)
+    if out_x is not None and y is None:
+        raise ValueError("out_x needs y: without a residual there is no x_new")
+    if out_h is not None and not norm:
+        raise ValueError("out_h needs norm=True")
+    if fp8 and not norm:
+        raise ValueError("fp8 quantizes the LayerNorm output h; norm=False has none")
     if out_h is None:
-        return (torch.empty((B, L, C), dtype=FP8_DTYPE, device=device),
-                torch.empty((B, L), dtype=torch.float32, device=device))
+        return
+    if not fp8:
+        check_tensor("out_h", out_h, dtype=torch.bfloat16, shape=(B, L, C), device=device)
+        return
     if not isinstance(out_h, Fp8Activation):
         raise TypeError(f"with fp8=True, out_h must be an Fp8Activation, got {type(out_h).__name__}")
-    q, s = out_h
-    for name, t, dtype, shape in (("out_h.q", q, FP8_DTYPE, (B, L, C)), ("out_h.scale", s, torch.float32, (B, L))):
-        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape or t.device != device \
-                or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {list(shape)} on {device}")
-    return q, s
+    check_tensor("out_h.q", out_h.q, dtype=FP8_DTYPE, shape=(B, L, C), device=device, layout="contiguous")
+    check_tensor("out_h.scale", out_h.scale, dtype=torch.float32, shape=(B, L), device=device, layout="contiguous")
 
 
 def adaln_ref(x, *, y=None, gate=None, norm=True, weight=None, bias=None, shift=None, scale=None, eps=1e-6,

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import autotune, cast_bf16, check_kernel_device, interpreting, launch_on, tma_supported, use_tma_allocator
+from ._common import (autotune, cast_bf16, check_kernel_device, check_tensor, interpreting, launch_on, tma_supported,
+                      use_tma_allocator)
 from .fp8_quant import ACT_GROUP, FP8_DTYPE, FP8_MAX, Fp8Activation, _cast_fp8, quantize_rowwise
 
 # The interpreter runs fixed small configs: autotuning there would time every config in numpy, and
@@ -254,22 +255,6 @@ def _check_config(config: dict) -> dict:
     return config
 
 
-def _check_tensor(name, t, dtype, shape, device, *, last_contiguous=True, contiguous=False):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} (where a_fp8 is)")
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    if last_contiguous and t.dim() == 2 and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
-
-
 def _check_aligned(name, t, elem_bytes):
     if t.data_ptr() % 16 or (t.shape[0] > 1 and (t.stride(0) * elem_bytes) % 16):
         raise ValueError(f"{name} must be 16-byte aligned (pointer and row stride), "
@@ -278,11 +263,9 @@ def _check_aligned(name, t, elem_bytes):
 
 def _vector(name, t, n, device):
     """Accept [n], [n, 1] or [1, n] float32 contiguous; return the 1-D view."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() == 2 and 1 in t.shape and t.numel() == n:
+    if isinstance(t, torch.Tensor) and t.dim() == 2 and 1 in t.shape and t.numel() == n:
         t = t.reshape(n)
-    _check_tensor(name, t, torch.float32, (n,), device, contiguous=True)
+    check_tensor(name, t, dtype=torch.float32, shape=(n,), device=device)
     return t
 
 
@@ -292,25 +275,19 @@ def _activation_scale(a_scale, M: int, K: int, device) -> tuple[torch.Tensor, bo
     if isinstance(a_scale, torch.Tensor) and a_scale.dim() == 2 and groups > 1 and a_scale.shape[1] != 1:
         if K % ACT_GROUP:
             raise ValueError(f"group-wise a_scale needs K={K} to be a multiple of {ACT_GROUP}")
-        _check_tensor("a_scale", a_scale, torch.float32, (M, groups), device)
+        check_tensor("a_scale", a_scale, dtype=torch.float32, shape=(M, groups), device=device)
         return a_scale, True
     return _vector("a_scale", a_scale, M, device), False
 
 
 def _check_operands(a_fp8, w_fp8) -> tuple[int, int, int, torch.device]:
     """(M, N, K, device) of a checked pair of FP8 operands."""
-    if not isinstance(a_fp8, torch.Tensor):
-        raise TypeError(f"a_fp8 must be a torch.Tensor, got {type(a_fp8).__name__}")
-    if a_fp8.dim() != 2:
-        raise ValueError(f"a_fp8 must be 2-D [M, K], got shape {list(a_fp8.shape)}")
-    if not isinstance(w_fp8, torch.Tensor) or w_fp8.dim() != 2:
-        raise ValueError(f"w_fp8 must be a 2-D [N, K] tensor, got {getattr(w_fp8, 'shape', type(w_fp8).__name__)}")
+    check_tensor("a_fp8", a_fp8, dtype=FP8_DTYPE, shape=("M", "K"))
     device = a_fp8.device
     check_kernel_device("fp8_gemm", device)
+    check_tensor("w_fp8", w_fp8, dtype=FP8_DTYPE, shape=("N", "K"), device=device)
     M, K = a_fp8.shape
     N = w_fp8.shape[0]
-    _check_tensor("a_fp8", a_fp8, FP8_DTYPE, (M, K), device)
-    _check_tensor("w_fp8", w_fp8, FP8_DTYPE, (N, w_fp8.shape[1]), device)
     if w_fp8.shape[1] != K:
         raise ValueError(f"a_fp8 [M, K={K}] and w_fp8 [N, K={w_fp8.shape[1]}] disagree on K")
     if K == 0 or K % 16:
@@ -322,27 +299,20 @@ def _check_operands(a_fp8, w_fp8) -> tuple[int, int, int, torch.device]:
     return M, N, K, device
 
 
-def _outputs(out, out_scale, out_fp8: bool, M: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output buffers, given (checked) or new: bf16 out, or FP8 out with its group scales."""
-    if out_fp8:
-        if N % ACT_GROUP:
-            raise ValueError(f"out_fp8 needs N={N} to be a multiple of {ACT_GROUP} (one scale per {ACT_GROUP} columns)")
-        if out is None:
-            out = torch.empty((M, N), dtype=FP8_DTYPE, device=device)
-        else:
-            _check_tensor("out", out, FP8_DTYPE, (M, N), device)
-        if out_scale is None:
-            out_scale = torch.empty((M, N // ACT_GROUP), dtype=torch.float32, device=device)
-        else:
-            _check_tensor("out_scale", out_scale, torch.float32, (M, N // ACT_GROUP), device)
-        return out, out_scale
+def _check_outputs(out, out_scale, out_fp8: bool, M: int, N: int, device) -> None:
+    """The preallocated outputs that are given: bf16 out, or FP8 out with its group scales."""
+    if not out_fp8:
+        if out_scale is not None:
+            raise ValueError("out_scale is the FP8 output's scale: pass out_fp8=True")
+        if out is not None:
+            check_tensor("out", out, dtype=torch.bfloat16, shape=(M, N), device=device)
+        return
+    if N % ACT_GROUP:
+        raise ValueError(f"out_fp8 needs N={N} to be a multiple of {ACT_GROUP} (one scale per {ACT_GROUP} columns)")
+    if out is not None:
+        check_tensor("out", out, dtype=FP8_DTYPE, shape=(M, N), device=device)
     if out_scale is not None:
-        raise ValueError("out_scale is the FP8 output's scale: pass out_fp8=True")
-    if out is None:
-        out = torch.empty((M, N), dtype=torch.bfloat16, device=device)
-    else:
-        _check_tensor("out", out, torch.bfloat16, (M, N), device)
-    return out, None
+        check_tensor("out_scale", out_scale, dtype=torch.float32, shape=(M, N // ACT_GROUP), device=device)
 
 
 def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -363,24 +333,29 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
     a_scale, grouped = _activation_scale(a_scale, M, K, device)
     w_scale = _vector("w_scale", w_scale, N, device)
     if bias is not None:
-        _check_tensor("bias", bias, (torch.bfloat16, torch.float32), (N,), device, contiguous=True)
-    out, out_scale = _outputs(out, out_scale, out_fp8, M, N, device)
-    result = Fp8Activation(out, out_scale) if out_fp8 else out
-    if M == 0:
-        return result
-
+        check_tensor("bias", bias, dtype=(torch.bfloat16, torch.float32), shape=(N,), device=device)
+    _check_outputs(out, out_scale, out_fp8, M, N, device)
     if use_tma is None:
         use_tma = tma_supported(device)
     elif use_tma and not tma_supported(device):
         raise ValueError(f"use_tma=True needs a CUDA GPU of compute capability >= 9 (or the interpreter); "
                          f"a_fp8 is on {device}")
-    interpret = interpreting()
     if config is not None:
         config = _check_config(config)
         if grouped and config["BLOCK_K"] != ACT_GROUP:
             raise ValueError(f"group-wise a_scale needs config BLOCK_K = {ACT_GROUP}")
         if out_fp8 and config["BLOCK_N"] != ACT_GROUP:
             raise ValueError(f"out_fp8 needs config BLOCK_N = {ACT_GROUP}")
+
+    if out is None:
+        out = torch.empty((M, N), dtype=FP8_DTYPE if out_fp8 else torch.bfloat16, device=device)
+    if out_fp8 and out_scale is None:
+        out_scale = torch.empty((M, N // ACT_GROUP), dtype=torch.float32, device=device)
+    result = Fp8Activation(out, out_scale) if out_fp8 else out
+    if M == 0:
+        return result
+
+    interpret = interpreting()
     args = (a_fp8, w_fp8, a_scale, w_scale, bias if bias is not None else w_scale, out,
             out_scale if out_fp8 else w_scale, M, N, K, a_fp8.stride(0), w_fp8.stride(0),
             a_scale.stride(0) if grouped else 0, out.stride(0), out_scale.stride(0) if out_fp8 else 0)

@@ -17,7 +17,7 @@ import math
 import torch
 import triton
 
-from ._common import check_bhld
+from ._common import check_tensor
 from .fp8_quant import FP8_DTYPE, FP8_MAX
 
 V_GROUP = 128  # physical slots per v scale, and the FP8 attention kernel's key tile
@@ -53,8 +53,8 @@ def fp8_kv_cache(batch: int, slots: int, heads: int, head_dim: int, device) -> t
 def check_fp8_cache(k8: torch.Tensor, k_scale: torch.Tensor, v8: torch.Tensor, v_scale: torch.Tensor,
                     device: torch.device) -> None:
     """The FP8 cache layout of the module docstring; errors name the tensor and what is wrong."""
-    check_bhld("k8", k8, device, FP8_DTYPE)
-    check_bhld("v8", v8, device, FP8_DTYPE)
+    check_tensor("k8", k8, dtype=FP8_DTYPE, shape=("B", "C", "H", "D"), device=device, layout="contiguous")
+    check_tensor("v8", v8, dtype=FP8_DTYPE, shape=("B", "C", "H", "D"), device=device, layout="any")
     B, C, H, D = k8.shape
     if v8.shape != k8.shape:
         raise ValueError(f"k8 {list(k8.shape)} and v8 {list(v8.shape)} differ in shape")
@@ -64,17 +64,8 @@ def check_fp8_cache(k8: torch.Tensor, k_scale: torch.Tensor, v8: torch.Tensor, v
     if row < C or any(n > 1 and st != want for n, st, want in zip(v8.shape, v8.stride(), (H * D * row, 1, D * row, row))):
         raise ValueError(f"v8 must be a [B, C, H, D] view of a contiguous [B, H, D, >= C] buffer (tokens contiguous; "
                          f"see fp8_kv_cache), got strides {v8.stride()}")
-    if not k8.is_contiguous():
-        raise ValueError(f"k8 must be contiguous [B, C, H, D], got strides {k8.stride()}")
-    for name, s, shape in (("k_scale", k_scale, (H,)), ("v_scale", v_scale, (B, triton.cdiv(C, V_GROUP), H))):
-        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32:
-            raise TypeError(f"{name} must be a float32 tensor, got {getattr(s, 'dtype', type(s).__name__)}")
-        if tuple(s.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)}, got {list(s.shape)}")
-        if s.device != device:
-            raise ValueError(f"{name} is on {s.device} but q is on {device}")
-        if s.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim, got strides {s.stride()}")
+    check_tensor("k_scale", k_scale, dtype=torch.float32, shape=(H,), device=device)
+    check_tensor("v_scale", v_scale, dtype=torch.float32, shape=(B, triton.cdiv(C, V_GROUP), H), device=device)
 
 
 def dequantize_fp8_cache(k8, k_scale, v8, v_scale) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_device, interpreting, row_warps
+from ._common import check_kernel_device, check_tensor, interpreting, row_warps
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -91,16 +91,11 @@ def _quant_rowwise_kernel(x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, M, K,
 
 def _flat_rows(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     """Check a bf16 activation [M, K] or [B, L, K]; return a 2-D [rows, K] view (no copy)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"{name} must be bfloat16, got {x.dtype}")
-    if x.dim() not in (2, 3):
+    if isinstance(x, torch.Tensor) and x.dim() not in (2, 3):
         raise ValueError(f"{name} must be 2-D [M, K] or 3-D [B, L, K], got shape {list(x.shape)}")
+    check_tensor(name, x, dtype=torch.bfloat16)
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has K = 0: nothing to quantize")
-    if x.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {x.stride()}")
     if x.dim() == 3:
         try:
             return x.view(-1, x.shape[-1])
@@ -119,17 +114,16 @@ def quantize_rowwise(x: torch.Tensor, *, out: torch.Tensor | None = None,
     M, K = x2.shape
     device = x.device
     check_kernel_device("quantize_rowwise", device)
+    if out is not None:
+        check_tensor("out", out, dtype=FP8_DTYPE, shape=tuple(x.shape), device=device, layout="contiguous")
+    if out_scale is not None:
+        check_tensor("out_scale", out_scale, dtype=torch.float32, shape=tuple(x.shape[:-1]), device=device,
+                     layout="contiguous")
+
     if out is None:
         out = torch.empty(x.shape, dtype=FP8_DTYPE, device=device)
-    elif not isinstance(out, torch.Tensor) or out.dtype != FP8_DTYPE or tuple(out.shape) != tuple(x.shape) \
-            or out.device != device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float8_e4m3fn tensor of shape {list(x.shape)} on {device}")
     if out_scale is None:
         out_scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=device)
-    elif not isinstance(out_scale, torch.Tensor) or out_scale.dtype != torch.float32 \
-            or tuple(out_scale.shape) != tuple(x.shape[:-1]) or out_scale.device != device \
-            or not out_scale.is_contiguous():
-        raise ValueError(f"out_scale must be a contiguous float32 tensor of shape {list(x.shape[:-1])} on {device}")
     if M == 0:
         return out, out_scale
     block_k = triton.next_power_of_2(K)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_device
+from ._common import check_kernel_device, check_tensor
 
 LOCAL_START, ROW_LO, SINK_END, WIN_START, WIN_END, NEW_GLOBAL, NEW_LOCAL, SHIFT, START_FRAME = range(9)
 PLAN_SIZE = 9
@@ -77,12 +77,11 @@ def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, start_ptr, start, pl
     tl.store(shift_ptr, new_shift)
 
 
-def _check_pointer(name: str, t: torch.Tensor, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
-        raise TypeError(f"{name} must be an int64 tensor of one element, got "
-                        f"{getattr(t, 'dtype', type(t).__name__)} with {getattr(t, 'numel', lambda: '?')()} elements")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
+def _check_pointer(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
+    """A cache pointer the kernel reads (and may write): an int64 tensor of one element."""
+    check_tensor(name, t, dtype=torch.int64, device=device, layout="any")
+    if t.numel() != 1:
+        raise ValueError(f"{name} must hold one element, got shape {list(t.shape)}")
 
 
 def window_ring_size(capacity: int, sink_tokens: int, budget: int) -> int:
@@ -108,10 +107,11 @@ def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torc
     current_start: a host int, or an int64 device tensor of one element (read by the kernel, so a
     captured launch follows its value). ring_size: slots of the ring after the sink (default
     capacity - sink_tokens; `window_ring_size` gives the one a window needs)."""
+    _check_pointer("global_end", global_end)
     device = global_end.device
     check_kernel_device("kv_cache_plan", device)
-    for name, t in (("global_end", global_end), ("local_end", local_end), ("shift", shift)):
-        _check_pointer(name, t, device)
+    _check_pointer("local_end", local_end, device)
+    _check_pointer("shift", shift, device)
     if num_new < 1:
         raise ValueError(f"num_new must be >= 1, got {num_new}")
     on_device = isinstance(current_start, torch.Tensor)
@@ -130,10 +130,11 @@ def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torc
     if budget < 1:
         raise ValueError(f"attention budget must be >= 1, got {budget}")
     ring_size = _check_ring(ring_size, capacity, sink_tokens)
+    if out is not None:
+        check_tensor("out", out, dtype=torch.int64, shape=(PLAN_SIZE,), device=device)
+
     if out is None:
         out = torch.empty(PLAN_SIZE, dtype=torch.int64, device=device)
-    elif out.dtype != torch.int64 or out.numel() != PLAN_SIZE or out.device != device:
-        raise ValueError(f"out must be an int64 tensor of {PLAN_SIZE} elements on {device}")
     _kv_cache_plan_kernel[(1,)](global_end, local_end, shift, current_start if on_device else global_end,
                                 0 if on_device else current_start, out, num_new, capacity, sink_tokens, budget,
                                 ring_size, frame_tokens, START_ON_DEVICE=on_device, LOCAL=bool(local),

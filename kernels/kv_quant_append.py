@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, interpreting
+from ._common import cast_bf16, check_kernel_device, check_tensor, interpreting
 from .fp8_kv_cache import V_GROUP, check_fp8_cache, quantize_k_ref, quantize_rows_ref
 from .fp8_quant import FP8_DTYPE, FP8_MAX, _cast_fp8
-from .rope_kv_append import (_check, _ring_slot, _rms_norm_bf16, _rotate, _rows_written, _token_tables,
+from .rope_kv_append import (_ring_slot, _rms_norm_bf16, _rotate, _rows_written, _token_tables,
                              append_block_t, check_append_inputs)
 
 
@@ -171,24 +171,23 @@ def kv_quant_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
                     q_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rope_kv_append into the FP8 cache (module docstring): rows [row_lo, n) of roped k and raw v
     written; returns (q8 [B, n, H, D] e4m3, q_scale [B, n, H] fp32), into q_out if given."""
-    if not isinstance(q_lin, torch.Tensor):
-        raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
+    check_tensor("q_lin", q_lin, dtype=torch.bfloat16, shape=("B", "n", "H*D"))
     device = q_lin.device
+    check_kernel_device("kv_quant_append", device)
     check_fp8_cache(k8, k_scale, v8, v_scale, device)
     start_frame, dst_start, row_lo, shift, ring_size = check_append_inputs(
         q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, k8.shape, grid_sizes,
         start_frame, dst_start, row_lo, ring_lo, ring_size, shift)
     B, n, _ = q_lin.shape
     _, C, H, D = k8.shape
+    if q_out is not None:
+        q8, q_scale = q_out
+        check_tensor("q8", q8, dtype=FP8_DTYPE, shape=(B, n, H, D), device=device)
+        check_tensor("q_scale", q_scale, dtype=torch.float32, shape=(B, n, H), device=device)
+
     if q_out is None:
-        q_out = (torch.empty(B, n, H, D, dtype=FP8_DTYPE, device=device),
-                 torch.empty(B, n, H, dtype=torch.float32, device=device))
-    q8, q_scale = q_out
-    _check("q8", q8, FP8_DTYPE, 4, device)
-    _check("q_scale", q_scale, torch.float32, 3, device)
-    if tuple(q8.shape) != (B, n, H, D) or tuple(q_scale.shape) != (B, n, H):
-        raise ValueError(f"q_out must be ([B, n, H, D], [B, n, H]) = ({[B, n, H, D]}, {[B, n, H]}), got "
-                         f"({list(q8.shape)}, {list(q_scale.shape)})")
+        q8 = torch.empty(B, n, H, D, dtype=FP8_DTYPE, device=device)
+        q_scale = torch.empty(B, n, H, dtype=torch.float32, device=device)
     if B == 0 or n == 0:
         return q8, q_scale
     c = D // 2

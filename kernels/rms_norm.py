@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_device, round_bf16, row_warps, rows_per_program
+from ._common import check_kernel_device, check_tensor, round_bf16, row_warps, rows_per_program
 
 
 @triton.jit(do_not_specialize=["L", "C"])
@@ -33,21 +33,13 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, stride_xb, stride_xl, stride_ob, strid
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """WanRMSNorm(x) for bf16 x [B, L, C] and weight [C]; see the module docstring."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    check_tensor("x", x, dtype=torch.bfloat16, shape=("B", "L", "C"))
     check_kernel_device("rms_norm", x.device)
     B, L, C = x.shape
-    for name, t, shape in (("x", x, (B, L, C)), ("weight", weight, (C,)), ("out", out, (B, L, C))):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16:
-            raise TypeError(f"{name} must be a bfloat16 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension")
+    check_tensor("weight", weight, dtype=torch.bfloat16, shape=(C,), device=x.device)
+    if out is not None:
+        check_tensor("out", out, dtype=torch.bfloat16, shape=(B, L, C), device=x.device)
+
     if out is None:
         out = torch.empty_like(x)
     if B == 0 or L == 0:

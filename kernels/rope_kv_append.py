@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_HEAD_DIMS, cast_bf16, check_kernel_device, index_arg, interpreting
+from ._common import SUPPORTED_HEAD_DIMS, cast_bf16, check_kernel_device, check_tensor, index_arg, interpreting
 
 _SUPPORTED_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 
@@ -153,31 +153,16 @@ def _rope_kv_append_kernel(
     tl.store(vc_ptr + b64 * stride_vcb + slot * stride_vcs + vc_offs, v, mask=w_mask)
 
 
-def _check(name: str, t, dtype: torch.dtype, ndim: int, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {list(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q_lin is on {device}")
-    if t.numel() and t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
-
-
 def check_append_inputs(q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin, cache_shape,
                         grid_sizes, start_frame, dst_start, row_lo, ring_lo, ring_size, shift,
                         norm_optional: bool = False):
-    """Validate the inputs that rope_kv_append and kv_quant_append share (everything but the caches'
-    dtypes); returns (start_frame, dst_start, row_lo, shift) as device tensors and the ring size.
-    With norm_optional, both norm weights may be None (inputs already normed)."""
-    if not isinstance(q_lin, torch.Tensor):
-        raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
+    """Validate the inputs that rope_kv_append and kv_quant_append share (everything but q_lin, which
+    the launcher checks first, and the caches' dtypes); returns (start_frame, dst_start, row_lo,
+    shift) as device tensors and the ring size. With norm_optional, both norm weights may be None
+    (inputs already normed)."""
     device = q_lin.device
-    check_kernel_device("the RoPE + KV append", device)
-    for name, t in (("q_lin", q_lin), ("k_lin", k_lin), ("v", v)):
-        _check(name, t, torch.bfloat16, 3, device)
+    check_tensor("k_lin", k_lin, dtype=torch.bfloat16, shape=("B", "n", "H*D"), device=device)
+    check_tensor("v", v, dtype=torch.bfloat16, shape=("B", "n", "H*D"), device=device)
     if k_lin.shape != q_lin.shape or v.shape != q_lin.shape:
         raise ValueError(f"q_lin {list(q_lin.shape)}, k_lin {list(k_lin.shape)} and v {list(v.shape)} "
                          "must have the same shape [B, n, H*D]")
@@ -195,13 +180,11 @@ def check_append_inputs(q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
     for name, w in (("norm_q_weight", norm_q_weight), ("norm_k_weight", norm_k_weight)):
         if w is None and norm_optional:
             continue
-        _check(name, w, torch.bfloat16, 1, device)
-        if w.shape[0] != HD:
-            raise ValueError(f"{name} must have shape [{HD}], got {list(w.shape)}")
+        check_tensor(name, w, dtype=torch.bfloat16, shape=(HD,), device=device)
     for name, tab in (("cos", cos), ("sin", sin)):
-        _check(name, tab, torch.float32, 2, device)
-        if tab.shape[1] != D // 2 or tab.shape[0] == 0:
-            raise ValueError(f"{name} must have shape [R, {D // 2}], got {list(tab.shape)}")
+        check_tensor(name, tab, dtype=torch.float32, shape=("R", D // 2), device=device)
+        if tab.shape[0] == 0:
+            raise ValueError(f"{name} has no rows: it must have shape [R > 0, {D // 2}]")
     if cos.shape != sin.shape or cos.stride() != sin.stride():
         raise ValueError(f"cos {list(cos.shape)} and sin {list(sin.shape)} must match in shape and strides")
     rows = cos.shape[0]
@@ -223,16 +206,6 @@ def check_append_inputs(q_lin, k_lin, v, norm_q_weight, norm_k_weight, cos, sin,
     return start_frame, dst_start, row_lo, shift, ring_size
 
 
-def check_q_out(out, B, n, H, D, device) -> torch.Tensor:
-    """The roped-q output buffer: allocated, or checked."""
-    if out is None:
-        return torch.empty((B, n, H, D), dtype=torch.bfloat16, device=device)
-    _check("out", out, torch.bfloat16, 4, device)
-    if tuple(out.shape) != (B, n, H, D):
-        raise ValueError(f"out has shape {list(out.shape)}, expected {[B, n, H, D]}")
-    return out
-
-
 def append_block_t(n: int, H: int, D: int) -> int:
     """Tokens per program: four at real widths (H*D = 1536); the tiny test widths take more."""
     return max(1, min(triton.next_power_of_2(n), 8192 // (triton.next_power_of_2(H) * D)))
@@ -251,11 +224,11 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     shift (int tensor [1]/[B] on the device, or an int) rotates the ring. Norm weights None: q_lin
     and k_lin are already normed, only RoPE and the append run.
     """
-    if not isinstance(q_lin, torch.Tensor):
-        raise TypeError(f"q_lin must be a torch.Tensor, got {type(q_lin).__name__}")
+    check_tensor("q_lin", q_lin, dtype=torch.bfloat16, shape=("B", "n", "H*D"))
     device = q_lin.device
-    _check("k_cache", k_cache, torch.bfloat16, 4, device)
-    _check("v_cache", v_cache, torch.bfloat16, 4, device)
+    check_kernel_device("rope_kv_append", device)
+    check_tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=("B", "C", "H", "D"), device=device)
+    check_tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=("B", "C", "H", "D"), device=device)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
     start_frame, dst_start, row_lo, shift, ring_size = check_append_inputs(
@@ -263,7 +236,11 @@ def rope_kv_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
         start_frame, dst_start, row_lo, ring_lo, ring_size, shift, norm_optional=True)
     B, n, _ = q_lin.shape
     _, C, H, D = k_cache.shape
-    out = check_q_out(out, B, n, H, D, device)
+    if out is not None:
+        check_tensor("out", out, dtype=torch.bfloat16, shape=(B, n, H, D), device=device)
+
+    if out is None:
+        out = torch.empty((B, n, H, D), dtype=torch.bfloat16, device=device)
     norm = norm_q_weight is not None
     if B == 0 or n == 0:
         return out

@@ -27,8 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, check_kernel_device, interpreting, row_warps
+from ._common import cast_bf16, check_kernel_device, check_tensor, interpreting, row_warps
 from .token_merge_plan import as_pair, frame_layout, merge_count, merge_plan
+
+_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @triton.jit(do_not_specialize=["T", "C", "n_src", "n_dst"])
@@ -152,13 +154,8 @@ class MergeResult(NamedTuple):
 
 
 def _check(x, frames, grid, stride) -> tuple[int, int, int, tuple[int, int], tuple[int, int]]:
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    check_tensor("x", x, dtype=_DTYPES, shape=("B", "L", "C"))
     check_kernel_device("token merging", x.device)
-    if x.dtype not in (torch.bfloat16, torch.float32):
-        raise TypeError(f"x must be bfloat16 or float32, got {x.dtype}")
-    if x.stride(-1) != 1:
-        raise ValueError("x must be contiguous in its last dimension")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames <= 0:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
     hg, wg = as_pair("grid", grid)
@@ -203,11 +200,8 @@ def token_match(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), eps: float
 def _check_match(match, B, F, n_src, device):
     if not isinstance(match, (tuple, list)) or len(match) != 2:
         raise ValueError("match must be the (best_dst, best_score) pair token_match returns")
-    idx, score = match
-    for name, t, dt in (("best_dst", idx, torch.int64), ("best_score", score, torch.float32)):
-        if not isinstance(t, torch.Tensor) or t.dtype != dt or tuple(t.shape) != (B, F, n_src) or t.device != device:
-            raise ValueError(f"{name} must be {dt} [{B}, {F}, {n_src}] on {device}, got "
-                             f"{getattr(t, 'dtype', None)} {list(getattr(t, 'shape', []))} on {getattr(t, 'device', None)}")
+    check_tensor("best_dst", match[0], dtype=torch.int64, shape=(B, F, n_src), device=device, layout="any")
+    check_tensor("best_score", match[1], dtype=torch.float32, shape=(B, F, n_src), device=device, layout="any")
 
 
 def token_merge(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), ratio: float,
@@ -223,23 +217,21 @@ def token_merge(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), ratio: flo
     dst_pos, src_pos = frame_layout(grid, stride, x.device)
     n_src, n_dst = src_pos.numel(), dst_pos.numel()
     t_out = T - r
-    if sizes is None:
-        sizes = torch.ones(B, L, dtype=torch.float32, device=x.device)
-    elif (not isinstance(sizes, torch.Tensor) or sizes.dtype != torch.float32 or tuple(sizes.shape) != (B, L)
-          or sizes.device != x.device):
-        raise ValueError(f"sizes must be float32 [{B}, {L}] on {x.device}")
-    sizes = sizes.contiguous()
-    if match is None:
-        match = token_match(x, frames=frames, grid=grid, stride=stride, eps=eps)
-    else:
+    if sizes is not None:
+        check_tensor("sizes", sizes, dtype=torch.float32, shape=(B, L), device=x.device, layout="any")
+    if match is not None:
         _check_match(match, B, frames, n_src, x.device)
+    if out is not None:
+        check_tensor("out", out, dtype=x.dtype, shape=(B, frames * t_out, C), device=x.device)
+
+    sizes = torch.ones(B, L, dtype=torch.float32, device=x.device) if sizes is None else sizes.contiguous()
     if out is None:
         out = torch.empty(B, frames * t_out, C, dtype=x.dtype, device=x.device)
-    elif (not isinstance(out, torch.Tensor) or out.dtype != x.dtype or tuple(out.shape) != (B, frames * t_out, C)
-          or out.device != x.device or out.stride(-1) != 1):
-        raise ValueError(f"out must be {x.dtype} [{B}, {frames * t_out}, {C}] on {x.device}, last dim contiguous")
-    keep, grp, off, cnt, mapping = merge_plan(match[0], match[1], r, grid, stride)
     new_sizes = torch.empty(B, frames * t_out, dtype=torch.float32, device=x.device)
+
+    if match is None:
+        match = token_match(x, frames=frames, grid=grid, stride=stride, eps=eps)
+    keep, grp, off, cnt, mapping = merge_plan(match[0], match[1], r, grid, stride)
     if B == 0:
         return MergeResult(out, new_sizes, mapping)
     dst32 = dst_pos.to(torch.int32)
@@ -256,24 +248,17 @@ def token_merge(x: torch.Tensor, *, frames: int, grid, stride=(2, 2), ratio: flo
 
 def token_unmerge(merged: torch.Tensor, mapping: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """[B, L, C]: every original token takes the merged row `mapping` [B, L] (int64) names."""
-    if not isinstance(merged, torch.Tensor) or merged.dim() != 3:
-        raise ValueError(f"merged must be a [B, L', C] tensor, got {getattr(merged, 'shape', type(merged).__name__)}")
-    if merged.dtype not in (torch.bfloat16, torch.float32):
-        raise TypeError(f"merged must be bfloat16 or float32, got {merged.dtype}")
-    if merged.stride(-1) != 1:
-        raise ValueError("merged must be contiguous in its last dimension")
+    check_tensor("merged", merged, dtype=_DTYPES, shape=("B", "L'", "C"))
     check_kernel_device("token_unmerge", merged.device)
     B, _, C = merged.shape
-    if (not isinstance(mapping, torch.Tensor) or mapping.dtype != torch.int64 or mapping.dim() != 2
-            or mapping.shape[0] != B or mapping.device != merged.device):
-        raise ValueError(f"mapping must be int64 [B={B}, L] on {merged.device}")
-    mapping = mapping.contiguous()
+    check_tensor("mapping", mapping, dtype=torch.int64, shape=(B, "L"), device=merged.device, layout="any")
     L = mapping.shape[1]
+    if out is not None:
+        check_tensor("out", out, dtype=merged.dtype, shape=(B, L, C), device=merged.device)
+
+    mapping = mapping.contiguous()
     if out is None:
         out = torch.empty(B, L, C, dtype=merged.dtype, device=merged.device)
-    elif (not isinstance(out, torch.Tensor) or out.dtype != merged.dtype or tuple(out.shape) != (B, L, C)
-          or out.device != merged.device or out.stride(-1) != 1):
-        raise ValueError(f"out must be {merged.dtype} [{B}, {L}, {C}] on {merged.device}, last dim contiguous")
     if B == 0 or L == 0:
         return out
     block_c = triton.next_power_of_2(C)

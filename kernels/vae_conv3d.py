@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, dot, interpreting
+from ._common import cast_bf16, check_kernel_device, check_tensor, dot, interpreting
 
 _DTYPES = (torch.bfloat16, torch.float32)
 CACHE_T = 2
@@ -109,20 +109,6 @@ def supported(c_in: int, c_out: int) -> bool:
     return c_in % 32 == 0 and c_out % 16 == 0
 
 
-def _check_cl(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() != 5:
-        raise ValueError(f"{name} must be a [B, C, T, H, W] tensor")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be bfloat16 or float32, got {t.dtype}")
-    _, c, tt, h, w = t.shape
-    want = {"C": (c, 1), "W": (w, c), "H": (h, w * c), "T": (tt, h * w * c)}
-    got = {"C": t.stride(1), "W": t.stride(4), "H": t.stride(3), "T": t.stride(2)}
-    bad = [k for k, (size, stride) in want.items() if size > 1 and got[k] != stride]
-    if bad:
-        raise ValueError(f"{name} must be channels-last 3-D (strides C=1, W=C, H=W*C, T=H*W*C); dims {bad} of "
-                         f"shape {tuple(t.shape)} have strides {t.stride()}")
-
-
 def vae_conv3d(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | None = None, *,
                out: torch.Tensor | None = None, tile: dict | None = None) -> torch.Tensor:
     """The causal 3x3x3 convolution of the time-padded buffer x [B, C_in, 2 + T, H, W] (module docstring)
@@ -131,34 +117,31 @@ def vae_conv3d(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | No
 
     tile: BLOCK_M, BLOCK_N, BLOCK_K (dividing C_in), num_warps, num_stages to use instead of the
     autotuned ones (tests check several tilings without compiling every config for every shape)."""
-    _check_cl("x", x)
+    check_tensor("x", x, dtype=_DTYPES, shape=("B", "C_in", "2 + T", "H", "W"), layout="channels_last_3d")
+    check_kernel_device("vae_conv3d", x.device)
     B, c_in, tp, H, W = x.shape
     if tp <= CACHE_T:
         raise ValueError(f"x has {tp} frames: the time-padded input holds {CACHE_T} cached frames and at least one more")
-    if weight_kn.dim() != 2 or weight_kn.shape[0] != 27 * c_in or not weight_kn.is_contiguous():
-        raise ValueError(f"weight_kn must be a contiguous [27 * C_in = {27 * c_in}, C_out] matrix "
-                         f"(vae_conv3d_weight), got {tuple(weight_kn.shape)}")
+    check_tensor("weight_kn", weight_kn, dtype=x.dtype, shape=("27 * C_in", "C_out"), device=x.device,
+                 layout="contiguous")
+    if weight_kn.shape[0] != 27 * c_in:
+        raise ValueError(f"weight_kn must be [27 * C_in = {27 * c_in}, C_out] (vae_conv3d_weight), "
+                         f"got {list(weight_kn.shape)}")
     c_out = weight_kn.shape[1]
     if not supported(c_in, c_out):
         raise ValueError(f"vae_conv3d takes C_in a multiple of 32 and C_out a multiple of 16, got {c_in} -> {c_out}")
-    if weight_kn.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"weights and bias must be {x.dtype} like x, got {weight_kn.dtype}"
-                        f"{'' if bias is None else f' / {bias.dtype}'}")
-    if weight_kn.device != x.device or (bias is not None and bias.device != x.device):
-        raise ValueError(f"weights and bias must be on {x.device} like x")
-    if bias is not None and bias.shape != (c_out,):
-        raise ValueError(f"bias must be [C_out = {c_out}], got {tuple(bias.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtype=x.dtype, shape=(c_out,), device=x.device)
     T = tp - CACHE_T
-    if out is None:
-        out = torch.empty((B, c_out, T, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    _check_cl("out", out)
-    if tuple(out.shape) != (B, c_out, T, H, W) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be [{B}, {c_out}, {T}, {H}, {W}] {x.dtype} on {x.device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"vae_conv3d runs on CUDA (or with TRITON_INTERPRET=1); x is on {x.device}")
+    if out is not None:
+        check_tensor("out", out, dtype=x.dtype, shape=(B, c_out, T, H, W), device=x.device, layout="channels_last_3d")
     if tp * H * W * max(c_in, c_out) >= 2 ** 31:
         raise ValueError(f"x {tuple(x.shape)} is too large for 32-bit row indices")
+    if tile is not None and c_in % tile["BLOCK_K"]:
+        raise ValueError(f"tile BLOCK_K {tile['BLOCK_K']} does not divide C_in {c_in}")
+
+    if out is None:
+        out = torch.empty((B, c_out, T, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     M = T * H * W
     common = dict(C_IN=c_in, C_OUT=c_out, HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32,
                   INTERPRET=interpreting())
@@ -169,8 +152,6 @@ def vae_conv3d(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor | No
     if tile is not None:
         tile = dict(tile)
         blocks = {k: tile.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        if c_in % blocks["BLOCK_K"]:
-            raise ValueError(f"tile BLOCK_K {blocks['BLOCK_K']} does not divide C_in {c_in}")
         grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(c_out, blocks["BLOCK_N"]), B)
         _vae_conv3d_kernel[grid](*args, **common, **blocks, **tile)
     else:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, interpreting
+from ._common import cast_bf16, check_kernel_device, check_tensor, interpreting
 
 _DTYPES = (torch.bfloat16, torch.float32)
 _EPS = 1e-12  # F.normalize's default eps
@@ -69,43 +69,23 @@ def _vae_rms_norm_silu_kernel(x_ptr, xb_ptr, r_ptr, g_ptr, b_ptr, o_ptr, s_ptr,
             tl.store(o_ptr + b * sob + r64 + cols, y, mask=mask)
 
 
-def _check_video(name: str, t, ref: torch.Tensor | None) -> None:
-    """t must be a [B, C, T, H, W] channels-last tensor matching ref's shape, dtype and device."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dim() != 5:
-        raise ValueError(f"{name} must be [B, C, T, H, W] (5 dims), got shape {tuple(t.shape)}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be bfloat16 or float32, got {t.dtype}")
-    if ref is not None:
-        if t.shape != ref.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, x has {tuple(ref.shape)}")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name} is {t.dtype}, x is {ref.dtype}")
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device}, x on {ref.device}")
-    _, c, t_, h, w = t.shape
-    # The kernel addresses position (t, h, w) at (t*H*W + h*W + w) * C; a dim of size 1 may have any stride.
-    want = {"C": (c, 1), "W": (w, c), "H": (h, w * c), "T": (t_, h * w * c)}
-    got = {"C": t.stride(1), "W": t.stride(4), "H": t.stride(3), "T": t.stride(2)}
-    bad = [k for k, (size, stride) in want.items() if size > 1 and got[k] != stride]
-    if bad:
-        raise ValueError(f"{name} must be channels-last 3-D (strides C=1, W=C, H=W*C, T=H*W*C); dims {bad} of "
-                         f"shape {tuple(t.shape)} have strides {t.stride()} "
-                         "(use .contiguous(memory_format=torch.channels_last_3d))")
+def _check_inputs(x, x_bias, residual, out, sum_out) -> torch.Tensor | None:
+    """x, and the other videos (channels-last, x's shape, dtype and device) and x_bias that are given;
+    returns x_bias as a [C] vector."""
+    check_tensor("x", x, dtype=_DTYPES, shape=("B", "C", "T", "H", "W"), layout="channels_last_3d")
+    check_kernel_device("the VAE norm/add kernel", x.device)
+    for name, t in (("residual", residual), ("out", out), ("sum_out", sum_out)):
+        if t is not None:
+            check_tensor(name, t, dtype=x.dtype, shape=tuple(x.shape), device=x.device, layout="channels_last_3d")
+    return None if x_bias is None else _check_param("x_bias", x_bias, x)
 
 
 def _check_param(name: str, t, x: torch.Tensor) -> torch.Tensor:
-    c = x.shape[1]
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.numel() != c or any(d != 1 for d in t.shape[1:]) or t.dim() < 1 or t.shape[0] != c:
-        raise ValueError(f"{name} must have {c} channels ([C] or [C, 1, ...]), got shape {tuple(t.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be bfloat16 or float32, got {t.dtype}")
-    return t.reshape(c)
+    """A per-channel parameter, [C] or the stock [C, 1, 1, 1]; returns the [C] view."""
+    if isinstance(t, torch.Tensor) and t.dim() > 1 and all(d == 1 for d in t.shape[1:]):
+        t = t.reshape(t.shape[0])
+    check_tensor(name, t, dtype=_DTYPES, shape=(x.shape[1],), device=x.device)
+    return t
 
 
 def vae_rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -116,12 +96,13 @@ def vae_rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor |
 
     scale defaults to sqrt(C) (the stock RMS_norm's). Returns `out` (allocated channels-last if None).
     """
-    _check_video("x", x, None)
+    xb = _check_inputs(x, x_bias, residual, out, sum_out)
     g = _check_param("gamma", gamma, x)
     bvec = None if bias is None else _check_param("bias", bias, x)
+
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
-    _launch(x, x_bias, residual, out, sum_out, g, bvec, norm=True, silu=silu,
+    _launch(x, xb, residual, out, sum_out, g, bvec, norm=True, silu=silu,
             scale=float(x.shape[1]) ** 0.5 if scale is None else float(scale))
     return out
 
@@ -130,26 +111,17 @@ def vae_add(x: torch.Tensor, x_bias: torch.Tensor | None = None, residual: torch
             out: torch.Tensor | None = None) -> torch.Tensor:
     """out = x + x_bias + residual (rounded once) for channels-last [B, C, T, H, W]; out may be a view
     into a larger channels-last buffer. Returns `out` (allocated channels-last if None)."""
-    _check_video("x", x, None)
+    xb = _check_inputs(x, x_bias, residual, out, None)
+
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
-    _check_video("out", out, x)
-    _launch(x, x_bias, residual, None, out, None, None, norm=False, silu=False, scale=1.0)
+    _launch(x, xb, residual, None, out, None, None, norm=False, silu=False, scale=1.0)
     return out
 
 
-def _launch(x, x_bias, residual, out, sum_out, g, bvec, *, norm: bool, silu: bool, scale: float) -> None:
-    """Check the tensors against x and launch the kernel (out is None in vae_add: the sum is the output)."""
-    if residual is not None:
-        _check_video("residual", residual, x)
-    if out is not None:
-        _check_video("out", out, x)
-    if sum_out is not None:
-        _check_video("sum_out", sum_out, x)
-    xb = None if x_bias is None else _check_param("x_bias", x_bias, x)
+def _launch(x, xb, residual, out, sum_out, g, bvec, *, norm: bool, silu: bool, scale: float) -> None:
+    """Launch the kernel on checked tensors (out is None in vae_add: the sum is the output)."""
     B, C, T, H, W = x.shape
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the VAE norm/add kernel runs on CUDA (or with TRITON_INTERPRET=1); x is on {x.device}")
     R = T * H * W
     if B == 0 or R == 0 or C == 0:
         return

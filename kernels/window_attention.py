@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (SUPPORTED_HEAD_DIMS, autotune, cast_bf16, check_bhld, check_kernel_device, dot, index_arg,
+from ._common import (SUPPORTED_HEAD_DIMS, autotune, cast_bf16, check_kernel_device, check_tensor, dot, index_arg,
                       interpreting, launch_on, tma_supported, use_tma_allocator)
 from .fp8_kv_cache import V_GROUP, check_fp8_cache, dequantize_fp8_cache
 from .fp8_quant import FP8_DTYPE, _cast_fp8
@@ -285,12 +285,11 @@ def window_launch_args(q, k_cache, sink_end, win_start, win_end, ring_lo, ring_s
         raise ValueError(f"ring [{ring_lo}, {ring_lo}+{ring_size}) must be a non-empty range inside the {C}-slot cache")
     if shift is not None:
         shift = index_arg("shift", shift, batch=B, lo=0, hi=ring_size - 1, device=device, where="the ring ")
+    if out is not None:
+        check_tensor("out", out, dtype=torch.bfloat16, shape=(B, Lq, H, D), device=device)
+
     if out is None:
         out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=device)
-    else:
-        check_bhld("out", out, device)
-        if out.shape != q.shape:
-            raise ValueError(f"out has shape {list(out.shape)}, expected {list(q.shape)}")
     return B, Lq, H, D, C, sink_end, win_start, win_end, ring_size, shift, out
 
 
@@ -366,13 +365,11 @@ def window_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     shares (module docstring). config ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips
     autotuning on the GPU, for experiments and tests; the interpreter always runs its own small tiles.
     """
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    check_tensor("q", q, dtype=torch.bfloat16, shape=("B", "Lq", "H", "D"))
     device = q.device
     check_kernel_device("window attention", device)
-    check_bhld("q", q, device)
-    check_bhld("k_cache", k_cache, device)
-    check_bhld("v_cache", v_cache, device)
+    check_tensor("k_cache", k_cache, dtype=torch.bfloat16, shape=("B", "C", "H", "D"), device=device)
+    check_tensor("v_cache", v_cache, dtype=torch.bfloat16, shape=("B", "C", "H", "D"), device=device)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape")
     return _launch(q, None, k_cache, None, v_cache, None, sink_end, win_start, win_end, ring_lo, ring_size, shift,
@@ -388,17 +385,11 @@ def window_attention_fp8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tens
     [B, Lq, H]; k8 with k_scale [H]; v8 (a view of V^T) with v_scale [B, ceil(C / 128), H].
     Other arguments as in window_attention; config's BLOCK_N
     must be 128."""
-    if not isinstance(q8, torch.Tensor):
-        raise TypeError(f"q8 must be a torch.Tensor, got {type(q8).__name__}")
+    check_tensor("q8", q8, dtype=FP8_DTYPE, shape=("B", "Lq", "H", "D"))
     device = q8.device
     check_kernel_device("FP8 window attention", device)
-    check_bhld("q8", q8, device, FP8_DTYPE)
+    check_tensor("q_scale", q_scale, dtype=torch.float32, shape=tuple(q8.shape[:3]), device=device)
     check_fp8_cache(k8, k_scale, v8, v_scale, device)
-    if not isinstance(q_scale, torch.Tensor) or q_scale.dtype != torch.float32 or tuple(q_scale.shape) != q8.shape[:3]:
-        raise ValueError(f"q_scale must be a float32 tensor of shape {list(q8.shape[:3])} (one scale per row), got "
-                         f"{getattr(q_scale, 'dtype', None)} {list(getattr(q_scale, 'shape', []))}")
-    if q_scale.device != device or q_scale.stride(-1) != 1:
-        raise ValueError(f"q_scale must be on {device} and contiguous in its last dim")
     return _launch(q8, q_scale, k8, k_scale, v8, v_scale, sink_end, win_start, win_end, ring_lo, ring_size, shift,
                    scale, out, use_tma, split, config, fp8=True)
 

@@ -103,7 +103,7 @@ def test_bad_input_is_refused(device, make, match):
 
 def test_bad_out_is_refused(device):
     x = torch.randn(4, 32, device=device).bfloat16()
-    with pytest.raises(ValueError, match="out must be"):
+    with pytest.raises(TypeError, match="out must be torch.float8_e4m3fn"):
         quantize_rowwise(x, out=torch.empty(4, 32, device=device, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="out_scale must be"):
         quantize_rowwise(x, out_scale=torch.empty(4, 1, device=device))

@@ -168,7 +168,7 @@ def test_rejects_bad_inputs(device):
     small = fp8_kv_cache(B, 5, H, D, device)
     cases = [
         (TypeError, "k8 must be torch.float8_e4m3fn", dict(k8=k8.to(torch.bfloat16))),
-        (TypeError, "k_scale must be a float32", dict(ks=ks.double())),
+        (TypeError, "k_scale must be torch.float32", dict(ks=ks.double())),
         (ValueError, r"v_scale must have shape \[1, 1, 2\]", dict(vs=vs[:, :, :1])),
         (ValueError, "view of a contiguous", dict(v8=v8.contiguous())),
         (ValueError, "too few", dict(k8=small[0], v8=small[1], vs=small[2])),

@@ -226,7 +226,7 @@ def test_rejects_bad_inputs(device):
         (ValueError, "start_frame=1024", dict(sf=1024)),
         (ValueError, "dst_start=12", dict(dst=12)),
         (ValueError, "row_lo=7", dict(row_lo=7)),
-        (TypeError, "int32 or int64", dict(dst=torch.zeros(1, device=device))),
+        (TypeError, "torch.int32 or torch.int64", dict(dst=torch.zeros(1, device=device))),
         (ValueError, r"shape \[1\] or \[B=1\]", dict(row_lo=torch.zeros(2, 1, dtype=torch.int64, device=device))),
     ]
     for exc, match, changes in cases:
@@ -236,5 +236,5 @@ def test_rejects_bad_inputs(device):
         rope_kv_append(*args, ring_lo=4, ring_size=9)
     with pytest.raises(ValueError, match="shift=8"):
         rope_kv_append(*args, ring_lo=4, ring_size=8, shift=8)
-    with pytest.raises(ValueError, match="out has shape"):
+    with pytest.raises(ValueError, match="out must have shape"):
         rope_kv_append(*args, out=torch.empty(1, 6, 2, 16, device=device, dtype=torch.bfloat16))

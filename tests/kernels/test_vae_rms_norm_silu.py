@@ -101,16 +101,16 @@ def _inputs(device):
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda x, g: vae_rms_norm_silu(x.contiguous(), g), ValueError, "channels-last"),
-    (lambda x, g: vae_rms_norm_silu(x[:, :, 0], g), ValueError, "5 dims"),
-    (lambda x, g: vae_rms_norm_silu(x.half(), g), TypeError, "bfloat16 or float32"),
-    (lambda x, g: vae_rms_norm_silu(x, g[:4]), ValueError, "8 channels"),
-    (lambda x, g: vae_rms_norm_silu(x, g, residual=x[:, :, :1]), ValueError, "residual has shape"),
-    (lambda x, g: vae_rms_norm_silu(x, g, residual=x.bfloat16()), TypeError, "residual is torch.bfloat16"),
+    (lambda x, g: vae_rms_norm_silu(x[:, :, 0], g), ValueError, "5-D"),
+    (lambda x, g: vae_rms_norm_silu(x.half(), g), TypeError, "torch.bfloat16 or torch.float32"),
+    (lambda x, g: vae_rms_norm_silu(x, g[:4]), ValueError, r"gamma must have shape \[8\]"),
+    (lambda x, g: vae_rms_norm_silu(x, g, residual=x[:, :, :1]), ValueError, "residual must have shape"),
+    (lambda x, g: vae_rms_norm_silu(x, g, residual=x.bfloat16()), TypeError, "residual must be torch.float32"),
     (lambda x, g: vae_rms_norm_silu(x, g, out=torch.empty_like(x).contiguous()), ValueError, "out must be channels"),
-    (lambda x, g: vae_rms_norm_silu(x, g, sum_out=x[:, :4]), ValueError, "sum_out has shape"),
-    (lambda x, g: vae_rms_norm_silu(x, "g"), TypeError, "gamma must be a tensor"),
-    (lambda x, g: vae_rms_norm_silu(x, g, x_bias=g[:5]), ValueError, "x_bias must have 8 channels"),
-    (lambda x, g: vae_add(x, g, out=x[:, :, :1]), ValueError, "out has shape"),
+    (lambda x, g: vae_rms_norm_silu(x, g, sum_out=x[:, :4]), ValueError, "sum_out must have shape"),
+    (lambda x, g: vae_rms_norm_silu(x, "g"), TypeError, "gamma must be a torch.Tensor"),
+    (lambda x, g: vae_rms_norm_silu(x, g, x_bias=g[:5]), ValueError, r"x_bias must have shape \[8\]"),
+    (lambda x, g: vae_add(x, g, out=x[:, :, :1]), ValueError, "out must have shape"),
     (lambda x, g: vae_add(x, residual=x.contiguous()), ValueError, "residual must be channels-last"),
 ])
 def test_bad_input_is_refused(device, call, error, match):

@@ -203,13 +203,13 @@ def test_rejects_bad_inputs(device):
         window_attention(q, k, v, 0, 0, 25)
     with pytest.raises(ValueError, match="outside the cache"):
         window_attention(q, k, v, -1, 0, 8)
-    with pytest.raises(TypeError, match="int32 or int64"):
+    with pytest.raises(TypeError, match="torch.int32 or torch.int64"):
         window_attention(q, k, v, idx.float(), idx, idx)
     with pytest.raises(ValueError, match=r"shape \[1\] or \[B=1\]"):
         window_attention(q, k, v, torch.tensor([1, 2], device=device), idx, idx)
     with pytest.raises(TypeError, match="int tensor or an int"):
         window_attention(q, k, v, 1.5, idx, idx)
-    with pytest.raises(ValueError, match="out has shape"):
+    with pytest.raises(ValueError, match="out must have shape"):
         window_attention(q, k, v, 0, 0, 8, out=torch.empty_like(q)[:, :4])
     with pytest.raises(ValueError, match="ring"):
         window_attention(q, k, v, 0, 0, 8, ring_lo=20, ring_size=5)

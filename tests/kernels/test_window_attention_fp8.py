@@ -169,9 +169,9 @@ def _small(device, C=24):
 
 @pytest.mark.parametrize("index, change, error, match", [
     (0, lambda t: t.to(torch.bfloat16), TypeError, "q8 must be torch.float8_e4m3fn"),
-    (1, lambda t: t[..., :1], ValueError, "q_scale must be a float32 tensor of shape"),
+    (1, lambda t: t[..., :1], ValueError, r"q_scale must have shape \[1, 8, 2\]"),
     (2, lambda t: t.to(torch.bfloat16), TypeError, "k8 must be torch.float8_e4m3fn"),
-    (3, lambda t: t.double(), TypeError, "k_scale must be a float32"),
+    (3, lambda t: t.double(), TypeError, "k_scale must be torch.float32"),
     (3, lambda t: t[:1], ValueError, r"k_scale must have shape \[2\]"),
     (4, lambda t: t.contiguous(), ValueError, "v8 must be a .* view of a contiguous"),
     (5, lambda t: t[:, :, :1], ValueError, r"v_scale must have shape \[1, 1, 2\]"),
