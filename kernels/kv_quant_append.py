@@ -183,6 +183,10 @@ def kv_quant_append(q_lin: torch.Tensor, k_lin: torch.Tensor, v: torch.Tensor,
     if q_out is not None:
         q8, q_scale = q_out
         check_tensor("q8", q8, dtype=FP8_DTYPE, shape=(B, n, H, D), device=device)
+        # The kernel steps only the batch and token strides: a token's H x D block must be dense.
+        if n and H and (q8.stride(2), q8.stride(3)) != (D, 1):
+            raise ValueError(f"q8 must hold each token's {H} x {D} block densely (strides [..., {D}, 1]), "
+                             f"got strides {list(q8.stride())}")
         check_tensor("q_scale", q_scale, dtype=torch.float32, shape=(B, n, H), device=device)
 
     if q_out is None:
