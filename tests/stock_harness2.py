@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,16 @@ from longlive_triton.numerics import rel_l2
 from longlive_triton.stock.longlive2 import (SCENE_CUT_PREFIX, StockLongLive2, build_stock_model2, load_stock_longlive2,
                                              stock_pipeline)
 from longlive_triton.stock.longlive1 import free_memory
+from longlive_triton.stock.source import detect_family
+
+
+def stock2_src() -> str | None:
+    """The LongLive 2.0 checkout the tests use: $LONGLIVE_SRC2, else $LONGLIVE_SRC when it is a 2.0 tree."""
+    for var in ("LONGLIVE_SRC2", "LONGLIVE_SRC"):
+        value = os.environ.get(var, "")
+        if value and Path(value).is_dir() and detect_family(Path(value)) == "longlive2":
+            return value
+    return None
 
 
 def block_prompts(blocks: int, cuts=()) -> list[str]:
@@ -51,8 +62,10 @@ def parity_inputs2(preset: str, blocks: int, prompts: list[str], dtype: torch.dt
 
 
 @contextlib.contextmanager
-def record_layers(model: nn.Module):
-    """Every layer's output x at every call, as calls[i][layer] (cloned: the next call must not change it)."""
+def record_layers(model: nn.Module, keep=None):
+    """Every layer's output x at every generator call, as calls[i][layer] (cloned: the next call must not change
+    it). keep: the call indices to record (None: all); the others are empty lists (at 5B shapes one call's
+    layers are 1.3 GB)."""
     calls: list[list[torch.Tensor]] = []
 
     def hook(index):
@@ -60,7 +73,8 @@ def record_layers(model: nn.Module):
             x = result[0] if isinstance(result, tuple) else result
             if index == 0:
                 calls.append([])
-            calls[-1].append(x.detach().clone())
+            if keep is None or len(calls) - 1 in keep:
+                calls[-1].append(x.detach().clone())
         return record
 
     handles = [block.register_forward_hook(hook(i)) for i, block in enumerate(model.blocks)]
@@ -72,10 +86,10 @@ def record_layers(model: nn.Module):
 
 
 def run_stock_pipeline(stock: StockLongLive2, model: nn.Module, preset: str, noise: torch.Tensor,
-                       table: dict[str, torch.Tensor], prompts: list[str], **inference) -> dict:
+                       table: dict[str, torch.Tensor], prompts: list[str], *, layer_calls=None, **inference) -> dict:
     """LongLive 2.0's pipeline driving `model` (quiet): {"latents", "layers" (per call, per layer), "pinned"}."""
     pipe = stock_pipeline(stock, model, preset, prompts=table, **inference)
-    with record_layers(model) as calls, contextlib.redirect_stdout(io.StringIO()), \
+    with record_layers(model, layer_calls) as calls, contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         latents = pipe.inference(noise, [prompts], return_latents=True)
     pinned = [(int(c["pinned_start"]), int(c["pinned_len"])) for c in pipe.kv_cache_pos]
@@ -83,14 +97,17 @@ def run_stock_pipeline(stock: StockLongLive2, model: nn.Module, preset: str, noi
 
 
 def compare_with_stock2(stock: StockLongLive2 | str | os.PathLike | None, preset: str, dtype: torch.dtype, device,
-                        blocks: int, cuts=(), *, seed: int = 0, ours: dict | None = None, **inference) -> dict:
+                        blocks: int, cuts=(), *, seed: int = 0, ours: dict | None = None, layer_calls=None,
+                        **inference) -> dict:
     """Our reference and the stock 2.0 generator through the stock pipeline; the figures as a dict.
 
     `inference` overrides the pipeline's inference settings for both sides; `ours` overrides them for our
-    reference only (a deliberate semantic change, to show the comparison catches it). Keys: rel_l2,
-    rel_l2_per_block, rel_l2_per_layer (the worst over all calls, per layer), worst_layer_call (the
-    (call, layer) of the first call and layer above 0), pinned (stock's final pinned_start/len, ours),
-    finite, stock_latent_norm, calls, and the setup.
+    reference only (a deliberate semantic change, to show the comparison catches it). layer_calls: the
+    generator calls whose layers are compared (None: all; 5 calls a block: 4 steps, then the cache pass).
+    Keys: rel_l2, rel_l2_per_block, rel_l2_per_layer (the worst over the compared calls, per layer),
+    rel_l2_per_call (the worst layer; None where not compared), first_differing_call_layer (the first
+    (call, layer) above 0, or None), pinned (final pinned_start/len, stock and ours), finite,
+    stock_latent_norm, calls, calls_per_block, and the setup.
     """
     if not isinstance(stock, StockLongLive2):
         stock = load_stock_longlive2(stock)
@@ -99,10 +116,12 @@ def compare_with_stock2(stock: StockLongLive2 | str | os.PathLike | None, preset
     noise, table = parity_inputs2(preset, blocks, prompts, dtype, device, seed=seed)
     ref = build_model(preset, seed=seed, device=device, dtype=dtype)
     stock_model = build_stock_model2(stock, preset, device=device, dtype=dtype, state_dict=ref.state_dict())
-    mine = run_stock_pipeline(stock, ref, preset, noise, table, prompts, **{**inference, **(ours or {})})
+    mine = run_stock_pipeline(stock, ref, preset, noise, table, prompts, layer_calls=layer_calls,
+                              **{**inference, **(ours or {})})
     del ref
     free_memory(device)
-    theirs = run_stock_pipeline(stock, stock_model, preset, noise, table, prompts, **inference)
+    theirs = run_stock_pipeline(stock, stock_model, preset, noise, table, prompts, layer_calls=layer_calls,
+                                **inference)
     stock_class = f"{type(stock_model).__module__}.{type(stock_model).__qualname__}"
     del stock_model
     free_memory(device)
@@ -112,14 +131,15 @@ def compare_with_stock2(stock: StockLongLive2 | str | os.PathLike | None, preset
     per_block = [rel_l2(a[:, s:s + step], b[:, s:s + step]) for s in range(0, a.shape[1], step)]
     if len(mine["layers"]) != len(theirs["layers"]):
         raise AssertionError(f"{len(mine['layers'])} generator calls against stock's {len(theirs['layers'])}")
+    # Per call, per layer; an empty row for a call whose layers were not recorded.
     per_call = [[rel_l2(x, y) for x, y in zip(xs, ys)] for xs, ys in zip(mine["layers"], theirs["layers"])]
     first = next(((c, l) for c, row in enumerate(per_call) for l, v in enumerate(row) if v > 0), None)
     return {
         "preset": preset, "dtype": str(dtype).replace("torch.", ""), "device": str(device), "blocks": blocks,
         "cuts": list(cuts), "prompts": prompts, "calls": len(per_call), "calls_per_block": len(per_call) // blocks,
         "rel_l2": rel_l2(a, b), "rel_l2_per_block": per_block,
-        "rel_l2_per_layer": [max(row[l] for row in per_call) for l in range(len(per_call[0]))],
-        "rel_l2_per_call": [max(row) for row in per_call], "first_differing_call_layer": first,
+        "rel_l2_per_layer": [max(col) for col in zip(*(row for row in per_call if row))],
+        "rel_l2_per_call": [max(row) if row else None for row in per_call], "first_differing_call_layer": first,
         "pinned": {"stock": theirs["pinned"][0], "ours": mine["pinned"][0]},
         "finite": bool(torch.isfinite(a).all() and torch.isfinite(b).all()),
         "stock_latent_norm": b.double().norm().item(), "stock_class": stock_class,

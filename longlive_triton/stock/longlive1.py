@@ -55,7 +55,7 @@ import torch.nn as nn
 from longlive_triton.stock.source import (STOCK_SRC_ENV, bare_packages, check_package_slots, device_dispatch,
                                           diffusers_standins, einops_standin, flash_attn_varlen_func, installed,
                                           resolve_src, standins_during_import)
-from longlive_triton.stock.source import flash_attention_anywhere as _flash_attention_anywhere
+from longlive_triton.stock.source import flash_attention_anywhere as _flash_attention_anywhere  # noqa: F401 - tests use the name
 from longlive_triton.stock.source import module as _module
 
 __all__ = ["StockLongLive", "load_stock_longlive", "build_stock_model", "resolve_stock_src", "free_memory",

@@ -11,24 +11,13 @@ shot offset or an untracked pinned chunk: several 1e-3 at the first layer after 
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
-from longlive_triton.stock.source import detect_family
+from ..stock_harness2 import stock2_src
 
 
-def _src2() -> str | None:
-    for var in ("LONGLIVE_SRC2", "LONGLIVE_SRC"):
-        value = os.environ.get(var, "")
-        if value and Path(value).is_dir() and detect_family(Path(value)) == "longlive2":
-            return value
-    return None
-
-
-_SRC = _src2()
+_SRC = stock2_src()
 pytestmark = pytest.mark.skipif(
     _SRC is None, reason="no LongLive 2.0 checkout: set LONGLIVE_SRC2 (or LONGLIVE_SRC) to one, e.g. .stock/LongLive2")
 BOUND = 1e-6
