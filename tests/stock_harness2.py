@@ -87,10 +87,12 @@ def record_layers(model: nn.Module, keep=None):
 
 def run_stock_pipeline(stock: StockLongLive2, model: nn.Module, preset: str, noise: torch.Tensor,
                        table: dict[str, torch.Tensor], prompts: list[str], *, layer_calls=None, **inference) -> dict:
-    """LongLive 2.0's pipeline driving `model` (quiet): {"latents", "layers" (per call, per layer), "pinned"}."""
+    """LongLive 2.0's pipeline driving `model` (quiet, under torch.inference_mode() as its inference.py runs it:
+    the stock Triton kernels, when on, run only with grad off): {"latents", "layers" (per call, per layer),
+    "pinned"}."""
     pipe = stock_pipeline(stock, model, preset, prompts=table, **inference)
-    with record_layers(model, layer_calls) as calls, contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with record_layers(model, layer_calls) as calls, torch.inference_mode(), \
+            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         latents = pipe.inference(noise, [prompts], return_latents=True)
     pinned = [(int(c["pinned_start"]), int(c["pinned_len"])) for c in pipe.kv_cache_pos]
     return {"latents": latents, "layers": calls, "pinned": pinned}

@@ -4,7 +4,8 @@
     stock = load_stock_longlive2("/path/to/LongLive2")            # or env LONGLIVE_SRC (a 2.0 tree)
     model = build_stock_model2(stock, "tiny2", state_dict=reference.state_dict())
     pipe = stock_pipeline(stock, model, "tiny2", prompts={"a": emb_a, "The scene transitions. b": emb_b})
-    latents = pipe.inference(noise, [["a", "a", "The scene transitions. b"]], return_latents=True)
+    with torch.inference_mode():  # as LongLive 2.0's inference.py runs it
+        latents = pipe.inference(noise, [["a", "a", "The scene transitions. b"]], return_latents=True)
 
 LongLive 2.0 is branch `main` of NVlabs/LongLive (Wan2.2-TI2V-5B). Nothing here runs when
 `longlive_triton` is imported, and no LongLive code is part of this package: the stock source is read
@@ -411,7 +412,8 @@ def stock_forward(pipe, latents: torch.Tensor, prompt_embeds: torch.Tensor, time
     """One generator call as the stock block loop makes it: (flow_pred, x0_pred), both [B, F, C, H, W].
 
     latents [B, F, C, H, W] at latent frames start_frame..; prompt_embeds [B, L, text_dim]; timestep a
-    number or [B, F]. The caches of `prepare_inference` are used and updated (the stock update records
+    number or [B, F]. Call it under torch.inference_mode(), as LongLive 2.0's inference.py runs its
+    pipeline: the stock Triton RoPE and adaLN kernels (when on) only run with grad off. The caches of `prepare_inference` are used and updated (the stock update records
     are applied after the forward, or by the wrapper under LLV2_DEFER_KV_UPDATES=1). A scene cut is
     `pipe._pin_current_chunk(pipe.kv_cache_pos, frames)` after the block's cache pass, and the shot
     offset `pipe._dit_model.rope_temporal_offset = shot_index * offset`, as the stock loop does.

@@ -102,20 +102,21 @@ def test_stock_forward_by_hand_matches_the_pipeline_cache_rules(stock):
     gen = torch.Generator().manual_seed(0)
     emb = torch.randn([1, cfg.text_len, cfg.text_dim], generator=gen)
     results = []
-    for model in (ref, other):
-        pipe = stock_pipeline(stock, model, "tiny2", prompts={"p": emb[0]})
-        prepare_inference(pipe)
-        outs = []
-        for block in range(5):
-            x = torch.randn([1, 8, cfg.in_dim, cfg.latent_height, cfg.latent_width],
-                            generator=torch.Generator().manual_seed(block))
-            if block == 2:  # a scene cut: the shot offset from this block on, the block pinned after its cache pass
-                pipe._dit_model.rope_temporal_offset = cfg.multi_shot_rope_offset
-            outs.append(stock_forward(pipe, x, emb, 700.0, block * 8)[0])
-            stock_forward(pipe, x, emb, 0.0, block * 8)
-            if block == 2:
-                pipe._pin_current_chunk(pipe.kv_cache_pos, 8)
-        results.append((torch.cat(outs, 1), pipe.kv_cache_pos))
+    with torch.inference_mode():  # as LongLive 2.0's inference.py runs its pipeline
+        for model in (ref, other):
+            pipe = stock_pipeline(stock, model, "tiny2", prompts={"p": emb[0]})
+            prepare_inference(pipe)
+            outs = []
+            for block in range(5):
+                x = torch.randn([1, 8, cfg.in_dim, cfg.latent_height, cfg.latent_width],
+                                generator=torch.Generator().manual_seed(block))
+                if block == 2:  # a scene cut: the shot offset from here on, the block pinned after its cache pass
+                    pipe._dit_model.rope_temporal_offset = cfg.multi_shot_rope_offset
+                outs.append(stock_forward(pipe, x, emb, 700.0, block * 8)[0])
+                stock_forward(pipe, x, emb, 0.0, block * 8)
+                if block == 2:
+                    pipe._pin_current_chunk(pipe.kv_cache_pos, 8)
+            results.append((torch.cat(outs, 1), pipe.kv_cache_pos))
     (a, cache_a), (b, cache_b) = results
     assert torch.equal(a, b)
     for la, lb in zip(cache_a, cache_b):
