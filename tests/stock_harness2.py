@@ -86,26 +86,28 @@ def record_layers(model: nn.Module, keep=None):
 
 
 def run_stock_pipeline(stock: StockLongLive2, model: nn.Module, preset: str, noise: torch.Tensor,
-                       table: dict[str, torch.Tensor], prompts: list[str], *, layer_calls=None, **inference) -> dict:
+                       table: dict[str, torch.Tensor], prompts: list[str], *, layer_calls=None,
+                       initial_latent: torch.Tensor | None = None, **inference) -> dict:
     """LongLive 2.0's pipeline driving `model` (quiet, under torch.inference_mode() as its inference.py runs it:
     the stock Triton kernels, when on, run only with grad off): {"latents", "layers" (per call, per layer),
     "pinned"}."""
     pipe = stock_pipeline(stock, model, preset, prompts=table, **inference)
     with record_layers(model, layer_calls) as calls, torch.inference_mode(), \
             contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        latents = pipe.inference(noise, [prompts], return_latents=True)
+        latents = pipe.inference(noise, [prompts], initial_latent=initial_latent, return_latents=True)
     pinned = [(int(c["pinned_start"]), int(c["pinned_len"])) for c in pipe.kv_cache_pos]
     return {"latents": latents, "layers": calls, "pinned": pinned}
 
 
 def compare_with_stock2(stock: StockLongLive2 | str | os.PathLike | None, preset: str, dtype: torch.dtype, device,
                         blocks: int, cuts=(), *, seed: int = 0, ours: dict | None = None, layer_calls=None,
-                        **inference) -> dict:
+                        i2v: bool = False, **inference) -> dict:
     """Our reference and the stock 2.0 generator through the stock pipeline; the figures as a dict.
 
     `inference` overrides the pipeline's inference settings for both sides; `ours` overrides them for our
     reference only (a deliberate semantic change, to show the comparison catches it). layer_calls: the
     generator calls whose layers are compared (None: all; 5 calls a block: 4 steps, then the cache pass).
+    i2v: LongLive 2.0's image-to-video path (a seeded clean first latent frame, independent_first_frame).
     Keys: rel_l2, rel_l2_per_block, rel_l2_per_layer (the worst over the compared calls, per layer),
     rel_l2_per_call (the worst layer; None where not compared), first_differing_call_layer (the first
     (call, layer) above 0, or None), pinned (final pinned_start/len, stock and ours), finite,
@@ -116,14 +118,19 @@ def compare_with_stock2(stock: StockLongLive2 | str | os.PathLike | None, preset
     cfg = get_preset(preset)
     prompts = block_prompts(blocks, cuts)
     noise, table = parity_inputs2(preset, blocks, prompts, dtype, device, seed=seed)
+    initial_latent = None
+    if i2v:
+        initial_latent = torch.randn(noise[:, :1].shape, generator=torch.Generator(device).manual_seed(seed + 1),
+                                     device=device).to(dtype)
+        inference = {**inference, "independent_first_frame": True}
     ref = build_model(preset, seed=seed, device=device, dtype=dtype)
     stock_model = build_stock_model2(stock, preset, device=device, dtype=dtype, state_dict=ref.state_dict())
     mine = run_stock_pipeline(stock, ref, preset, noise, table, prompts, layer_calls=layer_calls,
-                              **{**inference, **(ours or {})})
+                              initial_latent=initial_latent, **{**inference, **(ours or {})})
     del ref
     free_memory(device)
     theirs = run_stock_pipeline(stock, stock_model, preset, noise, table, prompts, layer_calls=layer_calls,
-                                **inference)
+                                initial_latent=initial_latent, **inference)
     stock_class = f"{type(stock_model).__module__}.{type(stock_model).__qualname__}"
     del stock_model
     free_memory(device)
@@ -138,6 +145,7 @@ def compare_with_stock2(stock: StockLongLive2 | str | os.PathLike | None, preset
     first = next(((c, l) for c, row in enumerate(per_call) for l, v in enumerate(row) if v > 0), None)
     return {
         "preset": preset, "dtype": str(dtype).replace("torch.", ""), "device": str(device), "blocks": blocks,
+        "i2v": i2v, "first_frame_kept": bool(i2v and torch.equal(a[:, :1], initial_latent)),
         "cuts": list(cuts), "prompts": prompts, "calls": len(per_call), "calls_per_block": len(per_call) // blocks,
         "rel_l2": rel_l2(a, b), "rel_l2_per_block": per_block,
         "rel_l2_per_layer": [max(col) for col in zip(*(row for row in per_call if row))],

@@ -358,7 +358,8 @@ def stock_pipeline(stock: StockLongLive2, model: nn.Module, preset="tiny2", *, p
     preset: a `longlive_triton.models.longlive2.presets` name or preset: the latent shape, block, window,
     sink and multi-shot settings and the sampler. `inference` overrides keys of the config's `inference`
     section (sampling_steps, sink_size, multi_shot_sink, multi_shot_rope_offset, local_attn_size,
-    guidance_scale). prompts: the text encoder's table (`PromptTable`). Run it with
+    guidance_scale, independent_first_frame: with an `initial_latent` of one frame, LongLive 2.0's I2V, the
+    first frame kept clean and its timestep zeroed in the first block). prompts: the text encoder's table (`PromptTable`). Run it with
     `pipe.inference(noise [B, F, C, H, W], [[prompt per block]], return_latents=True)`.
     At a preset other than the real one the stock config table (`utils.config.wan_default_config`,
     which sizes the caches) gets an entry for it.
@@ -374,7 +375,7 @@ def stock_pipeline(stock: StockLongLive2, model: nn.Module, preset="tiny2", *, p
     section = AttrDict(sampling_steps=cfg.sampling_steps, sink_size=cfg.sink_size, guidance_scale=1.0,
                        multi_shot_sink=cfg.multi_shot_sink, multi_shot_rope_offset=cfg.multi_shot_rope_offset,
                        streaming_vae=False, async_vae=False, vae_type="wan")
-    unknown = set(inference) - set(section) - {"local_attn_size"}
+    unknown = set(inference) - set(section) - {"local_attn_size", "independent_first_frame"}
     if unknown:
         raise ValueError(f"unknown inference settings {sorted(unknown)}")
     section.update(inference)

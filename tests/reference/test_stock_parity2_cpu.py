@@ -62,6 +62,13 @@ def test_parity_bf16(stock):
     assert max(figures["rel_l2_per_block"]) <= BOUND and max(figures["rel_l2_per_layer"]) <= BOUND
 
 
+def test_parity_i2v(stock):
+    """LongLive 2.0's I2V: a clean first latent frame whose timestep is zeroed in the first block (per-frame t)."""
+    figures = _compare(stock, 5, (3,), i2v=True)
+    assert figures["first_frame_kept"]
+    assert max(figures["rel_l2_per_block"]) <= BOUND and max(figures["rel_l2_per_layer"]) <= BOUND
+
+
 def test_parity_with_deferred_cache_updates(stock, monkeypatch):
     """LLV2_DEFER_KV_UPDATES=1: the wrapper applies the update records after the forward, for both models."""
     monkeypatch.setenv("LLV2_DEFER_KV_UPDATES", "1")
