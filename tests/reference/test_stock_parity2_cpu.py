@@ -99,34 +99,45 @@ def test_build_stock_model2_refuses_foreign_weights(stock):
         build_stock_model2(stock, "tiny2", state_dict=state)
 
 
-def test_stock_forward_by_hand_matches_the_pipeline_cache_rules(stock):
-    """prepare_inference + stock_forward (what a patcher drives) give the reference's output and cache state."""
+# (sink frames, attention window frames): the stock pipeline attends to the whole 32-frame cache; a smaller
+# window (what a window preset of patch_model would set) reaches the branches that prepend the kept sink and
+# a floating pinned chunk to the window.
+@pytest.mark.parametrize("sink, window", [(8, 32), (8, 20), (2, 12)], ids=["pipeline", "window20", "sink2_window12"])
+def test_stock_forward_by_hand(stock, sink, window):
+    """prepare_inference + stock_forward (what a patcher drives): the reference gives the stock output and cache
+    state, block by block, through a cut at block 3 (pinned 24 frames in, moved left by each eviction)."""
     from longlive_triton.models.longlive2.presets import build_model, get_preset
     from longlive_triton.stock.longlive2 import build_stock_model2, prepare_inference, stock_forward, stock_pipeline
     cfg = get_preset("tiny2")
     ref = build_model("tiny2", seed=3)
     other = build_stock_model2(stock, "tiny2", state_dict=ref.state_dict())
-    gen = torch.Generator().manual_seed(0)
-    emb = torch.randn([1, cfg.text_len, cfg.text_dim], generator=gen)
+    emb = torch.randn([1, cfg.text_len, cfg.text_dim], generator=torch.Generator().manual_seed(0))
     results = []
     with torch.inference_mode():  # as LongLive 2.0's inference.py runs its pipeline
         for model in (ref, other):
-            pipe = stock_pipeline(stock, model, "tiny2", prompts={"p": emb[0]})
+            pipe = stock_pipeline(stock, model, "tiny2", prompts={"p": emb[0]}, sink_size=sink)
             prepare_inference(pipe)
-            outs = []
-            for block in range(5):
+            for m in model.modules():
+                if hasattr(m, "max_attention_size"):
+                    m.max_attention_size = window * cfg.frame_seqlen
+            outs, pins = [], []
+            for block in range(7):
                 x = torch.randn([1, 8, cfg.in_dim, cfg.latent_height, cfg.latent_width],
                                 generator=torch.Generator().manual_seed(block))
-                if block == 2:  # a scene cut: the shot offset from here on, the block pinned after its cache pass
+                if block == 3:  # a scene cut: the shot offset from here on, the block pinned after its cache pass
                     pipe._dit_model.rope_temporal_offset = cfg.multi_shot_rope_offset
                 outs.append(stock_forward(pipe, x, emb, 700.0, block * 8)[0])
                 stock_forward(pipe, x, emb, 0.0, block * 8)
-                if block == 2:
+                if block == 3:
                     pipe._pin_current_chunk(pipe.kv_cache_pos, 8)
-            results.append((torch.cat(outs, 1), pipe.kv_cache_pos))
-    (a, cache_a), (b, cache_b) = results
+                pins.append(int(pipe.kv_cache_pos[0]["pinned_start"]) // cfg.frame_seqlen)
+            results.append((torch.cat(outs, 1), pipe.kv_cache_pos, pins))
+    (a, cache_a, pins_a), (b, cache_b, pins_b) = results
     assert torch.equal(a, b)
     for la, lb in zip(cache_a, cache_b):
         for key in ("k", "v", "global_end_index", "local_end_index", "pinned_start", "pinned_len"):
             assert torch.equal(la[key], lb[key]), key
-    assert int(cache_a[0]["pinned_start"]) == 8 * cfg.frame_seqlen  # 16 frames, one 8-frame eviction: moved left
+    # The pinned chunk floats left by one block per eviction until it sits right behind the 8-frame global
+    # sink; behind a 2-frame one it never lands there exactly and goes on floating (stock behaviour).
+    expected = [-1, -1, -1, 24, 16, 8, 8] if sink == 8 else [-1, -1, -1, 24, 16, 8, 0]
+    assert pins_a == pins_b == expected
