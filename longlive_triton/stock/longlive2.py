@@ -36,6 +36,13 @@ LongLive 2.0's dependencies:
   default in LongLive 2.0, `LLV2_TRITON_ROPE` / `LLV2_TRITON_ADALN`) stay on where CUDA is available
   and are turned off on a CPU (they need a GPU driver): `triton_kernels=` chooses. Off, RoPE is the
   fp64 complex path and adaLN eager LayerNorm + modulate, which is what our reference computes.
+
+Two pieces of stock module state matter to whoever drives the stock model. Its attention reads the cache
+indices and the pinned chunk from `causal_model._CURRENT_GRID_META`, which the wrapper
+(`WanDiffusionWrapper._call_model`) fills from layer 0's cache before every call: call the stock model
+through its wrapper (`pipe.generator`, `stock_forward`), not directly, or it reads the previous call's
+indices. Its RoPE table cache `_FREQS_I_CACHE` is keyed by grid and position, not by head dim:
+`build_stock_model2` empties it, so a model of other sizes built earlier leaves no entries behind.
 """
 from __future__ import annotations
 
@@ -291,6 +298,7 @@ def build_stock_model2(stock: StockLongLive2 | str | os.PathLike | None = None, 
     """
     if not isinstance(stock, StockLongLive2):
         stock = load_stock_longlive2(stock)
+    stock.causal_model._FREQS_I_CACHE.clear()  # keyed without the head dim (see the module docstring)
     if isinstance(model_kwargs, str):
         model_kwargs = _preset(model_kwargs).model_kwargs()
     kwargs = dict(model_kwargs)
