@@ -101,8 +101,8 @@ class FlowMatchEuler:
     """Stand-in for `FlowUniPCMultistepScheduler` when diffusers is absent: the same timesteps, Euler steps.
 
     set_timesteps(n, device, shift): sigmas n points from 1 - 1/num_train_timesteps down (exclusive of 0),
-    shifted s -> shift*s / (1 + (shift - 1)*s); timesteps = sigmas * num_train_timesteps as int64, as the
-    stock solver computes them. step(flow, t, x) -> (x + (sigma_next - sigma) * flow,), flow = noise - x0.
+    shifted s -> shift*s / (1 + (shift - 1)*s); timesteps = sigmas * num_train_timesteps as int64, computed
+    as the stock solver computes them. step(flow, t, x) -> (x + (sigma_next - sigma) * flow,), flow = noise - x0.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False):
@@ -112,12 +112,15 @@ class FlowMatchEuler:
         self.shift = shift
 
     def set_timesteps(self, num_inference_steps: int, device=None, shift: float | None = None):
+        import numpy as np  # numpy's linspace, as the stock solver: torch's rounds differently
+
         shift = self.shift if shift is None else shift
-        top = 1.0 - 1.0 / self.num_train_timesteps
-        sigmas = torch.linspace(top, 0.0, num_inference_steps + 1, dtype=torch.float64)[:-1]
+        # The stock sigma_max: 1 - 1/num_train_timesteps as the float32 its sigma table holds.
+        top = float(np.float32(1.0 - 1.0 / self.num_train_timesteps))
+        sigmas = np.linspace(top, 0.0, num_inference_steps + 1)[:-1]
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-        self.timesteps = (sigmas * self.num_train_timesteps).to(device=device, dtype=torch.int64)
-        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+        self.timesteps = torch.from_numpy(sigmas * self.num_train_timesteps).to(device=device, dtype=torch.int64)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self._index = 0
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = False):

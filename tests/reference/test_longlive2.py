@@ -282,3 +282,25 @@ def test_importing_the_package_loads_no_stock_2_0_code():
             "assert not {'wan_5b', 'pipeline', 'longlive_triton.stock.longlive2'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+
+def test_flow_match_euler_standin():
+    """The sampler stand-in (used where diffusers is absent) gives the stock UniPC timesteps and, fed the exact
+    flow noise - x0, lands on x0."""
+    import numpy as np
+
+    from longlive_triton.stock.longlive2 import FlowMatchEuler
+    sched = FlowMatchEuler(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
+    sched.set_timesteps(4, device="cpu", shift=5.0)
+    # The stock solver: sigma_max is its float32 table's first entry, 1 - 1/num_train_timesteps.
+    table = 1.0 - np.linspace(1, 1 / 1000, 1000)[::-1].copy()
+    sigma_max = torch.from_numpy(table).to(torch.float32)[0].item()
+    sigmas = np.linspace(sigma_max, 0, 5)[:-1]
+    sigmas = 5.0 * sigmas / (1 + 4.0 * sigmas)
+    assert sched.timesteps.tolist() == torch.from_numpy(sigmas * 1000).to(torch.int64).tolist()
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn([3, 5], generator=gen), torch.randn([3, 5], generator=gen)
+    x = (1 - sched.sigmas[0]) * x0 + sched.sigmas[0] * noise
+    for t in sched.timesteps:
+        x = sched.step(noise - x0, t, x, return_dict=False)[0]
+    torch.testing.assert_close(x, x0, rtol=0, atol=1e-5)
