@@ -119,7 +119,7 @@ def _real(lq, cap, sink_end, win_start, win_end, shift=None, heads=12, batch=1, 
 
 
 @pytest.mark.gpu
-@settings(max_examples=20, suppress_health_check=_HEALTH)
+@settings(suppress_health_check=_HEALTH)  # drawn cases: the `gpu` profile
 @given(case=attention_cases(max_batch=2, max_heads=12, head_dims=(32, 64, 128), max_lq=700, max_slots=3000),
        use_tma=st.booleans(), tuned=st.just(False))
 # Block 0 (sink only), blocks 1-3 (filling), steady state, rotated rings (full and 9-frame windows),

@@ -137,7 +137,7 @@ def test_empty_groups_read_as_zero(device):
 
 
 @pytest.mark.gpu
-@settings(suppress_health_check=_HEALTH, max_examples=10)
+@settings(suppress_health_check=_HEALTH)  # drawn cases: the `gpu` profile
 @given(case=attention_cases(max_batch=2, max_heads=12, head_dims=(64, 128), max_lq=700, max_slots=3000),
        tuned=st.just(False))
 # Block 0 (sink only), filling, steady state, a rotated ring, the 9-frame window, batch 2; TMA.
