@@ -125,8 +125,9 @@ def _standin_modules() -> list[str]:
 # and the CUDA-graph runner installed on it) otherwise hold gigabytes until Python's next full
 # collection, and a later test then runs short of memory (cuDNN falls back to other algorithms when
 # its workspace cannot be allocated, and large allocations fail). Below it a collection is not worth
-# its ~0.1 s.
+# its ~0.1 s. A test that still holds more than _LEAK_BYTES more than it started with is reported.
 _COLLECT_ABOVE_BYTES = 2 << 30
+_LEAK_BYTES = 1 << 30
 
 
 @pytest.fixture(autouse=True)
@@ -136,9 +137,16 @@ def isolated_global_state():
     changed it is the bug (a library must leave the process as it found it)."""
     switches = _numeric_switches()
     standins = _standin_modules()
+    on_gpu = ON_GPU and torch.cuda.is_initialized()
+    allocated = torch.cuda.memory_allocated() if on_gpu else 0
     torch.manual_seed(0)  # the CPU and every CUDA generator
     random.seed(0)
     yield
+    # pytest keeps a failed test's exception for post-mortem debugging (sys.last_value): its traceback
+    # holds the test's frames, and so its GPU tensors (a whole model), until the next failure.
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
     changed = {k: (v, now) for (k, v), now in zip(switches.items(), _numeric_switches().values()) if v != now}
     if changed:
         _restore_numeric_switches(switches)
@@ -151,6 +159,9 @@ def isolated_global_state():
     if ON_GPU and torch.cuda.is_initialized() and torch.cuda.memory_reserved() > _COLLECT_ABOVE_BYTES:
         gc.collect()
         torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated() - allocated
+        if held > _LEAK_BYTES:  # a module or session fixture's tensors count here, in its first test
+            warnings.warn(f"{held / 2**30:.1f} GiB of GPU memory more is allocated after the test than before it")
 
 
 @pytest.fixture(autouse=True, scope="session")
