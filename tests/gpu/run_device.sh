@@ -13,9 +13,9 @@
 # gpu-suite runs every GPU test (`pytest -m gpu tests/`), gpu-suite-reverse the same last to first (no
 # test may depend on another); GPU_MARK narrows both, e.g. GPU_MARK="gpu and not slow" (the slow ones:
 # 1.3B models over many blocks) for a quick mode. smoke: one real-shape case per kernel and a short
-# stock-class e2e (after every change). cold-start: three processes of the stock-class fp8 bench, the
-# first tuning, the next two reading the autotune cache (with and without warmup): first block and
-# prompt switches against steady.
+# stock-class e2e (after every change). cold-start: three processes of the stock-class fp8 bench on
+# caches of their own, the first compiling and tuning (with warmup), the next two reading the caches
+# (with and without warmup): first block and prompt switches against steady.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
@@ -57,10 +57,11 @@ for step in $steps; do
                    LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs exact fp8 window9 fastest \
                      --context $ctx --cache-frames 12 window --blocks 12 --append "$OUT/e2e-stock.jsonl" || rc=1
                  done; exit $rc; } 2>&1 | tee "$OUT/e2e-stock.log" ;;
-    cold-start) { rc=0; for run in 1-cold 2-warmup 3-cache-only; do
+    cold-start) { rc=0; tc=$(mktemp -d); ac=$(mktemp -d)  # empty compile and autotune caches: process 1 is cold
+                 for run in 1-cold 2-warmup 3-cache-only; do
                    echo "--- process $run"; [ $run = 3-cache-only ] && w= || w=--warmup-shapes
-                   LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs fp8 --blocks 16 --switch-every 5 \
-                     $w --json "$OUT/cold-start-$run.json" || rc=1
+                   TRITON_CACHE_DIR=$tc LONGLIVE_TRITON_CACHE_DIR=$ac LONGLIVE_SRC=.stock/LongLive longlive-bench e2e \
+                     --model stock --configs fp8 --blocks 16 --switch-every 5 $w --json "$OUT/cold-start-$run.json" || rc=1
                  done; exit $rc; } 2>&1 | tee "$OUT/cold-start.log" ;;
     soak)    LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs exact fp8 fastest --cache-frames 12 \
                --blocks 100 --switch-every 25 --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" ;;
