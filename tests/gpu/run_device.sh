@@ -10,10 +10,10 @@
 # namespace (fill .whl with `pip download --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux2014_x86_64 -d .whl pyyaml setuptools tqdm`; the app step also needs
 # imageio-ffmpeg and pillow there: add them, with `--platform manylinux_2_28_x86_64` if pip finds no wheel).
-# gpu-suite runs every GPU test (`pytest -m gpu tests/`), gpu-suite-reverse the same last to first (no
-# test may depend on another); GPU_MARK narrows both, e.g. GPU_MARK="gpu and not slow" (the slow ones:
-# 1.3B models over many blocks) for a quick mode. smoke: one real-shape case per kernel and a short
-# stock-class e2e (after every change). cold-start: three processes of the stock-class fp8 bench on
+# gpu-suite runs every GPU test but the smoke cases, which repeat some of them (`pytest -m "gpu and not
+# smoke" tests/`), gpu-suite-reverse the same last to first (no test may depend on another); GPU_MARK
+# narrows both: GPU_MARK="gpu and not slow and not smoke" (slow: 1.3B models over many blocks) is the
+# quick mode. smoke: one real-shape case per kernel and a short stock-class e2e (after every change). cold-start: three processes of the stock-class fp8 bench on
 # caches of their own, the first compiling and tuning (with warmup), the next two reading the caches
 # (with and without warmup): first block and prompt switches against steady.
 set -uo pipefail
@@ -40,9 +40,9 @@ for step in $steps; do
     smoke)   { LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -rA -m "gpu and smoke" tests/gpu/test_smoke.py; t=$?
                LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs fp8 --blocks 7 --switch-every 5; e=$?
                [ $t = 0 ] && [ $e = 0 ]; } 2>&1 | tee "$OUT/smoke.log" ;;
-    gpu-suite) LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -m "${GPU_MARK:-gpu}" --durations=30 \
+    gpu-suite) LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -m "${GPU_MARK:-gpu and not smoke}" --durations=30 \
                --junitxml="$OUT/gpu-suite.xml" tests/ 2>&1 | tee "$OUT/gpu-suite.log" ;;
-    gpu-suite-reverse) LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -m "${GPU_MARK:-gpu}" --reverse-order \
+    gpu-suite-reverse) LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -m "${GPU_MARK:-gpu and not smoke}" --reverse-order \
                --durations=30 tests/ 2>&1 | tee "$OUT/gpu-suite-reverse.log" ;;
     parity)  LONGLIVE_SRC=.stock/LongLive PARITY_OUT="$OUT/parity.json" \
                python3 -m pytest -q -s tests/gpu/test_stock_parity.py tests/reference/test_patch_stock_class.py 2>&1 | tee "$OUT/parity.log" ;;
