@@ -248,9 +248,9 @@ KERNELS = {"tma": dict(use_tma=True), "tma-noflatten": dict(use_tma=True, flatte
            "pointer": dict(use_tma=False)}
 
 
-# One tile for the 36 real-size cases, which test the arithmetic: searching every case's own key
-# compiled and timed about 150 kernels (minutes of the GPU suite). The autotuned launch runs in the
-# fp8 preset's GPU tests and in tests/gpu/test_warmup_gpu.py.
+# One tile for the 36 real-size cases, which test the arithmetic: each case's own autotune key would be
+# a search of its own (36 searches, each compiling and timing up to 8 configs). The autotuned launch
+# runs in the fp8 preset's GPU tests and in tests/gpu/test_warmup_gpu.py.
 REAL_SIZE_TILE = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 

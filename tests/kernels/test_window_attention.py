@@ -124,7 +124,7 @@ def _real(lq, cap, sink_end, win_start, win_end, shift=None, heads=12, batch=1, 
        use_tma=st.booleans(), tuned=st.just(False))
 # Block 0 (sink only), blocks 1-3 (filling), steady state, rotated rings (full and 9-frame windows),
 # cross-attention. Only the steady TMA split-2 case autotunes (the Triton backend's launch); the others
-# run the fixed tile: each autotune key is a search of its own, minutes over the GPU suite.
+# run the fixed tile: each autotune key is a search of its own (every config compiled and timed).
 @example(case=_real(4680, 18720, 4680, 4680, 4680), use_tma=False, tuned=False)
 @example(case=_real(4680, 18720, 4680, 4680, 9360), use_tma=False, tuned=False)
 @example(case=_real(4680, 18720, 4680, 4680, 14040), use_tma=False, tuned=False)

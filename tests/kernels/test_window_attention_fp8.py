@@ -142,7 +142,7 @@ def test_empty_groups_read_as_zero(device):
        tuned=st.just(False))
 # Block 0 (sink only), filling, steady state, a rotated ring, the 9-frame window, batch 2. The split-2
 # cases (the presets' launch) autotune and run again with TMA; the others run the fixed tile (each
-# autotune key is a search of its own, minutes over the GPU suite).
+# autotune key is a search of its own: every config compiled and timed).
 @example(case=_real(4680, 18720, 4680, 4680, 4680), tuned=False)
 @example(case=_real(4680, 18720, 4680, 4680, 9360), tuned=False)
 @example(case=_real(4680, 18720, 4680, 4680, 18720), tuned=False)
