@@ -1,16 +1,24 @@
 """Helpers shared by the kernels: bf16 rounding and a bf16 dot that the compiler and the interpreter
 both honour, the launchers' checks (`check_kernel_device`, the one tensor checker `check_tensor`,
-`index_arg`), the row kernels' launch rule, and the scratch allocator of device-side TMA descriptors."""
+`index_arg`), the row kernels' launch rule, the scratch allocator of device-side TMA descriptors, and
+`autotune`, Triton's autotuner with its choices kept on disk across processes (`AutotuneCache`)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
+import json
 import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
 from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 
 # Head dims the attention-side kernels (RoPE + KV append, window attention) are built for.
@@ -178,9 +186,148 @@ def index_arg(name: str, value, *, batch: int, lo: int, hi: int, device: torch.d
     return value
 
 
-def autotune(**kwargs):
-    """triton.autotune that keeps its timings on disk (Triton's cache dir) where this Triton can,
-    so a new process skips the search: a GPU suite or a second run starts at the tuned speed."""
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        kwargs.setdefault("cache_results", True)
-    return triton.autotune(**kwargs)
+# --- autotuning that persists across processes ------------------------------------------------------
+
+AUTOTUNE_CACHE_ENV = "LONGLIVE_TRITON_CACHE_DIR"
+_CACHE_FORMAT = 1
+
+
+def autotune_cache_dir() -> Path:
+    """Where tuned configs are kept: $LONGLIVE_TRITON_CACHE_DIR, else the user's cache directory
+    ($XDG_CACHE_HOME or ~/.cache) / longlive-triton. Deleting it only costs one search per shape."""
+    if os.environ.get(AUTOTUNE_CACHE_ENV):
+        return Path(os.environ[AUTOTUNE_CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "longlive-triton"
+
+
+class AutotuneCache:
+    """The best config per kernel and tuning key for one GPU model and one Triton version, in one JSON
+    file: `autotune-<gpu>-triton<version>.json` in `autotune_cache_dir()`.
+
+    A kernel is named with a hash of its source (and what it calls), so an edited kernel is tuned
+    again; a key is Triton's tuning key (the values of the autotune `key` arguments and the dtypes of
+    the tensor arguments). A file that cannot be read is ignored with a warning and rewritten by the
+    next search. Writes merge with what another process may have written since, then replace the file
+    atomically."""
+
+    def __init__(self, gpu: str, triton_version: str = triton.__version__, directory: Path | None = None):
+        self.gpu = gpu
+        self.triton_version = triton_version
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-") or "gpu"
+        self.path = (directory or autotune_cache_dir()) / f"autotune-{slug}-triton{triton_version}.json"
+        self._entries: dict[str, dict[str, dict]] | None = None
+
+    @staticmethod
+    def kernel_name(fn) -> str:
+        """`name-hash` of a @triton.jit function: its source and dependencies (Triton's cache_key; in
+        the interpreter, which tunes nothing, the function's own source)."""
+        while not hasattr(fn, "cache_key") and not inspect.isfunction(fn):
+            fn = fn.fn
+        source = fn.cache_key if hasattr(fn, "cache_key") else inspect.getsource(fn)
+        return f"{fn.__name__}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+    @staticmethod
+    def key_text(key: tuple) -> str:
+        return json.dumps([str(k) for k in key])
+
+    def _read(self) -> dict[str, dict[str, dict]]:
+        try:
+            text = self.path.read_text()
+        except (FileNotFoundError, NotADirectoryError):  # nothing stored yet
+            return {}
+        except OSError as e:
+            warnings.warn(f"autotune cache {self.path} cannot be read ({e}); tuning again")
+            return {}
+        try:
+            doc = json.loads(text)
+            entries = doc["entries"]
+            if doc.get("format") != _CACHE_FORMAT or not isinstance(entries, dict) or not all(
+                    isinstance(v, dict) and all(isinstance(c, dict) for c in v.values()) for v in entries.values()):
+                raise ValueError("not this cache's format")
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"autotune cache {self.path} is not a valid cache file ({e}); it is ignored and will be "
+                          "rewritten (delete it to silence this)")
+            return {}
+        return entries
+
+    def get(self, kernel: str, key: tuple) -> dict | None:
+        """The stored config (Triton's `Config.all_kwargs()`) of `kernel` at `key`, or None."""
+        if self._entries is None:
+            self._entries = self._read()
+        return self._entries.get(kernel, {}).get(self.key_text(key))
+
+    def put(self, kernel: str, key: tuple, config: dict) -> None:
+        """Store a config; a directory that cannot be written costs only the persistence (a warning)."""
+        entries = self._read()  # what other processes wrote since this one read the file
+        entries.setdefault(kernel, {})[self.key_text(key)] = config
+        self._entries = entries
+        doc = {"format": _CACHE_FORMAT, "gpu": self.gpu, "triton": self.triton_version, "entries": entries}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            warnings.warn(f"autotune cache {self.path} cannot be written ({e}); the tuning is kept in this process only")
+
+
+_CACHES: dict[tuple, AutotuneCache] = {}
+
+
+def current_autotune_cache() -> AutotuneCache:
+    """The cache of the current CUDA device's GPU model (launches run under launch_on(device))."""
+    gpu = torch.cuda.get_device_name(torch.cuda.current_device())
+    where = (gpu, triton.__version__, autotune_cache_dir())
+    if where not in _CACHES:
+        _CACHES[where] = AutotuneCache(gpu, directory=where[2])
+    return _CACHES[where]
+
+
+class PersistentAutotuner(Autotuner):
+    """Triton's Autotuner whose disk cache is `AutotuneCache`: keyed by the GPU's name (an H100 and an
+    H200 share Triton's own key, their compute capability, not their best tiles), the Triton version,
+    the kernel's source and the tuning key. Triton hands every search to `check_disk_cache` when
+    cache_results is on; here it is on except in the interpreter, which does not tune."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cache_results = not interpreting()
+
+    def check_disk_cache(self, tuning_key, configs, bench_fn) -> bool:
+        """Set self.cache[tuning_key] from the file (True) or by benchmarking `configs` (False)."""
+        store = current_autotune_cache()
+        kernel = AutotuneCache.kernel_name(self.fn)
+        stored = store.get(kernel, tuning_key)
+        # A stored config counts only if it is still one of the candidates (the config list may change).
+        match = next((c for c in configs if json.loads(json.dumps(c.all_kwargs())) == stored), None)
+        if match is not None:
+            self.cache[tuning_key] = match
+            self.configs_timings = {}
+            return True
+        bench_fn()
+        store.put(kernel, tuning_key, self.cache[tuning_key].all_kwargs())
+        return False
+
+
+def autotune(configs, key, prune_configs_by=None, **kwargs):
+    """triton.autotune with its choices kept across processes (PersistentAutotuner): a second process
+    (or the next step of a GPU session) starts at the tuned speed without searching."""
+    def decorator(fn):
+        return PersistentAutotuner(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None,
+                                   prune_configs_by=prune_configs_by, **kwargs)
+    return decorator
+
+
+def check_bhld(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> None:
+    """A [B, L, H, D] operand of the attention-side kernels (v8 may be tokens-contiguous)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [B, L, H, D], got shape {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if t.stride(-1) != 1 and t.shape[-1] > 1 and not (name == "v8" and (t.stride(1) == 1 or t.shape[1] == 1)):
+        raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_bf16, check_kernel_device, check_tensor, dot, interpreting
+from ._common import autotune, cast_bf16, check_kernel_device, check_tensor, dot, interpreting
 
 _DTYPES = (torch.bfloat16, torch.float32)
 CACHE_T = 2
@@ -91,8 +91,8 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 # Keyed on the channels only: the position count changes with the frames per call, the best tile less so.
-_vae_conv3d_tuned = triton.autotune(configs=_configs(), key=["C_IN", "C_OUT", "HAS_BIAS", "FP32"],
-                                    prune_configs_by={"early_config_prune": _prune_configs})(_vae_conv3d_kernel)
+_vae_conv3d_tuned = autotune(configs=_configs(), key=["C_IN", "C_OUT", "HAS_BIAS", "FP32"],
+                             prune_configs_by={"early_config_prune": _prune_configs})(_vae_conv3d_kernel)
 
 
 def vae_conv3d_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """longlive-triton: Triton kernels and a one-line patcher for faster LongLive inference.
 
-    from longlive_triton import patch_model, patch_vae
+    from longlive_triton import patch_model, patch_vae, warmup
     report = patch_model(model)          # model: LongLive's CausalWanModel (peft-wrapped or not)
+    print(warmup(model))                 # optional: compile and tune every shape of a run before it starts
     print(patch_vae(vae))                # the Wan2.1 VAE: stock WanVAE_ or our reference decoder
 
 The names below load on first use, so that importing a submodule (the `longlive-triton` command
@@ -14,6 +15,7 @@ _EXPORTS = {
     "PatchConfig": ".config", "load_preset": ".config",
     "PatchReport": ".patch", "patch_model": ".patch",
     "VAEPatchReport": ".vae_patch", "patch_vae": ".vae_patch",
+    "WarmupReport": ".runtime.warmup", "warmup": ".runtime.warmup",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -62,11 +62,22 @@ def parity_inputs(preset: str, frames: int, dtype: torch.dtype, device, *, num_p
     return noise.to(dtype), prompts
 
 
+def _models(stock: StockLongLive, preset: str, dtype: torch.dtype, device, seed: int, num_layers: int | None):
+    """Our reference at a preset (with num_layers of its layers, None: all) and the stock model holding its weights."""
+    overrides = {} if num_layers is None else {"num_layers": num_layers}
+    ref = build_model(preset, seed=seed, device=device, dtype=dtype, **overrides)
+    kwargs = {**get_preset(preset).model_kwargs(), **overrides}
+    stock_model = build_stock_model(stock, kwargs, device=device, dtype=dtype, state_dict=ref.state_dict(),
+                                    num_frame_per_block=get_preset(preset).num_frame_per_block)
+    return ref, stock_model
+
+
 def compare_with_stock(stock: StockLongLive | str | os.PathLike | None, preset: str, dtype: torch.dtype, device,
                        frames: int, *, num_prompts: int = 1, switches=(), config=None,
-                       prompt_len: int | None = None, seed: int = 0) -> dict:
+                       prompt_len: int | None = None, seed: int = 0, num_layers: int | None = None) -> dict:
     """Our reference and the stock generator, same weights, noise, prompts and seed; the figures as a dict.
 
+    num_layers: build both with that many of the preset's layers (None: all), the layer shapes kept.
     The reference runs first and is freed before the stock model runs. Keys: rel_l2, rel_l2_per_block,
     max_abs_diff, stock_latent_norm, finite, seconds_reference, seconds_stock, and the setup.
     """
@@ -77,8 +88,7 @@ def compare_with_stock(stock: StockLongLive | str | os.PathLike | None, preset: 
                                    prompt_len=prompt_len, seed=seed)
     prompt_arg = prompts[0] if num_prompts == 1 else prompts
 
-    ref = build_model(preset, seed=seed, device=device, dtype=dtype)
-    stock_model = build_stock_model(stock, preset, device=device, dtype=dtype, state_dict=ref.state_dict())
+    ref, stock_model = _models(stock, preset, dtype, device, seed, num_layers)
     ours, t_ours = run_pipeline(ref, noise, prompt_arg, switches, config=config)
     del ref
     free_memory(device)
@@ -93,6 +103,7 @@ def compare_with_stock(stock: StockLongLive | str | os.PathLike | None, preset: 
         "preset": preset, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
         "device_name": torch.cuda.get_device_name() if on_cuda else "cpu", "torch": torch.__version__,
         "latent_frames": frames, "blocks": len(blocks), "switches": list(switches),
+        "num_layers": num_layers or get_preset(preset).num_layers,
         "rel_l2": rel_l2(ours, theirs), "rel_l2_per_block": blocks,
         "max_abs_diff": (ours.double() - theirs.double()).abs().max().item(),
         "stock_latent_norm": theirs.double().norm().item(),
@@ -103,13 +114,14 @@ def compare_with_stock(stock: StockLongLive | str | os.PathLike | None, preset: 
 
 
 def lora_merge_figures(stock: StockLongLive | str | os.PathLike | None, preset: str, device, *, rank: int = 8,
-                       frames: int | None = None, prompt_len: int | None = None, seed: int = 0) -> dict:
+                       frames: int | None = None, prompt_len: int | None = None, seed: int = 0,
+                       num_layers: int | None = None) -> dict:
     """patch_model on the stock generator wrapped with peft LoRA, as LongLive wraps it; fp32.
 
     LoRA (r=rank, alpha=rank, no dropout) on every Linear inside the blocks, lora_B drawn non-zero;
     one BlockPipeline run (one block by default at 1.3B shapes, two at tiny) unmerged, with the
-    adapters disabled, and after `patch_model`. Returns the figures and the report (key "report").
-    Needs peft.
+    adapters disabled, and after `patch_model`. num_layers: that many of the preset's layers (None:
+    all). Returns the figures and the report (key "report"). Needs peft.
 
     Latent figures cannot show an fp32 merge to 1e-5: LongLive attends in bf16 even in an fp32 model,
     so fp32 rounding in q/k/v flips bf16 roundings and the latents move by ~1e-4 (rel L2) for any
@@ -123,8 +135,7 @@ def lora_merge_figures(stock: StockLongLive | str | os.PathLike | None, preset: 
     if not isinstance(stock, StockLongLive):
         stock = load_stock_longlive(stock)
     dtype = torch.float32
-    ref = build_model(preset, seed=seed, device=device, dtype=dtype)
-    base = build_stock_model(stock, preset, device=device, dtype=dtype, state_dict=ref.state_dict())
+    ref, base = _models(stock, preset, dtype, device, seed, num_layers)
     del ref
     targets = lora_target_modules(base)
     torch.manual_seed(seed)  # peft draws lora_A from the global generator

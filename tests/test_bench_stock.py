@@ -46,3 +46,25 @@ def test_stock_bench_window9_in_a_12_frame_cache(tmp_path, capsys):
 def test_stock_bench_needs_the_stock_source(tmp_path, capsys):
     assert main(["e2e", "--model", "stock", "--stock-src", str(tmp_path), "--preset-model", "tiny"]) == 2
     assert "is not a LongLive v1.0 tree" in capsys.readouterr().err
+
+
+def test_stock_bench_cold_start_table_and_warmup(tmp_path, capsys):
+    """--warmup-shapes warms each model before its first block (timed apart); the cold-start table gives
+    the first block and every switch block against the steady median and the later switches."""
+    out = tmp_path / "cold.json"
+    rc = main(["e2e", "--model", "stock", "--stock-src", _SRC, "--preset-model", "tiny", "--blocks", "7",
+               "--switch-every", "2", "--configs", "none", "--warmup-shapes", "--json", str(out)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    assert record["settings"]["warmup_shapes"] is True and record["settings"]["switch_blocks"] == [2, 4, 6]
+    row = record["rows"][0]
+    assert row["warmup_s"] > 0 and list(row["switch_block_ms"]) == ["2", "4", "6"]
+    printed = capsys.readouterr().out
+    assert "cold start: first block and prompt switches" in printed and "warm-up: 6 blocks" in printed
+    line = next(ln for ln in printed.splitlines() if ln.startswith("stock") and " / " in ln)
+    assert len(line.split(" / ")) == 3  # the three switch blocks, in order
+
+
+def test_warmup_shapes_needs_the_stock_model(capsys):
+    assert main(["e2e", "--warmup-shapes", "--preset-model", "tiny"]) == 2
+    assert "--warmup-shapes need --model stock" in capsys.readouterr().err

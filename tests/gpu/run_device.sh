@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session, everything that needs the GPU in one go (see ../../README.md):
-#   bash tests/gpu/run_device.sh [install|tests|gpu-suite|graphs|parity|e2e|e2e-stock|soak|kernels|profile|
-#                                 vae|vae-tests|vae-bench|e2e-vae|app|multi-gpu ...]
+#   bash tests/gpu/run_device.sh [install|smoke|tests|gpu-suite|gpu-suite-reverse|graphs|parity|e2e|e2e-stock|
+#                                 cold-start|soak|kernels|profile|vae|vae-tests|vae-bench|e2e-vae|app|multi-gpu ...]
 #   (default: tests graphs parity e2e kernels profile; vae = vae-tests vae-bench, whose summary also reads
 #   the tests' figures; multi-gpu needs a kind with 2 GPUs: nvidia-h200-x2)
 # Logs and JSON land in $OUT (the device tool brings that folder back). Carry .stock for parity and
@@ -10,13 +10,19 @@
 # namespace (fill .whl with `pip download --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux2014_x86_64 -d .whl pyyaml setuptools tqdm`; the app step also needs
 # imageio-ffmpeg and pillow there: add them, with `--platform manylinux_2_28_x86_64` if pip finds no wheel).
-# gpu-suite runs every GPU test (`pytest -m gpu tests/`); GPU_MARK narrows it, e.g.
-# GPU_MARK="gpu and not slow" (the slow ones: 1.3B models over many blocks) to split it over two calls.
+# gpu-suite runs every GPU test but the smoke cases, which repeat some of them (`pytest -m "gpu and not
+# smoke" tests/`), gpu-suite-reverse the same last to first (no test may depend on another); GPU_MARK
+# narrows both: GPU_MARK="gpu and not slow and not smoke" (slow: 1.3B models over many blocks) is the
+# quick mode. smoke: one real-shape case per kernel and a short stock-class e2e (after every change). cold-start: three processes of the stock-class fp8 bench on
+# caches of their own, the first compiling and tuning (with warmup), the next two reading the caches
+# (with and without warmup): first block and prompt switches against steady.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
-# Autotuning results kept in Triton's cache: a step after the first reuses the configs tuned before.
-export TRITON_CACHE_AUTOTUNING=1
+# Tuned kernel configs (kernels/_common.py AutotuneCache): one JSON per GPU model and Triton version,
+# kept in .autotune (git-ignored): a step after the first reuses what the first tuned, and carrying
+# .autotune into a later call (it is copied to $OUT at the end) skips the search there too.
+export LONGLIVE_TRITON_CACHE_DIR=${LONGLIVE_TRITON_CACHE_DIR:-$PWD/.autotune}
 steps=${*:-tests graphs parity e2e kernels profile}
 steps=$(echo " $steps " | sed 's/ vae / vae-tests vae-bench /g')
 # At most 8 files come back from $OUT: the install log stays behind unless the install fails.
@@ -31,8 +37,13 @@ for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
     tests)   python3 -m pytest -q -m gpu tests/kernels tests/patches 2>&1 | tee "$OUT/tests.log" ;;
-    gpu-suite) LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -m "${GPU_MARK:-gpu}" --durations=30 \
+    smoke)   { LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -rA -m "gpu and smoke" tests/gpu/test_smoke.py; t=$?
+               LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs fp8 --blocks 7 --switch-every 5; e=$?
+               [ $t = 0 ] && [ $e = 0 ]; } 2>&1 | tee "$OUT/smoke.log" ;;
+    gpu-suite) LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -m "${GPU_MARK:-gpu and not smoke}" --durations=30 \
                --junitxml="$OUT/gpu-suite.xml" tests/ 2>&1 | tee "$OUT/gpu-suite.log" ;;
+    gpu-suite-reverse) LONGLIVE_SRC=.stock/LongLive python3 -m pytest -q -m "${GPU_MARK:-gpu and not smoke}" --reverse-order \
+               --durations=30 tests/ 2>&1 | tee "$OUT/gpu-suite-reverse.log" ;;
     parity)  LONGLIVE_SRC=.stock/LongLive PARITY_OUT="$OUT/parity.json" \
                python3 -m pytest -q -s tests/gpu/test_stock_parity.py tests/reference/test_patch_stock_class.py 2>&1 | tee "$OUT/parity.log" ;;
     kernels) longlive-bench kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
@@ -46,6 +57,12 @@ for step in $steps; do
                    LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs exact fp8 window9 fastest \
                      --context $ctx --cache-frames 12 window --blocks 12 --append "$OUT/e2e-stock.jsonl" || rc=1
                  done; exit $rc; } 2>&1 | tee "$OUT/e2e-stock.log" ;;
+    cold-start) { rc=0; tc=$(mktemp -d); ac=$(mktemp -d)  # empty compile and autotune caches: process 1 is cold
+                 for run in 1-cold 2-warmup 3-cache-only; do
+                   echo "--- process $run"; [ $run = 3-cache-only ] && w= || w=--warmup-shapes
+                   TRITON_CACHE_DIR=$tc LONGLIVE_TRITON_CACHE_DIR=$ac LONGLIVE_SRC=.stock/LongLive longlive-bench e2e \
+                     --model stock --configs fp8 --blocks 16 --switch-every 5 $w --json "$OUT/cold-start-$run.json" || rc=1
+                 done; exit $rc; } 2>&1 | tee "$OUT/cold-start.log" ;;
     soak)    LONGLIVE_SRC=.stock/LongLive longlive-bench e2e --model stock --configs exact fp8 fastest --cache-frames 12 \
                --blocks 100 --switch-every 25 --json "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log" ;;
     profile) python3 -m longlive_triton.bench.profile_block --rows 25 2>&1 | tee "$OUT/profile.log" ;;
@@ -64,4 +81,5 @@ for step in $steps; do
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
+cp "$LONGLIVE_TRITON_CACHE_DIR"/autotune-*.json "$OUT/" 2>/dev/null
 exit $status

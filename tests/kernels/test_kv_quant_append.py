@@ -139,7 +139,7 @@ def test_k_head_scale_bounds_every_key():
 
 
 @pytest.mark.gpu
-@settings(suppress_health_check=_HEALTH, max_examples=10)
+@settings(suppress_health_check=_HEALTH)  # drawn cases: the `gpu` profile
 @given(case=append_cases(max_batch=2, max_heads=12, head_dims=(64, 128), max_grid=(4, 30, 52), max_extra_slots=2000))
 @example(case=_real((3, 30, 52), 18720, 0, 0, 0))
 @example(case=_real((3, 30, 52), 18720, 9, 14040, 0))

@@ -119,23 +119,24 @@ def _real(lq, cap, sink_end, win_start, win_end, shift=None, heads=12, batch=1, 
 
 
 @pytest.mark.gpu
-@settings(max_examples=20, suppress_health_check=_HEALTH)
+@settings(suppress_health_check=_HEALTH)  # drawn cases: the `gpu` profile
 @given(case=attention_cases(max_batch=2, max_heads=12, head_dims=(32, 64, 128), max_lq=700, max_slots=3000),
        use_tma=st.booleans(), tuned=st.just(False))
 # Block 0 (sink only), blocks 1-3 (filling), steady state, rotated rings (full and 9-frame windows),
-# cross-attention.
-@example(case=_real(4680, 18720, 4680, 4680, 4680), use_tma=False, tuned=True)
-@example(case=_real(4680, 18720, 4680, 4680, 9360), use_tma=False, tuned=True)
-@example(case=_real(4680, 18720, 4680, 4680, 14040), use_tma=False, tuned=True)
-@example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=False, tuned=True)
-@example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=True, tuned=True)
+# cross-attention. Only the steady TMA split-2 case autotunes (the Triton backend's launch); the others
+# run the fixed tile: each autotune key is a search of its own (every config compiled and timed).
+@example(case=_real(4680, 18720, 4680, 4680, 4680), use_tma=False, tuned=False)
+@example(case=_real(4680, 18720, 4680, 4680, 9360), use_tma=False, tuned=False)
+@example(case=_real(4680, 18720, 4680, 4680, 14040), use_tma=False, tuned=False)
+@example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=False, tuned=False)
+@example(case=_real(4680, 18720, 4680, 4680, 18720), use_tma=True, tuned=False)
 @example(case=_real(4680, 18720, 4680, 4680, 18720, split=2), use_tma=True, tuned=True)
-@example(case=_real(4680, 18720, 4680, 4680, 14040, split=2), use_tma=False, tuned=True)
-@example(case=_real(4680, 18720, 4680, 4680, 18720, shift=7000), use_tma=True, tuned=True)
-@example(case=_real(4680, 18720, 4680, 9360, 18720, shift=7000), use_tma=False, tuned=True)
-@example(case=_real(4680, 512, 0, 0, 512), use_tma=False, tuned=True)
-@example(case=_real(4680, 512, 0, 0, 512), use_tma=True, tuned=True)
-@example(case=_real(1560, 18720, 4680, 4680, 18720, batch=2), use_tma=False, tuned=True)
+@example(case=_real(4680, 18720, 4680, 4680, 14040, split=2), use_tma=False, tuned=False)
+@example(case=_real(4680, 18720, 4680, 4680, 18720, shift=7000), use_tma=True, tuned=False)
+@example(case=_real(4680, 18720, 4680, 9360, 18720, shift=7000), use_tma=False, tuned=False)
+@example(case=_real(4680, 512, 0, 0, 512), use_tma=False, tuned=False)
+@example(case=_real(4680, 512, 0, 0, 512), use_tma=True, tuned=False)
+@example(case=_real(1560, 18720, 4680, 4680, 18720, batch=2), use_tma=False, tuned=False)
 def test_matches_reference_gpu(case, use_tma, tuned, device):
     use_tma = use_tma and torch.cuda.get_device_capability(device)[0] >= 9
     # Random cases run one fixed config: autotuning every Lq bucket they hit would take minutes.

@@ -137,18 +137,20 @@ def test_empty_groups_read_as_zero(device):
 
 
 @pytest.mark.gpu
-@settings(suppress_health_check=_HEALTH, max_examples=10)
+@settings(suppress_health_check=_HEALTH)  # drawn cases: the `gpu` profile
 @given(case=attention_cases(max_batch=2, max_heads=12, head_dims=(64, 128), max_lq=700, max_slots=3000),
        tuned=st.just(False))
-# Block 0 (sink only), filling, steady state, a rotated ring, the 9-frame window, batch 2; TMA.
-@example(case=_real(4680, 18720, 4680, 4680, 4680), tuned=True)
-@example(case=_real(4680, 18720, 4680, 4680, 9360), tuned=True)
-@example(case=_real(4680, 18720, 4680, 4680, 18720), tuned=True)
+# Block 0 (sink only), filling, steady state, a rotated ring, the 9-frame window, batch 2. The split-2
+# cases (the presets' launch) autotune and run again with TMA; the others run the fixed tile (each
+# autotune key is a search of its own: every config compiled and timed).
+@example(case=_real(4680, 18720, 4680, 4680, 4680), tuned=False)
+@example(case=_real(4680, 18720, 4680, 4680, 9360), tuned=False)
+@example(case=_real(4680, 18720, 4680, 4680, 18720), tuned=False)
 @example(case=_real(4680, 18720, 4680, 4680, 18720, split=2), tuned=True)
-@example(case=_real(4680, 18720, 4680, 4680, 18720, shift=7000), tuned=True)
+@example(case=_real(4680, 18720, 4680, 4680, 18720, shift=7000), tuned=False)
 @example(case=_real(4680, 18720, 4680, 9360, 18720, shift=7000, split=2), tuned=True)
-@example(case=_real(4680, 14040, 4680, 4680, 14040), tuned=True)
-@example(case=_real(1560, 18720, 4680, 4680, 18720, batch=2), tuned=True)
+@example(case=_real(4680, 14040, 4680, 4680, 14040), tuned=False)
+@example(case=_real(1560, 18720, 4680, 4680, 18720, batch=2), tuned=False)
 def test_matches_dequantized_reference_gpu(case, tuned, device):
     config = None if tuned else {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
     check_window_attention_fp8(case, device, config=config)

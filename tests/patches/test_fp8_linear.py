@@ -193,10 +193,11 @@ def test_fp8_config_keys():
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_fp8_preset_drift_at_real_size():
-    """LongLive-1.3B shapes, random weights, 20 blocks: fp8 against exact, cosine >= 0.99 per block."""
+    """LongLive-1.3B shapes, random weights, 10 blocks (the window fills in 4, then rolls): fp8 against
+    exact, cosine >= 0.99 per block."""
     device = torch.device("cuda")
     p = get_preset("longlive-1.3b")
-    blocks = 20
+    blocks = 10
     gen = torch.Generator(device=device).manual_seed(0)
     noise = torch.randn(1, 3 * blocks, 16, p.latent_height, p.latent_width, generator=gen, device=device)
     prompt = torch.randn(1, p.text_len, p.text_dim, generator=gen, device=device)

@@ -13,6 +13,8 @@ from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.models import build_model, get_preset
 
 ON_GPU = torch.cuda.is_available()
+# Blocks of the 1.3B GPU runs: the window fills in 4, then rolls for 6 (drift settles within them).
+BLOCKS_1P3B = 10
 
 
 def _inputs(preset: str, frames: int, device, segments: int = 1):
@@ -68,18 +70,15 @@ def test_fp32_model_is_skipped_and_left_untouched():
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_exact_preset_1p3b_matches_reference_over_20_blocks(backend):
-    """The exact-path acceptance: the exact preset (either attention backend) over 20 blocks at
+def test_exact_preset_1p3b_matches_reference(backend, reference_1p3b_latents):
+    """The exact-path acceptance: the exact preset (either attention backend) over 10 blocks at
     1.3B shapes, relative L2 of the latents <= 1e-2 against the unpatched reference."""
-    noise, prompts = _inputs("longlive-1.3b", 60, "cuda")
-    ref = build_model("longlive-1.3b", dtype=torch.bfloat16, device="cuda", seed=0)
-    want = _run(ref, noise, prompts, [])
-    del ref
+    noise, prompts, want = reference_1p3b_latents
     model = build_model("longlive-1.3b", dtype=torch.bfloat16, device="cuda", seed=0)
     report = patch_model(model, dataclasses.replace(load_preset("exact"), attention_backend=backend))
     assert not report.skipped
     got = _run(model, noise, prompts, [])
-    per_block = [rel_l2(got[:, i:i + 3], want[:, i:i + 3]) for i in range(0, 60, 3)]
+    per_block = [rel_l2(got[:, i:i + 3], want[:, i:i + 3]) for i in range(0, 3 * BLOCKS_1P3B, 3)]
     print(f"{backend}: per-block relative L2 {['%.2e' % e for e in per_block]}")
     assert rel_l2(got, want) <= 1e-2
 
@@ -173,8 +172,8 @@ def test_fp8_cache_config_is_validated():
 
 @pytest.fixture(scope="module")
 def reference_1p3b_latents():
-    """The unpatched 1.3B reference's 20 blocks, computed once for every fp8 mode."""
-    noise, prompts = _inputs("longlive-1.3b", 60, "cuda")
+    """The unpatched 1.3B reference's blocks, computed once for the exact and fp8 tests (read only)."""
+    noise, prompts = _inputs("longlive-1.3b", 3 * BLOCKS_1P3B, "cuda")
     ref = build_model("longlive-1.3b", dtype=torch.bfloat16, device="cuda", seed=0)
     want = _run(ref, noise, prompts, [])
     del ref
@@ -185,8 +184,8 @@ def reference_1p3b_latents():
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("split", [1, 2])
-def test_fp8_cache_1p3b_drift_over_20_blocks(split, reference_1p3b_latents):
-    """The FP8 KV cache at 1.3B shapes over 20 blocks against the unpatched reference (same random
+def test_fp8_cache_1p3b_drift(split, reference_1p3b_latents):
+    """The FP8 KV cache at 1.3B shapes over 10 blocks against the unpatched reference (same random
     weights): prints per-block relative L2 and cosine; target cosine >= 0.99 on every block. Also
     checks the cache memory from the real allocation: e4m3 k and v (V^T rows padded to 16 slots)
     and one fp32 scale per 128 slots and head, against bf16 k and v."""
@@ -200,7 +199,7 @@ def test_fp8_cache_1p3b_drift_over_20_blocks(split, reference_1p3b_latents):
     pipe = BlockPipeline(model, PipelineConfig())
     got = pipe.generate(noise, prompts[0])
     per_block = [(rel_l2(got[:, i:i + 3], want[:, i:i + 3]), cosine(got[:, i:i + 3], want[:, i:i + 3]))
-                 for i in range(0, 60, 3)]
+                 for i in range(0, 3 * BLOCKS_1P3B, 3)]
     print(f"fp8 cache, split {split}: per-block (rel L2, cos) {[('%.2e' % e, '%.5f' % c) for e, c in per_block]}")
     fp8_bytes = sum(c[n].untyped_storage().nbytes() for c in pipe.caches.kv for n in ("k", "v", "v_scale"))
     bf16_bytes = sum(c["k"].numel() * 2 * 2 for c in pipe.caches.kv)
