@@ -24,6 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # Gluon is experimental: without it the probe still runs the Triton modes.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    _GLUON_ERROR = None
+except ImportError as e:
+    _GLUON_ERROR = f"{type(e).__name__}: {e}"
+
 from ..kernels.fp8_kv_cache import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
 from ..kernels.window_attention import window_attention_flops, window_attention_fp8, window_attention_fp8_ref
 from longlive_triton.numerics import cosine
@@ -89,6 +99,155 @@ def probe_attn(q8, q_scale, k8, k_scale, v8, v_scale, out, mode: str, block_m: i
                       v8.stride(3),
                       HEAD_DIM=HEAD_DIM, BLOCK_M=block_m, BLOCK_N=128, MODE=MODES[mode], num_warps=num_warps,
                       num_stages=num_stages)
+    return out
+
+
+def _gluon_jit(fn):
+    """gluon.jit where this Triton has Gluon; else the plain function (the `gluon` mode reports why)."""
+    return gluon.jit(fn) if _GLUON_ERROR is None else fn
+
+
+@_gluon_jit
+def _gl_softmax(s, a_row, m_i, l_i, vs):
+    """`_softmax_pv`'s math up to P~: (P~ fp32, alpha, l, m) for the tile's scores s."""
+    log_vs = gl.log2(vs)
+    m_new = gl.maximum(m_i, gl.max(s, 1) * a_row + log_vs)
+    p = gl.exp2(s * gl.expand_dims(a_row, 1) - gl.expand_dims(m_new - (log_vs + 8.807354922057604), 1))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1) * (1.0 / vs)
+    return p, alpha, l_i, m_new
+
+
+@_gluon_jit
+def _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, t, n_tiles, h,
+                HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of key tile t (K [BLOCK_N, D] and V^T [D, BLOCK_N]) into ring slot t % STAGES; none past the end."""
+    slot = t % STAGES
+    ok = t < n_tiles
+    mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(k_desc, [t * BLOCK_N, h * HEAD_DIM], k_bars.index(slot), k_smem.index(slot), pred=ok)
+    mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(v_desc, [h * HEAD_DIM, t * BLOCK_N], v_bars.index(slot), v_smem.index(slot), pred=ok)
+
+
+@_gluon_jit
+def _gl_pv(p, v_smem, v_bars, t, STAGES: gl.constexpr, p_layout: gl.constexpr, zero):
+    """Issue the tile's P~.V (async) into a fresh accumulator; returns its wgmma token. P~ goes in registers
+    (ptxas keeps them until the wgmma retires; Triton 3.6's wait takes no 8-bit deps)."""
+    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    slot = t % STAGES
+    mbarrier.wait(v_bars.index(slot), (t // STAGES) & 1)
+    # V^T's tile is [D, BLOCK_N] with the slots contiguous: its transpose is the K-major B that FP8 wgmma needs.
+    o = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+    return o
+
+
+@_gluon_jit
+def _gluon_attn(q_desc, qs_ptr, k_desc, ks_ptr, v_desc, vs_ptr, o_ptr, Lq, H, n_tiles, qk_scale,
+                HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """FlashAttention-3's intra-warpgroup pipelining: S_{j+1} = Q.K_{j+1}^T is issued (async wgmma) before the
+    softmax of tile j, so the tensor cores work while MUFU and FMA do; K and V stream through a ring of STAGES
+    slots by TMA, tracked by one mbarrier per slot and operand. Each warpgroup (4 warps) owns 64 query rows.
+    P~.V of tile j goes into a fresh accumulator added in fp32, as `_softmax_pv` does; it is waited within the
+    iteration: keeping it in flight across the next softmax would need S_j, S_{j+1}, the pending P~.V and the
+    fp32 accumulator live at once, 4 x 64 registers per thread, more than a thread has."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_N, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    rows: gl.constexpr = gl.SliceLayout(1, mma)
+    cols: gl.constexpr = gl.SliceLayout(0, mma)
+    pid_m = gl.program_id(0)
+    h = gl.program_id(1)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+    fence_async_shared()
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [pid_m * BLOCK_M, h * HEAD_DIM], q_bar, q_smem)  # rows past Lq read 0
+    for t in gl.static_range(STAGES):
+        _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, t, n_tiles, h, HEAD_DIM, BLOCK_N, STAGES)
+
+    # a_row turns a raw Q.K^T dot into log2-domain scores (softmax scale * log2 e * q row scale * k head scale).
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows)
+    m_ok = offs_m < Lq
+    a_row = qk_scale * gl.load(qs_ptr + offs_m * H + h, mask=m_ok, other=0.0) * gl.load(ks_ptr + h)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows)
+    l_i = gl.zeros([BLOCK_M], gl.float32, rows)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, mma)
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)  # the ignored input of use_acc=False wgmmas
+
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bars.index(0), 0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s])
+    for j in range(0, n_tiles - 1):
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
+        # S_{j+1} in flight from here to the wait below: under the softmax of tile j.
+        s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero, use_acc=False, is_async=True)
+        p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, gl.load(vs_ptr + j * H + h))
+        acc = acc * gl.expand_dims(alpha, 1)
+        o = _gl_pv(p, v_smem, v_bars, j, STAGES, p_layout, zero)
+        s = warpgroup_mma_wait(1, deps=[s_next])  # wgmma groups retire in order: S_{j+1} done, P~.V may run on
+        o = warpgroup_mma_wait(0, deps=[o])
+        acc = acc + o
+        # Every warp is done with slot j % STAGES (K_j and V_j): refill it with tile j + STAGES.
+        gl.thread_barrier()
+        _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j + STAGES, n_tiles, h, HEAD_DIM, BLOCK_N,
+                    STAGES)
+    last = n_tiles - 1
+    p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, gl.load(vs_ptr + last * H + h))
+    o = _gl_pv(p, v_smem, v_bars, last, STAGES, p_layout, zero)
+    o = warpgroup_mma_wait(0, deps=[o])
+    acc = acc * gl.expand_dims(alpha, 1) + o
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+    out = acc / gl.expand_dims(l_i, 1)
+    offs_d = gl.arange(0, HEAD_DIM, layout=cols)
+    o_ptrs = o_ptr + gl.expand_dims(offs_m * (H * HEAD_DIM) + h * HEAD_DIM, 1) + gl.expand_dims(offs_d, 0)
+    gl.store(o_ptrs, out.to(gl.bfloat16), mask=gl.expand_dims(m_ok, 1))
+
+
+def _gluon_descriptors(q8, k8, v8, block_m: int):
+    """Host-side TMA descriptors over the probe's 2-D views (q8 [Lq, H*D], k8 [C, H*D], V^T [H*D, C'])."""
+    Lq, C = q8.shape[1], k8.shape[1]
+
+    def desc(base, shape, strides, block):
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
+        return TensorDescriptor(base, shape, strides, block, layout)
+
+    return (desc(q8, [Lq, HEADS * HEAD_DIM], [HEADS * HEAD_DIM, 1], [block_m, HEAD_DIM]),
+            desc(k8, [C, HEADS * HEAD_DIM], [HEADS * HEAD_DIM, 1], [128, HEAD_DIM]),
+            desc(v8, [HEADS * HEAD_DIM, C], [v8.stride(3), 1], [HEAD_DIM, 128]))
+
+
+def gluon_attn(q8, q_scale, k8, k_scale, v8, v_scale, out, block_m: int, num_warps: int, stages: int):
+    """The Gluon kernel on the probe's operands (B = 1, whole 128-slot tiles); block_m = 64 per warpgroup."""
+    if _GLUON_ERROR is not None:
+        raise RuntimeError(f"no Gluon in this Triton ({_GLUON_ERROR})")
+    if block_m != 64 * (num_warps // 4):
+        raise ValueError(f"block_m {block_m} must be 64 rows per warpgroup of 4 warps (num_warps {num_warps})")
+    for name, x in (("q8", q8), ("k8", k8)):
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for its TMA descriptor")
+    Lq, n_tiles = q8.shape[1], k8.shape[1] // 128  # whole tiles only, as the Triton probes
+    q_desc, k_desc, v_desc = _gluon_descriptors(q8, k8, v8, block_m)
+    _gluon_attn[(triton.cdiv(Lq, block_m), HEADS)](
+        q_desc, q_scale, k_desc, k_scale, v_desc, v_scale, out, Lq, HEADS, n_tiles,
+        HEAD_DIM ** -0.5 * 1.4426950408889634, HEAD_DIM=HEAD_DIM, BLOCK_N=128, STAGES=stages, num_warps=num_warps)
     return out
 
 
