@@ -19,6 +19,10 @@ compile error. One call of about a minute on an H100:
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -196,8 +200,8 @@ def _gluon_attn(q_desc, qs_ptr, k_desc, ks_ptr, v_desc, vs_ptr, o_ptr, Lq, H, n_
         # S_{j+1} in flight from here to the wait below: under the softmax of tile j.
         s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero, use_acc=False, is_async=True)
         p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, gl.load(vs_ptr + j * H + h))
-        acc = acc * gl.expand_dims(alpha, 1)
         o = _gl_pv(p, v_smem, v_bars, j, STAGES, p_layout, zero)
+        acc = acc * gl.expand_dims(alpha, 1)
         s = warpgroup_mma_wait(1, deps=[s_next])  # wgmma groups retire in order: S_{j+1} done, P~.V may run on
         o = warpgroup_mma_wait(0, deps=[o])
         acc = acc + o
@@ -261,13 +265,124 @@ def _operands(lkv: int):
     return (q, k, v), (q8, q_scale, quantize_k_ref(k, k_scale), k_scale, v8, v_scale)
 
 
+def gluon_sass(block_m: int, num_warps: int, stages: int) -> tuple[str, str]:
+    """The Gluon kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): (SASS, cuobjdump's resource line)."""
+    if _GLUON_ERROR is not None:
+        raise RuntimeError(f"no Gluon in this Triton ({_GLUON_ERROR})")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc(block):
+        return f"tensordesc<fp8e4nv[{block[0]}, {block[1]}],{gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)!r}>"
+
+    sig = {"q_desc": desc([block_m, HEAD_DIM]), "qs_ptr": "*fp32", "k_desc": desc([128, HEAD_DIM]), "ks_ptr": "*fp32",
+           "v_desc": desc([HEAD_DIM, 128]), "vs_ptr": "*fp32", "o_ptr": "*bf16", "Lq": "i32", "H": "i32",
+           "n_tiles": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr",
+           "num_warps": "constexpr"}
+    const = dict(HEAD_DIM=HEAD_DIM, BLOCK_N=128, STAGES=stages, num_warps=num_warps)
+    kernel = triton.compile(GluonASTSource(_gluon_attn, sig, const), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps))
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([str(tools / "nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True).stdout
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], check=True, capture_output=True,
+                               text=True).stdout.strip().splitlines()[-1].strip()
+    return text, usage
+
+
+def sass_overlap(text: str) -> list[tuple[int, int, str]]:
+    """For each S = Q.K^T wgmma (its first QGMMA: A from shared memory, no accumulator in), the MUFU.EX2 and
+    QGMMA that the SASS issues after it and before the next WARPGROUP.DEPBAR, and that DEPBAR:
+    [(ex2, qgmma, depbar)]. The pipelined loop shows ~64 EX2 (the softmax of the tile before: a 64 x 128 tile
+    is 64 scores per thread of its warpgroup), the rest of S and P~.V's QGMMA, then `DEPBAR.LE gsb0, 0x1` (S
+    retired, P~.V in flight); a schedule without overlap shows 0 EX2 and `0x0`."""
+    lines = [re.sub(r"/\*[0-9a-f]*\*/|;", "", line).strip() for line in text.splitlines()]
+    found = []
+    for i, line in enumerate(lines):
+        if re.search(r"QGMMA\.\S+ R\d+, gdesc\[UR\d+\], RZ, !UPT", line):
+            ex2 = qgmma = 0
+            for later in lines[i + 1:]:
+                if "WARPGROUP.DEPBAR" in later:
+                    found.append((ex2, qgmma, later))
+                    break
+                ex2 += "MUFU.EX2" in later
+                qgmma += "QGMMA" in later
+    return found
+
+
+def _sass_report(configs) -> int:
+    """Prints the overlap evidence of each config; 1 if one failed to compile or shows no overlap."""
+    failed = 0
+    for bm, warps, stages in configs:
+        label = f"gluon {bm}x128 w{warps} s{stages}"
+        try:
+            text, usage = gluon_sass(bm, warps, stages)
+        except Exception as e:
+            failed = 1
+            print(f"{label}: does not compile for sm_90: {_one_line(e)}")
+            continue
+        count = lambda pattern: len(re.findall(pattern, text))  # noqa: E731
+        print(f"{label}: {count(r'QGMMA')} QGMMA, {count(r'MUFU[.]EX2')} MUFU.EX2, "
+              f"{count(r'WARPGROUP[.]DEPBAR')} WARPGROUP.DEPBAR, {count(r'BAR[.]SYNC')} BAR.SYNC, "
+              f"{count(r'[^.]STL|[^.]LDL')} local load/store (spills); {usage}")
+        overlap = sass_overlap(text)
+        for n, (ex2, qgmma, depbar) in enumerate(overlap):
+            print(f"  S=Q.K^T wgmma {n}: then {ex2} MUFU.EX2 and {qgmma} QGMMA before `{depbar}`")
+        # Overlap: an S wgmma with at least half a tile's 64 exp2 per thread issued under it.
+        if not any(ex2 >= 32 and not depbar.endswith("0x0") for ex2, _, depbar in overlap):
+            failed = 1
+            print(f"  {label}: NO OVERLAP: no S wgmma runs under the softmax's MUFU.EX2")
+    return failed
+
+
+def _one_line(e: Exception) -> str:
+    """A compile or launch error in one line: its type and its first non-empty line that says something."""
+    text = [line.strip() for line in str(e).splitlines() if line.strip()]
+    said = [line for line in text if "error" in line.lower()] or text
+    return f"{type(e).__name__}: {said[0][:300] if said else ''}"
+
+
+def _timed_row(lkv, label, call, out, ref_al, flops_al, flops, ms_cudnn):
+    """One probe row: (kv, label, ms, TFLOP/s, x cuDNN, cosine), or NaNs and a printed one-line reason."""
+    try:
+        out.fill_(float("nan"))
+        call()
+        torch.cuda.synchronize()
+        cos = cosine(out.float(), ref_al)
+        ms = triton.testing.do_bench(call, warmup=100, rep=400, return_mode="median")
+        # x cuDNN as a rate ratio: the probe does lkv_al / lkv of the work.
+        row = (lkv, label, ms, flops_al / ms / 1e9, flops_al / ms / (flops / ms_cudnn), cos)
+    except Exception as e:  # a schedule that does not compile or run is a finding, not a crash
+        print(f"{label} at kv {lkv}: {_one_line(e)}")
+        row = (lkv, label, float("nan"), float("nan"), float("nan"), float("nan"))
+    _print_row(row)
+    return row
+
+
+def _print_row(row):
+    lkv, label, ms, tf, ratio, cos = row
+    print(f"{lkv:>6} {label:<24} {ms:8.3f} {tf:8.0f} {ratio:8.3f} {cos:9.6f}", flush=True)
+
+
+TRITON_CONFIGS = ((64, 4, 3), (128, 8, 3), (128, 8, 2))
+GLUON_CONFIGS = ((64, 4, 3), (64, 4, 2), (128, 8, 2))  # (BLOCK_M, num_warps, STAGES): 64 rows per warpgroup
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lkv", type=int, nargs="+", default=[18720, 14040])
+    ap.add_argument("--sass", action="store_true",
+                    help="no GPU: compile the Gluon kernel for sm_90 and show whether its wgmma overlaps the softmax")
     args = ap.parse_args(argv)
+    if args.sass:
+        return _sass_report(GLUON_CONFIGS)
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     print("GPU", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    rows = []
+    header = f"{'kv':>6} {'variant':<24} {'ms':>8} {'TFLOP/s':>8} {'x cuDNN':>8} {'cosine':>9}"
+    print(header)
+    rows, cases = [], []
     for lkv in args.lkv:
         torch.manual_seed(0)
         (q, k, v), ops = _operands(lkv)
@@ -281,32 +396,30 @@ def main(argv=None) -> int:
         ms_cudnn = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt),
                                            warmup=100, rep=400, return_mode="median")
         rows.append((lkv, "cudnn bf16", ms_cudnn, flops / ms_cudnn / 1e9, 1.0, float("nan")))
+        _print_row(rows[-1])
         out = torch.empty(1, LQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         rng = [torch.tensor([x], dtype=torch.int64, device="cuda") for x in (lkv, lkv, lkv)]
         ours = lambda: window_attention_fp8(*ops, *rng, out=out, use_tma=True, split=2)  # noqa: E731
         ours()
         ms = triton.testing.do_bench(ours, warmup=100, rep=400, return_mode="median")
         rows.append((lkv, "ours tma split2", ms, flops / ms / 1e9, ms_cudnn / ms, cosine(out.float(), ref)))
+        _print_row(rows[-1])
         for mode in MODES:
-            for bm, warps, stages in ((64, 4, 3), (128, 8, 3), (128, 8, 2)):
-                label = f"{mode} {bm}x128 w{warps} s{stages}"
-                try:
-                    call = lambda: probe_attn(*ops, out, mode, bm,  # noqa: E731
-                                              warps, stages)
-                    out.fill_(float("nan"))
-                    call()
-                    torch.cuda.synchronize()
-                    cos = cosine(out.float(), ref_al)
-                    ms = triton.testing.do_bench(call, warmup=100, rep=400, return_mode="median")
-                    # x cuDNN as a rate ratio: the probe does lkv_al / lkv of the work.
-                    rows.append((lkv, label, ms, flops_al / ms / 1e9, flops_al / ms / (flops / ms_cudnn), cos))
-                    print(*rows[-1])
-                except Exception as e:  # a schedule Triton cannot compile is a finding, not a crash
-                    rows.append((lkv, label, float("nan"), float("nan"), float("nan"), float("nan")))
-                    print(f"{label} at kv {lkv}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-    print(f"{'kv':>6} {'variant':<24} {'ms':>8} {'TFLOP/s':>8} {'x cuDNN':>8} {'cosine':>9}")
-    for lkv, label, ms, tf, ratio, cos in rows:
-        print(f"{lkv:>6} {label:<24} {ms:8.3f} {tf:8.0f} {ratio:8.3f} {cos:9.6f}")
+            for bm, warps, stages in TRITON_CONFIGS:
+                call = lambda: probe_attn(*ops, out, mode, bm, warps, stages)  # noqa: E731
+                rows.append(_timed_row(lkv, f"{mode} {bm}x128 w{warps} s{stages}", call, out, ref_al, flops_al, flops,
+                                        ms_cudnn))
+        cases.append((lkv, ops, out, ref_al, flops_al, flops, ms_cudnn))
+    # Gluon last, after every Triton row is printed: a hand-written mbarrier pipeline that went wrong would
+    # hang or fault the context, and must not take the other rows with it.
+    for lkv, ops, out, ref_al, flops_al, flops, ms_cudnn in cases:
+        for bm, warps, stages in GLUON_CONFIGS:
+            call = lambda: gluon_attn(*ops, out, bm, warps, stages)  # noqa: E731
+            rows.append(_timed_row(lkv, f"gluon {bm}x128 w{warps} s{stages}", call, out, ref_al, flops_al, flops,
+                                    ms_cudnn))
+    print(header)
+    for row in rows:
+        _print_row(row)
     return 0
 
 
