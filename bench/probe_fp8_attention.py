@@ -2,19 +2,32 @@
 
 A minimal FP8 attention forward with our FP8 cache layout (q8 [B, Lq, H, D] with one scale per row,
 k8 [B, C, H, D] with one scale per head, v8 tokens-contiguous [B, H, D, C] with one scale per
-128-slot group; all of [0, C) attended, C a multiple of 128) in three schedules, timed beside our
-kernel (`window_attention_fp8`, TMA, split 2) and cuDNN's bf16 SDPA at LongLive's shape:
+128-slot group; all of [0, C) attended, C a multiple of 128; B = 1) in four schedules, timed beside
+our kernel (`window_attention_fp8`, TMA, split 2) and cuDNN's bf16 SDPA at LongLive's shape:
 - `base`: the tile body of kernels/window_attention.py (S = Q.K^T; softmax; P.V into a fresh
   accumulator added in fp32), TMA loads;
 - `prefetch`: S of tile j+1 is issued before the softmax of tile j (FlashAttention-3's intra-
-  warpgroup pipelining written by hand): the wgmma can run while the MUFU and FMA units work;
+  warpgroup pipelining written by hand): the wgmma can run while the MUFU and FMA units work
+  (Triton 3.6 waits for it at once: `WARPGROUP.DEPBAR.LE gsb0, 0x0` right after the QGMMA);
 - `ws`: the key loop as `tl.range(..., warp_specialize=True)` (Triton's automatic warp
-  specialisation: a producer warp for the TMA loads, consumers for the math).
+  specialisation: a producer warp for the TMA loads, consumers for the math);
+- `gluon`: the same math in Gluon (Triton's explicit-layout dialect, `triton.experimental.gluon`),
+  where the pipelining is written out: S_{j+1} = Q.K_{j+1}^T is an async wgmma issued before the
+  softmax of tile j and waited after it, P~.V goes into a fresh accumulator, K and V stream through
+  a TMA ring of STAGES slots with one mbarrier per slot. 64 query rows per warpgroup of 4 warps.
 Each prints ms, TFLOP/s, the rate ratio to cuDNN (the probes attend the whole 128-slot tiles
-of the window only) and the cosine against the fp32 reference, or the
-compile error. One call of about a minute on an H100:
+of the window only) and the cosine against the fp32 reference, or a one-line reason it did not
+compile or run. The Gluon rows run last (a hand-built mbarrier pipeline that hangs or faults must
+not cost the other rows). One call of about a minute on an H100:
 
     python -m longlive_triton.bench.probe_fp8_attention [--lkv 18720 14040]
+
+Gluon has no CPU interpreter: the GPU run's cosine is its check. Without a GPU, `--sass` compiles
+the Gluon kernel for sm_90 (Triton's bundled ptxas) and prints, per config, the instruction counts
+and, for each S = Q.K^T wgmma, how many MUFU.EX2 the SASS issues under it before the next
+WARPGROUP.DEPBAR; exit status 1 if a config does not compile or shows no overlap:
+
+    python -m longlive_triton.bench.probe_fp8_attention --sass
 """
 from __future__ import annotations
 
