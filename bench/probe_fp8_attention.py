@@ -47,6 +47,10 @@ try:  # Gluon is experimental: without it the probe still runs the Triton modes.
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # Names that moved: Triton 3.6 has tma.async_copy_global_to_shared and gl.thread_barrier, 3.9 async_load and
+    # gl.barrier.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _GLUON_ERROR = None
 except ImportError as e:
     _GLUON_ERROR = f"{type(e).__name__}: {e}"
@@ -142,9 +146,9 @@ def _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, t, n_tiles, h,
     slot = t % STAGES
     ok = t < n_tiles
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(k_desc, [t * BLOCK_N, h * HEAD_DIM], k_bars.index(slot), k_smem.index(slot), pred=ok)
+    _tma_load(k_desc, [t * BLOCK_N, h * HEAD_DIM], k_bars.index(slot), k_smem.index(slot), pred=ok)
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(v_desc, [h * HEAD_DIM, t * BLOCK_N], v_bars.index(slot), v_smem.index(slot), pred=ok)
+    _tma_load(v_desc, [h * HEAD_DIM, t * BLOCK_N], v_bars.index(slot), v_smem.index(slot), pred=ok)
 
 
 @_gluon_jit
@@ -190,7 +194,7 @@ def _gluon_attn(q_desc, qs_ptr, k_desc, ks_ptr, v_desc, vs_ptr, o_ptr, Lq, H, n_
     fence_async_shared()
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [pid_m * BLOCK_M, h * HEAD_DIM], q_bar, q_smem)  # rows past Lq read 0
+    _tma_load(q_desc, [pid_m * BLOCK_M, h * HEAD_DIM], q_bar, q_smem)  # rows past Lq read 0
     for t in gl.static_range(STAGES):
         _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, t, n_tiles, h, HEAD_DIM, BLOCK_N, STAGES)
 
@@ -219,7 +223,7 @@ def _gluon_attn(q_desc, qs_ptr, k_desc, ks_ptr, v_desc, vs_ptr, o_ptr, Lq, H, n_
         o = warpgroup_mma_wait(0, deps=[o])
         acc = acc + o
         # Every warp is done with slot j % STAGES (K_j and V_j): refill it with tile j + STAGES.
-        gl.thread_barrier()
+        _cta_barrier()
         _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j + STAGES, n_tiles, h, HEAD_DIM, BLOCK_N,
                     STAGES)
     last = n_tiles - 1
@@ -351,10 +355,12 @@ def _sass_report(configs) -> int:
 
 
 def _one_line(e: Exception) -> str:
-    """A compile or launch error in one line: its type and its first non-empty line that says something."""
-    text = [line.strip() for line in str(e).splitlines() if line.strip()]
-    said = [line for line in text if "error" in line.lower()] or text
-    return f"{type(e).__name__}: {said[0][:300] if said else ''}"
+    """A compile or launch error in one line: the underlying error's type and its line that names an error,
+    else its last line (a CompilationError's own message starts with the source excerpt)."""
+    cause = e.__cause__ or e
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    said = [line for line in lines if "error" in line.lower()] or lines[-1:]
+    return f"{type(cause).__name__}: {said[0][:300] if said else ''}"
 
 
 def _timed_row(lkv, label, call, out, ref_al, flops_al, flops, ms_cudnn):
