@@ -129,9 +129,8 @@ def _gluon_jit(fn):
 
 
 @_gluon_jit
-def _gl_softmax(s, a_row, m_i, l_i, vs):
+def _gl_softmax(s, a_row, m_i, l_i, vs, log_vs):
     """`_softmax_pv`'s math up to P~: (P~ fp32, alpha, l, m) for the tile's scores s."""
-    log_vs = gl.log2(vs)
     m_new = gl.maximum(m_i, gl.max(s, 1) * a_row + log_vs)
     p = gl.exp2(s * gl.expand_dims(a_row, 1) - gl.expand_dims(m_new - (log_vs + 8.807354922057604), 1))
     alpha = gl.exp2(m_i - m_new)
@@ -152,15 +151,19 @@ def _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, t, n_tiles, h,
 
 
 @_gluon_jit
-def _gl_pv(p, v_smem, v_bars, t, STAGES: gl.constexpr, p_layout: gl.constexpr, zero):
-    """Issue the tile's P~.V (async) into a fresh accumulator; returns its wgmma token. P~ goes in registers
+def _gl_p8(p, p_layout: gl.constexpr):
+    """P~ as the e4m3 register operand A of the P~.V wgmma."""
+    return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+
+
+@_gluon_jit
+def _gl_pv(p8, v_smem, v_bars, t, STAGES: gl.constexpr, zero):
+    """Issue tile t's P~.V (async) into a fresh accumulator; returns its wgmma token. P~ goes in registers
     (ptxas keeps them until the wgmma retires; Triton 3.6's wait takes no 8-bit deps)."""
-    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
     slot = t % STAGES
     mbarrier.wait(v_bars.index(slot), (t // STAGES) & 1)
     # V^T's tile is [D, BLOCK_N] with the slots contiguous: its transpose is the K-major B that FP8 wgmma needs.
-    o = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
-    return o
+    return warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
 
 
 @_gluon_jit
@@ -181,8 +184,9 @@ def _gl_tiles(s, acc, l_i, m_i, a_row, q_smem, k_smem, v_smem, k_bars, v_bars, k
         mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
         # S_{j+1} in flight from here to the wait below: under the softmax of tile j.
         s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, _gl_vs(vs_ptr, j, h, H, BLOCK_N))
-        o = _gl_pv(p, v_smem, v_bars, j, STAGES, p_layout, zero_o)
+        vs = _gl_vs(vs_ptr, j, h, H, BLOCK_N)
+        p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, gl.log2(vs))
+        o = _gl_pv(_gl_p8(p, p_layout), v_smem, v_bars, j, STAGES, zero_o)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
         s = warpgroup_mma_wait(1, deps=[s_next])  # wgmma groups retire in order: S_{j+1} done, P~.V may run on
         o = warpgroup_mma_wait(0, deps=[o])
@@ -192,8 +196,9 @@ def _gl_tiles(s, acc, l_i, m_i, a_row, q_smem, k_smem, v_smem, k_bars, v_bars, k
         _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j + STAGES, n_tiles, h, HEAD_DIM, BLOCK_N,
                     STAGES)
     last = n_tiles - 1
-    p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, _gl_vs(vs_ptr, last, h, H, BLOCK_N))
-    o = _gl_pv(p, v_smem, v_bars, last, STAGES, p_layout, zero_o)
+    vs = _gl_vs(vs_ptr, last, h, H, BLOCK_N)
+    p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, gl.log2(vs))
+    o = _gl_pv(_gl_p8(p, p_layout), v_smem, v_bars, last, STAGES, zero_o)
     o = warpgroup_mma_wait(0, deps=[o])
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1) + o
     return acc, l_i, m_i
@@ -203,38 +208,52 @@ def _gl_tiles(s, acc, l_i, m_i, a_row, q_smem, k_smem, v_smem, k_bars, v_bars, k
 def _gl_tiles_deferred(s, acc, l_i, m_i, a_row, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, vs_ptr, h, H,
                        n_tiles, zero_s, zero_o, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        p_layout: gl.constexpr, o_rows: gl.constexpr):
-    """`_gl_tiles` with P~.V of tile j also in flight across the softmax of tile j+1 (FA3's full intra-warpgroup
-    overlap: two wgmmas under every softmax). At BLOCK_N 64 it fits: S_j and S_{j+1} take 32 registers each,
-    the pending P~.V and the accumulator 64 each. The ring refills the slot of tile j-1 in iteration j, so K_{j+1}
-    was loaded an iteration ahead only if STAGES >= 3. n_tiles >= 2."""
+    """`_gl_tiles` with two wgmmas under every softmax (FA3's full intra-warpgroup overlap): iteration j issues
+    P~.V of tile j-1 and S_{j+1}, then runs the softmax of tile j, then waits for both. Both are issued and
+    waited in the same iteration: a wgmma left in flight across the loop's back edge makes ptxas serialize all
+    of them (C7514: it then cannot tell which group a `wait_group 1` retired). Registers allow it at BLOCK_N 64:
+    S_j and S_{j+1} take 32 per thread each, the pending P~.V and the accumulator 64 each. The slot of tile j-1
+    is refilled in iteration j, so K_{j+1} was loaded an iteration ahead only if STAGES >= 3. n_tiles >= 2."""
     gl.static_assert(STAGES >= 3, "the deferred schedule refills a slot one tile later: STAGES >= 3")
-    # Tile 0, peeled so that the loop always finds a P~.V in flight.
+    # Tile 0's softmax under S_1; its P~.V goes out with the next iteration.
     mbarrier.wait(k_bars.index(1), 0)
     s_next = warpgroup_mma(q_smem, k_smem.index(1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, _gl_vs(vs_ptr, 0, h, H, BLOCK_N))
-    o = _gl_pv(p, v_smem, v_bars, 0, STAGES, p_layout, zero_o)
-    s = warpgroup_mma_wait(1, deps=[s_next])
+    vs = _gl_vs(vs_ptr, 0, h, H, BLOCK_N)
+    p, alpha_prev, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, gl.log2(vs))
+    p8 = _gl_p8(p, p_layout)
+    s = warpgroup_mma_wait(0, deps=[s_next])
     for j in range(1, n_tiles - 1):
+        # log2 of the v scale before the wgmmas: libdevice's log2f branches (inf/NaN), and a branch while a
+        # wgmma is in flight makes ptxas wait for it there.
+        vs = _gl_vs(vs_ptr, j, h, H, BLOCK_N)
+        log_vs = gl.log2(vs)
+        o = _gl_pv(p8, v_smem, v_bars, j - 1, STAGES, zero_o)
         nxt = (j + 1) % STAGES
         mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
         s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         # In flight now: P~.V of tile j-1, then S_{j+1}; both under this softmax.
-        p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, _gl_vs(vs_ptr, j, h, H, BLOCK_N))
-        o = warpgroup_mma_wait(1, deps=[o])  # the older one: P~.V of tile j-1
-        acc = (acc + o) * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+        p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, log_vs)
+        # The older group, P~.V of tile j-1. P~ passes through the wait so that the compiler keeps the softmax
+        # before it (nothing else needs P~ before the wait, and it would sink the exp2 below).
+        o, p = warpgroup_mma_wait(1, deps=[o, p])
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, o_rows), 1) + o
+        s = warpgroup_mma_wait(0, deps=[s_next])
+        p8 = _gl_p8(p, p_layout)
+        alpha_prev = alpha
         # Every warp is done with slot (j-1) % STAGES: refill it with tile j-1 + STAGES.
         _cta_barrier()
         _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j - 1 + STAGES, n_tiles, h, HEAD_DIM, BLOCK_N,
                     STAGES)
-        o = _gl_pv(p, v_smem, v_bars, j, STAGES, p_layout, zero_o)
-        s = warpgroup_mma_wait(1, deps=[s_next])  # S_{j+1} done; P~.V of tile j runs on into the next softmax
     last = n_tiles - 1
-    p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, _gl_vs(vs_ptr, last, h, H, BLOCK_N))
+    vs = _gl_vs(vs_ptr, last, h, H, BLOCK_N)
+    log_vs = gl.log2(vs)
+    o = _gl_pv(p8, v_smem, v_bars, last - 1, STAGES, zero_o)
+    p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, log_vs)
     o = warpgroup_mma_wait(0, deps=[o])
-    acc = (acc + o) * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
-    o = _gl_pv(p, v_smem, v_bars, last, STAGES, p_layout, zero_o)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, o_rows), 1) + o
+    o = _gl_pv(_gl_p8(p, p_layout), v_smem, v_bars, last, STAGES, zero_o)
     o = warpgroup_mma_wait(0, deps=[o])
-    return acc + o, l_i, m_i
+    return acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1) + o, l_i, m_i
 
 
 @_gluon_jit
