@@ -2,7 +2,7 @@
 
 A minimal FP8 attention forward with our FP8 cache layout (q8 [B, Lq, H, D] with one scale per row,
 k8 [B, C, H, D] with one scale per head, v8 tokens-contiguous [B, H, D, C] with one scale per
-128-slot group; all of [0, C) attended, C a multiple of 128; B = 1) in four schedules, timed beside
+128-slot group; all of [0, C) attended, C a multiple of 128; B = 1) in five schedules, timed beside
 our kernel (`window_attention_fp8`, TMA, split 2) and cuDNN's bf16 SDPA at LongLive's shape:
 - `base`: the tile body of kernels/window_attention.py (S = Q.K^T; softmax; P.V into a fresh
   accumulator added in fp32), TMA loads;
@@ -13,8 +13,12 @@ our kernel (`window_attention_fp8`, TMA, split 2) and cuDNN's bf16 SDPA at LongL
   specialisation: a producer warp for the TMA loads, consumers for the math);
 - `gluon`: the same math in Gluon (Triton's explicit-layout dialect, `triton.experimental.gluon`),
   where the pipelining is written out: S_{j+1} = Q.K_{j+1}^T is an async wgmma issued before the
-  softmax of tile j and waited after it, P~.V goes into a fresh accumulator, K and V stream through
-  a TMA ring of STAGES slots with one mbarrier per slot. 64 query rows per warpgroup of 4 warps.
+  softmax of tile j and waited after it, P~.V goes into a fresh accumulator (waited at once), K and
+  V stream through a TMA ring of STAGES slots with one mbarrier per slot. 64 query rows per
+  warpgroup of 4 warps, 128-key tiles;
+- `gluon+pv`: as `gluon` with 64-key tiles, which leave the registers for P~.V of tile j-1 to run
+  under the softmax of tile j as well (two wgmmas under every softmax, FlashAttention-3's full
+  intra-warpgroup overlap).
 Each prints ms, TFLOP/s, the rate ratio to cuDNN (the probes attend the whole 128-slot tiles
 of the window only) and the cosine against the fp32 reference, or a one-line reason it did not
 compile or run. The Gluon rows run last (a hand-built mbarrier pipeline that hangs or faults must
@@ -52,7 +56,7 @@ try:  # Gluon is experimental: without it the probe still runs the Triton modes.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _GLUON_ERROR = None
-except ImportError as e:
+except (ImportError, AttributeError) as e:
     _GLUON_ERROR = f"{type(e).__name__}: {e}"
 
 from ..kernels.fp8_kv_cache import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
@@ -478,8 +482,8 @@ def _print_row(row):
 TRITON_CONFIGS = ((64, 4, 3), (128, 8, 3), (128, 8, 2))
 # (BLOCK_M, BLOCK_N, num_warps, STAGES, DEFER_PV): 64 query rows per warpgroup. Unrolling the key loop twice
 # (S_j, S_{j+1} in fixed registers, no copy between tiles) was tried and spills (255 registers).
-GLUON_CONFIGS = ((64, 128, 4, 3, False), (64, 128, 4, 2, False), (128, 128, 8, 2, False),
-                 (64, 64, 4, 4, True), (64, 64, 4, 6, True))
+# All take ~230-255 registers a thread, so an SM holds two warpgroups either way (two CTAs of 4 warps or one of 8).
+GLUON_CONFIGS = ((64, 128, 4, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 4, True), (64, 64, 4, 6, True))
 
 
 def _gluon_label(block_m, block_n, num_warps, stages, defer_pv):
