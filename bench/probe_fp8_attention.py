@@ -2,7 +2,7 @@
 
 A minimal FP8 attention forward with our FP8 cache layout (q8 [B, Lq, H, D] with one scale per row,
 k8 [B, C, H, D] with one scale per head, v8 tokens-contiguous [B, H, D, C] with one scale per
-128-slot group; all of [0, C) attended, C a multiple of 128; B = 1) in four schedules, timed beside
+128-slot group; all of [0, C) attended, C a multiple of 128; B = 1) in five schedules, timed beside
 our kernel (`window_attention_fp8`, TMA, split 2) and cuDNN's bf16 SDPA at LongLive's shape:
 - `base`: the tile body of kernels/window_attention.py (S = Q.K^T; softmax; P.V into a fresh
   accumulator added in fp32), TMA loads;
@@ -13,8 +13,12 @@ our kernel (`window_attention_fp8`, TMA, split 2) and cuDNN's bf16 SDPA at LongL
   specialisation: a producer warp for the TMA loads, consumers for the math);
 - `gluon`: the same math in Gluon (Triton's explicit-layout dialect, `triton.experimental.gluon`),
   where the pipelining is written out: S_{j+1} = Q.K_{j+1}^T is an async wgmma issued before the
-  softmax of tile j and waited after it, P~.V goes into a fresh accumulator, K and V stream through
-  a TMA ring of STAGES slots with one mbarrier per slot. 64 query rows per warpgroup of 4 warps.
+  softmax of tile j and waited after it, P~.V goes into a fresh accumulator (waited at once), K and
+  V stream through a TMA ring of STAGES slots with one mbarrier per slot. 64 query rows per
+  warpgroup of 4 warps, 128-key tiles;
+- `gluon+pv`: as `gluon` with 64-key tiles, which leave the registers for P~.V of tile j-1 to run
+  under the softmax of tile j as well (two wgmmas under every softmax, FlashAttention-3's full
+  intra-warpgroup overlap).
 Each prints ms, TFLOP/s, the rate ratio to cuDNN (the probes attend the whole 128-slot tiles
 of the window only) and the cosine against the fp32 reference, or a one-line reason it did not
 compile or run. The Gluon rows run last (a hand-built mbarrier pipeline that hangs or faults must
@@ -47,8 +51,12 @@ try:  # Gluon is experimental: without it the probe still runs the Triton modes.
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # Names that moved: Triton 3.6 has tma.async_copy_global_to_shared and gl.thread_barrier, 3.9 async_load and
+    # gl.barrier.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _GLUON_ERROR = None
-except ImportError as e:
+except (ImportError, AttributeError) as e:
     _GLUON_ERROR = f"{type(e).__name__}: {e}"
 
 from ..kernels.fp8_kv_cache import quantize_k_ref, quantize_rows_ref, quantize_v_groups_ref
@@ -125,9 +133,8 @@ def _gluon_jit(fn):
 
 
 @_gluon_jit
-def _gl_softmax(s, a_row, m_i, l_i, vs):
+def _gl_softmax(s, a_row, m_i, l_i, vs, log_vs):
     """`_softmax_pv`'s math up to P~: (P~ fp32, alpha, l, m) for the tile's scores s."""
-    log_vs = gl.log2(vs)
     m_new = gl.maximum(m_i, gl.max(s, 1) * a_row + log_vs)
     p = gl.exp2(s * gl.expand_dims(a_row, 1) - gl.expand_dims(m_new - (log_vs + 8.807354922057604), 1))
     alpha = gl.exp2(m_i - m_new)
@@ -142,38 +149,134 @@ def _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, t, n_tiles, h,
     slot = t % STAGES
     ok = t < n_tiles
     mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(k_desc, [t * BLOCK_N, h * HEAD_DIM], k_bars.index(slot), k_smem.index(slot), pred=ok)
+    _tma_load(k_desc, [t * BLOCK_N, h * HEAD_DIM], k_bars.index(slot), k_smem.index(slot), pred=ok)
     mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(v_desc, [h * HEAD_DIM, t * BLOCK_N], v_bars.index(slot), v_smem.index(slot), pred=ok)
+    _tma_load(v_desc, [h * HEAD_DIM, t * BLOCK_N], v_bars.index(slot), v_smem.index(slot), pred=ok)
 
 
 @_gluon_jit
-def _gl_pv(p, v_smem, v_bars, t, STAGES: gl.constexpr, p_layout: gl.constexpr, zero):
-    """Issue the tile's P~.V (async) into a fresh accumulator; returns its wgmma token. P~ goes in registers
+def _gl_p8(p, p_layout: gl.constexpr):
+    """P~ as the e4m3 register operand A of the P~.V wgmma."""
+    return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+
+
+@_gluon_jit
+def _gl_pv(p8, v_smem, v_bars, t, STAGES: gl.constexpr, zero):
+    """Issue tile t's P~.V (async) into a fresh accumulator; returns its wgmma token. P~ goes in registers
     (ptxas keeps them until the wgmma retires; Triton 3.6's wait takes no 8-bit deps)."""
-    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
     slot = t % STAGES
     mbarrier.wait(v_bars.index(slot), (t // STAGES) & 1)
     # V^T's tile is [D, BLOCK_N] with the slots contiguous: its transpose is the K-major B that FP8 wgmma needs.
-    o = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
-    return o
+    return warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
+
+
+@_gluon_jit
+def _gl_vs(vs_ptr, t, h, H, BLOCK_N: gl.constexpr):
+    """The v scale of key tile t (one per 128-slot group and head)."""
+    return gl.load(vs_ptr + (t * BLOCK_N // 128) * H + h)
+
+
+@_gluon_jit
+def _gl_tiles(s, acc, l_i, m_i, a_row, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, vs_ptr, h, H, n_tiles,
+              zero_s, zero_o, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              p_layout: gl.constexpr, o_rows: gl.constexpr):
+    """All key tiles, S_0 given; S_{j+1} is in flight under the softmax of tile j, P~.V of tile j is waited at
+    once (keeping it in flight across the next softmax would need S_j, S_{j+1}, the pending P~.V and the fp32
+    accumulator live at once: at BLOCK_N 128, 4 x 64 registers per thread, more than a thread has)."""
+    for j in range(0, n_tiles - 1):
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
+        # S_{j+1} in flight from here to the wait below: under the softmax of tile j.
+        s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        vs = _gl_vs(vs_ptr, j, h, H, BLOCK_N)
+        p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, gl.log2(vs))
+        o = _gl_pv(_gl_p8(p, p_layout), v_smem, v_bars, j, STAGES, zero_o)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+        s = warpgroup_mma_wait(1, deps=[s_next])  # wgmma groups retire in order: S_{j+1} done, P~.V may run on
+        o = warpgroup_mma_wait(0, deps=[o])
+        acc = acc + o
+        # Every warp is done with slot j % STAGES (K_j and V_j): refill it with tile j + STAGES.
+        _cta_barrier()
+        _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j + STAGES, n_tiles, h, HEAD_DIM, BLOCK_N,
+                    STAGES)
+    last = n_tiles - 1
+    vs = _gl_vs(vs_ptr, last, h, H, BLOCK_N)
+    p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, gl.log2(vs))
+    o = _gl_pv(_gl_p8(p, p_layout), v_smem, v_bars, last, STAGES, zero_o)
+    o = warpgroup_mma_wait(0, deps=[o])
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1) + o
+    return acc, l_i, m_i
+
+
+@_gluon_jit
+def _gl_tiles_deferred(s, acc, l_i, m_i, a_row, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, vs_ptr, h, H,
+                       n_tiles, zero_s, zero_o, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       p_layout: gl.constexpr, o_rows: gl.constexpr):
+    """`_gl_tiles` with two wgmmas under every softmax (FA3's full intra-warpgroup overlap): iteration j issues
+    P~.V of tile j-1 and S_{j+1}, then runs the softmax of tile j, then waits for both. Both are issued and
+    waited in the same iteration: a wgmma left in flight across the loop's back edge makes ptxas serialize all
+    of them (C7514: it then cannot tell which group a `wait_group 1` retired). Registers allow it at BLOCK_N 64:
+    S_j and S_{j+1} take 32 per thread each, the pending P~.V and the accumulator 64 each. The slot of tile j-1
+    is refilled in iteration j, so K_{j+1} was loaded an iteration ahead only if STAGES >= 3. n_tiles >= 2."""
+    gl.static_assert(STAGES >= 3, "the deferred schedule refills a slot one tile later: STAGES >= 3")
+    # Tile 0's softmax under S_1; its P~.V goes out with the next iteration.
+    mbarrier.wait(k_bars.index(1), 0)
+    s_next = warpgroup_mma(q_smem, k_smem.index(1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    vs = _gl_vs(vs_ptr, 0, h, H, BLOCK_N)
+    p, alpha_prev, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, gl.log2(vs))
+    p8 = _gl_p8(p, p_layout)
+    s = warpgroup_mma_wait(0, deps=[s_next])
+    for j in range(1, n_tiles - 1):
+        # log2 of the v scale before the wgmmas: libdevice's log2f branches (inf/NaN), and a branch while a
+        # wgmma is in flight makes ptxas wait for it there.
+        vs = _gl_vs(vs_ptr, j, h, H, BLOCK_N)
+        log_vs = gl.log2(vs)
+        o = _gl_pv(p8, v_smem, v_bars, j - 1, STAGES, zero_o)
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
+        s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        # In flight now: P~.V of tile j-1, then S_{j+1}; both under this softmax.
+        p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, log_vs)
+        # The older group, P~.V of tile j-1. P~ passes through the wait so that the compiler keeps the softmax
+        # before it (nothing else needs P~ before the wait, and it would sink the exp2 below).
+        o, p = warpgroup_mma_wait(1, deps=[o, p])
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, o_rows), 1) + o
+        s = warpgroup_mma_wait(0, deps=[s_next])
+        p8 = _gl_p8(p, p_layout)
+        alpha_prev = alpha
+        # Every warp is done with slot (j-1) % STAGES: refill it with tile j-1 + STAGES.
+        _cta_barrier()
+        _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j - 1 + STAGES, n_tiles, h, HEAD_DIM, BLOCK_N,
+                    STAGES)
+    last = n_tiles - 1
+    vs = _gl_vs(vs_ptr, last, h, H, BLOCK_N)
+    log_vs = gl.log2(vs)
+    o = _gl_pv(p8, v_smem, v_bars, last - 1, STAGES, zero_o)
+    p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, vs, log_vs)
+    o = warpgroup_mma_wait(0, deps=[o])
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, o_rows), 1) + o
+    o = _gl_pv(_gl_p8(p, p_layout), v_smem, v_bars, last, STAGES, zero_o)
+    o = warpgroup_mma_wait(0, deps=[o])
+    return acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1) + o, l_i, m_i
 
 
 @_gluon_jit
 def _gluon_attn(q_desc, qs_ptr, k_desc, ks_ptr, v_desc, vs_ptr, o_ptr, Lq, H, n_tiles, qk_scale,
-                HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DEFER_PV: gl.constexpr, num_warps: gl.constexpr):
     """FlashAttention-3's intra-warpgroup pipelining: S_{j+1} = Q.K_{j+1}^T is issued (async wgmma) before the
-    softmax of tile j, so the tensor cores work while MUFU and FMA do; K and V stream through a ring of STAGES
-    slots by TMA, tracked by one mbarrier per slot and operand. Each warpgroup (4 warps) owns 64 query rows.
-    P~.V of tile j goes into a fresh accumulator added in fp32, as `_softmax_pv` does; it is waited within the
-    iteration: keeping it in flight across the next softmax would need S_j, S_{j+1}, the pending P~.V and the
-    fp32 accumulator live at once, 4 x 64 registers per thread, more than a thread has."""
+    softmax of tile j, so the tensor cores work while MUFU and FMA do (DEFER_PV: P~.V of tile j as well, see
+    `_gl_tiles_deferred`). K and V stream through a ring of STAGES slots by TMA, tracked by one mbarrier per slot
+    and operand. Each warpgroup (4 warps) owns 64 query rows. P~.V of every tile goes into a fresh accumulator
+    added in fp32, as `_softmax_pv` does. BLOCK_M and BLOCK_N are the descriptors' block rows."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, BLOCK_N, 32])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-    rows: gl.constexpr = gl.SliceLayout(1, mma)
-    cols: gl.constexpr = gl.SliceLayout(0, mma)
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BLOCK_N, 32])
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, HEAD_DIM, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=4)
+    rows: gl.constexpr = gl.SliceLayout(1, s_mma)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_mma)
     pid_m = gl.program_id(0)
     h = gl.program_id(1)
 
@@ -190,55 +293,44 @@ def _gluon_attn(q_desc, qs_ptr, k_desc, ks_ptr, v_desc, vs_ptr, o_ptr, Lq, H, n_
     fence_async_shared()
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [pid_m * BLOCK_M, h * HEAD_DIM], q_bar, q_smem)  # rows past Lq read 0
+    _tma_load(q_desc, [pid_m * BLOCK_M, h * HEAD_DIM], q_bar, q_smem)  # rows past Lq read 0
     for t in gl.static_range(STAGES):
         _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, t, n_tiles, h, HEAD_DIM, BLOCK_N, STAGES)
 
     # a_row turns a raw Q.K^T dot into log2-domain scores (softmax scale * log2 e * q row scale * k head scale).
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows)
-    m_ok = offs_m < Lq
-    a_row = qk_scale * gl.load(qs_ptr + offs_m * H + h, mask=m_ok, other=0.0) * gl.load(ks_ptr + h)
+    a_row = qk_scale * gl.load(qs_ptr + offs_m * H + h, mask=offs_m < Lq, other=0.0) * gl.load(ks_ptr + h)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, rows)
     l_i = gl.zeros([BLOCK_M], gl.float32, rows)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, mma)
-    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)  # the ignored input of use_acc=False wgmmas
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_mma)
+    # The ignored inputs of the use_acc=False wgmmas.
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_mma)
+    zero_o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_mma)
 
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_bars.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s])
-    for j in range(0, n_tiles - 1):
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
-        # S_{j+1} in flight from here to the wait below: under the softmax of tile j.
-        s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero, use_acc=False, is_async=True)
-        p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, gl.load(vs_ptr + j * H + h))
-        o = _gl_pv(p, v_smem, v_bars, j, STAGES, p_layout, zero)
-        acc = acc * gl.expand_dims(alpha, 1)
-        s = warpgroup_mma_wait(1, deps=[s_next])  # wgmma groups retire in order: S_{j+1} done, P~.V may run on
-        o = warpgroup_mma_wait(0, deps=[o])
-        acc = acc + o
-        # Every warp is done with slot j % STAGES (K_j and V_j): refill it with tile j + STAGES.
-        gl.thread_barrier()
-        _gl_load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j + STAGES, n_tiles, h, HEAD_DIM, BLOCK_N,
-                    STAGES)
-    last = n_tiles - 1
-    p, alpha, l_i, m_i = _gl_softmax(s, a_row, m_i, l_i, gl.load(vs_ptr + last * H + h))
-    o = _gl_pv(p, v_smem, v_bars, last, STAGES, p_layout, zero)
-    o = warpgroup_mma_wait(0, deps=[o])
-    acc = acc * gl.expand_dims(alpha, 1) + o
+    if DEFER_PV:
+        acc, l_i, m_i = _gl_tiles_deferred(s, acc, l_i, m_i, a_row, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc,
+                                           v_desc, vs_ptr, h, H, n_tiles, zero_s, zero_o, HEAD_DIM, BLOCK_N, STAGES,
+                                           p_layout, o_rows)
+    else:
+        acc, l_i, m_i = _gl_tiles(s, acc, l_i, m_i, a_row, q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc,
+                                  vs_ptr, h, H, n_tiles, zero_s, zero_o, HEAD_DIM, BLOCK_N, STAGES, p_layout, o_rows)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
-    out = acc / gl.expand_dims(l_i, 1)
-    offs_d = gl.arange(0, HEAD_DIM, layout=cols)
-    o_ptrs = o_ptr + gl.expand_dims(offs_m * (H * HEAD_DIM) + h * HEAD_DIM, 1) + gl.expand_dims(offs_d, 0)
-    gl.store(o_ptrs, out.to(gl.bfloat16), mask=gl.expand_dims(m_ok, 1))
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
+    offs_mo = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=o_rows)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
+    o_ptrs = o_ptr + gl.expand_dims(offs_mo * (H * HEAD_DIM) + h * HEAD_DIM, 1) + gl.expand_dims(offs_d, 0)
+    gl.store(o_ptrs, out.to(gl.bfloat16), mask=gl.expand_dims(offs_mo < Lq, 1))
 
 
-def _gluon_descriptors(q8, k8, v8, block_m: int):
+def _gluon_descriptors(q8, k8, v8, block_m: int, block_n: int):
     """Host-side TMA descriptors over the probe's 2-D views (q8 [Lq, H*D], k8 [C, H*D], V^T [H*D, C'])."""
     Lq, C = q8.shape[1], k8.shape[1]
 
@@ -247,11 +339,12 @@ def _gluon_descriptors(q8, k8, v8, block_m: int):
         return TensorDescriptor(base, shape, strides, block, layout)
 
     return (desc(q8, [Lq, HEADS * HEAD_DIM], [HEADS * HEAD_DIM, 1], [block_m, HEAD_DIM]),
-            desc(k8, [C, HEADS * HEAD_DIM], [HEADS * HEAD_DIM, 1], [128, HEAD_DIM]),
-            desc(v8, [HEADS * HEAD_DIM, C], [v8.stride(3), 1], [HEAD_DIM, 128]))
+            desc(k8, [C, HEADS * HEAD_DIM], [HEADS * HEAD_DIM, 1], [block_n, HEAD_DIM]),
+            desc(v8, [HEADS * HEAD_DIM, C], [v8.stride(3), 1], [HEAD_DIM, block_n]))
 
 
-def gluon_attn(q8, q_scale, k8, k_scale, v8, v_scale, out, block_m: int, num_warps: int, stages: int):
+def gluon_attn(q8, q_scale, k8, k_scale, v8, v_scale, out, block_m: int, block_n: int, num_warps: int, stages: int,
+               defer_pv: bool):
     """The Gluon kernel on the probe's operands (B = 1, whole 128-slot tiles); block_m = 64 per warpgroup."""
     if _GLUON_ERROR is not None:
         raise RuntimeError(f"no Gluon in this Triton ({_GLUON_ERROR})")
@@ -260,11 +353,14 @@ def gluon_attn(q8, q_scale, k8, k_scale, v8, v_scale, out, block_m: int, num_war
     for name, x in (("q8", q8), ("k8", k8)):
         if not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous for its TMA descriptor")
-    Lq, n_tiles = q8.shape[1], k8.shape[1] // 128  # whole tiles only, as the Triton probes
-    q_desc, k_desc, v_desc = _gluon_descriptors(q8, k8, v8, block_m)
+    Lq, n_tiles = q8.shape[1], k8.shape[1] // 128 * 128 // block_n  # whole 128-slot tiles only, as the Triton probes
+    if n_tiles < 2:
+        raise ValueError(f"the Gluon schedules need 2 key tiles or more, got {n_tiles}")
+    q_desc, k_desc, v_desc = _gluon_descriptors(q8, k8, v8, block_m, block_n)
     _gluon_attn[(triton.cdiv(Lq, block_m), HEADS)](
         q_desc, q_scale, k_desc, k_scale, v_desc, v_scale, out, Lq, HEADS, n_tiles,
-        HEAD_DIM ** -0.5 * 1.4426950408889634, HEAD_DIM=HEAD_DIM, BLOCK_N=128, STAGES=stages, num_warps=num_warps)
+        HEAD_DIM ** -0.5 * 1.4426950408889634, HEAD_DIM=HEAD_DIM, STAGES=stages, DEFER_PV=defer_pv,
+        num_warps=num_warps)
     return out
 
 
@@ -278,7 +374,7 @@ def _operands(lkv: int):
     return (q, k, v), (q8, q_scale, quantize_k_ref(k, k_scale), k_scale, v8, v_scale)
 
 
-def gluon_sass(block_m: int, num_warps: int, stages: int) -> tuple[str, str]:
+def gluon_sass(block_m: int, block_n: int, num_warps: int, stages: int, defer_pv: bool) -> tuple[str, str]:
     """The Gluon kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): (SASS, cuobjdump's resource line)."""
     if _GLUON_ERROR is not None:
         raise RuntimeError(f"no Gluon in this Triton ({_GLUON_ERROR})")
@@ -288,11 +384,11 @@ def gluon_sass(block_m: int, num_warps: int, stages: int) -> tuple[str, str]:
     def desc(block):
         return f"tensordesc<fp8e4nv[{block[0]}, {block[1]}],{gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)!r}>"
 
-    sig = {"q_desc": desc([block_m, HEAD_DIM]), "qs_ptr": "*fp32", "k_desc": desc([128, HEAD_DIM]), "ks_ptr": "*fp32",
-           "v_desc": desc([HEAD_DIM, 128]), "vs_ptr": "*fp32", "o_ptr": "*bf16", "Lq": "i32", "H": "i32",
-           "n_tiles": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr",
-           "num_warps": "constexpr"}
-    const = dict(HEAD_DIM=HEAD_DIM, BLOCK_N=128, STAGES=stages, num_warps=num_warps)
+    sig = {"q_desc": desc([block_m, HEAD_DIM]), "qs_ptr": "*fp32", "k_desc": desc([block_n, HEAD_DIM]),
+           "ks_ptr": "*fp32", "v_desc": desc([HEAD_DIM, block_n]), "vs_ptr": "*fp32", "o_ptr": "*bf16", "Lq": "i32",
+           "H": "i32", "n_tiles": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr", "STAGES": "constexpr",
+           "DEFER_PV": "constexpr", "num_warps": "constexpr"}
+    const = dict(HEAD_DIM=HEAD_DIM, STAGES=stages, DEFER_PV=defer_pv, num_warps=num_warps)
     kernel = triton.compile(GluonASTSource(_gluon_attn, sig, const), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps))
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -308,9 +404,9 @@ def gluon_sass(block_m: int, num_warps: int, stages: int) -> tuple[str, str]:
 def sass_overlap(text: str) -> list[tuple[int, int, str]]:
     """For each S = Q.K^T wgmma (its first QGMMA: A from shared memory, no accumulator in), the MUFU.EX2 and
     QGMMA that the SASS issues after it and before the next WARPGROUP.DEPBAR, and that DEPBAR:
-    [(ex2, qgmma, depbar)]. The pipelined loop shows ~64 EX2 (the softmax of the tile before: a 64 x 128 tile
-    is 64 scores per thread of its warpgroup), the rest of S and P~.V's QGMMA, then `DEPBAR.LE gsb0, 0x1` (S
-    retired, P~.V in flight); a schedule without overlap shows 0 EX2 and `0x0`."""
+    [(ex2, qgmma, depbar)]. A schedule without overlap shows 0 EX2 and `DEPBAR.LE gsb0, 0x0` (the prologue's
+    S_0 always does); the pipelined loop shows the softmax's EX2 (a 64 x 128 tile is 64 per thread of its
+    warpgroup), the rest of S and the P~.V QGMMA, then `0x1` (S retired, P~.V still in flight)."""
     lines = [re.sub(r"/\*[0-9a-f]*\*/|;", "", line).strip() for line in text.splitlines()]
     found = []
     for i, line in enumerate(lines):
@@ -326,12 +422,13 @@ def sass_overlap(text: str) -> list[tuple[int, int, str]]:
 
 
 def _sass_report(configs) -> int:
-    """Prints the overlap evidence of each config; 1 if one failed to compile or shows no overlap."""
+    """Prints the overlap evidence of each config; 1 if one does not compile or has no EX2 under any S wgmma."""
     failed = 0
-    for bm, warps, stages in configs:
-        label = f"gluon {bm}x128 w{warps} s{stages}"
+    for config in configs:
+        block_m, block_n, num_warps = config[:3]
+        label = _gluon_label(*config)
         try:
-            text, usage = gluon_sass(bm, warps, stages)
+            text, usage = gluon_sass(*config)
         except Exception as e:
             failed = 1
             print(f"{label}: does not compile for sm_90: {_one_line(e)}")
@@ -343,18 +440,21 @@ def _sass_report(configs) -> int:
         overlap = sass_overlap(text)
         for n, (ex2, qgmma, depbar) in enumerate(overlap):
             print(f"  S=Q.K^T wgmma {n}: then {ex2} MUFU.EX2 and {qgmma} QGMMA before `{depbar}`")
-        # Overlap: an S wgmma with at least half a tile's 64 exp2 per thread issued under it.
-        if not any(ex2 >= 32 and not depbar.endswith("0x0") for ex2, _, depbar in overlap):
+        most = max((ex2 for ex2, _, depbar in overlap if not depbar.endswith("0x0")), default=0)
+        print(f"  under one S wgmma at most {most} of the tile's {block_m * block_n // (32 * num_warps)} EX2 per thread")
+        if most == 0:
             failed = 1
             print(f"  {label}: NO OVERLAP: no S wgmma runs under the softmax's MUFU.EX2")
     return failed
 
 
 def _one_line(e: Exception) -> str:
-    """A compile or launch error in one line: its type and its first non-empty line that says something."""
-    text = [line.strip() for line in str(e).splitlines() if line.strip()]
-    said = [line for line in text if "error" in line.lower()] or text
-    return f"{type(e).__name__}: {said[0][:300] if said else ''}"
+    """A compile or launch error in one line: the underlying error's type and its line that names an error,
+    else its last line (a CompilationError's own message starts with the source excerpt)."""
+    cause = e.__cause__ or e
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    said = [line for line in lines if "error" in line.lower()] or lines[-1:]
+    return f"{type(cause).__name__}: {said[0][:300] if said else ''}"
 
 
 def _timed_row(lkv, label, call, out, ref_al, flops_al, flops, ms_cudnn):
@@ -380,10 +480,14 @@ def _print_row(row):
 
 
 TRITON_CONFIGS = ((64, 4, 3), (128, 8, 3), (128, 8, 2))
-# (BLOCK_M, num_warps, STAGES): 64 rows per warpgroup. All take 235 registers on sm_90 (Triton 3.6), so two
-# warpgroups share an SM either way; unrolling the key loop twice (S_j, S_{j+1} in fixed registers, no copy
-# between tiles) was tried and spills (255 registers).
-GLUON_CONFIGS = ((64, 4, 3), (64, 4, 2), (128, 8, 2))
+# (BLOCK_M, BLOCK_N, num_warps, STAGES, DEFER_PV): 64 query rows per warpgroup. Unrolling the key loop twice
+# (S_j, S_{j+1} in fixed registers, no copy between tiles) was tried and spills (255 registers).
+# All take ~230-255 registers a thread, so an SM holds two warpgroups either way (two CTAs of 4 warps or one of 8).
+GLUON_CONFIGS = ((64, 128, 4, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 4, True), (64, 64, 4, 6, True))
+
+
+def _gluon_label(block_m, block_n, num_warps, stages, defer_pv):
+    return f"gluon{'+pv' if defer_pv else ''} {block_m}x{block_n} w{num_warps} s{stages}"
 
 
 def main(argv=None) -> int:
@@ -429,9 +533,9 @@ def main(argv=None) -> int:
     # Gluon last, after every Triton row is printed: a hand-written mbarrier pipeline that went wrong would
     # hang or fault the context, and must not take the other rows with it.
     for lkv, ops, out, ref_al, flops_al, flops, ms_cudnn in cases:
-        for bm, warps, stages in GLUON_CONFIGS:
-            call = lambda: gluon_attn(*ops, out, bm, warps, stages)  # noqa: E731
-            rows.append(_timed_row(lkv, f"gluon {bm}x128 w{warps} s{stages}", call, out, ref_al, flops_al, flops,
+        for config in GLUON_CONFIGS:
+            call = lambda: gluon_attn(*ops, out, *config)  # noqa: E731
+            rows.append(_timed_row(lkv, _gluon_label(*config), call, out, ref_al, flops_al, flops,
                                     ms_cudnn))
     print(header)
     for row in rows:
