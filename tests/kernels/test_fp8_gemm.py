@@ -1,7 +1,8 @@
 """fp8_gemm: the W8A8 GEMM equals the EMULATED reference (dequantize, fp32 matmul) up to the one
 bf16 rounding of the output: relative L2 <= 1e-2 and SQNR >= 30 dB; both kernels (persistent TMA
 descriptors, plain pointers), per-token and per-(token, 128-group) activation scales; the FP8 output
-(128-column group scales) dequantizes to the reference within one fp8 step."""
+(128-column group scales) dequantizes to the reference within one fp8 step; the gated residual
+epilogue equals the unfused GEMM followed by the stock's bf16 `x + y * gate`, bit for bit."""
 import pytest
 import torch
 from hypothesis import example, given, strategies as st
@@ -10,6 +11,7 @@ from longlive_triton.kernels.fp8_gemm import (fp8_gemm, fp8_gemm_bytes, fp8_gemm
                                               fp8_supported, tma_supported)
 from longlive_triton.kernels.fp8_quant import (ACT_GROUP, FP8_DTYPE, FP8_MAX, Fp8Activation, quantize_groupwise_ref,
                                                quantize_rowwise, quantize_weight_per_channel)
+from longlive_triton.kernels.adaln import adaln_ref
 from longlive_triton.numerics import rel_l2, sqnr_db
 
 from .._numerics import fp8_step
@@ -48,10 +50,26 @@ def _check(device, M, N, K, seed, bias, gelu, poison=True, grouped=False, **opti
     _compare(got, fp8_gemm_ref(a, w, sa, sw, b, gelu=gelu))
 
 
+def _scale_rtol(device) -> float:
+    """How far a group scale (amax / 448) may lie from the reference's, relative.
+
+    The reference accumulates in fp32. So does the kernel in the interpreter and on Ada; there only
+    the summation order differs (1e-4 is generous for K <= 1536). On Hopper (9.0) Triton's fp8
+    tl.dot keeps the K reduction in the wgmma accumulator, which holds about 13-14 mantissa bits
+    (kernels/fp8_gemm.py): at K = 1536 the GEMM value, and so the amax, differs by up to ~3e-3
+    (emulated), which is what one bf16 rounding allows (2^-8): the stock rounds that GEMM output to
+    bf16 before its GELU, so a scale taken from the stock's own values differs from the fp32 one by
+    as much. The dequantized values are checked within one fp8 step either way (>= 2^-4 relative, so
+    the 2^-8 leaves them inside)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        return 2.0 ** -8
+    return 1e-4
+
+
 def _check_fp8_out(device, M, N, K, seed, grouped=False, **options):
-    """The FP8 output: scales are the group amax / 448 of the reference (fp32 accumulation order
-    aside), and each dequantized value lies within one fp8 step (of its quantized magnitude, at its
-    group's scale) of the reference value."""
+    """The FP8 output: scales are the group amax / 448 of the reference (within _scale_rtol), and
+    each dequantized value lies within one fp8 step (of its quantized magnitude, at its group's
+    scale) of the reference value."""
     a, w, sa, sw, b = _operands(device, M, N, K, seed, bias=True, grouped=grouped)
     q = torch.full((M, N), float("nan"), device=device).to(FP8_DTYPE)
     s = torch.full((M, N // ACT_GROUP), float("nan"), device=device)
@@ -59,7 +77,9 @@ def _check_fp8_out(device, M, N, K, seed, grouped=False, **options):
     assert isinstance(got, Fp8Activation) and got.q is q and got.scale is s
     want = fp8_gemm_ref(a, w, sa, sw, b, gelu=True)
     _, s_ref = quantize_groupwise_ref(want)
-    assert torch.isfinite(s).all() and torch.allclose(s, s_ref, rtol=1e-4, atol=0)
+    assert torch.isfinite(s).all()
+    rel = ((s - s_ref).abs() / s_ref).max().item()
+    assert rel <= _scale_rtol(device), f"group scales off by a relative {rel:.3g} (allowed {_scale_rtol(device):.3g})"
     assert q.float().abs().max() <= FP8_MAX
     deq = got.dequantize()
     scale = s.repeat_interleave(ACT_GROUP, dim=1)
@@ -90,6 +110,74 @@ def test_group_scaled_activation(device, M, N, K, use_tma, seed):
 @example(M=40, N=256, K=256, use_tma=True, seed=0)
 def test_fp8_output(device, M, N, K, use_tma, seed):
     _check_fp8_out(device, M, N, K, seed, grouped=K > ACT_GROUP, use_tma=use_tma)
+
+
+def _check_residual(device, B, L, F, N, K, seed, gated=True, grouped=False, in_place=False, **options):
+    """The gated residual epilogue equals the unfused GEMM (bf16 y) followed by the stock bf16 ops
+    `x + y * gate` (adaln_ref): the kernel rounds where they round, so they agree bit for bit when
+    both GEMMs run the same tiles (fixed in the interpreter; `config` on the GPU)."""
+    M = B * L
+    a, w, sa, sw, b = _operands(device, M, N, K, seed, bias=True, grouped=grouped)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = (torch.randn(B, L, N, generator=gen) * 4).to(device, torch.bfloat16)
+    gate = (torch.randn(B, F, 6, N, generator=gen)).to(device, torch.bfloat16)[:, :, 5:6]  # a stock chunk
+    y = fp8_gemm(a, w, sa, sw, b, **options).view(B, L, N)
+    want, _ = adaln_ref(x, y=y, gate=gate if gated else None, norm=False)
+    x_before = x.clone()
+    out = x.view(M, N) if in_place else None
+    got = fp8_gemm(a, w, sa, sw, b, residual=x.view(M, N), gate=gate if gated else None, out=out, **options)
+    if in_place:
+        assert got.data_ptr() == x.data_ptr()
+    else:
+        assert torch.equal(x, x_before)
+    assert torch.equal(got.view(B, L, N), want), f"max diff {(got.view(B, L, N).float() - want.float()).abs().max()}"
+
+
+@given(B=st.integers(1, 2), F=st.integers(1, 3), per_frame=st.integers(1, 12), N=st.integers(16, 80),
+       K=st.sampled_from([32, 64, 256]), gated=st.booleans(), in_place=st.booleans(), use_tma=st.booleans(),
+       seed=st.integers(0, 2**16))
+@example(B=2, F=3, per_frame=11, N=80, K=256, gated=True, in_place=True, use_tma=True, seed=0)
+@example(B=1, F=3, per_frame=5, N=48, K=64, gated=True, in_place=False, use_tma=False, seed=1)
+def test_gated_residual(device, B, F, per_frame, N, K, gated, in_place, use_tma, seed):
+    _check_residual(device, B, F * per_frame, F, N, K, seed, gated=gated, grouped=K > ACT_GROUP,
+                    in_place=in_place, use_tma=use_tma)
+
+
+def test_gated_residual_fp8_linear(device):
+    """fp8_linear's [B, L, ...] form of the residual, in place into x."""
+    B, L, F, N, K = 2, 12, 3, 32, 64
+    a, w, sa, sw, b = _operands(device, B * L, N, K, 7, bias=True)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(B, L, N, generator=gen).to(device, torch.bfloat16)
+    gate = torch.randn(B, F, N, generator=gen).to(device, torch.bfloat16)
+    act = Fp8Activation(a.view(B, L, K), sa.view(B, L))
+    want, _ = adaln_ref(x, y=fp8_linear(act, w, sw, b), gate=gate, norm=False)
+    got = fp8_linear(act, w, sw, b, residual=x, gate=gate, out=x)
+    assert got.data_ptr() == x.data_ptr() and torch.equal(x, want)
+
+
+def test_bad_residual_is_refused(device):
+    kw = _bad(device)
+    x = torch.zeros(8, 16, device=device, dtype=torch.bfloat16)
+    gate = torch.zeros(1, 2, 16, device=device, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="gate needs residual"):
+        fp8_gemm(**kw, gate=gate)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        fp8_gemm(**kw, residual=x[:4])
+    with pytest.raises(TypeError, match="residual must be torch.bfloat16"):
+        fp8_gemm(**kw, residual=x.float())
+    with pytest.raises(ValueError, match="do not split"):
+        fp8_gemm(**kw, residual=x, gate=torch.zeros(1, 3, 16, device=device, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="gate must be"):
+        fp8_gemm(**kw, residual=x, gate=gate[0])
+    with pytest.raises(ValueError, match="contiguous in its last"):
+        fp8_gemm(**kw, residual=x, gate=torch.zeros(1, 16, 2, device=device, dtype=torch.bfloat16).transpose(1, 2))
+    with pytest.raises(ValueError, match="overlaps residual"):
+        big = torch.zeros(9, 16, device=device, dtype=torch.bfloat16)
+        fp8_gemm(**kw, residual=big[:8], out=big[1:])
+    a, w, sa, sw, _ = _operands(device, 8, 128, 32, 0)
+    with pytest.raises(ValueError, match="out_fp8 cannot take it"):
+        fp8_gemm(a, w, sa, sw, out_fp8=True, residual=torch.zeros(8, 128, device=device, dtype=torch.bfloat16))
 
 
 def test_persistent_kernel_loop_options(device):
@@ -264,6 +352,16 @@ def test_real_size_ffn_fused(kernel):
     device = torch.device("cuda")
     _check_fp8_out(device, 4680, 8960, 1536, 1, **KERNELS[kernel])
     _check(device, 4680, 1536, 8960, 2, bias=True, gelu=False, grouped=True, **KERNELS[kernel])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_real_size_gated_residual(kernel):
+    """The FFN down GEMM of 1.3B with the block's gated residual in its epilogue (4680 tokens = 3
+    frames), in place, against the unfused GEMM + stock bf16 ops on the same tiles: bit for bit."""
+    config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    _check_residual(torch.device("cuda"), 1, 4680, 3, 1536, 8960, 5, grouped=True, in_place=True,
+                    config=config, **KERNELS[kernel])
 
 
 @pytest.mark.gpu
