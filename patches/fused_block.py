@@ -11,7 +11,8 @@ each stretch between two big ops is one `adaln` kernel:
 
 with the stock bf16 rounding points. Where the self-attention or the FFN `accepts_fp8` (the fp8
 patches, patches/fp8_linear.py), the adaln before it writes h in FP8 with one scale per token, so
-the FP8 GEMM reads it as is and no quantization pass runs. The submodules (self_attn, cross_attn, ffn, norms) are the
+the FP8 GEMM reads it as is and no quantization pass runs. Where the FFN `fuses_residual` (the FP8
+FFN), its down GEMM adds `x + y * gate_ffn` in its epilogue, in place, and the fourth pass is gone. The submodules (self_attn, cross_attn, ffn, norms) are the
 stock ones, shared, so other patches still apply to them and the state dict keeps its names.
 """
 from __future__ import annotations
@@ -60,7 +61,10 @@ class FusedAttentionBlock(nn.Module):
         x, h = adaln(x, y=y, gate=e[2], weight=self.norm3.weight, bias=self.norm3.bias, eps=self.norm3.eps)
         y = self.cross_attn(h, context, context_lens, crossattn_cache=crossattn_cache)
         x, h = adaln(x, y=y, shift=e[3], scale=e[4], eps=self.norm2.eps, fp8=getattr(self.ffn, "accepts_fp8", False))
-        x, _ = adaln(x, y=self.ffn(h), gate=e[5], norm=False, out_x=x)
+        if getattr(self.ffn, "fuses_residual", False):
+            self.ffn(h, residual=x, gate=e[5], out=x)  # x + ffn(h) * gate, in the down GEMM's epilogue
+        else:
+            adaln(x, y=self.ffn(h), gate=e[5], norm=False, out_x=x)
         return x, cache_info
 
 

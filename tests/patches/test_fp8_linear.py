@@ -136,6 +136,19 @@ def test_fp8_preset_generates_close_to_reference(device, monkeypatch):
     assert rel <= MAX_REL_L2 and cos >= MIN_COSINE, (rel, cos)
 
 
+def test_ffn_residual_in_epilogue_equals_separate_pass(device):
+    """The block's gated residual in the FFN down GEMM's epilogue (fuses_residual) gives the latents
+    of the separate adaln pass bit for bit: the same bf16 rounding points, the same GEMM tiles."""
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=4)
+    patch_model(model, "fp8")
+    assert all(block.ffn.fuses_residual for block in model.blocks)
+    fused = _generate(model, device, blocks=1)
+    for block in model.blocks:
+        block.ffn.fuses_residual = False
+    separate = _generate(model, device, blocks=1)
+    assert torch.equal(fused, separate)
+
+
 def test_exclusion_rule(device):
     model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=4)
     cfg = PatchConfig(fused_glue=True, window_attention=True, fp8_linear=True,
