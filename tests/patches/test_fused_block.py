@@ -106,3 +106,24 @@ def test_fp32_head_is_skipped():
     assert model.head is head
     assert {e.reason for e in report.skipped if e.patch == "fused_head"} == {
         "the adaln kernel runs the bf16 path; this head is torch.float32"}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cache_pass_append_only_at_real_size():
+    """LongLive-1.3B shapes, fp8 preset, CUDA graphs, 4 blocks with a switch: the cache passes that
+    stop the last layer after its K/V append give the latents of whole cache passes, bit for bit (the
+    same kernels on the same inputs up to that append; nothing after it reaches the cache)."""
+    device = torch.device("cuda")
+    p = get_preset("longlive-1.3b")
+    gen = torch.Generator(device=device).manual_seed(0)
+    noise = torch.randn(1, 12, 16, p.latent_height, p.latent_width, generator=gen, device=device).bfloat16()
+    prompts = [torch.randn(1, p.text_len, p.text_dim, generator=gen, device=device).bfloat16() for _ in range(2)]
+    model = build_model("longlive-1.3b", dtype=torch.bfloat16, device=device, seed=4)
+    patch_model(model, "fp8")
+    outs = []
+    for append_only in (False, True):
+        torch.manual_seed(0)
+        pipe = BlockPipeline(model, PipelineConfig(cache_pass_append_only=append_only))
+        outs.append(pipe.generate(noise, prompts, [6]))
+    assert torch.equal(*outs)
