@@ -30,7 +30,9 @@ accumulation (its default max_num_imprecise_acc), which keeps fewer mantissa bit
 13-14: the "FP22" accumulator of SageAttention2, DeepSeek-V3's "around 14 bits"). At K = 1536 that
 is a relative error of a few 1e-4 to 3e-3, within one bf16 rounding (2^-8) and far below the fp8
 quantization steps (2^-4) this GEMM's inputs already carry. Group-scaled A adds each 128-wide
-K-tile's product to the accumulator in fp32. The scales, bias and GELU are applied to the fp32
+K-tile's product to the accumulator in fp32, and so does `precise_acc` (Triton's
+max_num_imprecise_acc = BLOCK_K; about 10x less error, emulated; off by default: its cost is measured
+by bench/probe_fp8_block.py). The scales, bias and GELU are applied to the fp32
 accumulator and the result is rounded once (to bf16, or to fp8 with out_fp8; three times with a
 residual, as the stock rounds).
 
@@ -148,7 +150,7 @@ def _fp8_gemm_kernel(
     stride_am, stride_wn, stride_asm, stride_om, stride_osm, stride_rm, stride_gb, stride_gf, L, TPF,
     M_BUCKET: tl.constexpr,  # autotune key only
     A_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
-    RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+    RESIDUAL: tl.constexpr, GATED: tl.constexpr, PRECISE_ACC: tl.constexpr,
     EVEN_K: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -175,6 +177,8 @@ def _fp8_gemm_kernel(
         if A_GROUPED:
             s = tl.load(as_ptr + rows_a * stride_asm + k0)
             acc += tl.dot(a, w) * s[:, None]
+        elif PRECISE_ACC:
+            acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
         else:
             acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
@@ -191,7 +195,7 @@ def _fp8_gemm_tma_kernel(
     stride_am, stride_wn, stride_asm, stride_om, stride_osm, stride_rm, stride_gb, stride_gf, L, TPF,
     M_BUCKET: tl.constexpr,  # autotune key only
     A_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
-    RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+    RESIDUAL: tl.constexpr, GATED: tl.constexpr, PRECISE_ACC: tl.constexpr,
     FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -220,6 +224,8 @@ def _fp8_gemm_tma_kernel(
             if A_GROUPED:
                 s = tl.load(as_ptr + rows_a * stride_asm + ki)
                 acc += tl.dot(a, w.T) * s[:, None]
+            elif PRECISE_ACC:
+                acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=BLOCK_K)
             else:
                 acc = tl.dot(a, w.T, acc)
         tile_id_c += NUM_SMS
@@ -267,7 +273,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_KEY = ["M_BUCKET", "N", "K", "A_GROUPED", "HAS_BIAS", "GELU", "OUT_FP8", "RESIDUAL", "GATED"]
+_KEY = ["M_BUCKET", "N", "K", "A_GROUPED", "HAS_BIAS", "GELU", "OUT_FP8", "RESIDUAL", "GATED", "PRECISE_ACC"]
 _fp8_gemm_tuned = autotune(configs=_configs(False), key=_KEY,
                                   prune_configs_by={"early_config_prune": _prune_configs})(_fp8_gemm_kernel)
 _fp8_gemm_tma_tuned = autotune(configs=_configs(True), key=_KEY + ["FLATTEN", "WARP_SPECIALIZE"],
@@ -412,7 +418,7 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
              bias: torch.Tensor | None = None, *, gelu: bool = False, out: torch.Tensor | None = None,
              out_fp8: bool = False, out_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              gate: torch.Tensor | None = None, use_tma: bool | None = None, flatten: bool = True,
-             warp_specialize: bool = False, config: dict | None = None):
+             warp_specialize: bool = False, precise_acc: bool = False, config: dict | None = None):
     """act((a_fp8 @ w_fp8.T) * scales + bias): bf16 [M, N], or with out_fp8 an Fp8Activation
     (q [M, N] fp8, scale [M, N / 128]).
 
@@ -423,6 +429,8 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
     See the module docstring for layouts. use_tma: None picks the persistent TMA kernel where it runs
     (compute capability >= 9, and the interpreter), True insists (ValueError where it cannot run),
     False takes the pointer kernel. flatten / warp_specialize: Triton loop options of the TMA kernel.
+    precise_acc: on Hopper, add each K-tile's product to the accumulator in fp32 (the wgmma's reduced-
+    precision accumulation then spans BLOCK_K, not K; see the module docstring); group-scaled A always does.
     config ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}) skips
     autotuning on the GPU; the interpreter always runs small tiles.
     No host sync: capturable in a CUDA graph once autotuned.
@@ -458,7 +466,7 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
             r.stride(0), g.stride(0), g.stride(1) if gate is not None else 0, tokens, per_frame)
     meta = dict(M_BUCKET=min(triton.next_power_of_2(M), 8192), A_GROUPED=grouped, HAS_BIAS=bias is not None,
                 GELU=bool(gelu), OUT_FP8=bool(out_fp8), RESIDUAL=residual is not None, GATED=gate is not None,
-                FP8_MAX=FP8_MAX, INTERPRET=interpret)
+                PRECISE_ACC=bool(precise_acc) and not grouped, FP8_MAX=FP8_MAX, INTERPRET=interpret)
     fixed = None
     if interpret:
         fixed = dict(_INTERPRET_CONFIG)

@@ -14,7 +14,9 @@ def test_probe_runs_small():
         return 2.0, 1.0, 3.0
 
     rows, saved, rel = probe(torch.device("cpu"), tokens=48, dim=128, ffn=256, timer=timer)
-    assert calls == ["up_fused", "up_unfused", "up_bare", "down_separate", "down_fused", "o_bf16_adaln", "o_fp8_fused"]
-    assert len(rows) == 7 and all(len(r) == 6 for r in rows)
+    assert calls == ["up_fused", "up_precise", "up_unfused", "up_bare", "down_separate", "down_fused", "o_bf16_adaln",
+                     "o_fp8_fused"]
+    assert len(rows) == 8 and all(len(r) == 6 for r in rows)
     assert saved == 0.0
-    assert rel.shape == (48, 2) and rel.max() <= 1e-4
+    assert set(rel) == {"up_fused", "up_precise"}
+    assert all(r.shape == (48, 2) and r.max() <= 1e-4 for r in rel.values())

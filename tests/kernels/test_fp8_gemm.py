@@ -180,6 +180,14 @@ def test_bad_residual_is_refused(device):
         fp8_gemm(a, w, sa, sw, out_fp8=True, residual=torch.zeros(8, 128, device=device, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("use_tma", [True, False])
+def test_precise_accumulation(device, use_tma):
+    """precise_acc (each K-tile's product added in fp32) computes the same GEMM: bf16 and FP8 outputs,
+    row-scaled A (group-scaled A always accumulates so)."""
+    _check(device, 37, 48, 96, 9, bias=True, gelu=True, use_tma=use_tma, precise_acc=True)
+    _check_fp8_out(device, 21, 128, 64, 10, use_tma=use_tma, precise_acc=True)
+
+
 def test_persistent_kernel_loop_options(device):
     """The TMA kernel's Triton loop options change scheduling, never the result."""
     if not tma_supported(device):
@@ -362,6 +370,14 @@ def test_real_size_gated_residual(kernel):
     config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     _check_residual(torch.device("cuda"), 1, 4680, 3, 1536, 8960, 5, grouped=True, in_place=True,
                     config=config, **KERNELS[kernel])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_real_size_ffn_up_precise_accumulation(kernel):
+    """The FFN up of test_real_size_ffn_fused with precise_acc: it compiles, and its scales stay within
+    the same bound (bench/probe_fp8_block.py prints how much closer to fp32 they come)."""
+    _check_fp8_out(torch.device("cuda"), 4680, 8960, 1536, 1, precise_acc=True, **KERNELS[kernel])
 
 
 @pytest.mark.gpu
