@@ -143,7 +143,8 @@ def main(argv=None) -> None:
     began = time.time()
     rows, saved, rel = probe(torch.device("cuda"), opts={} if args.autotune else None)
     env = environment()
-    title = (f"fp8 block epilogues, M={TOKENS} ({FRAMES} frames), {'autotuned' if args.autotune else 'tiles ' + str(CONFIG)}"
+    tiles = "autotuned" if args.autotune else f"tiles {CONFIG}"
+    title = (f"fp8 block epilogues, M={TOKENS} ({FRAMES} frames), {tiles}"
              f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}, git {env['git']}")
     print(format_table(title, ["GEMM", "variant", "us", "p20-p80", "GEMM TFLOP/s", "vs first row"], rows, labels=2))
     print(f"FFN down residual fusion saves {saved * 1e3:.1f} us per layer call, "

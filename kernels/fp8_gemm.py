@@ -525,7 +525,8 @@ def fp8_linear(x, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor
             try:
                 flat[name] = t.view(-1, N)  # a view, never a copy: out is written in place
             except RuntimeError:
-                raise ValueError(f"{name} must flatten to [rows, {N}] without a copy, got strides {t.stride()}") from None
+                raise ValueError(f"{name} must flatten to [rows, {N}] without a copy, "
+                                 f"got strides {t.stride()}") from None
     out = fp8_gemm(q.reshape(-1, K), w_fp8, s2, w_scale, bias, gelu=gelu, out_fp8=out_fp8, gate=gate, **flat,
                    **gemm_options)
     if out_fp8:

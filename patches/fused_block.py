@@ -12,8 +12,11 @@ each stretch between two big ops is one `adaln` kernel:
 with the stock bf16 rounding points. Where the self-attention or the FFN `accepts_fp8` (the fp8
 patches, patches/fp8_linear.py), the adaln before it writes h in FP8 with one scale per token, so
 the FP8 GEMM reads it as is and no quantization pass runs. Where the FFN `fuses_residual` (the FP8
-FFN), its down GEMM adds `x + y * gate_ffn` in its epilogue, in place, and the fourth pass is gone. The submodules (self_attn, cross_attn, ffn, norms) are the
-stock ones, shared, so other patches still apply to them and the state dict keeps its names.
+FFN), its down GEMM adds `x + y * gate_ffn` in its epilogue, in place, and the fourth pass is gone.
+The submodules (self_attn, cross_attn, ffn, norms) are the stock ones, shared, so other patches
+still apply to them and the state dict keeps its names.
+
+In a cache pass (`cache_only_last_layer`) the last layer stops after its K/V append.
 """
 from __future__ import annotations
 

@@ -207,7 +207,8 @@ class GraphedGenerator:
         # cache_only (patches/fused_block.py): the last layer of a cache pass stops after its K/V append.
         key = (tuple(x.shape), x.stride(), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype,
                kwargs.get("seq_len"), kwargs.get("cache_start"), call[3], windows,
-               self._addresses(kv_cache, crossattn_cache), bool(getattr(self.generator.blocks[-1], "cache_only", False)))
+               self._addresses(kv_cache, crossattn_cache),
+               bool(getattr(self.generator.blocks[-1], "cache_only", False)))
         return None, key, call
 
     def __call__(self, x, *args, **kwargs):
