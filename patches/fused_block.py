@@ -84,10 +84,12 @@ def cache_only_last_layer(generator: nn.Module):
     context_noise after each block's denoising steps, and the re-cache after a prompt switch, both
     discard it): everything after the last layer's K/V append (its attention, o projection,
     cross-attention and FFN) would be dead work, so that layer only appends. Yields whether it
-    applies: the last block must be a FusedAttentionBlock over a self-attention with `append_kv`
-    (window_attention). The CUDA-graph runner keys on the flag, so such calls get graphs of their own.
+    applies: the generator's last block must be a FusedAttentionBlock over a self-attention with
+    `append_kv` (window_attention); a wrapper without `blocks` (sequence parallelism) runs whole.
+    The CUDA-graph runner keys on the flag, so such calls get graphs of their own.
     """
-    last = generator.blocks[-1]
+    blocks = getattr(generator, "blocks", None)
+    last = blocks[-1] if isinstance(blocks, nn.ModuleList) and len(blocks) else None
     applies = isinstance(last, FusedAttentionBlock) and callable(getattr(last.self_attn, "append_kv", None))
     if not applies:
         yield False
