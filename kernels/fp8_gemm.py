@@ -28,12 +28,12 @@ The products of fp8 operands are exact and the accumulator is an fp32 register t
 (compute capability 9.0) Triton's fp8 `tl.dot` leaves the whole K reduction inside the wgmma's own
 accumulation (its default max_num_imprecise_acc), which keeps fewer mantissa bits than fp32 (about
 13-14: the "FP22" accumulator of SageAttention2, DeepSeek-V3's "around 14 bits"). At K = 1536 that
-is a relative error of a few 1e-4 to 3e-3, within one bf16 rounding (2^-8) and far below the fp8
-quantization steps (2^-4) this GEMM's inputs already carry. Group-scaled A adds each 128-wide
-K-tile's product to the accumulator in fp32, and so does `precise_acc` (Triton's
-max_num_imprecise_acc = BLOCK_K; about 10x less error, emulated; off by default: its cost is measured
-by bench/probe_fp8_block.py). The scales, bias and GELU are applied to the fp32
-accumulator and the result is rounded once (to bf16, or to fp8 with out_fp8; three times with a
+is a relative error up to 5.5e-4 (13 bits, rounding; emulated) or 3.6e-3 (truncating), within one
+bf16 rounding (2^-8) and far below the fp8 quantization steps (2^-4) this GEMM's inputs already
+carry. Group-scaled A adds each 128-wide K-tile's product to the accumulator in fp32, and so does
+`precise_acc` (Triton's max_num_imprecise_acc = BLOCK_K; about 10x less error, emulated; off by
+default: bench/probe_fp8_block.py measures its cost). The scales, bias and GELU are applied to the
+fp32 accumulator and the result is rounded once (to bf16, or to fp8 with out_fp8; three times with a
 residual, as the stock rounds).
 
 Two kernels, one epilogue:
