@@ -13,8 +13,10 @@ One steady block's layer at M = 4680 tokens (3 frames), in one run on one card:
   preset runs, against an FP8 o projection with the residual in its epilogue (its input quantized by
   a separate pass: nothing upstream writes the attention output in FP8) + the LN3-only adaln;
 - the FFN up's FP8 group scales against an fp32 reference: the largest relative difference, which
-  Hopper's fp8 wgmma accumulation makes > 1e-4 and tests/kernels/test_fp8_gemm.py allows up to 2^-8,
-  with the default accumulation and with precise_acc (an fp32 add per 128-wide K-tile; timed above).
+  Hopper's fp8 wgmma accumulation makes > 1e-4 (why test_real_size_ffn_fused failed; the test now
+  checks the epilogue against the same GEMM's bf16 output), with the default accumulation and with
+  precise_acc (an fp32 add per 128-wide K-tile; timed above). Under 2^-8, one bf16 rounding, the
+  accumulation is as close to fp32 as the stock's own bf16 GEMM output is.
 Every variant runs the same fixed tiles (unless --autotune), so the rows differ only by their epilogue.
 """
 from __future__ import annotations
@@ -151,7 +153,7 @@ def main(argv=None) -> None:
           f"{saved * LAYER_CALLS_PER_BLOCK:.2f} ms per block ({LAYER_CALLS_PER_BLOCK} layer calls)")
     for name, r in rel.items():
         print(f"FFN up FP8 group scales vs fp32 reference ({name}): max relative difference {r.max().item():.3g} "
-              f"({int((r > 1e-4).sum())} of {r.numel()} beyond 1e-4; the test allows 2^-8 = {2 ** -8:.3g})")
+              f"({int((r > 1e-4).sum())} of {r.numel()} beyond 1e-4; one bf16 rounding is 2^-8 = {2 ** -8:.3g})")
     print(f"probe took {time.time() - began:.0f} s")
 
 
