@@ -27,10 +27,10 @@ K must be a multiple of 16 (the fp8 MMA's K step) and the operands 16-byte align
 The products of fp8 operands are exact and the accumulator is an fp32 register tile, but on Hopper
 (compute capability 9.0) Triton's fp8 `tl.dot` leaves the whole K reduction inside the wgmma's own
 accumulation (its default max_num_imprecise_acc), which keeps fewer mantissa bits than fp32 (about
-13-14: the "FP22" accumulator of SageAttention2, DeepSeek-V3's "around 14 bits"). At K = 1536 that
-is a relative error up to 5.5e-4 (13 bits, rounding; emulated) or 3.6e-3 (truncating), within one
-bf16 rounding (2^-8) and far below the fp8 quantization steps (2^-4) this GEMM's inputs already
-carry. Group-scaled A adds each 128-wide K-tile's product to the accumulator in fp32, and so does
+13-14: the "FP22" accumulator of SageAttention2, DeepSeek-V3's "around 14 bits"). Emulated at
+K = 1536, it moves a 128-group's amax by up to 5.5e-4 (13 bits, rounding) or 3.6e-3 (truncating),
+within one bf16 rounding (2^-8), and any value by a few 1e-3 of its group's amax: below the fp8
+quantization error (2^-4 per element) this GEMM's inputs already carry. Group-scaled A adds each 128-wide K-tile's product to the accumulator in fp32, and so does
 `precise_acc` (Triton's max_num_imprecise_acc = BLOCK_K; about 10x less error, emulated; off by
 default: bench/probe_fp8_block.py measures its cost). The scales, bias and GELU are applied to the
 fp32 accumulator and the result is rounded once (to bf16, or to fp8 with out_fp8; three times with a
