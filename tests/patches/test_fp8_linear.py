@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from longlive_triton import PatchConfig, load_preset, patch_model
+from longlive_triton.kernels.adaln import adaln_ref
 from longlive_triton.kernels.fp8_gemm import fp8_gemm_ref, fp8_linear
 from longlive_triton.kernels.fp8_quant import (Fp8Activation, quantize_groupwise_ref, quantize_rowwise,
                                                quantize_rowwise_ref, quantize_weight_per_channel)
@@ -90,6 +91,22 @@ def test_fp8_feed_forward_matches_reference(device):
         assert rel < 0.01, (fused, rel)
         assert rel_l2(got, want) < 0.08
         assert sorted(new.state_dict()) == ["0.bias", "0.weight", "0.weight_scale", "2.bias", "2.weight", "2.weight_scale"]
+
+
+def test_fp8_feed_forward_adds_the_gated_residual(device):
+    """forward(h, residual=x, gate=g, out=x): x + ffn(h) * g in place, bit for bit the adaln pass on
+    the plain output, with the hidden activation in FP8 or in bf16."""
+    gen = torch.Generator().manual_seed(3)
+    ffn = nn.Sequential(nn.Linear(64, 256), nn.GELU(approximate="tanh"), nn.Linear(256, 64)).to(device, torch.bfloat16)
+    x = torch.randn(1, 21, 64, generator=gen).to(device, torch.bfloat16)
+    gate = torch.randn(1, 3, 1, 64, generator=gen).to(device, torch.bfloat16)
+    a = Fp8Activation(*quantize_rowwise(torch.randn(1, 21, 64, generator=gen).to(device, torch.bfloat16)))
+    for fused in (True, False):
+        new = FP8FeedForward.from_stock(ffn, PatchConfig(fp8_ffn_fused=fused))
+        want, _ = adaln_ref(x, y=new(a), gate=gate, norm=False)
+        xr = x.clone()
+        got = new(a, residual=xr, gate=gate, out=xr)
+        assert got.data_ptr() == xr.data_ptr() and torch.equal(xr, want), fused
 
 
 def test_fused_ffn_needs_hidden_multiple_of_128(device):
