@@ -16,11 +16,24 @@ Shapes, layout and dtypes:
 - out:     [M, N] bf16, N contiguous (any row stride), optional preallocated.
 - out_fp8: instead of bf16, emit the result quantized for the next GEMM: (q [M, N] fp8,
            scale [M, N / 128] fp32), one scale per token and 128 output columns, computed from the
-           fp32 epilogue value (amax / 448, the row-wise rule per group); needs N % 128 == 0.
+           fp32 epilogue value (amax / 448, the row-wise rule per group); needs N % 128 == 0. This is
+           how the FFN up GEMM hands its GELU output to the FFN down GEMM without a quantization pass.
+- residual, gate: instead of y, write residual + y * gate (bf16, the block's gated residual add
+           after its FFN, in the stock's rounding order): residual [M, N] bf16, gate [B, F, N] bf16
+           per sequence and frame (the M rows are B sequences of F equal frames). out may be residual.
 K must be a multiple of 16 (the fp8 MMA's K step) and the operands 16-byte aligned.
 
-Accumulation is fp32 (tl.dot on fp8 operands: wgmma on Hopper); the scales, bias and GELU are
-applied to the fp32 accumulator and the result is rounded once (to bf16, or to fp8 with out_fp8).
+The products of fp8 operands are exact and the accumulator is an fp32 register tile, but on Hopper
+(compute capability 9.0) Triton's fp8 `tl.dot` leaves the whole K reduction inside the wgmma's own
+accumulation (its default max_num_imprecise_acc), which keeps fewer mantissa bits than fp32 (about
+13-14: the "FP22" accumulator of SageAttention2, DeepSeek-V3's "around 14 bits"). Emulated at
+K = 1536, it moves a 128-group's amax by up to 5.5e-4 (13 bits, rounding) or 3.6e-3 (truncating),
+within one bf16 rounding (2^-8), and any value by a few 1e-3 of its group's amax: below the fp8
+quantization error (2^-4 per element) this GEMM's inputs already carry. Group-scaled A adds each 128-wide K-tile's product to the accumulator in fp32, and so does
+`precise_acc` (Triton's max_num_imprecise_acc = BLOCK_K; about 10x less error, emulated; off by
+default: bench/probe_fp8_block.py measures its cost). The scales, bias and GELU are applied to the
+fp32 accumulator and the result is rounded once (to bf16, or to fp8 with out_fp8; three times with a
+residual, as the stock rounds).
 
 Two kernels, one epilogue: `_fp8_gemm_tma_kernel` (Hopper and the interpreter: persistent, TMA
 operand loads, launcher flags `flatten` / `warp_specialize`) and `_fp8_gemm_kernel` (Ada and the
@@ -36,8 +49,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (autotune, cast_bf16, check_kernel_device, check_tensor, interpreting, launch_on, tma_supported,
-                      use_tma_allocator)
+from ._common import (autotune, cast_bf16, check_kernel_device, check_tensor, interpreting, launch_on, round_bf16,
+                      tma_supported, use_tma_allocator)
 from .fp8_quant import ACT_GROUP, FP8_DTYPE, FP8_MAX, Fp8Activation, _cast_fp8, quantize_rowwise
 
 # The interpreter runs fixed small configs: autotuning there would time every config in numpy, and
@@ -78,9 +91,12 @@ def _tile_ids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _epilogue(acc, pid_m, pid_n, M, N, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr, stride_om, stride_osm,
+              r_ptr, g_ptr, stride_rm, stride_gb, stride_gf, L, TPF,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, A_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
-              GELU: tl.constexpr, OUT_FP8: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr):
-    """Scales, bias, GELU and the one rounding of a [BLOCK_M, BLOCK_N] fp32 tile; masked stores."""
+              GELU: tl.constexpr, OUT_FP8: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+              FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr):
+    """Scales, bias, GELU and the one rounding of a [BLOCK_M, BLOCK_N] fp32 tile (or the gated
+    residual's three); masked stores."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -106,17 +122,29 @@ def _epilogue(acc, pid_m, pid_n, M, N, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr, 
         q = tl.minimum(tl.maximum(acc * inv[:, None], -FP8_MAX), FP8_MAX)
         tl.store(o_ptr + rows * stride_om + offs_n[None, :], _cast_fp8(q, INTERPRET), mask=mask)
         tl.store(os_ptr + offs_m.to(tl.int64) * stride_osm + pid_n, scale, mask=m_ok)
+    elif RESIDUAL:
+        # The stock rounding points of `x + y * gate` in bf16: y as the GEMM would have written it,
+        # y * gate, then the sum. Integer rounding (round_bf16), so no FMA fuses the last two.
+        y = round_bf16(acc)
+        if GATED:
+            rows_g = offs_m.to(tl.int64)
+            g_off = (rows_g // L) * stride_gb + ((rows_g % L) // TPF) * stride_gf
+            g = tl.load(g_ptr + g_off[:, None] + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = round_bf16(y * g)
+        x = tl.load(r_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptr + rows * stride_om + offs_n[None, :], round_bf16(x + y).to(tl.bfloat16), mask=mask)
     else:
         tl.store(o_ptr + rows * stride_om + offs_n[None, :], cast_bf16(acc, INTERPRET), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "L", "TPF"])
 def _fp8_gemm_kernel(
-    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr,
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr, r_ptr, g_ptr,
     M, N, K,
-    stride_am, stride_wn, stride_asm, stride_om, stride_osm,
+    stride_am, stride_wn, stride_asm, stride_om, stride_osm, stride_rm, stride_gb, stride_gf, L, TPF,
     M_BUCKET: tl.constexpr,  # autotune key only
     A_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
+    RESIDUAL: tl.constexpr, GATED: tl.constexpr, PRECISE_ACC: tl.constexpr,
     EVEN_K: tl.constexpr, FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -143,21 +171,25 @@ def _fp8_gemm_kernel(
         if A_GROUPED:
             s = tl.load(as_ptr + rows_a * stride_asm + k0)
             acc += tl.dot(a, w) * s[:, None]
+        elif PRECISE_ACC:
+            acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
         else:
             acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     _epilogue(acc, pid_m, pid_n, M, N, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr, stride_om, stride_osm,
-              BLOCK_M, BLOCK_N, A_GROUPED, HAS_BIAS, GELU, OUT_FP8, FP8_MAX, INTERPRET)
+              r_ptr, g_ptr, stride_rm, stride_gb, stride_gf, L, TPF,
+              BLOCK_M, BLOCK_N, A_GROUPED, HAS_BIAS, GELU, OUT_FP8, RESIDUAL, GATED, FP8_MAX, INTERPRET)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "L", "TPF"])
 def _fp8_gemm_tma_kernel(
-    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr,
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr, r_ptr, g_ptr,
     M, N, K,
-    stride_am, stride_wn, stride_asm, stride_om, stride_osm,
+    stride_am, stride_wn, stride_asm, stride_om, stride_osm, stride_rm, stride_gb, stride_gf, L, TPF,
     M_BUCKET: tl.constexpr,  # autotune key only
     A_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
+    RESIDUAL: tl.constexpr, GATED: tl.constexpr, PRECISE_ACC: tl.constexpr,
     FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -186,12 +218,15 @@ def _fp8_gemm_tma_kernel(
             if A_GROUPED:
                 s = tl.load(as_ptr + rows_a * stride_asm + ki)
                 acc += tl.dot(a, w.T) * s[:, None]
+            elif PRECISE_ACC:
+                acc = tl.dot(a, w.T, acc, max_num_imprecise_acc=BLOCK_K)
             else:
                 acc = tl.dot(a, w.T, acc)
         tile_id_c += NUM_SMS
         pid_m_c, pid_n_c = _tile_ids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
         _epilogue(acc, pid_m_c, pid_n_c, M, N, as_ptr, ws_ptr, bias_ptr, o_ptr, os_ptr, stride_om, stride_osm,
-                  BLOCK_M, BLOCK_N, A_GROUPED, HAS_BIAS, GELU, OUT_FP8, FP8_MAX, INTERPRET)
+                  r_ptr, g_ptr, stride_rm, stride_gb, stride_gf, L, TPF,
+                  BLOCK_M, BLOCK_N, A_GROUPED, HAS_BIAS, GELU, OUT_FP8, RESIDUAL, GATED, FP8_MAX, INTERPRET)
 
 
 def _configs(tma: bool) -> list[triton.Config]:
@@ -232,7 +267,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_KEY = ["M_BUCKET", "N", "K", "A_GROUPED", "HAS_BIAS", "GELU", "OUT_FP8"]
+_KEY = ["M_BUCKET", "N", "K", "A_GROUPED", "HAS_BIAS", "GELU", "OUT_FP8", "RESIDUAL", "GATED", "PRECISE_ACC"]
 _fp8_gemm_tuned = autotune(configs=_configs(False), key=_KEY,
                                   prune_configs_by={"early_config_prune": _prune_configs})(_fp8_gemm_kernel)
 _fp8_gemm_tma_tuned = autotune(configs=_configs(True), key=_KEY + ["FLATTEN", "WARP_SPECIALIZE"],
@@ -315,16 +350,48 @@ def _check_outputs(out, out_scale, out_fp8: bool, M: int, N: int, device) -> Non
         check_tensor("out_scale", out_scale, dtype=torch.float32, shape=(M, N // ACT_GROUP), device=device)
 
 
+def _residual_operands(residual, gate, out, out_fp8: bool, M: int, N: int, device) -> tuple:
+    """(gate [B, F, N] view or None, tokens per batch row L, tokens per frame) of a checked gated residual."""
+    if residual is None:
+        if gate is not None:
+            raise ValueError("gate needs residual: the gate multiplies the GEMM output added to the residual")
+        return None, 1, 1
+    if out_fp8:
+        raise ValueError("residual writes x + gate * y in bf16; out_fp8 cannot take it")
+    check_tensor("residual", residual, dtype=torch.bfloat16, shape=(M, N), device=device)
+    if out is not None and out.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr() \
+            and (out.data_ptr() != residual.data_ptr() or out.stride() != residual.stride()):
+        raise ValueError("out overlaps residual without being it: pass out=residual (in place) or a separate buffer")
+    if gate is None:
+        return None, M, M
+    if isinstance(gate, torch.Tensor) and gate.dim() == 4 and gate.shape[2] == 1:
+        gate = gate.squeeze(2)  # the stock [B, F, 1, C] modulation chunk
+    if not isinstance(gate, torch.Tensor) or gate.dim() != 3:
+        raise ValueError(f"gate must be [B, F, N] (or [B, F, 1, N]), got {getattr(gate, 'shape', type(gate).__name__)}")
+    B, F_, _ = gate.shape
+    check_tensor("gate", gate, dtype=torch.bfloat16, shape=(B, F_, N), device=device)
+    if B == 0 or F_ == 0 or M % B or (M // B) % F_:
+        raise ValueError(f"the M={M} rows do not split into gate's B={B} sequences of F={F_} frames of equal length")
+    return gate, M // B, M // B // F_
+
+
 def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None = None, *, gelu: bool = False, out: torch.Tensor | None = None,
-             out_fp8: bool = False, out_scale: torch.Tensor | None = None, use_tma: bool | None = None,
-             flatten: bool = True, warp_specialize: bool = False, config: dict | None = None):
+             out_fp8: bool = False, out_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+             gate: torch.Tensor | None = None, use_tma: bool | None = None, flatten: bool = True,
+             warp_specialize: bool = False, precise_acc: bool = False, config: dict | None = None):
     """act((a_fp8 @ w_fp8.T) * scales + bias): bf16 [M, N], or with out_fp8 an Fp8Activation
     (q [M, N] fp8, scale [M, N / 128]).
 
+    residual [M, N] bf16 (and gate [B, F, N] bf16): write `residual + y * gate` instead of y, in the
+    stock's bf16 rounding order (y rounded, y * gate rounded, the sum rounded), as the block's gated
+    residual add after its FFN: the rows are B sequences of F frames, row m in frame
+    (m % L) // (L / F) of sequence m // L, L = M / B. out may be residual itself (in place).
     See the module docstring for layouts. use_tma: None picks the persistent TMA kernel where it runs
     (compute capability >= 9, and the interpreter), True insists (ValueError where it cannot run),
     False takes the pointer kernel. flatten / warp_specialize: Triton loop options of the TMA kernel.
+    precise_acc: on Hopper, add each K-tile's product to the accumulator in fp32 (the wgmma's reduced-
+    precision accumulation then spans BLOCK_K, not K; see the module docstring); group-scaled A always does.
     config ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}) skips
     autotuning on the GPU; the interpreter always runs small tiles.
     No host sync: capturable in a CUDA graph once autotuned.
@@ -335,6 +402,7 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
     if bias is not None:
         check_tensor("bias", bias, dtype=(torch.bfloat16, torch.float32), shape=(N,), device=device)
     _check_outputs(out, out_scale, out_fp8, M, N, device)
+    gate, tokens, per_frame = _residual_operands(residual, gate, out, out_fp8, M, N, device)
     if use_tma is None:
         use_tma = tma_supported(device)
     elif use_tma and not tma_supported(device):
@@ -356,11 +424,15 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
         return result
 
     interpret = interpreting()
+    r = residual if residual is not None else out
+    g = gate if gate is not None else out
     args = (a_fp8, w_fp8, a_scale, w_scale, bias if bias is not None else w_scale, out,
-            out_scale if out_fp8 else w_scale, M, N, K, a_fp8.stride(0), w_fp8.stride(0),
-            a_scale.stride(0) if grouped else 0, out.stride(0), out_scale.stride(0) if out_fp8 else 0)
+            out_scale if out_fp8 else w_scale, r, g, M, N, K, a_fp8.stride(0), w_fp8.stride(0),
+            a_scale.stride(0) if grouped else 0, out.stride(0), out_scale.stride(0) if out_fp8 else 0,
+            r.stride(0), g.stride(0), g.stride(1) if gate is not None else 0, tokens, per_frame)
     meta = dict(M_BUCKET=min(triton.next_power_of_2(M), 8192), A_GROUPED=grouped, HAS_BIAS=bias is not None,
-                GELU=bool(gelu), OUT_FP8=bool(out_fp8), FP8_MAX=FP8_MAX, INTERPRET=interpret)
+                GELU=bool(gelu), OUT_FP8=bool(out_fp8), RESIDUAL=residual is not None, GATED=gate is not None,
+                PRECISE_ACC=bool(precise_acc) and not grouped, FP8_MAX=FP8_MAX, INTERPRET=interpret)
     fixed = None
     if interpret:
         fixed = dict(_INTERPRET_CONFIG)
@@ -392,12 +464,15 @@ def fp8_gemm(a_fp8: torch.Tensor, w_fp8: torch.Tensor, a_scale: torch.Tensor, w_
 
 
 def fp8_linear(x, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-               *, gelu: bool = False, out_fp8: bool = False, **gemm_options):
+               *, gelu: bool = False, out_fp8: bool = False, residual: torch.Tensor | None = None,
+               gate: torch.Tensor | None = None, out: torch.Tensor | None = None, **gemm_options):
     """x [..., K] -> [..., N]: bf16, or with out_fp8 an Fp8Activation with 128-column group scales.
 
     x is a bf16 tensor (2-D or 3-D; quantized per token here, one extra pass) or an Fp8Activation
-    from a fused producer (its scales per token or per 128-feature group). gemm_options go to
-    fp8_gemm (use_tma, flatten, warp_specialize, config).
+    from a fused producer (its scales per token or per 128-feature group). residual [..., N] bf16
+    (and gate [B, F, N] per frame): `residual + y * gate` in bf16 instead of y (see fp8_gemm), into
+    out [..., N] if given (out=residual: in place). gemm_options go to fp8_gemm (use_tma, flatten,
+    warp_specialize, config).
     """
     if isinstance(x, Fp8Activation):
         q, s = x
@@ -407,8 +482,19 @@ def fp8_linear(x, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor
     lead = q.shape[:-1]
     grouped = s.dim() == q.dim()
     s2 = s.reshape(-1, s.shape[-1]) if grouped else s.reshape(-1)
-    out = fp8_gemm(q.reshape(-1, K), w_fp8, s2, w_scale, bias, gelu=gelu, out_fp8=out_fp8, **gemm_options)
     N = w_fp8.shape[0]
+    flat = {}
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (*lead, N):
+                raise ValueError(f"{name} must have shape {[*lead, N]}, got {getattr(t, 'shape', type(t).__name__)}")
+            try:
+                flat[name] = t.view(-1, N)  # a view, never a copy: out is written in place
+            except RuntimeError:
+                raise ValueError(f"{name} must flatten to [rows, {N}] without a copy, "
+                                 f"got strides {t.stride()}") from None
+    out = fp8_gemm(q.reshape(-1, K), w_fp8, s2, w_scale, bias, gelu=gelu, out_fp8=out_fp8, gate=gate, **flat,
+                   **gemm_options)
     if out_fp8:
         return Fp8Activation(out.q.view(*lead, N), out.scale.view(*lead, N // ACT_GROUP))
     return out.view(*lead, N)

@@ -6,7 +6,8 @@ an activation can write it in FP8 itself, no quantization pass reads it again:
 - the block's adaln (patches/fused_block.py) writes the self-attention input and the FFN input in
   FP8 when the consumer `accepts_fp8`;
 - the FFN's up GEMM writes its GELU output in FP8 with one scale per token and 128 columns, which
-  the down GEMM applies per K-tile (`fp8_ffn_fused`; else bf16 out and a per-token quantization pass).
+  the down GEMM applies per K-tile (`fp8_ffn_fused`; else bf16 out and a per-token quantization pass);
+- the FFN's down GEMM adds the block's gated residual in its epilogue (x + y * gate, in place).
 Any other FP8 layer quantizes its bf16 input with the Triton quantizer (one extra pass).
 
 Three patches, all enabled by `fp8_linear`, applied after the other patches:
@@ -69,10 +70,11 @@ class Fp8Weight:
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, options: dict):
         self.weight, self.scale, self.bias, self.options = weight, scale, bias, options
 
-    def __call__(self, x, *, gelu: bool = False, out_fp8: bool = False):
+    def __call__(self, x, *, gelu: bool = False, out_fp8: bool = False, residual=None, gate=None, out=None):
         if not isinstance(x, Fp8Activation) and x.dtype != torch.bfloat16:
             raise TypeError(f"an FP8 Linear takes bf16 or an Fp8Activation, got {x.dtype}")
-        return fp8_linear(x, self.weight, self.scale, self.bias, gelu=gelu, out_fp8=out_fp8, **self.options)
+        return fp8_linear(x, self.weight, self.scale, self.bias, gelu=gelu, out_fp8=out_fp8, residual=residual,
+                          gate=gate, out=out, **self.options)
 
 
 class FP8Linear(nn.Module):
@@ -80,7 +82,7 @@ class FP8Linear(nn.Module):
     (one per output channel); bias [N] bf16 as in the stock layer. Output bf16.
 
     forward(x) takes a bf16 tensor [..., K] (quantized per token by the Triton quantizer) or an
-    Fp8Activation from a fused producer.
+    Fp8Activation from a fused producer; residual/gate/out: the gated residual epilogue of fp8_linear.
     """
     accepts_fp8 = True
 
@@ -100,8 +102,9 @@ class FP8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(weight, scale, bias, gemm_options(config, linear.weight.device))
 
-    def forward(self, x, *, gelu: bool = False, out_fp8: bool = False):
-        return Fp8Weight(self.weight, self.weight_scale, self.bias, self.options)(x, gelu=gelu, out_fp8=out_fp8)
+    def forward(self, x, *, gelu: bool = False, out_fp8: bool = False, residual=None, gate=None, out=None):
+        return Fp8Weight(self.weight, self.weight_scale, self.bias, self.options)(
+            x, gelu=gelu, out_fp8=out_fp8, residual=residual, gate=gate, out=out)
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype), .float() and .half() cast every floating-point buffer: the e4m3 weight and
@@ -134,8 +137,13 @@ class FP8FeedForward(nn.Sequential):
     fused: the up GEMM writes the hidden activation in FP8 with one scale per token and 128 columns,
     and the down GEMM applies those scales per K-tile; else it writes bf16, which the down layer
     quantizes per token. Indices 0, 1, 2 as in the stock Sequential, so the state dict keeps its names.
+
+    forward(x, residual=x_block, gate=g, out=x_block) also adds the block's gated residual in the down
+    GEMM's epilogue (`fuses_residual`: patches/fused_block.py asks for it), bit for bit what the
+    separate adaln pass computed, without writing and re-reading the FFN output.
     """
     accepts_fp8 = True
+    fuses_residual = True
 
     def __init__(self, up: FP8Linear, act: nn.Module, down: FP8Linear, fused: bool):
         super().__init__(up, act, down)
@@ -150,9 +158,9 @@ class FP8FeedForward(nn.Sequential):
                             f"{up.out_features} (fp8_ffn_fused: false serves it)")
         return cls(FP8Linear.from_linear(up, config, "ffn.0"), act, FP8Linear.from_linear(down, config, "ffn.2"), fused)
 
-    def forward(self, x):
+    def forward(self, x, *, residual=None, gate=None, out=None):
         h = self[0](x, gelu=True, out_fp8=self.fused)
-        return self[2](h)
+        return self[2](h, residual=residual, gate=gate, out=out)
 
     def extra_repr(self) -> str:
         return "GELU in the up GEMM, hidden activation " + (

@@ -11,10 +11,16 @@ each stretch between two big ops is one `adaln` kernel:
 
 with the stock bf16 rounding points. Where the self-attention or the FFN `accepts_fp8` (the fp8
 patches, patches/fp8_linear.py), the adaln before it writes h in FP8 with one scale per token, so
-the FP8 GEMM reads it as is and no quantization pass runs. The submodules (self_attn, cross_attn, ffn, norms) are the
-stock ones, shared, so other patches still apply to them and the state dict keeps its names.
+the FP8 GEMM reads it as is and no quantization pass runs. Where the FFN `fuses_residual` (the FP8
+FFN), its down GEMM adds `x + y * gate_ffn` in its epilogue, in place, and the fourth pass is gone.
+The submodules (self_attn, cross_attn, ffn, norms) are the stock ones, shared, so other patches
+still apply to them and the state dict keeps its names.
+
+In a cache pass (`cache_only_last_layer`) the last layer stops after its K/V append.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -32,6 +38,8 @@ class FusedAttentionBlock(nn.Module):
         for name in ("dim", "ffn_dim", "num_heads", "local_attn_size", "qk_norm", "cross_attn_norm", "eps"):
             if hasattr(block, name):
                 setattr(self, name, getattr(block, name))
+        # Set by `cache_only_last_layer` around a call whose output nobody reads (a cache pass).
+        self.cache_only = False
 
     @classmethod
     def from_stock(cls, block: nn.Module, config) -> "FusedAttentionBlock":
@@ -55,13 +63,42 @@ class FusedAttentionBlock(nn.Module):
             raise NotImplementedError("FusedAttentionBlock serves LongLive's KV-cached inference path; pass kv_cache")
         e = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
         _, h = adaln(x, shift=e[0], scale=e[1], eps=self.norm1.eps, fp8=getattr(self.self_attn, "accepts_fp8", False))
+        if self.cache_only:
+            # Only this layer's keys and values outlive the call: x goes on unchanged (to the head).
+            return x, self.self_attn.append_kv(h, grid_sizes, kv_cache, current_start, sink_recache_after_switch)
         y, cache_info = self.self_attn(h, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start,
                                        cache_start, sink_recache_after_switch)
         x, h = adaln(x, y=y, gate=e[2], weight=self.norm3.weight, bias=self.norm3.bias, eps=self.norm3.eps)
         y = self.cross_attn(h, context, context_lens, crossattn_cache=crossattn_cache)
         x, h = adaln(x, y=y, shift=e[3], scale=e[4], eps=self.norm2.eps, fp8=getattr(self.ffn, "accepts_fp8", False))
-        x, _ = adaln(x, y=self.ffn(h), gate=e[5], norm=False, out_x=x)
+        if getattr(self.ffn, "fuses_residual", False):
+            self.ffn(h, residual=x, gate=e[5], out=x)  # x + ffn(h) * gate, in the down GEMM's epilogue
+        else:
+            adaln(x, y=self.ffn(h), gate=e[5], norm=False, out_x=x)
         return x, cache_info
+
+
+@contextmanager
+def cache_only_last_layer(generator: nn.Module):
+    """Within: the generator's calls are cache passes, whose output nobody reads (LongLive's pass at
+    context_noise after each block's denoising steps, and the re-cache after a prompt switch, both
+    discard it): everything after the last layer's K/V append (its attention, o projection,
+    cross-attention and FFN) would be dead work, so that layer only appends. Yields whether it
+    applies: the generator's last block must be a FusedAttentionBlock over a self-attention with
+    `append_kv` (window_attention); a wrapper without `blocks` (sequence parallelism) runs whole.
+    The CUDA-graph runner keys on the flag, so such calls get graphs of their own.
+    """
+    blocks = getattr(generator, "blocks", None)
+    last = blocks[-1] if isinstance(blocks, nn.ModuleList) and len(blocks) else None
+    applies = isinstance(last, FusedAttentionBlock) and callable(getattr(last.self_attn, "append_kv", None))
+    if not applies:
+        yield False
+        return
+    last.cache_only = True
+    try:
+        yield True
+    finally:
+        last.cache_only = False
 
 
 def _is_block(m: nn.Module) -> bool:

@@ -179,6 +179,18 @@ class WindowSelfAttention(nn.Module):
                                  current_start, sink_recache_after_switch, normed=False)
         return self.o(out.flatten(2)), info
 
+    def append_kv(self, x, grid_sizes, kv_cache, current_start=0, sink_recache_after_switch=False):
+        """Steps 1-3 only: write this call's keys and values into the cache and return forward's cache
+        info, with no attention and no o projection. For a call whose output nobody reads: the last
+        layer of a cache pass (patches/fused_block.py, `cache_only`)."""
+        if kv_cache is None:
+            raise NotImplementedError("append_kv writes the KV cache; pass kv_cache")
+        qkv = self._project_qkv(x)
+        d = self.dim
+        _, info = self._attend(qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:], grid_sizes, kv_cache,
+                               current_start, sink_recache_after_switch, normed=False, attend=False)
+        return info
+
     def project(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, s, C] -> q, k (RMS-normed over all heads, the stock rounding), v, each [B, s, H, D].
 
@@ -200,8 +212,10 @@ class WindowSelfAttention(nn.Module):
         return self._attend(q.flatten(2), k.flatten(2), v.flatten(2), grid_sizes, kv_cache, current_start,
                             sink_recache_after_switch, normed=True)
 
-    def _attend(self, q_lin, k_lin, v, grid_sizes, kv_cache, current_start, sink_recache_after_switch, normed):
-        """Steps 2-4 of the module docstring on q_lin, k_lin, v [B, s, h*D] (normed or not)."""
+    def _attend(self, q_lin, k_lin, v, grid_sizes, kv_cache, current_start, sink_recache_after_switch, normed,
+                attend=True):
+        """Steps 2-4 of the module docstring on q_lin, k_lin, v [B, s, h*D] (normed or not); without
+        attend, steps 2-3 (the output is None)."""
         b, s = q_lin.shape[:2]
         frames, hg, wg = (int(g) for g in grid_sizes[0].tolist())  # grid_sizes lives on the host
         if grid_sizes.shape[0] != b or any(tuple(g.tolist()) != (frames, hg, wg) for g in grid_sizes):
@@ -229,12 +243,14 @@ class WindowSelfAttention(nn.Module):
         ring = dict(ring_lo=plan_args["sink_tokens"], ring_size=plan_args["ring_size"], shift=plan[SHIFT:SHIFT + 1])
         if self.kv_cache_dtype == "fp8":
             out = self._append_attend_fp8(q_lin, k_lin, v, kv_cache, plan, ring, (frames, hg, wg),
-                                          plan[START_FRAME:START_FRAME + 1])
+                                          plan[START_FRAME:START_FRAME + 1], attend)
             return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
         norm_q, norm_k = (None, None) if normed else (self.norm_q.weight, self.norm_k.weight)
         q = rope_kv_append(q_lin, k_lin, v, norm_q, norm_k, self._cos, self._sin, k_cache, v_cache, (frames, hg, wg),
                            plan[START_FRAME:START_FRAME + 1], plan[LOCAL_START:LOCAL_START + 1],
                            plan[ROW_LO:ROW_LO + 1], eps=self.eps, **ring)
+        if not attend:
+            return None, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
         if self.backend == "triton":
             out = window_attention(q, k_cache, v_cache, plan[SINK_END:SINK_END + 1], plan[WIN_START:WIN_START + 1],
                                    plan[WIN_END:WIN_END + 1], **ring, **self.attention_options)
@@ -264,12 +280,15 @@ class WindowSelfAttention(nn.Module):
         kv_cache["k"] = quantize_k_ref(k, self._k_scale)
         kv_cache["v"], kv_cache["v_scale"] = quantize_v_groups_ref(v)
 
-    def _append_attend_fp8(self, q_lin, k_lin, v, kv_cache, plan, ring, grid, start_frame) -> torch.Tensor:
-        """Steps 3-4 on the FP8 cache: quantize/append k and v (q handed over in e4m3), attend."""
+    def _append_attend_fp8(self, q_lin, k_lin, v, kv_cache, plan, ring, grid, start_frame, attend=True):
+        """Steps 3-4 on the FP8 cache: quantize/append k and v (q handed over in e4m3), attend (or
+        return None without attend)."""
         k8, v8, v_scale = kv_cache["k"], kv_cache["v"], kv_cache["v_scale"]
         q8, q_scale = kv_quant_append(q_lin, k_lin, v, self.norm_q.weight, self.norm_k.weight, self._cos, self._sin,
                                       k8, self._k_scale, v8, v_scale, grid, start_frame,
                                       plan[LOCAL_START:LOCAL_START + 1], plan[ROW_LO:ROW_LO + 1], eps=self.eps, **ring)
+        if not attend:
+            return None
         return window_attention_fp8(q8, q_scale, k8, self._k_scale, v8, v_scale, plan[SINK_END:SINK_END + 1],
                                     plan[WIN_START:WIN_START + 1], plan[WIN_END:WIN_END + 1], **ring,
                                     **self.attention_options)

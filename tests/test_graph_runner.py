@@ -17,6 +17,7 @@ import torch
 from longlive_triton import patch_model
 from longlive_triton.runtime.graphs import GraphStats, attention_windows, graph_runner, install_graphs, uninstall_graphs
 from longlive_triton.numerics import rel_l2
+from longlive_triton.patches.fused_block import cache_only_last_layer
 from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.models import build_model, get_preset
 from longlive_triton.patches.graph_cache import WARM_UP
@@ -132,14 +133,16 @@ def test_replayed_latents_equal_the_eager_ones(stream):
 
 def test_a_stream_captures_once_per_key_and_replays_the_rest(stream):
     """16 calls (3 blocks of 5, the re-cache): all eager with the runner disabled. Graphed: a block's
-    strided first step and contiguous later steps are two keys; the first two blocks read other
-    windows (the cuDNN backend's key), the third the second's (the ring is full), so it replays the
-    graph captured there at another start. The calls filling the text cache run eagerly: the first,
-    the re-cache and the call after it (the re-cache leaves it empty for the new prompt)."""
+    strided first step, its contiguous later steps and its cache pass (the last layer stops after its
+    K/V append) are three keys; the first two blocks read other windows (the cuDNN backend's key), the
+    third the second's (the ring is full), so it replays the graphs captured there at another start.
+    The calls filling the text cache run eagerly: the first, the re-cache and the call after it (the
+    re-cache leaves it empty for the new prompt). Warm-ups: the later steps and the cache pass of
+    blocks 0 and 1, block 2's first step; captures: blocks 0 and 1's later steps, block 2's cache pass."""
     stats = stream["stats"]
     assert stream["disabled"] == {"disabled": 16}
-    assert stats.eager_reasons == {WARM_UP: 3, "cross-attention cache being filled": 3}
-    assert (stats.captures, stats.replays, stats.evicted) == (2, 10, 0)
+    assert stats.eager_reasons == {WARM_UP: 5, "cross-attention cache being filled": 3}
+    assert (stats.captures, stats.replays, stats.evicted) == (3, 8, 0)
     assert stream["captured"] == stats.captures and stream["replays"] == stats.replays
 
 
@@ -184,6 +187,8 @@ def test_keys_tell_apart_shapes_strides_caches_and_windows(install):
     assert key(runner, noise.permute(0, 2, 1, 3, 4), pipe) != base               # shape
     assert key(runner, _x(noise), _pipe(runner.generator)) != base               # cache addresses
     assert key(runner, _x(noise), pipe, start_frame=3) != base                   # the window cuDNN reads
+    with cache_only_last_layer(runner.generator) as applies:
+        assert applies and key(runner, _x(noise), pipe) != base                  # a cache pass's last layer
     # The Triton backend reads the window on the device: one key whatever the fill.
     triton = install(_model("triton"))
     pipe = _pipe(triton.generator)

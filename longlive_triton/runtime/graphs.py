@@ -121,9 +121,11 @@ class GraphedGenerator:
         windows = attention_windows(self.layers, kv_cache, *call, commit=False)
         if windows is None:
             return "window not one range of the cache (gathered keys)", None, None
+        # cache_only (patches/fused_block.py): the last layer of a cache pass stops after its K/V append.
         key = (tuple(x.shape), x.stride(), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype,
                kwargs.get("seq_len"), kwargs.get("cache_start"), call[3], windows,
-               self._addresses(kv_cache, crossattn_cache))
+               self._addresses(kv_cache, crossattn_cache),
+               bool(getattr(self.generator.blocks[-1], "cache_only", False)))
         return None, key, call
 
     def __call__(self, x, *args, **kwargs):

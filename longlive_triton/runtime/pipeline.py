@@ -18,8 +18,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from contextlib import nullcontext
+
 from longlive_triton.runtime.graphs import graph_runner, install_graphs
 from longlive_triton.patches.attention_window import sink_frames
+from longlive_triton.patches.fused_block import cache_only_last_layer
 from longlive_triton.runtime.scheduler import FlowMatchSchedule
 
 
@@ -42,6 +45,10 @@ class PipelineConfig:
     # CUDA graphs (longlive_triton/runtime/graphs.py): None keeps what patch_model set up, False runs this
     # pipeline eagerly, True installs the graph runner if patch_model did not (a patched CUDA model).
     cuda_graphs: bool | None = None
+    # The cache passes (and the re-cache after a switch), whose output is discarded, stop the last
+    # layer after its K/V append (patches/fused_block.py, cache_only_last_layer): the same latents,
+    # less work. False runs them whole.
+    cache_pass_append_only: bool = True
 
     def __post_init__(self):
         if self.num_frame_per_block < 1:
@@ -166,21 +173,35 @@ class BlockPipeline:
         local = self.config.local_attn_size
         return self.frame_seqlen * local if local > 21 else 32760
 
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, start_frame: int,
+                 sink_recache_after_switch: bool = False) -> torch.Tensor:
+        """One generator call, as the stock wrapper makes it: the flow prediction [B, F, C, H, W]."""
+        kwargs = {}
+        if sink_recache_after_switch:
+            kwargs["sink_recache_after_switch"] = True
+        context = list(prompt_embeds.unbind(0)) if self.config.context_as_list else prompt_embeds
+        return self.model(
+            x.permute(0, 2, 1, 3, 4), t=t, context=context, seq_len=self._seq_len(),
+            kv_cache=self.caches.kv, crossattn_cache=self.caches.crossattn,
+            current_start=start_frame * self.frame_seqlen, **kwargs,
+        ).permute(0, 2, 1, 3, 4)
+
     def predict_x0(self, x: torch.Tensor, timestep: float | torch.Tensor, prompt_embeds: torch.Tensor,
                    start_frame: int, *, sink_recache_after_switch: bool = False) -> torch.Tensor:
         """One generator forward on x [B, F, C, H, W] at frames start_frame..: returns x0."""
         b, f = x.shape[:2]
         t = torch.full([b, f], float(timestep), dtype=torch.float32, device=x.device)
-        kwargs = {}
-        if sink_recache_after_switch:
-            kwargs["sink_recache_after_switch"] = True
-        context = list(prompt_embeds.unbind(0)) if self.config.context_as_list else prompt_embeds
-        flow = self.model(
-            x.permute(0, 2, 1, 3, 4), t=t, context=context, seq_len=self._seq_len(),
-            kv_cache=self.caches.kv, crossattn_cache=self.caches.crossattn,
-            current_start=start_frame * self.frame_seqlen, **kwargs,
-        ).permute(0, 2, 1, 3, 4)
+        flow = self._forward(x, t, prompt_embeds, start_frame, sink_recache_after_switch)
         return self.schedule.flow_to_x0(flow.flatten(0, 1), x.flatten(0, 1), t.flatten()).unflatten(0, (b, f))
+
+    def _cache_call(self, x: torch.Tensor, prompt_embeds: torch.Tensor, start_frame: int,
+                    sink_recache_after_switch: bool = False) -> None:
+        """A generator call at context_noise for its KV writes only (its output is discarded, as
+        LongLive discards it): with cache_pass_append_only the last layer stops after its append."""
+        t = torch.full(x.shape[:2], float(self.config.context_noise), dtype=torch.float32, device=x.device)
+        skip = cache_only_last_layer(_inner_model(self.model)) if self.config.cache_pass_append_only else nullcontext()
+        with skip:
+            self._forward(x, t, prompt_embeds, start_frame, sink_recache_after_switch)
 
     def denoise_block(self, noisy: torch.Tensor, prompt_embeds: torch.Tensor, start_frame: int) -> torch.Tensor:
         """The denoising steps of one block: returns the block's clean latents x0."""
@@ -195,7 +216,7 @@ class BlockPipeline:
 
     def cache_pass(self, x0: torch.Tensor, prompt_embeds: torch.Tensor, start_frame: int) -> None:
         """Re-run the block at context_noise so its cache slots hold clean keys and values."""
-        self.predict_x0(x0, self.config.context_noise, prompt_embeds, start_frame)
+        self._cache_call(x0, prompt_embeds, start_frame)
 
     def recache_after_switch(self, output: torch.Tensor, start_frame: int, prompt_embeds: torch.Tensor) -> None:
         """A prompt switch at start_frame: reset the text cache and re-cache the window (stock rules)."""
@@ -209,8 +230,8 @@ class BlockPipeline:
         local = self.config.local_attn_size
         count = start_frame if local == -1 else min(local, start_frame)
         first = start_frame - count
-        self.predict_x0(output[:, first:start_frame], self.config.context_noise, prompt_embeds, first,
-                        sink_recache_after_switch=not self.config.global_sink)
+        self._cache_call(output[:, first:start_frame], prompt_embeds, first,
+                         sink_recache_after_switch=not self.config.global_sink)
         self.reset_crossattn_cache()
 
     # -- the loop -------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """fp8_gemm: the W8A8 GEMM equals the EMULATED reference (dequantize, fp32 matmul) up to the one
 bf16 rounding of the output: relative L2 <= 1e-2 and SQNR >= 30 dB; both kernels (persistent TMA
 descriptors, plain pointers), per-token and per-(token, 128-group) activation scales; the FP8 output
-(128-column group scales) dequantizes to the reference within one fp8 step."""
+(128-column group scales) dequantizes to the reference within one fp8 step; the gated residual
+epilogue equals the unfused GEMM followed by the stock's bf16 `x + y * gate`, bit for bit."""
 import pytest
 import torch
 from hypothesis import example, given, strategies as st
@@ -10,6 +11,7 @@ from longlive_triton.kernels.fp8_gemm import (fp8_gemm, fp8_gemm_bytes, fp8_gemm
                                               fp8_supported, tma_supported)
 from longlive_triton.kernels.fp8_quant import (ACT_GROUP, FP8_DTYPE, FP8_MAX, Fp8Activation, quantize_groupwise_ref,
                                                quantize_rowwise, quantize_weight_per_channel)
+from longlive_triton.kernels.adaln import adaln_ref
 from longlive_triton.numerics import rel_l2, sqnr_db
 
 from .._numerics import fp8_step
@@ -48,22 +50,43 @@ def _check(device, M, N, K, seed, bias, gelu, poison=True, grouped=False, **opti
     _compare(got, fp8_gemm_ref(a, w, sa, sw, b, gelu=gelu))
 
 
+# One tile shape for a GEMM and its twin on the GPU (the interpreter runs its own fixed tiles).
+GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
 def _check_fp8_out(device, M, N, K, seed, grouped=False, **options):
-    """The FP8 output: scales are the group amax / 448 of the reference (fp32 accumulation order
-    aside), and each dequantized value lies within one fp8 step (of its quantized magnitude, at its
-    group's scale) of the reference value."""
+    """The FP8 output (the epilogue's bias, GELU, group amax and e4m3 rounding) against the same
+    GEMM's bf16 output on the same tiles, so from the same accumulator; that bf16 output against the
+    fp32 reference as every GEMM here (_compare).
+
+    Why not the fp32 reference itself: on Hopper Triton's fp8 tl.dot keeps the K reduction in the
+    wgmma accumulator (about 13-14 mantissa bits, kernels/fp8_gemm.py). Emulated at 1.3B shapes
+    (K 1536) that moves the group amax by up to 3.6e-3 and small values by many of their fine fp8
+    steps: an error of the accumulation (which _compare bounds), not of the epilogue, and the
+    reason test_real_size_ffn_fused failed against fp32 at rtol 1e-4.
+
+    Bounds: the twin rounds each value to bf16 (half an ulp: <= 2^-8 relative), so its group amax, and
+    the scale from it, is within 2^-8 of the kernel's; each dequantized value is within half an fp8
+    step of the kernel's fp32 value (a whole step of the twin's value where the two straddle a
+    power of two) plus that 2^-8, which is at most 1/16 of a step (an e4m3 step is >= 2^-4 of the
+    value; below 2^-6, subnormal, the step is fixed and larger still)."""
+    config = options.pop("config", GPU_CONFIG if device.type == "cuda" else None)
     a, w, sa, sw, b = _operands(device, M, N, K, seed, bias=True, grouped=grouped)
     q = torch.full((M, N), float("nan"), device=device).to(FP8_DTYPE)
     s = torch.full((M, N // ACT_GROUP), float("nan"), device=device)
-    got = fp8_gemm(a, w, sa, sw, b, gelu=True, out_fp8=True, out=q, out_scale=s, **options)
+    got = fp8_gemm(a, w, sa, sw, b, gelu=True, out_fp8=True, out=q, out_scale=s, config=config, **options)
     assert isinstance(got, Fp8Activation) and got.q is q and got.scale is s
-    want = fp8_gemm_ref(a, w, sa, sw, b, gelu=True)
+    twin = fp8_gemm(a, w, sa, sw, b, gelu=True, config=config, **options)
+    _compare(twin, fp8_gemm_ref(a, w, sa, sw, b, gelu=True))
+    want = twin.float()
     _, s_ref = quantize_groupwise_ref(want)
-    assert torch.isfinite(s).all() and torch.allclose(s, s_ref, rtol=1e-4, atol=0)
+    assert torch.isfinite(s).all()
+    rel = ((s - s_ref).abs() / s_ref).max().item()
+    assert rel <= 2.0 ** -8, f"group scales off by a relative {rel:.3g} (allowed 2^-8)"
     assert q.float().abs().max() <= FP8_MAX
     deq = got.dequantize()
     scale = s.repeat_interleave(ACT_GROUP, dim=1)
-    bound = fp8_step(want / scale) * scale * 1.01 + 1e-6 * scale
+    bound = fp8_step(want / scale) * scale * (1 + 2.0 ** -4) + 1e-6 * scale
     bad = (deq - want).abs() > bound
     assert not bad.any(), f"{int(bad.sum())} values off by more than one fp8 step: {deq[bad][:4]} vs {want[bad][:4]}"
 
@@ -90,6 +113,82 @@ def test_group_scaled_activation(device, M, N, K, use_tma, seed):
 @example(M=40, N=256, K=256, use_tma=True, seed=0)
 def test_fp8_output(device, M, N, K, use_tma, seed):
     _check_fp8_out(device, M, N, K, seed, grouped=K > ACT_GROUP, use_tma=use_tma)
+
+
+def _check_residual(device, B, L, F, N, K, seed, gated=True, grouped=False, in_place=False, **options):
+    """The gated residual epilogue equals the unfused GEMM (bf16 y) followed by the stock bf16 ops
+    `x + y * gate` (adaln_ref): the kernel rounds where they round, so they agree bit for bit when
+    both GEMMs run the same tiles (fixed in the interpreter; `config` on the GPU)."""
+    M = B * L
+    a, w, sa, sw, b = _operands(device, M, N, K, seed, bias=True, grouped=grouped)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = (torch.randn(B, L, N, generator=gen) * 4).to(device, torch.bfloat16)
+    gate = (torch.randn(B, F, 6, N, generator=gen)).to(device, torch.bfloat16)[:, :, 5:6]  # a stock chunk
+    y = fp8_gemm(a, w, sa, sw, b, **options).view(B, L, N)
+    want, _ = adaln_ref(x, y=y, gate=gate if gated else None, norm=False)
+    x_before = x.clone()
+    out = x.view(M, N) if in_place else None
+    got = fp8_gemm(a, w, sa, sw, b, residual=x.view(M, N), gate=gate if gated else None, out=out, **options)
+    if in_place:
+        assert got.data_ptr() == x.data_ptr()
+    else:
+        assert torch.equal(x, x_before)
+    assert torch.equal(got.view(B, L, N), want), f"max diff {(got.view(B, L, N).float() - want.float()).abs().max()}"
+
+
+@given(B=st.integers(1, 2), F=st.integers(1, 3), per_frame=st.integers(1, 12), N=st.integers(16, 80),
+       K=st.sampled_from([32, 64, 256]), gated=st.booleans(), in_place=st.booleans(), use_tma=st.booleans(),
+       seed=st.integers(0, 2**16))
+@example(B=2, F=3, per_frame=11, N=80, K=256, gated=True, in_place=True, use_tma=True, seed=0)
+@example(B=1, F=3, per_frame=5, N=48, K=64, gated=True, in_place=False, use_tma=False, seed=1)
+def test_gated_residual(device, B, F, per_frame, N, K, gated, in_place, use_tma, seed):
+    _check_residual(device, B, F * per_frame, F, N, K, seed, gated=gated, grouped=K > ACT_GROUP,
+                    in_place=in_place, use_tma=use_tma)
+
+
+def test_gated_residual_fp8_linear(device):
+    """fp8_linear's [B, L, ...] form of the residual, in place into x."""
+    B, L, F, N, K = 2, 12, 3, 32, 64
+    a, w, sa, sw, b = _operands(device, B * L, N, K, 7, bias=True)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(B, L, N, generator=gen).to(device, torch.bfloat16)
+    gate = torch.randn(B, F, N, generator=gen).to(device, torch.bfloat16)
+    act = Fp8Activation(a.view(B, L, K), sa.view(B, L))
+    want, _ = adaln_ref(x, y=fp8_linear(act, w, sw, b), gate=gate, norm=False)
+    got = fp8_linear(act, w, sw, b, residual=x, gate=gate, out=x)
+    assert got.data_ptr() == x.data_ptr() and torch.equal(x, want)
+
+
+def test_bad_residual_is_refused(device):
+    kw = _bad(device)
+    x = torch.zeros(8, 16, device=device, dtype=torch.bfloat16)
+    gate = torch.zeros(1, 2, 16, device=device, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="gate needs residual"):
+        fp8_gemm(**kw, gate=gate)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        fp8_gemm(**kw, residual=x[:4])
+    with pytest.raises(TypeError, match="residual must be torch.bfloat16"):
+        fp8_gemm(**kw, residual=x.float())
+    with pytest.raises(ValueError, match="do not split"):
+        fp8_gemm(**kw, residual=x, gate=torch.zeros(1, 3, 16, device=device, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="gate must be"):
+        fp8_gemm(**kw, residual=x, gate=gate[0])
+    with pytest.raises(ValueError, match="contiguous in its last"):
+        fp8_gemm(**kw, residual=x, gate=torch.zeros(1, 16, 2, device=device, dtype=torch.bfloat16).transpose(1, 2))
+    with pytest.raises(ValueError, match="overlaps residual"):
+        big = torch.zeros(9, 16, device=device, dtype=torch.bfloat16)
+        fp8_gemm(**kw, residual=big[:8], out=big[1:])
+    a, w, sa, sw, _ = _operands(device, 8, 128, 32, 0)
+    with pytest.raises(ValueError, match="out_fp8 cannot take it"):
+        fp8_gemm(a, w, sa, sw, out_fp8=True, residual=torch.zeros(8, 128, device=device, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("use_tma", [True, False])
+def test_precise_accumulation(device, use_tma):
+    """precise_acc (each K-tile's product added in fp32) computes the same GEMM: bf16 and FP8 outputs,
+    row-scaled A (group-scaled A always accumulates so)."""
+    _check(device, 37, 48, 96, 9, bias=True, gelu=True, use_tma=use_tma, precise_acc=True)
+    _check_fp8_out(device, 21, 128, 64, 10, use_tma=use_tma, precise_acc=True)
 
 
 def test_persistent_kernel_loop_options(device):
@@ -267,10 +366,29 @@ def test_real_size(K, N, bias, gelu, kernel):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_real_size_ffn_fused(kernel):
-    """The FFN at 1.3B shapes: up GEMM emitting FP8 with group scales, down GEMM consuming them."""
+    """The FFN at 1.3B shapes: up GEMM emitting FP8 with group scales, down GEMM consuming them.
+    (It failed against the fp32 reference at rtol 1e-4: Hopper's fp8 accumulation, see _check_fp8_out.)"""
     device = torch.device("cuda")
     _check_fp8_out(device, 4680, 8960, 1536, 1, **KERNELS[kernel])
     _check(device, 4680, 1536, 8960, 2, bias=True, gelu=False, grouped=True, **KERNELS[kernel])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_real_size_gated_residual(kernel):
+    """The FFN down GEMM of 1.3B with the block's gated residual in its epilogue (4680 tokens = 3
+    frames), in place, against the unfused GEMM + stock bf16 ops on the same tiles: bit for bit."""
+    config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    _check_residual(torch.device("cuda"), 1, 4680, 3, 1536, 8960, 5, grouped=True, in_place=True,
+                    config=config, **KERNELS[kernel])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_real_size_ffn_up_precise_accumulation(kernel):
+    """The FFN up of test_real_size_ffn_fused with precise_acc: it compiles and computes the same
+    (bench/probe_fp8_block.py prints how much closer to fp32 its scales come)."""
+    _check_fp8_out(torch.device("cuda"), 4680, 8960, 1536, 1, precise_acc=True, **KERNELS[kernel])
 
 
 @pytest.mark.gpu

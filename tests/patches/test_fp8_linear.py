@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from longlive_triton import PatchConfig, load_preset, patch_model
+from longlive_triton.kernels.adaln import adaln_ref
 from longlive_triton.kernels.fp8_gemm import fp8_gemm_ref, fp8_linear
 from longlive_triton.kernels.fp8_quant import (Fp8Activation, quantize_groupwise_ref, quantize_rowwise,
                                                quantize_rowwise_ref, quantize_weight_per_channel)
@@ -92,6 +93,22 @@ def test_fp8_feed_forward_matches_reference(device):
         assert sorted(new.state_dict()) == ["0.bias", "0.weight", "0.weight_scale", "2.bias", "2.weight", "2.weight_scale"]
 
 
+def test_fp8_feed_forward_adds_the_gated_residual(device):
+    """forward(h, residual=x, gate=g, out=x): x + ffn(h) * g in place, bit for bit the adaln pass on
+    the plain output, with the hidden activation in FP8 or in bf16."""
+    gen = torch.Generator().manual_seed(3)
+    ffn = nn.Sequential(nn.Linear(64, 256), nn.GELU(approximate="tanh"), nn.Linear(256, 64)).to(device, torch.bfloat16)
+    x = torch.randn(1, 21, 64, generator=gen).to(device, torch.bfloat16)
+    gate = torch.randn(1, 3, 1, 64, generator=gen).to(device, torch.bfloat16)
+    a = Fp8Activation(*quantize_rowwise(torch.randn(1, 21, 64, generator=gen).to(device, torch.bfloat16)))
+    for fused in (True, False):
+        new = FP8FeedForward.from_stock(ffn, PatchConfig(fp8_ffn_fused=fused))
+        want, _ = adaln_ref(x, y=new(a), gate=gate, norm=False)
+        xr = x.clone()
+        got = new(a, residual=xr, gate=gate, out=xr)
+        assert got.data_ptr() == xr.data_ptr() and torch.equal(xr, want), fused
+
+
 def test_fused_ffn_needs_hidden_multiple_of_128(device):
     ffn = nn.Sequential(nn.Linear(64, 96), nn.GELU(approximate="tanh"), nn.Linear(96, 64)).to(device, torch.bfloat16)
     with pytest.raises(fp8_patch.PatchSkip, match="multiple of 128"):
@@ -134,6 +151,19 @@ def test_fp8_preset_generates_close_to_reference(device, monkeypatch):
     print(f"fp8 preset vs unpatched, tiny, 3 blocks: rel L2 {rel:.4g}, cosine {cos:.6f}")
     assert torch.isfinite(got.float()).all()
     assert rel <= MAX_REL_L2 and cos >= MIN_COSINE, (rel, cos)
+
+
+def test_ffn_residual_in_epilogue_equals_separate_pass(device):
+    """The block's gated residual in the FFN down GEMM's epilogue (fuses_residual) gives the latents
+    of the separate adaln pass bit for bit: the same bf16 rounding points, the same GEMM tiles."""
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=4)
+    patch_model(model, "fp8")
+    assert all(block.ffn.fuses_residual for block in model.blocks)
+    fused = _generate(model, device, blocks=1)
+    for block in model.blocks:
+        block.ffn.fuses_residual = False
+    separate = _generate(model, device, blocks=1)
+    assert torch.equal(fused, separate)
 
 
 def test_exclusion_rule(device):

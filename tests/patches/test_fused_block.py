@@ -6,20 +6,20 @@ import torch
 from longlive_triton import PatchConfig, patch_model
 from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.cross_attention import FusedCrossAttention
-from longlive_triton.patches.fused_block import FusedAttentionBlock
+from longlive_triton.patches.fused_block import FusedAttentionBlock, cache_only_last_layer
 from longlive_triton.patches.fused_head import FusedHead
 from longlive_triton.patches.window_self_attention import WindowSelfAttention
 from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.models import CausalWanModel, build_model, get_preset
 
 
-def _generate(model, device, switches=(12,)):
+def _generate(model, device, switches=(12,), frames=18, **pipeline):
     p = get_preset("tiny")
     gen = torch.Generator().manual_seed(5)
-    noise = torch.randn(1, 18, 16, p.latent_height, p.latent_width, generator=gen).to(device, torch.bfloat16)
+    noise = torch.randn(1, frames, 16, p.latent_height, p.latent_width, generator=gen).to(device, torch.bfloat16)
     prompts = [torch.randn(1, p.text_len, p.text_dim, generator=gen).to(device, torch.bfloat16) for _ in range(2)]
     torch.manual_seed(0)
-    return BlockPipeline(model, PipelineConfig()).generate(noise, prompts, list(switches))
+    return BlockPipeline(model, PipelineConfig(**pipeline)).generate(noise, prompts, list(switches))
 
 
 @pytest.mark.parametrize("with_attention", [False, True])
@@ -35,6 +35,33 @@ def test_fused_blocks_match_reference(device, with_attention):
     got = _generate(model, device)
     rel = rel_l2(got, want)
     assert rel <= 1e-2, rel
+
+
+@pytest.mark.parametrize("preset", ["exact", "fp8"])
+def test_cache_pass_stops_last_layer_after_append(device, preset):
+    """The cache passes (and the re-cache after the switch) run the last layer up to its K/V append
+    only: the same latents bit for bit, and its cross-attention never runs in them."""
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=4)
+    patch_model(model, preset)
+    calls = {0: 0, -1: 0}
+    for i in calls:
+        model.blocks[i].cross_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    whole = _generate(model, device, switches=(6,), frames=9, cache_pass_append_only=False)
+    assert calls[0] == calls[-1]
+    calls.update({0: 0, -1: 0})
+    append_only = _generate(model, device, switches=(6,), frames=9)
+    assert torch.equal(append_only, whole)
+    # 3 blocks: 3 cache passes and 1 re-cache skip the last layer's cross-attention.
+    assert calls[0] - calls[-1] == 4 and not model.blocks[-1].cache_only
+
+
+def test_cache_only_needs_fused_last_block(device):
+    model = build_model("tiny", dtype=torch.bfloat16, device=device, seed=4)
+    with cache_only_last_layer(model) as applies:
+        assert not applies
+    patch_model(model, PatchConfig(fused_glue=True, window_attention=False))
+    with cache_only_last_layer(model) as applies:
+        assert not applies and not model.blocks[-1].cache_only
 
 
 def test_block_without_affine_cross_norm_is_skipped():
@@ -79,3 +106,24 @@ def test_fp32_head_is_skipped():
     assert model.head is head
     assert {e.reason for e in report.skipped if e.patch == "fused_head"} == {
         "the adaln kernel runs the bf16 path; this head is torch.float32"}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cache_pass_append_only_at_real_size():
+    """LongLive-1.3B shapes, fp8 preset, CUDA graphs, 4 blocks with a switch: the cache passes that
+    stop the last layer after its K/V append give the latents of whole cache passes, bit for bit (the
+    same kernels on the same inputs up to that append; nothing after it reaches the cache)."""
+    device = torch.device("cuda")
+    p = get_preset("longlive-1.3b")
+    gen = torch.Generator(device=device).manual_seed(0)
+    noise = torch.randn(1, 12, 16, p.latent_height, p.latent_width, generator=gen, device=device).bfloat16()
+    prompts = [torch.randn(1, p.text_len, p.text_dim, generator=gen, device=device).bfloat16() for _ in range(2)]
+    model = build_model("longlive-1.3b", dtype=torch.bfloat16, device=device, seed=4)
+    patch_model(model, "fp8")
+    outs = []
+    for append_only in (False, True):
+        torch.manual_seed(0)
+        pipe = BlockPipeline(model, PipelineConfig(cache_pass_append_only=append_only))
+        outs.append(pipe.generate(noise, prompts, [6]))
+    assert torch.equal(*outs)
