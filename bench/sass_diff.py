@@ -77,19 +77,22 @@ def _index(value: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The launches: each calls working-tree launchers the way the patches do, at real shapes.
 
-def _adaln(**kw):
+def _adaln(form: str):
     from ..kernels.adaln import adaln
 
-    x = _bf16(1, TOKENS, DIM)
-    per_frame = lambda: _bf16(1, FRAMES, 1, DIM)  # noqa: E731  the stock [B, F, 1, C] chunk
-    forms = {
-        "modulate": dict(shift=per_frame(), scale=per_frame()),
-        "modulate fp8": dict(shift=per_frame(), scale=per_frame(), fp8=True),
-        "residual affine": dict(y=_bf16(1, TOKENS, DIM), gate=per_frame(), weight=_bf16(DIM), bias=_bf16(DIM)),
-        "residual modulate fp8": dict(y=_bf16(1, TOKENS, DIM), shift=per_frame(), scale=per_frame(), fp8=True),
-        "residual gate": dict(y=_bf16(1, TOKENS, DIM), gate=per_frame(), norm=False, out_x=x),
-    }
-    return lambda: adaln(x, **forms[kw["form"]])
+    x, y = _bf16(1, TOKENS, DIM), _bf16(1, TOKENS, DIM)
+
+    def per_frame():  # the stock [B, F, 1, C] chunk of the time embedding
+        return _bf16(1, FRAMES, 1, DIM)
+
+    kwargs = {  # the calls of patches/fused_block.py and fused_head.py
+        "modulate": lambda: dict(shift=per_frame(), scale=per_frame()),
+        "modulate fp8": lambda: dict(shift=per_frame(), scale=per_frame(), fp8=True),
+        "residual affine": lambda: dict(y=y, gate=per_frame(), weight=_bf16(DIM), bias=_bf16(DIM)),
+        "residual modulate fp8": lambda: dict(y=y, shift=per_frame(), scale=per_frame(), fp8=True),
+        "residual gate": lambda: dict(y=y, gate=per_frame(), norm=False, out_x=x),
+    }[form]()
+    return lambda: adaln(x, **kwargs)
 
 
 def _rms_norm():
@@ -157,35 +160,34 @@ def _token_unmerge():
     return lambda: token_unmerge(_bf16(1, TOKENS // 2, DIM), torch.zeros(1, TOKENS, dtype=torch.int64))
 
 
-def _video(c: int, t: int, h: int, w: int, dtype=torch.bfloat16) -> torch.Tensor:
-    return torch.empty((1, c, t, h, w), dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+# The decoder's stages for a 480 x 832 video, each (frames of one chunk, height, width): the latent
+# frame, then each upsampling (the first two also in time).
+LATENT, UP1, UP2, UP3 = (1, 60, 104), (2, 120, 208), (4, 240, 416), (4, 480, 832)
 
 
-# The decoder's stages: channels and latent-frame-chunk sizes (1 latent frame -> 4 video frames).
-_VAE_STAGE = {384: (4, 120, 208), 192: (4, 240, 416), 96: (4, 480, 832)}
+def _video(c: int, stage: tuple[int, int, int], dtype=torch.bfloat16, extra_frames: int = 0) -> torch.Tensor:
+    t, h, w = stage
+    return torch.empty((1, c, t + extra_frames, h, w), dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
 
 
-def _vae_norm(c: int, *, silu=True, full=False):
+def _vae_norm(c: int, stage, *, silu=True, full=False):
     from ..kernels.vae_rms_norm_silu import vae_rms_norm_silu
 
-    x = _video(c, *_VAE_STAGE[c])
-    extra = dict(x_bias=_bf16(c), residual=_video(c, *_VAE_STAGE[c]), sum_out=_video(c, *_VAE_STAGE[c])) if full \
-        else dict(x_bias=_bf16(c))
-    return lambda: vae_rms_norm_silu(x, _bf16(c), silu=silu, **extra)
+    extra = dict(residual=_video(c, stage), sum_out=_video(c, stage)) if full else {}
+    return lambda: vae_rms_norm_silu(_video(c, stage), _bf16(c), x_bias=_bf16(c), silu=silu, **extra)
 
 
-def _vae_add(c: int):
+def _vae_add(c: int, stage):
     from ..kernels.vae_rms_norm_silu import vae_add
 
-    return lambda: vae_add(_video(c, *_VAE_STAGE[c]), _bf16(c), _video(c, *_VAE_STAGE[c]))
+    return lambda: vae_add(_video(c, stage), _bf16(c), _video(c, stage))
 
 
-def _vae_conv(c_in: int, c_out: int, *, fp32=False, bias=True):
-    from ..kernels.vae_conv3d import vae_conv3d
+def _vae_conv(c_in: int, c_out: int, stage, *, fp32=False, bias=True):
+    from ..kernels.vae_conv3d import CACHE_T, vae_conv3d
 
     dtype = torch.float32 if fp32 else torch.bfloat16
-    t, h, w = _VAE_STAGE[c_out]
-    x = _video(c_in, 2 + t, h, w, dtype)
+    x = _video(c_in, stage, dtype, extra_frames=CACHE_T)  # the time-padded input: cached frames in front
     tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if c_in % 64 == 0 else 32, num_warps=8, num_stages=3)
     weight = torch.empty(27 * c_in, c_out, dtype=dtype)
     return lambda: vae_conv3d(x, weight, torch.empty(c_out, dtype=dtype) if bias else None, tile=tile)
@@ -213,7 +215,7 @@ class Entry:
 
 
 LAUNCHES: dict[str, Entry] = {
-    **{f"adaln {form}": Entry(lambda form=form: _adaln(form=form), ("adaln._adaln_kernel",))
+    **{f"adaln {form}": Entry(lambda form=form: _adaln(form), ("adaln._adaln_kernel",))
        for form in ("modulate", "modulate fp8", "residual affine", "residual modulate fp8", "residual gate")},
     "rms_norm": Entry(_rms_norm, ("rms_norm._rms_norm_kernel",)),
     "quantize_rowwise 1536": Entry(lambda: _quantize(DIM), ("fp8_quant._quant_rowwise_kernel",)),
@@ -238,18 +240,20 @@ LAUNCHES: dict[str, Entry] = {
     "token_merge": Entry(_token_merge, ("token_merge._match_kernel", "token_merge_plan._rank_kernel",
                                         "token_merge_plan._layout_kernel", "token_merge._merge_kernel")),
     "token_unmerge": Entry(_token_unmerge, ("token_merge._unmerge_kernel",)),
-    "vae_rms_norm_silu 384 full": Entry(lambda: _vae_norm(384, full=True),
+    "vae_rms_norm_silu 384 full": Entry(lambda: _vae_norm(384, LATENT, full=True),
                                         ("vae_rms_norm_silu._vae_rms_norm_silu_kernel",)),
-    "vae_rms_norm_silu 96": Entry(lambda: _vae_norm(96), ("vae_rms_norm_silu._vae_rms_norm_silu_kernel",)),
-    "vae_rms_norm 192 no silu": Entry(lambda: _vae_norm(192, silu=False),
+    "vae_rms_norm 192 no silu": Entry(lambda: _vae_norm(192, UP2, silu=False),
                                       ("vae_rms_norm_silu._vae_rms_norm_silu_kernel",)),
-    "vae_add 384": Entry(lambda: _vae_add(384), ("vae_rms_norm_silu._vae_rms_norm_silu_kernel",)),
-    "vae_conv3d bf16 384-384": Entry(lambda: _vae_conv(384, 384), ("vae_conv3d._vae_conv3d_kernel",)),
-    "vae_conv3d bf16 192-384 no bias": Entry(lambda: _vae_conv(192, 384, bias=False),
+    "vae_rms_norm_silu 96": Entry(lambda: _vae_norm(96, UP3), ("vae_rms_norm_silu._vae_rms_norm_silu_kernel",)),
+    "vae_add 384": Entry(lambda: _vae_add(384, UP1), ("vae_rms_norm_silu._vae_rms_norm_silu_kernel",)),
+    "vae_conv3d bf16 384-384 latent": Entry(lambda: _vae_conv(384, 384, LATENT), ("vae_conv3d._vae_conv3d_kernel",)),
+    "vae_conv3d bf16 384-384 up1": Entry(lambda: _vae_conv(384, 384, UP1), ("vae_conv3d._vae_conv3d_kernel",)),
+    "vae_conv3d bf16 192-384 no bias": Entry(lambda: _vae_conv(192, 384, UP1, bias=False),
                                              ("vae_conv3d._vae_conv3d_kernel",)),
-    "vae_conv3d bf16 192-192": Entry(lambda: _vae_conv(192, 192), ("vae_conv3d._vae_conv3d_kernel",)),
-    "vae_conv3d bf16 96-96": Entry(lambda: _vae_conv(96, 96), ("vae_conv3d._vae_conv3d_kernel",)),
-    "vae_conv3d fp32 384-384": Entry(lambda: _vae_conv(384, 384, fp32=True), ("vae_conv3d._vae_conv3d_kernel",)),
+    "vae_conv3d bf16 192-192": Entry(lambda: _vae_conv(192, 192, UP2), ("vae_conv3d._vae_conv3d_kernel",)),
+    "vae_conv3d bf16 96-96": Entry(lambda: _vae_conv(96, 96, UP3), ("vae_conv3d._vae_conv3d_kernel",)),
+    "vae_conv3d fp32 384-384": Entry(lambda: _vae_conv(384, 384, LATENT, fp32=True),
+                                     ("vae_conv3d._vae_conv3d_kernel",)),
     "window_attention bf16": Entry(lambda: _attention(fp8=False), ("window_attention._window_attn_fwd",)),
     "window_attention bf16 tma": Entry(lambda: _attention(fp8=False, tma=True), ("window_attention._window_attn_fwd",)),
     "window_attention fp8": Entry(lambda: _attention(fp8=True), ("window_attention._window_attn_fwd",)),
