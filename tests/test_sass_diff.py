@@ -1,5 +1,8 @@
 """bench/sass_diff.py covers every kernel the launchers in kernels/ launch (nothing is compiled here)."""
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,12 @@ def test_recording_refuses_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"):
         sass_diff.record("rms_norm")
+
+
+def test_every_entry_records_the_launches_it_declares():
+    # The launchers run in compiled mode (not this process's interpreter) on CPU tensors, launches
+    # recorded: a launcher whose arguments changed breaks its entry here, not in a later sass_diff run.
+    code = "from longlive_triton.bench import sass_diff as s\nfor label in s.LAUNCHES: s.record(label)"
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=dict(os.environ, TRITON_INTERPRET="0"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
