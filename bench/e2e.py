@@ -249,6 +249,14 @@ def run(args) -> int:
     if problem is not None:
         print(f"e2e: {problem}", file=sys.stderr)
         return 2
+    if args.model == "stock2":  # LongLive 2.0's class and pipeline: bench/e2e_stock2.py
+        from . import e2e_stock2
+        try:
+            configs = configs_from_specs(args.configs)
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            print(f"e2e: {e}", file=sys.stderr)
+            return 2
+        return e2e_stock2.run(args, configs, device)
     if args.preset_model is None:
         args.preset_model = "longlive-1.3b" if on_cuda else "tiny"
         print(f"e2e: model preset {args.preset_model} (the default on a machine with{'' if on_cuda else ' no'} GPU)")

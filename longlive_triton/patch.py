@@ -40,6 +40,7 @@ class PatchEntry:
 @dataclass
 class PatchReport:
     config: PatchConfig
+    family: str = ""   # the model family patched (patches/families.py)
     applied: list[PatchEntry] = field(default_factory=list)
     skipped: list[PatchEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -52,7 +53,7 @@ class PatchReport:
         return out
 
     def __str__(self) -> str:
-        lines = [f"longlive-triton patch report (config {self.config.name!r})"]
+        lines = [f"longlive-triton patch report (config {self.config.name!r}, {self.family})"]
         lines += [f"  note: {n}" for n in self.notes]
         for name, c in self.counts().items():
             lines.append(f"  {name}: {c['applied']} applied, {c['skipped']} skipped")
@@ -123,7 +124,7 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
         raise TypeError("patch_model got a torch.compile'd model: patch the model first (its layers are Triton "
                         "kernels, CUDA-graphed), and do not compile it afterwards")
     family = family_of(generator)
-    report = PatchReport(config)
+    report = PatchReport(config, family.name)
     previous = getattr(generator, _MARK, None)
     if previous is not None:
         if dataclasses.replace(previous, name="") != dataclasses.replace(config, name=""):
@@ -133,7 +134,6 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
         return report
 
     family.rules.check_patchable(generator, config)
-    report.notes.append(f"model family: {family.name}")
     window_before = generator.local_attn_size
     if config.local_attn_size is not None:
         # First, so a refused window leaves the model untouched.
