@@ -120,7 +120,7 @@ def test_the_capture_safe_time_embedding_serves_only_the_runner():
     runner's calls, the stock one elsewhere; restored once the last runner is gone."""
     import types
 
-    from longlive_triton import graphs
+    from longlive_triton.runtime import graphs
 
     def stock(dim, position):
         return "stock"

@@ -80,8 +80,8 @@ def _run(stock2, model, cfg, prompts, table, noise, record=None, clean_recache=F
     blocks = model.base_model.model.blocks if hasattr(model, "base_model") else model.blocks
     for i, block in enumerate(blocks):
         def pre(mod, args, kwargs, i=i):
-            if record is None:
-                store[calls[0], i] = [args[0].clone()]
+            if record is None:   # (the fp8 preset hands its self-attention an FP8 activation: not recorded)
+                store[calls[0], i] = [args[0].clone() if isinstance(args[0], torch.Tensor) else None]
                 return None
             return (store[calls[0], i][0],) + args[1:], kwargs
 
@@ -172,7 +172,8 @@ def test_latents_follow_the_stock_model(stock2):
 @pytest.mark.gpu
 def test_5b_shapes_with_a_scene_cut(stock2, device):
     """LongLive 2.0 at its real widths and frame (1280x704: 880 tokens, 8-frame blocks, 32-frame window),
-    two layers: 6 blocks, a cut at block 4 (its pin floats one eviction). Layer by layer without graphs
+    two layers: 8 blocks, a cut at block 5 (its pin floats two evictions, then joins the global sink: the
+    ring is unrolled with a shift of one block, in the FP8 cache too). Layer by layer without graphs
     (teacher forcing swaps tensors a graph would not see), then the latents free running with the
     presets as they are (CUDA graphs on): exact within bf16 drift, fp8 by its cosine."""
     from longlive_triton.models.longlive2.presets import get_preset
@@ -180,9 +181,9 @@ def test_5b_shapes_with_a_scene_cut(stock2, device):
     if device.type != "cuda":
         pytest.skip("needs a GPU")
     cfg = dataclasses.replace(get_preset("longlive2-5b"), num_layers=2)
-    _check_parity(stock2, cfg, 6, (4,), device=device, config={"cuda_graphs": False})
-    prompts, table = _prompts(6, (4,), cfg.text_len, cfg.text_dim, device)
-    noise = _noise(cfg, 6, 4, device)
+    _check_parity(stock2, cfg, 8, (5,), device=device, config={"cuda_graphs": False})
+    prompts, table = _prompts(8, (5,), cfg.text_len, cfg.text_dim, device)
+    noise = _noise(cfg, 8, 4, device)
     want, want_ptr, _ = _run(stock2, _model(stock2, cfg, seed=6, device=device), cfg, prompts, table, noise)
     f = cfg.num_frame_per_block
     for preset in ("exact", "fp8"):
@@ -191,7 +192,7 @@ def test_5b_shapes_with_a_scene_cut(stock2, device):
         got, got_ptr, _ = _run(stock2, model, cfg, prompts, table, noise)
         assert got_ptr == want_ptr, preset
         assert graph_runner(model).stats.replays > 0, preset
-        for block in range(6):
+        for block in range(8):
             got_b, want_b = got[:, block * f:(block + 1) * f], want[:, block * f:(block + 1) * f]
             if preset == "exact":
                 assert rel_l2(got_b, want_b) <= LATENT_BOUND, (preset, block)
