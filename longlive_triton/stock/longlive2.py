@@ -4,7 +4,8 @@
     stock = load_stock_longlive2("/path/to/LongLive2")            # or env LONGLIVE_SRC (a 2.0 tree)
     model = build_stock_model2(stock, "tiny2", state_dict=reference.state_dict())
     pipe = stock_pipeline(stock, model, "tiny2", prompts={"a": emb_a, "The scene transitions. b": emb_b})
-    latents = pipe.inference(noise, [["a", "a", "The scene transitions. b"]], return_latents=True)
+    with torch.inference_mode():  # as LongLive 2.0's inference.py runs it
+        latents = pipe.inference(noise, [["a", "a", "The scene transitions. b"]], return_latents=True)
 
 LongLive 2.0 is branch `main` of NVlabs/LongLive (Wan2.2-TI2V-5B). Nothing here runs when
 `longlive_triton` is imported, and no LongLive code is part of this package: the stock source is read
@@ -35,6 +36,13 @@ LongLive 2.0's dependencies:
   default in LongLive 2.0, `LLV2_TRITON_ROPE` / `LLV2_TRITON_ADALN`) stay on where CUDA is available
   and are turned off on a CPU (they need a GPU driver): `triton_kernels=` chooses. Off, RoPE is the
   fp64 complex path and adaLN eager LayerNorm + modulate, which is what our reference computes.
+
+Two pieces of stock module state matter to whoever drives the stock model. Its attention reads the cache
+indices and the pinned chunk from `causal_model._CURRENT_GRID_META`, which the wrapper
+(`WanDiffusionWrapper._call_model`) fills from layer 0's cache before every call: call the stock model
+through its wrapper (`pipe.generator`, `stock_forward`), not directly, or it reads the previous call's
+indices. Its RoPE table cache `_FREQS_I_CACHE` is keyed by grid and position, not by head dim:
+`build_stock_model2` empties it, so a model of other sizes built earlier leaves no entries behind.
 """
 from __future__ import annotations
 
@@ -93,8 +101,8 @@ class FlowMatchEuler:
     """Stand-in for `FlowUniPCMultistepScheduler` when diffusers is absent: the same timesteps, Euler steps.
 
     set_timesteps(n, device, shift): sigmas n points from 1 - 1/num_train_timesteps down (exclusive of 0),
-    shifted s -> shift*s / (1 + (shift - 1)*s); timesteps = sigmas * num_train_timesteps as int64, as the
-    stock solver computes them. step(flow, t, x) -> (x + (sigma_next - sigma) * flow,), flow = noise - x0.
+    shifted s -> shift*s / (1 + (shift - 1)*s); timesteps = sigmas * num_train_timesteps as int64, computed
+    as the stock solver computes them. step(flow, t, x) -> (x + (sigma_next - sigma) * flow,), flow = noise - x0.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False):
@@ -104,12 +112,15 @@ class FlowMatchEuler:
         self.shift = shift
 
     def set_timesteps(self, num_inference_steps: int, device=None, shift: float | None = None):
+        import numpy as np  # numpy's linspace, as the stock solver: torch's rounds differently
+
         shift = self.shift if shift is None else shift
-        top = 1.0 - 1.0 / self.num_train_timesteps
-        sigmas = torch.linspace(top, 0.0, num_inference_steps + 1, dtype=torch.float64)[:-1]
+        # The stock sigma_max: 1 - 1/num_train_timesteps as the float32 its sigma table holds.
+        top = float(np.float32(1.0 - 1.0 / self.num_train_timesteps))
+        sigmas = np.linspace(top, 0.0, num_inference_steps + 1)[:-1]
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-        self.timesteps = (sigmas * self.num_train_timesteps).to(device=device, dtype=torch.int64)
-        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+        self.timesteps = torch.from_numpy(sigmas * self.num_train_timesteps).to(device=device, dtype=torch.int64)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self._index = 0
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = False):
@@ -290,6 +301,7 @@ def build_stock_model2(stock: StockLongLive2 | str | os.PathLike | None = None, 
     """
     if not isinstance(stock, StockLongLive2):
         stock = load_stock_longlive2(stock)
+    stock.causal_model._FREQS_I_CACHE.clear()  # keyed without the head dim (see the module docstring)
     if isinstance(model_kwargs, str):
         model_kwargs = _preset(model_kwargs).model_kwargs()
     kwargs = dict(model_kwargs)
@@ -357,7 +369,8 @@ def stock_pipeline(stock: StockLongLive2, model: nn.Module, preset="tiny2", *, p
     preset: a `longlive_triton.models.longlive2.presets` name or preset: the latent shape, block, window,
     sink and multi-shot settings and the sampler. `inference` overrides keys of the config's `inference`
     section (sampling_steps, sink_size, multi_shot_sink, multi_shot_rope_offset, local_attn_size,
-    guidance_scale). prompts: the text encoder's table (`PromptTable`). Run it with
+    guidance_scale, independent_first_frame: with an `initial_latent` of one frame, LongLive 2.0's I2V, the
+    first frame kept clean and its timestep zeroed in the first block). prompts: the text encoder's table (`PromptTable`). Run it with
     `pipe.inference(noise [B, F, C, H, W], [[prompt per block]], return_latents=True)`.
     At a preset other than the real one the stock config table (`utils.config.wan_default_config`,
     which sizes the caches) gets an entry for it.
@@ -373,7 +386,7 @@ def stock_pipeline(stock: StockLongLive2, model: nn.Module, preset="tiny2", *, p
     section = AttrDict(sampling_steps=cfg.sampling_steps, sink_size=cfg.sink_size, guidance_scale=1.0,
                        multi_shot_sink=cfg.multi_shot_sink, multi_shot_rope_offset=cfg.multi_shot_rope_offset,
                        streaming_vae=False, async_vae=False, vae_type="wan")
-    unknown = set(inference) - set(section) - {"local_attn_size"}
+    unknown = set(inference) - set(section) - {"local_attn_size", "independent_first_frame"}
     if unknown:
         raise ValueError(f"unknown inference settings {sorted(unknown)}")
     section.update(inference)
@@ -411,7 +424,8 @@ def stock_forward(pipe, latents: torch.Tensor, prompt_embeds: torch.Tensor, time
     """One generator call as the stock block loop makes it: (flow_pred, x0_pred), both [B, F, C, H, W].
 
     latents [B, F, C, H, W] at latent frames start_frame..; prompt_embeds [B, L, text_dim]; timestep a
-    number or [B, F]. The caches of `prepare_inference` are used and updated (the stock update records
+    number or [B, F]. Call it under torch.inference_mode(), as LongLive 2.0's inference.py runs its
+    pipeline: the stock Triton RoPE and adaLN kernels (when on) only run with grad off. The caches of `prepare_inference` are used and updated (the stock update records
     are applied after the forward, or by the wrapper under LLV2_DEFER_KV_UPDATES=1). A scene cut is
     `pipe._pin_current_chunk(pipe.kv_cache_pos, frames)` after the block's cache pass, and the shot
     offset `pipe._dit_model.rope_temporal_offset = shot_index * offset`, as the stock loop does.

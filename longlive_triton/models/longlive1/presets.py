@@ -30,6 +30,8 @@ class ModelPreset:
     latent_width: int = 104          # latent columns per frame
     num_frame_per_block: int = 3
 
+    family = "longlive1"
+
     def model_kwargs(self) -> dict:
         kw = asdict(self)
         for key in ("latent_height", "latent_width", "num_frame_per_block"):

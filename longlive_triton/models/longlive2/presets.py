@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from longlive_triton.models.longlive1.presets import synthetic_init_
+from longlive_triton.models.longlive2.model import CausalWanModel
 
 
-__all__ = ["Longlive2Preset", "PRESETS", "get_preset"]
+
+__all__ = ["Longlive2Preset", "PRESETS", "get_preset", "build_model"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +78,23 @@ def get_preset(name: str) -> Longlive2Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown LongLive 2.0 model preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def build_model(preset: str = "tiny2", *, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = 0,
+                **overrides) -> CausalWanModel:
+    """A LongLive 2.0 reference generator at a named preset, with synthetic weights (seed=None: stock init).
+
+    The synthetic weights are v1.0's `synthetic_init_` (the parameter names are the same): seeded,
+    non-degenerate, a random output head. Constructor arguments can be overridden by name.
+    """
+    cfg = get_preset(preset)
+    kwargs = cfg.model_kwargs()
+    unknown = set(overrides) - set(kwargs)
+    if unknown:
+        raise ValueError(f"unknown model arguments {sorted(unknown)}")
+    kwargs.update(overrides)
+    with torch.device(device):  # on the target device: at 5B shapes the initialisation is 5e9 draws
+        model = CausalWanModel(**kwargs)
+    if seed is not None:
+        synthetic_init_(model, seed)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
