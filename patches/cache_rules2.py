@@ -54,6 +54,8 @@ def check_patchable(generator: nn.Module, config) -> None:
     if config.local_attn_size is not None:
         raise ValueError("a patch window (local_attn_size) is not served for LongLive 2.0 yet: its drift is "
                          "unmeasured; set local_attn_size in LongLive 2.0's own config instead")
+    if config.token_merge_ratio:
+        raise ValueError("token merging (token_merge_ratio) is not served for LongLive 2.0 yet (untested on its blocks)")
     rope_settings(generator)
 
 

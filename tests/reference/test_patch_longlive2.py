@@ -200,6 +200,25 @@ def test_5b_shapes_with_a_scene_cut(stock2, device):
                 assert cosine(got_b, want_b) >= 0.99, (preset, block)
 
 
+def test_our_reference_is_patched_as_longlive2(stock2):
+    """Our LongLive 2.0 reference (longlive_triton/models/longlive2) is recognised as 2.0 and patched to match
+    itself unpatched under LongLive 2.0's pipeline."""
+    from longlive_triton.models.longlive2.model import CausalWanModel
+    cfg = _preset()
+    torch.manual_seed(7)
+    model = CausalWanModel(**cfg.model_kwargs())
+    nn.init.normal_(model.head.head.weight, std=0.02)
+    model = model.to(torch.bfloat16).eval().requires_grad_(False)
+    prompts, table = _prompts(5, (3,), cfg.text_len, cfg.text_dim)
+    noise = _noise(cfg, 5, 8)
+    want, want_ptr, _ = _run(stock2, model, cfg, prompts, table, noise)
+    report = patch_model(model, "exact")
+    assert report.family == "LongLive 2.0" and not report.skipped, str(report)
+    got, got_ptr, _ = _run(stock2, model, cfg, prompts, table, noise)
+    assert got_ptr == want_ptr
+    assert rel_l2(got, want) <= LATENT_BOUND
+
+
 class _PeftLike(nn.Module):
     """peft's nesting: PeftModel -> LoraModel (.base_model) -> the generator (.model), as LongLive 2.0
     unwraps it (`_dit_model`)."""
@@ -254,6 +273,8 @@ def test_refused_window_preset_and_compiled_model(stock2):
     model = _model(stock2, _preset())
     with pytest.raises(ValueError, match="local_attn_size"):
         patch_model(model, {"local_attn_size": 6})
+    with pytest.raises(ValueError, match="token_merge_ratio"):
+        patch_model(model, {"token_merge_ratio": 0.5})
     with pytest.raises(TypeError, match="compile"):
         patch_model(torch.compile(model), "exact")
     assert type(model.blocks[0]).__name__ == "CausalWanAttentionBlock"
