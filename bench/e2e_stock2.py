@@ -88,7 +88,7 @@ def _row(stock, preset, config, weights, noise, prompts, table, device, steps_pe
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     marks.append(mark())
-    with torch.no_grad():
+    with torch.inference_mode():   # as LongLive 2.0's inference.py runs it
         latents = pipe.inference(noise, prompts, return_latents=True)
     hook.remove()
     if on_cuda:

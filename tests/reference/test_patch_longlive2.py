@@ -99,7 +99,7 @@ def _run(stock2, model, cfg, prompts, table, noise, record=None, clean_recache=F
                                                           "pinned_len")) for c in pipe.kv_cache_pos])
     hooks.append(pipe.generator.register_forward_hook(after_call, with_kwargs=True))
     try:
-        with torch.no_grad():
+        with torch.inference_mode():   # as LongLive 2.0's inference.py runs it
             latents = pipe.inference(noise, prompts, return_latents=True)
     finally:
         for h in hooks:
