@@ -219,6 +219,32 @@ def test_our_reference_is_patched_as_longlive2(stock2):
     assert rel_l2(got, want) <= LATENT_BOUND
 
 
+def test_graph_keys_follow_the_shot(stock2):
+    """The CUDA-graph runner (on the CPU stand-in of tests/test_graph_runner.py) keys LongLive 2.0's graphs on
+    the shot's RoPE offset and each layer's effective sink, launch arguments a replay would keep: after a
+    cut new graphs are made, and the run equals the eager patched one."""
+    from longlive_triton.patches import cache_rules2
+    from longlive_triton.runtime.graphs import install_graphs
+
+    from ..test_graph_runner import FakeBackend
+    cfg = _preset()
+    prompts, table = _prompts(7, (3,), cfg.text_len, cfg.text_dim)
+    noise = _noise(cfg, 7, 9)
+    eager = _model(stock2, cfg, seed=3)
+    graphed = copy.deepcopy(eager)
+    patch_model(eager, {"cuda_graphs": False})
+    patch_model(graphed, {"cuda_graphs": False})
+    runner = install_graphs(graphed, max_graphs=64, backend=FakeBackend(), rules=cache_rules2)
+    want, want_ptr, _ = _run(stock2, eager, cfg, prompts, table, noise)
+    got, got_ptr, _ = _run(stock2, graphed, cfg, prompts, table, noise)
+    assert got_ptr == want_ptr and torch.equal(got, want)
+    assert runner.stats.replays > 0 and "cross-attention cache being filled" not in runner.stats.eager_reasons
+    shots = {key[-1][:2] for key in runner.graphs}
+    fs, sink = cfg.frame_seqlen, cfg.sink_size * cfg.frame_seqlen
+    # Before the cut: offset 0, the global sink; after: offset 8, the pin floating, then joined to the sink.
+    assert shots == {(0, (sink,) * 2), (8, (sink,) * 2), (8, (sink + 2 * fs,) * 2)}, shots
+
+
 class _PeftLike(nn.Module):
     """peft's nesting: PeftModel -> LoraModel (.base_model) -> the generator (.model), as LongLive 2.0
     unwraps it (`_dit_model`)."""
