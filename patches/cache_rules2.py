@@ -71,7 +71,8 @@ def _patched(generator: nn.Module, kv_cache) -> list[tuple[WindowSelfAttention2,
             if isinstance(block.self_attn, WindowSelfAttention2)]
 
 
-def _unroll(layer: WindowSelfAttention2, cache: dict, ring_lo: int, shift: int) -> None:
+def unroll_cache(cache: dict, ring_lo: int, shift: int) -> None:
+    """Unroll one layer's cache (bf16, or the FP8 layout with its value scales) to the stock layout."""
     capacity = cache["k"].shape[1]
     ring = capacity - ring_lo   # 2.0's budget is the cache (the layer refuses a smaller one)
     if "v_scale" in cache:
@@ -107,7 +108,7 @@ def before_forward(generator: nn.Module, args: tuple, kwargs: dict) -> None:
         shift = cache.get(_HOST_STATE, (0, 0, 0))[2]
         before = cache.get(RING_LO)
         if before is not None and before != sink and _RING_SHIFT in cache:
-            _unroll(layer, cache, before, shift)
+            unroll_cache(cache, before, shift)
             cache[_RING_SHIFT].zero_()
             shift = 0
         cache[RING_LO] = sink
