@@ -100,8 +100,8 @@ def before_forward(generator: nn.Module, args: tuple, kwargs: dict) -> None:
                            "_initialize_kv_cache); this one has neither")
         if cache.get("quantized", False):
             raise ValueError("LongLive 2.0's NVFP4 KV cache (kv_quant) is not served: run without kv_quant")
-    state = torch.cat([torch.cat([c["global_end_index"], c["local_end_index"], c["pinned_start"], c["pinned_len"]])
-                       for _, c in layers]).view(-1, 4).tolist()
+    state = torch.cat([c[name] for _, c in layers for name in ("global_end_index", "local_end_index", "pinned_start",
+                                                                "pinned_len")]).view(-1, 4).tolist()
     fs = _tokens_per_frame(generator, args, kwargs)
     for (layer, cache), (g, loc, ps, pl) in zip(layers, state):
         sink = effective_sink(layer.global_sink_size * fs, layer.sink_size * fs, ps, pl)

@@ -1,6 +1,6 @@
 """`longlive-bench e2e --model stock2` on the CPU (tiny2, Triton's interpreter): LongLive 2.0's class driven
-by its own pipeline, unpatched and patched, with a scene cut, and the JSON record. Needs LONGLIVE_SRC
-(a LongLive 2.0 checkout) for the run; the argument checks do not."""
+by its own pipeline, unpatched and patched, with a scene cut, and the JSON record. Needs a LongLive 2.0
+checkout (LONGLIVE_SRC2, or LONGLIVE_SRC) for the run; the argument checks do not."""
 import json
 
 import pytest
@@ -9,11 +9,10 @@ from longlive_triton.bench.cli import main
 
 
 def test_stock2_bench(tmp_path, capsys):
-    from longlive_triton.stock.longlive2 import resolve_stock_src2
-    try:
-        src = str(resolve_stock_src2())
-    except (FileNotFoundError, ValueError) as why:
-        pytest.skip(f"LONGLIVE_SRC is not a LongLive 2.0 checkout: {why}")
+    from .stock_harness2 import stock2_src
+    src = stock2_src()
+    if src is None:
+        pytest.skip("no LongLive 2.0 checkout: set LONGLIVE_SRC2 (or LONGLIVE_SRC) to one, e.g. .stock/LongLive2")
     out = tmp_path / "run.json"
     rc = main(["e2e", "--model", "stock2", "--stock-src", src, "--configs", "exact", "--blocks", "3", "--cut-block",
                "2", "--warmup-blocks", "1", "--json", str(out)])

@@ -8,7 +8,8 @@ What is compared, against the unpatched stock model under the same pipeline:
   forcing: the caches then hold the same keys up to rounding, so a missing shot offset or an
   untracked pin stands out against one layer's rounding, which the whole-model figure would hide);
 - the generated latents, block by block.
-The stock source comes from $LONGLIVE_SRC (a LongLive 2.0 tree); without it these tests skip.
+The stock source comes from $LONGLIVE_SRC2 (or $LONGLIVE_SRC when it is a LongLive 2.0 tree); without it
+these tests skip.
 """
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ LATENT_BOUND = 1e-2
 
 @pytest.fixture(scope="module")
 def stock2():
-    from longlive_triton.stock.longlive2 import load_stock_longlive2, resolve_stock_src2
-    try:
-        resolve_stock_src2()
-    except (FileNotFoundError, ValueError) as why:
-        pytest.skip(f"LONGLIVE_SRC is not a LongLive 2.0 checkout (branch main of NVlabs/LongLive): {why}")
-    return load_stock_longlive2()
+    from longlive_triton.stock.longlive2 import load_stock_longlive2
+
+    from ..stock_harness2 import stock2_src
+    src = stock2_src()
+    if src is None:
+        pytest.skip("no LongLive 2.0 checkout (branch main of NVlabs/LongLive): set LONGLIVE_SRC2 (or LONGLIVE_SRC) "
+                    "to one, e.g. .stock/LongLive2 (tests/gpu/prepare_stock_src.sh MIRROR main)")
+    return load_stock_longlive2(src)
 
 
 def _preset(**changes):
