@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, e2e_stock, e2e_vae, kernels, multi_gpu, report_html, vae
+from . import e2e, e2e_stock, e2e_stock2, e2e_vae, kernels, multi_gpu, report_html, vae
 from .measure import DTYPES
 
 
@@ -70,6 +70,8 @@ def run_e2e(args) -> int:
         if problem is not None:
             raise e2e.UsageError(problem)
         configs = e2e.row_configs(args, on_cuda)
+        if args.model == "stock2":  # LongLive 2.0's class, driven by its own pipeline
+            return e2e_stock2.run(args, configs, device)
         if args.model in e2e_stock.MODELS:
             return e2e_stock.run(args, configs, device)
         inputs = e2e.reference_inputs(args, device)

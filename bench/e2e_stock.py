@@ -39,6 +39,7 @@ from longlive_triton.runtime.graphs import graph_runner
 from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.stock.longlive1 import build_stock_model, free_memory, load_stock_longlive
 
+from .e2e_stock2 import check_arguments as check_stock2
 from .measure import DTYPES, RowSettings, draw_inputs, drift_per_block
 from .progress import announce, block_bar
 from .results import environment, fmt, format_table, quantiles, save
@@ -71,10 +72,15 @@ MODELS: dict[str, Callable[[str | None], StockModel]] = {"stock": longlive1}
 
 def add_arguments(parser) -> None:
     """The e2e options of the stock-class bench (on the `e2e` subcommand's parser)."""
-    parser.add_argument("--model", choices=["reference", *MODELS], default="reference",
+    parser.add_argument("--model", choices=["reference", *MODELS, "stock2"], default="reference",
                         help="reference: our generator (default); stock: LongLive v1.0's CausalWanModel itself, "
-                             "from --stock-src or $LONGLIVE_SRC")
-    parser.add_argument("--stock-src", metavar="PATH", help="LongLive v1.0 checkout (--model stock; default $LONGLIVE_SRC)")
+                             "from --stock-src or $LONGLIVE_SRC; stock2: LongLive 2.0's, driven by its own pipeline "
+                             "(bench/e2e_stock2.py)")
+    parser.add_argument("--stock-src", metavar="PATH",
+                        help="LongLive v1.0 (--model stock) or 2.0 (--model stock2) checkout; default $LONGLIVE_SRC")
+    parser.add_argument("--cut-block", type=int, metavar="N",
+                        help="--model stock2: the block that starts with LongLive 2.0's scene-cut prefix (default: "
+                             "the middle one)")
     parser.add_argument("--context", choices=["tensor", "list"], default="tensor",
                         help="--model stock: the text context as LongLive's [B, L, 4096] tensor (default) or Wan's "
                              "list of [L, 4096] tensors")
@@ -104,6 +110,10 @@ def _cache_values(args, fpb: int) -> list[int | str] | str:
 
 def check_arguments(args) -> str | None:
     """What is wrong with the stock options, before anything is built (None: nothing)."""
+    if args.model == "stock2":
+        return check_stock2(args)
+    if args.cut_block is not None:
+        return "--cut-block needs --model stock2"
     stock_only = {"--stock-src": args.stock_src, "--cache-frames": args.cache_frames,
                   "--switch-every": args.switch_every, "--context list": args.context == "list" or None,
                   "--warmup-shapes": args.warmup_shapes or None}

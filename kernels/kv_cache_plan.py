@@ -22,7 +22,20 @@ Plan (int64 [PLAN_SIZE]):
     NEW_GLOBAL    pointer values after the call (unchanged on a recompute)
     NEW_LOCAL
     SHIFT         the ring shift after this call's eviction
-    START_FRAME   s // tokens per frame: the RoPE frame index of new row 0
+    START_FRAME   s // tokens per frame + frame_offset: the RoPE frame index of new row 0
+    NEW_PINNED    the pinned region's start after the call (-1 without `pinned`)
+
+LongLive 2.0 variant (two options, both off for v1.0, whose plans they leave bit-identical):
+- `frame_offset` (host int): its multi-shot RoPE offset (shot index x multi_shot_rope_offset)
+  added to the temporal position of every new row.
+- `pinned` (its cache dict's pinned_start, pinned_len int64 device scalars): a shot sink pinned at
+  a scene cut. While it floats (pinned_start >= S, the sink tokens the host passed, which are
+  LongLive 2.0's effective sink), an eviction moves it with the data it pins: pinned_start -= the
+  evicted tokens, written in place (the stock `pinned_shift` of `_apply_cache_updates`). Once it
+  reaches the global sink it is part of the effective sink (the host passes S = global + pinned
+  tokens) and stays. LongLive 2.0's other rules are v1.0's with `sink_recache` (no sink protection
+  on a direct insert); its pointer commit differs only on a call that ends before the last
+  committed token, which its pipeline never makes (patches/window_self_attention2.py refuses it).
 """
 from __future__ import annotations
 
@@ -32,13 +45,15 @@ import triton.language as tl
 
 from ._common import check_kernel_device, check_tensor
 
-LOCAL_START, ROW_LO, SINK_END, WIN_START, WIN_END, NEW_GLOBAL, NEW_LOCAL, SHIFT, START_FRAME = range(9)
-PLAN_SIZE = 9
+LOCAL_START, ROW_LO, SINK_END, WIN_START, WIN_END, NEW_GLOBAL, NEW_LOCAL, SHIFT, START_FRAME, NEW_PINNED = range(10)
+PLAN_SIZE = 10
 
 
 @triton.jit
 def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, start_ptr, start, plan_ptr, n, C, S, M, R, frame_tokens,
-                          START_ON_DEVICE: tl.constexpr, LOCAL: tl.constexpr, SINK_RECACHE: tl.constexpr):
+                          frame_offset, pinned_start_ptr, pinned_len_ptr,
+                          START_ON_DEVICE: tl.constexpr, LOCAL: tl.constexpr, SINK_RECACHE: tl.constexpr,
+                          PINNED: tl.constexpr):
     # An eager call passes the host int (no fill kernel per layer); a graph-captured one reads the
     # device scalar, so a replay follows what the runner wrote there.
     if START_ON_DEVICE:
@@ -73,7 +88,15 @@ def _kv_cache_plan_kernel(global_ptr, local_ptr, shift_ptr, start_ptr, start, pl
     tl.store(plan_ptr + 5, tl.where(is_recompute, g, e))
     tl.store(plan_ptr + 6, tl.where(is_recompute, loc, new_local))
     tl.store(plan_ptr + 7, new_shift)
-    tl.store(plan_ptr + 8, s // frame_tokens)
+    tl.store(plan_ptr + 8, s // frame_tokens + frame_offset)
+    if PINNED:
+        ps = tl.load(pinned_start_ptr)
+        floating = (ps >= 0) & (tl.load(pinned_len_ptr) > 0) & (ps >= S)
+        new_ps = tl.where(roll & floating, ps - evicted, ps)
+        tl.store(plan_ptr + 9, new_ps)
+        tl.store(pinned_start_ptr, new_ps)
+    else:
+        tl.store(plan_ptr + 9, g * 0 - 1)
     tl.store(shift_ptr, new_shift)
 
 
@@ -101,12 +124,15 @@ def _check_ring(ring_size, capacity: int, sink_tokens: int) -> int:
 def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torch.Tensor, *,
                   current_start: int | torch.Tensor, num_new: int, capacity: int, sink_tokens: int, budget: int,
                   frame_tokens: int = 1, local: bool = True, sink_recache: bool = False,
-                  ring_size: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  ring_size: int | None = None, frame_offset: int = 0,
+                  pinned: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Plan one self-attention call's cache update and window; updates `shift` in place.
 
     current_start: a host int, or an int64 device tensor of one element (read by the kernel, so a
     captured launch follows its value). ring_size: slots of the ring after the sink (default
-    capacity - sink_tokens; `window_ring_size` gives the one a window needs)."""
+    capacity - sink_tokens; `window_ring_size` gives the one a window needs). frame_offset and
+    pinned (pinned_start, pinned_len; pinned_start updated in place): LongLive 2.0's (module docstring)."""
     _check_pointer("global_end", global_end)
     device = global_end.device
     check_kernel_device("kv_cache_plan", device)
@@ -132,26 +158,40 @@ def kv_cache_plan(global_end: torch.Tensor, local_end: torch.Tensor, shift: torc
     ring_size = _check_ring(ring_size, capacity, sink_tokens)
     if out is not None:
         check_tensor("out", out, dtype=torch.int64, shape=(PLAN_SIZE,), device=device)
+    if isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
+        raise ValueError(f"frame_offset must be an int >= 0, got {frame_offset!r}")
+    if pinned is not None:
+        for name, t in zip(("pinned_start", "pinned_len"), pinned):
+            _check_pointer(name, t, device)
 
     if out is None:
         out = torch.empty(PLAN_SIZE, dtype=torch.int64, device=device)
     _kv_cache_plan_kernel[(1,)](global_end, local_end, shift, current_start if on_device else global_end,
                                 0 if on_device else current_start, out, num_new, capacity, sink_tokens, budget,
-                                ring_size, frame_tokens, START_ON_DEVICE=on_device, LOCAL=bool(local),
-                                SINK_RECACHE=bool(sink_recache))
+                                ring_size, frame_tokens, frame_offset,
+                                *(pinned if pinned is not None else (global_end, global_end)),
+                                START_ON_DEVICE=on_device, LOCAL=bool(local), SINK_RECACHE=bool(sink_recache),
+                                PINNED=pinned is not None)
     return out
 
 
 def kv_cache_plan_ref(global_end: int, local_end: int, shift: int, *, current_start: int, num_new: int,
                       capacity: int, sink_tokens: int, budget: int, frame_tokens: int = 1, local: bool = True,
-                      sink_recache: bool = False, ring_size: int | None = None) -> list[int]:
+                      sink_recache: bool = False, ring_size: int | None = None, frame_offset: int = 0,
+                      pinned: tuple[int, int] | None = None) -> list[int]:
     """The stock rules (CausalWanSelfAttention.forward + _apply_cache_updates) in plain Python; the
-    shift counts evictions modulo ring_size (default capacity - sink_tokens)."""
+    shift counts evictions modulo ring_size (default capacity - sink_tokens). pinned: host ints
+    (pinned_start, pinned_len), LongLive 2.0's shot sink (module docstring)."""
     g, loc, s, n, C, S, M = global_end, local_end, current_start, num_new, capacity, sink_tokens, budget
     ring_size = _check_ring(ring_size, C, S)
     e = s + n
     is_recompute = e <= g and s > 0
     roll = local and e > g and n + loc > C
+    new_pinned = -1
+    if pinned is not None:
+        ps, pl = pinned
+        floating = ps >= 0 and pl > 0 and ps >= S
+        new_pinned = ps - (n + loc - C) if roll and floating else ps
     if roll:
         evicted = n + loc - C
         new_local = loc + e - g - evicted
@@ -169,9 +209,20 @@ def kv_cache_plan_ref(global_end: int, local_end: int, shift: int, *, current_st
     else:
         win_start = max(0, new_local - M)
     return [local_start, min(max(write_start - local_start, 0), n), S, win_start, new_local,
-            g if is_recompute else e, loc if is_recompute else new_local, shift, s // frame_tokens]
+            g if is_recompute else e, loc if is_recompute else new_local, shift, s // frame_tokens + frame_offset,
+            new_pinned]
 
 
 def physical_slot(logical: torch.Tensor, ring_lo: int, ring_size: int, shift) -> torch.Tensor:
     """Where a logical slot lies in the ring-buffered cache (see the module docstring)."""
     return torch.where(logical < ring_lo, logical, ring_lo + (logical - ring_lo + shift) % ring_size)
+
+
+def unroll_ring(cache: torch.Tensor, ring_lo: int, ring_size: int, shift: int) -> None:
+    """Move a ring-buffered cache [B, C, ...] back to the stock layout in place (physical slot ==
+    logical slot, shift 0) over slots [ring_lo, ring_lo + ring_size). LongLive 2.0 needs it when its
+    effective sink grows or shrinks (a shot sink reaching the global sink, or a new one pinned): the
+    ring then starts elsewhere (patches/cache_rules2.py), once per such change."""
+    if shift % ring_size:
+        ring = cache[:, ring_lo:ring_lo + ring_size]
+        ring.copy_(torch.roll(ring, -(shift % ring_size), dims=1))

@@ -22,7 +22,7 @@ from longlive_triton.runtime.graphs import install_graphs
 from longlive_triton.loading.lora import merge_lora_weight
 from .patches.attention_window import longlive_cache_note, set_attention_window
 from .patches.base import Patch, PatchEntry, PatchReport, PatchSkip, set_submodule
-from .patches.registry import PATCHES
+from .patches.families import family_of
 
 _MARK = "_longlive_triton_patch"
 _PATCHED_FOR = "_longlive_triton_patched_for"  # (dtype, device) of the weights when patched
@@ -74,7 +74,11 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
     """
     config = as_config(config)
     generator = find_generator(model)
-    report = PatchReport(f"patch report (config {config.name!r})", config)
+    if any(type(m).__name__ == "OptimizedModule" for m in model.modules()):
+        raise TypeError("patch_model got a torch.compile'd model: patch the model first (its layers are Triton "
+                        "kernels, CUDA-graphed), and do not compile it afterwards")
+    family = family_of(generator)
+    report = PatchReport(f"patch report (config {config.name!r}, {family.name})", config, family=family.name)
     previous = getattr(generator, _MARK, None)
     if previous is not None:
         if dataclasses.replace(previous, name="") != dataclasses.replace(config, name=""):
@@ -83,6 +87,7 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
         report.notes.append(f"already patched with config {previous.name!r}: nothing done")
         return report
 
+    family.rules.check_patchable(generator, config)
     window_before = generator.local_attn_size
     if config.local_attn_size is not None:
         # First, so a refused window leaves the model untouched.
@@ -101,7 +106,7 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
                 except PatchSkip as why:
                     report.skipped.append(PatchEntry(name, "merge_lora", str(why)))
 
-    for patch in PATCHES if patches is None else patches:
+    for patch in family.patches if patches is None else patches:
         if not patch.enabled(config):
             continue
         # Collect first: swapping while iterating named_modules would visit the replacements.
@@ -126,12 +131,14 @@ def patch_model(model: nn.Module, config: PatchConfig | str | dict | None = None
         if note is not None:
             report.notes.append(note)
     if config.cuda_graphs:
-        report.notes.append(f"cuda_graphs: {_install_graphs(generator)}")
+        report.notes.append(f"cuda_graphs: {_install_graphs(generator, family.rules)}")
     setattr(generator, _MARK, config)
     if report.applied:
         weight = generator.patch_embedding.weight
         setattr(generator, _PATCHED_FOR, (weight.dtype, weight.device))
         generator.register_forward_pre_hook(_check_unmoved)
+        if family.rules.before_forward is not None:
+            generator.register_forward_pre_hook(family.rules.before_forward, with_kwargs=True)
     return report
 
 
@@ -154,12 +161,12 @@ def _check_unmoved(generator: nn.Module, args) -> None:
                            ".float() after patching cannot reach them; call patch_model after moving the model (.to())")
 
 
-def _install_graphs(generator: nn.Module) -> str:
+def _install_graphs(generator: nn.Module, rules) -> str:
     device = next(generator.parameters()).device
     if device.type != "cuda":
         return f"off (the model is on {device}; graphs need CUDA)"
     try:
-        install_graphs(generator)
+        install_graphs(generator, rules=rules)
     except ValueError as why:
         return f"off ({why})"
     return "on (each distinct forward captured on its second call and replayed after; see longlive_triton/runtime/graphs.py)"

@@ -59,6 +59,7 @@ class PatchReport:
     `title` heads the printed report; `config` is what was applied (PatchConfig, VAEDecoderOptions)."""
     title: str
     config: object = None
+    family: str = ""   # patch_model: the model family patched (patches/families.py)
     applied: list[PatchEntry] = field(default_factory=list)
     skipped: list[PatchEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -61,15 +61,24 @@ class FusedAttentionBlock(nn.Module):
                 crossattn_cache=None, current_start=0, cache_start=None, sink_recache_after_switch=False):
         if kv_cache is None:
             raise NotImplementedError("FusedAttentionBlock serves LongLive's KV-cached inference path; pass kv_cache")
+        return self.layer(x, e, lambda h: self.self_attn(h, seq_lens, grid_sizes, freqs, block_mask, kv_cache,
+                                                         current_start, cache_start, sink_recache_after_switch),
+                          lambda h: self.cross_attn(h, context, context_lens, crossattn_cache=crossattn_cache),
+                          lambda h: self.self_attn.append_kv(h, grid_sizes, kv_cache, current_start,
+                                                             sink_recache_after_switch))
+
+    def layer(self, x, e, self_attention, cross_attention, append_only=None):
+        """The layer's body around its two attention calls (h -> (y, cache info) and h -> y), which
+        each family's block makes with its own arguments; append_only (h -> cache info), where the
+        family has it, serves a cache-only last layer (cache_only_last_layer)."""
         e = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
         _, h = adaln(x, shift=e[0], scale=e[1], eps=self.norm1.eps, fp8=getattr(self.self_attn, "accepts_fp8", False))
-        if self.cache_only:
+        if self.cache_only and append_only is not None:
             # Only this layer's keys and values outlive the call: x goes on unchanged (to the head).
-            return x, self.self_attn.append_kv(h, grid_sizes, kv_cache, current_start, sink_recache_after_switch)
-        y, cache_info = self.self_attn(h, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start,
-                                       cache_start, sink_recache_after_switch)
+            return x, append_only(h)
+        y, cache_info = self_attention(h)
         x, h = adaln(x, y=y, gate=e[2], weight=self.norm3.weight, bias=self.norm3.bias, eps=self.norm3.eps)
-        y = self.cross_attn(h, context, context_lens, crossattn_cache=crossattn_cache)
+        y = cross_attention(h)
         x, h = adaln(x, y=y, shift=e[3], scale=e[4], eps=self.norm2.eps, fp8=getattr(self.ffn, "accepts_fp8", False))
         if getattr(self.ffn, "fuses_residual", False):
             self.ffn(h, residual=x, gate=e[5], out=x)  # x + ffn(h) * gate, in the down GEMM's epilogue

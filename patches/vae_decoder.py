@@ -209,6 +209,9 @@ class FastDecoder3d(nn.Module):
         """Check the structure (PatchSkip if it is not the Wan decoder), store weights channels-last."""
         if not is_wan_decoder(decoder):
             raise PatchSkip(f"{type(decoder).__name__} is not a Wan VAE Decoder3d (conv1, middle, upsamples, head)")
+        if any(hasattr(block, "avg_shortcut") for block in decoder.upsamples):
+            raise PatchSkip("this is the Wan2.2 VAE's decoder (LongLive 2.0: up blocks with a DupUp3D shortcut, "
+                            "4x16x16 upsampling), which is not served yet: only the Wan2.1 VAE's; it is left as it is")
         require_kernel_device(decoder.conv1.weight)
         check_conv(decoder.conv1, "conv1", (3, 3, 3), (1, 1, 1, 1, 2, 0))
         head = list(decoder.head)

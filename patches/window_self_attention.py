@@ -213,9 +213,10 @@ class WindowSelfAttention(nn.Module):
                             sink_recache_after_switch, normed=True)
 
     def _attend(self, q_lin, k_lin, v, grid_sizes, kv_cache, current_start, sink_recache_after_switch, normed,
-                attend=True):
+                attend=True, frame_offset: int = 0):
         """Steps 2-4 of the module docstring on q_lin, k_lin, v [B, s, h*D] (normed or not); without
-        attend, steps 2-3 (the output is None)."""
+        attend, steps 2-3 (the output is None); frame_offset: added to every new row's temporal RoPE
+        position (LongLive 2.0's multi-shot offset)."""
         b, s = q_lin.shape[:2]
         frames, hg, wg = (int(g) for g in grid_sizes[0].tolist())  # grid_sizes lives on the host
         if grid_sizes.shape[0] != b or any(tuple(g.tolist()) != (frames, hg, wg) for g in grid_sizes):
@@ -237,6 +238,7 @@ class WindowSelfAttention(nn.Module):
         # start on the device.
         device_start = getattr(current_start, "tensor", None)
         plan = kv_cache_plan(kv_cache["global_end_index"], kv_cache["local_end_index"], shift,
+                             frame_offset=frame_offset, pinned=self.pinned(kv_cache),
                              **dict(plan_args, current_start=plan_args["current_start"] if device_start is None
                                     else device_start))
 
@@ -257,6 +259,10 @@ class WindowSelfAttention(nn.Module):
         else:
             out = self._sdpa(q, k_cache, v_cache, window, plan_args)
         return out, (plan[NEW_GLOBAL], plan[NEW_LOCAL], None)
+
+    def pinned(self, kv_cache: dict):
+        """The cache's pinned shot sink for the plan (kernels/kv_cache_plan.py): none in LongLive v1.0."""
+        return None
 
     @property
     def accepts_fp8(self) -> bool:

@@ -46,12 +46,16 @@ def test_patch_with_an_empty_patch_list_reports_nothing():
 
 
 def test_default_patch_list_is_the_registry(monkeypatch):
-    """patches=None applies the registered list (whatever it holds: replaced here by a local one)."""
+    """patches=None applies the model family's registered list (whatever it holds: replaced here by a local one)."""
+    import dataclasses
+
     import longlive_triton.patch as patch_mod
+    from longlive_triton.patches.families import LONGLIVE1, family_of
 
     local = [Patch("registered", matches=lambda m: isinstance(m, CausalWanSelfAttention), enabled=lambda c: True,
                    replace=lambda m, c: m)]
-    monkeypatch.setattr(patch_mod, "PATCHES", local)
+    assert family_of(build_model("tiny")) is LONGLIVE1 and LONGLIVE1.patches is PATCHES
+    monkeypatch.setattr(patch_mod, "family_of", lambda g: dataclasses.replace(LONGLIVE1, patches=local))
     report = patch_model(build_model("tiny"))
     assert [(e.path, e.patch) for e in report.applied] == [(f"blocks.{i}.self_attn", "registered")
                                                            for i in range(TINY.num_layers)]

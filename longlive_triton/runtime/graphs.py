@@ -38,7 +38,8 @@ _RUNNER = "_longlive_triton_graphs"
 class GraphedGenerator:
     """Stands in for a patched CausalWanModel's forward; see the module docstring."""
 
-    def __init__(self, generator: nn.Module, max_graphs: int = 16, backend: CudaGraphBackend | None = None):
+    def __init__(self, generator: nn.Module, max_graphs: int = 16, backend: CudaGraphBackend | None = None,
+                 rules=None):
         layers = [getattr(block, "self_attn", None) for block in generator.blocks]
         # WindowSelfAttention by what the runner uses (importing it here would close an import cycle).
         if not all(callable(getattr(layer, "host_window", None)) for layer in layers):
@@ -49,6 +50,9 @@ class GraphedGenerator:
         if device.type != device_type:
             raise ValueError(f"CUDA graphs need the generator on a {device_type.upper()} device; it is on {device}")
         self.generator = generator
+        # The model family's cache rules (patches/cache_rules*.py): whether its cross-attention reads the
+        # cross-attention cache, and what else a graph key needs. None: LongLive v1.0's.
+        self.rules = rules
         self.layers = layers
         self.enabled = True
         # A stream and memory pool of its own: the VAE's graphs may replay while the generator's do.
@@ -107,7 +111,8 @@ class GraphedGenerator:
             reason = "x, t and context must be tensors"
         elif torch.is_grad_enabled():
             reason = "grad mode"
-        elif not all(c.get("is_init", False) for c in crossattn_cache):
+        elif getattr(self.rules, "crossattn_cache_used", True) and not all(c.get("is_init", False)
+                                                                          for c in crossattn_cache):
             reason = "cross-attention cache being filled"
         elif len(kv_cache) != len(self.layers):
             reason = "kv_cache has a different number of layers"
@@ -121,14 +126,20 @@ class GraphedGenerator:
         windows = attention_windows(self.layers, kv_cache, *call, commit=False)
         if windows is None:
             return "window not one range of the cache (gathered keys)", None, None
-        # cache_only (patches/fused_block.py): the last layer of a cache pass stops after its K/V append.
+        # cache_only (patches/fused_block.py): the last layer of a cache pass stops after its K/V append;
+        # the family's cache rules add what they key on (LongLive 2.0: the shot's RoPE offset, the sinks).
         key = (tuple(x.shape), x.stride(), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype,
                kwargs.get("seq_len"), kwargs.get("cache_start"), call[3], windows,
                self._addresses(kv_cache, crossattn_cache),
-               bool(getattr(self.generator.blocks[-1], "cache_only", False)))
+               bool(getattr(self.generator.blocks[-1], "cache_only", False)),
+               self.rules.graph_key(self.generator, kv_cache) if self.rules is not None else ())
         return None, key, call
 
     def __call__(self, x, *args, **kwargs):
+        # LongLive 2.0's deferred cache commit (LLV2_DEFER_KV_UPDATES): the forward commits the patched
+        # layers' pointers itself, in the graph too, and hands back no update for the wrapper to apply.
+        if kwargs.pop("defer_cache_updates", False):
+            return self(x, *args, **kwargs), []
         if isinstance(kwargs.get("context"), (list, tuple)):
             kwargs["context"] = stack_context(kwargs["context"], self.generator.text_len)
         reason, key, call = self._plan(x, args, kwargs)
@@ -165,12 +176,13 @@ class GraphedGenerator:
             restore_caches(kwargs["kv_cache"], saved)
 
 
-def install_graphs(generator: nn.Module, max_graphs: int = 16, backend: CudaGraphBackend | None = None
-                   ) -> GraphedGenerator:
-    """Route the generator's calls through a GraphedGenerator (idempotent); returns it."""
+def install_graphs(generator: nn.Module, max_graphs: int = 16, backend: CudaGraphBackend | None = None,
+                   rules=None) -> GraphedGenerator:
+    """Route the generator's calls through a GraphedGenerator (idempotent); returns it. rules: the model
+    family's cache rules (patches/cache_rules*.py), None for LongLive v1.0's."""
     runner = getattr(generator, _RUNNER, None)
     if runner is None:
-        runner = GraphedGenerator(generator, max_graphs, backend)
+        runner = GraphedGenerator(generator, max_graphs, backend, rules)
         _swap_time_embedding(sys.modules.get(type(generator).__module__))
         setattr(generator, _RUNNER, runner)
         # An instance attribute: nn.Module.__call__ finds it before the class's forward.

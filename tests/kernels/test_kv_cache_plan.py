@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from longlive_triton.kernels.kv_cache_plan import (NEW_GLOBAL, NEW_LOCAL, ROW_LO, SHIFT, SINK_END, WIN_END,
+from longlive_triton.kernels.kv_cache_plan import (NEW_GLOBAL, NEW_LOCAL, NEW_PINNED, ROW_LO, SHIFT, SINK_END, WIN_END,
                                                    WIN_START, LOCAL_START, START_FRAME, kv_cache_plan, kv_cache_plan_ref,
-                                                   physical_slot, window_ring_size)
+                                                   physical_slot, unroll_ring, window_ring_size)
 
 
 @st.composite
@@ -167,3 +167,104 @@ def test_pointer_dtype_is_checked():
     with pytest.raises(TypeError, match="global_end"):
         kv_cache_plan(torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                       current_start=0, num_new=8, capacity=96, sink_tokens=24, budget=96)
+
+
+# LongLive 2.0: a global sink, a shot sink pinned at scene cuts, and the multi-shot RoPE offset.
+
+def _effective_sink(global_sink: int, sink: int, pinned: tuple[int, int]) -> int:
+    """LongLive 2.0's effective sink (CausalWanSelfAttention.forward of wan_5b/modules/causal_model.py)."""
+    ps, pl = pinned
+    if ps >= 0 and pl > 0:
+        return global_sink + pl if ps == global_sink else global_sink
+    return max(global_sink, sink)
+
+
+def _stock2_step(cache, g, loc, pinned, s, n, C, Se, ids):
+    """One call on LongLive 2.0's stock layout (clone, roll around the effective sink, insert; the
+    budget is the cache, as its pipeline sets it): (global end, local end, pinned start, keys)."""
+    e = s + n
+    ps, pl = pinned
+    if e > g and n + loc > C:
+        evicted = n + loc - C
+        rolled = loc - evicted - Se
+        cache[Se:Se + rolled] = cache[Se + evicted:Se + evicted + rolled].clone()
+        new_local = loc + e - g - evicted
+        if ps >= 0 and pl > 0 and ps >= Se:
+            ps -= evicted
+    else:
+        new_local = loc + e - g
+    cache[new_local - n:new_local] = ids
+    return e, new_local, ps, cache[:new_local].clone()
+
+
+@st.composite
+def shot_sequences(draw):
+    """LongLive 2.0's pipeline calls: per block a first pass and recomputes at the same start, the
+    cache pass last; at a scene cut the cached block is pinned (and, with shot_clean_recache, the
+    cache emptied back to the global sink before the cache pass)."""
+    fs = draw(st.integers(1, 3))
+    per_block = draw(st.integers(1, 3))
+    sink = draw(st.integers(1, per_block))
+    window = draw(st.integers(sink + per_block, sink + 4 * per_block))
+    multi_shot = draw(st.booleans())
+    events = []
+    for block in range(draw(st.integers(1, 10))):
+        cut = block > 0 and draw(st.booleans())
+        events.append((block * per_block * fs, draw(st.integers(1, 3)), cut, cut and draw(st.booleans())))
+    return fs, per_block, sink, window, multi_shot, events
+
+
+@given(shot_sequences(), st.integers(0, 2))
+def test_shot_sinks_ring_attends_to_the_stock_keys(case, offset_step):
+    """A ring driven by plans with `pinned`, unrolled whenever the effective sink changes, attends to
+    exactly LongLive 2.0's keys and keeps its pointers and pinned start, scene cut after scene cut."""
+    fs, per_block, sink, window, multi_shot, events = case
+    C, n, St = window * fs, per_block * fs, sink * fs
+    Gt = St if multi_shot else 0
+    stock = torch.full((C,), -1, dtype=torch.long)
+    ring = torch.full((1, C), -1, dtype=torch.long)
+    g_s, loc_s, pin_s = 0, 0, (-1, 0)
+    g, loc, shift = (torch.zeros(1, dtype=torch.long) for _ in range(3))
+    ps, pl = torch.tensor([-1]), torch.tensor([0])
+    ring_lo, next_id = None, 0
+    for start, passes, cut, clean in events:
+        for p in range(passes + 1):
+            if p == passes and clean:
+                g_s, loc_s, pin_s = start, Gt, (-1, 0)
+                g.fill_(start), loc.fill_(Gt), ps.fill_(-1), pl.fill_(0)
+            Se = _effective_sink(Gt, St, pin_s)
+            if ring_lo is not None and Se != ring_lo:
+                unroll_ring(ring, ring_lo, C - ring_lo, shift.item())
+                shift.zero_()
+            ring_lo = Se
+            ids = torch.arange(next_id, next_id + n)
+            next_id += n
+            g_s, loc_s, new_ps, want = _stock2_step(stock, g_s, loc_s, pin_s, start, n, C, Se, ids)
+            pin_s = (new_ps, pin_s[1])
+            plan = kv_cache_plan(g, loc, shift, current_start=start, num_new=n, capacity=C, sink_tokens=Se, budget=C,
+                                 frame_tokens=fs, sink_recache=True, frame_offset=offset_step * 8, pinned=(ps, pl))
+            assert plan[START_FRAME].item() == start // fs + offset_step * 8
+            assert (plan[NEW_GLOBAL].item(), plan[NEW_LOCAL].item(), plan[NEW_PINNED].item(), ps.item()) \
+                == (g_s, loc_s, pin_s[0], pin_s[0])
+            ls, lo = plan[LOCAL_START].item(), plan[ROW_LO].item()
+            assert lo == 0
+            ring[0, physical_slot(torch.arange(ls, ls + n), Se, C - Se, plan[SHIFT].item())] = ids
+            keys = torch.arange(plan[SINK_END].item()).tolist() + torch.arange(plan[WIN_START].item(),
+                                                                                 plan[WIN_END].item()).tolist()
+            got = ring[0, physical_slot(torch.tensor(keys, dtype=torch.long), Se, C - Se, plan[SHIFT].item())]
+            assert sorted(got.tolist()) == sorted(want.tolist())
+            g.fill_(plan[NEW_GLOBAL].item()), loc.fill_(plan[NEW_LOCAL].item())
+        if cut and multi_shot:
+            pin_len = min(St, n)
+            pin_s = (loc_s - n, pin_len)
+            ps.fill_(loc_s - n), pl.fill_(pin_len)
+
+
+def test_v1_plans_carry_no_pinned_entry():
+    one = torch.zeros(1, dtype=torch.long)
+    plan = kv_cache_plan(one, one.clone(), one.clone(), current_start=0, num_new=8, capacity=96, sink_tokens=24,
+                         budget=96)
+    assert plan[NEW_PINNED].item() == -1 and plan[START_FRAME].item() == 0
+    with pytest.raises(ValueError, match="frame_offset"):
+        kv_cache_plan(one, one.clone(), one.clone(), current_start=0, num_new=8, capacity=96, sink_tokens=24,
+                      budget=96, frame_offset=-1)
