@@ -54,7 +54,7 @@ def test_console_script_writes_a_playable_mp4_through_the_interpreter(tmp_path):
     assert frames.shape == (9, H, W, 3) and meta["codec"] == "h264"  # 4F - 3 frames for F = 3
     on_gpu = torch.cuda.is_available()
     assert ("CPU interpreter" in done.stderr) != on_gpu
-    assert "fused_block: 2 applied" in done.stdout and "fast_decoder applied" in done.stdout
+    assert "fused_block: 2 applied" in done.stdout and "fast_decoder: 1 applied" in done.stdout
     assert "RANDOM WEIGHTS" in done.stdout and "ms per video frame" in done.stdout
     assert frames.std() > 10  # a picture, not a flat frame
 

@@ -59,5 +59,5 @@ def test_generate_real_shapes_from_real_format_checkpoints(tmp_path, capsys):
     assert rc == 0, f"generate returned {rc}: {captured.err.strip()[-2000:]}"
     meta, frames = read_mp4(out)
     assert frames.shape == (4 * 12 - 3, 480, 832, 3) and meta["size"] == (832, 480)
-    assert "lora.pt merged (rank 16)" in printed and "fast_decoder applied" in printed
+    assert "lora.pt merged (rank 16)" in printed and "fast_decoder: 1 applied" in printed
     assert re.search(r"ms per video frame, generator \+ VAE: [0-9.]+ median", printed)
