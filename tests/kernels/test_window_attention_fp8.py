@@ -96,6 +96,11 @@ def check_window_attention_fp8(case, device, use_tma=False, config=None):
 
 @settings(suppress_health_check=_HEALTH)
 @given(case=attention_cases(max_batch=2, max_heads=3, head_dims=(32, 64), max_lq=40, max_slots=300))
+# Few keys, where e4m3's rounding of P does not average out (these failed a fixed relative bound).
+@example(case=dict(batch=1, lq=1, heads=1, head_dim=32, cap=2, ring_lo=0, ring_size=None, ranges=[(0, 0, 2, None)],
+                   index_dtype=torch.int32, strided_q=False, split=1, seed=0))
+@example(case=dict(batch=1, lq=9, heads=3, head_dim=64, cap=196, ring_lo=49, ring_size=82, ranges=[(0, 98, 102, 0)],
+                   index_dtype=torch.int32, strided_q=False, split=1, seed=187))
 def test_matches_dequantized_reference(case, device):
     check_window_attention_fp8(case, device)
 
