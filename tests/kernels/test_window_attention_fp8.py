@@ -5,8 +5,9 @@ The reference sees exactly the quantized inputs, so what is left is the kernel's
 rounded to e4m3 before the P.V dot (3 mantissa bits: up to 2^-4 relative per weight, averaging out
 over many keys, not over two) and the bf16 output. The bound is twice the error of the same
 arithmetic in plain torch (`fp8_attention_same_precision`) plus one bf16 ulp (tests/_numerics.py).
-K/V slots outside the attended set (and the v scales of groups wholly outside) and the output buffer are NaN-poisoned, so reading a
-slot it should not, or leaving an output element unwritten, fails.
+K/V slots outside the attended set (and the v scales of groups wholly outside) and the output
+buffer are NaN-poisoned, so reading a slot it should not, or leaving an output element unwritten,
+fails.
 """
 import pytest
 import torch
@@ -21,6 +22,7 @@ from longlive_triton.numerics import rel_l2
 
 from .._numerics import assert_as_close_as_same_precision
 from .test_window_attention import _HEALTH, _attended, _real, attended_slots, attention_cases
+
 
 def fp8_inputs(q, k, v):
     """The FP8 operands of bf16 q [B, Lq, H, D], k and v [B, C, H, D]: q per row, k with a static
@@ -51,10 +53,10 @@ def fp8_attention_same_precision(q8, q_scale, k8, k_scale, v8, v_scale, attended
             continue
         s = q8[b].float().transpose(0, 1) @ k8[b, idx].float().permute(1, 2, 0)  # [H, Lq, n]
         x = s * (q_scale[b].transpose(0, 1)[..., None] * k_scale[:, None, None] * scale)
-        log_vs = vs[b, idx].transpose(0, 1).log()[:, None, :]
-        p = 448.0 * torch.exp(x + log_vs - (x + log_vs).amax(-1, keepdim=True))
+        vs_b = vs[b, idx].transpose(0, 1)[:, None, :]
+        p = 448.0 * torch.exp(x + vs_b.log() - (x + vs_b.log()).amax(-1, keepdim=True))
         pv = p.to(FP8_DTYPE).float() @ v8[b, idx].float().transpose(0, 1)
-        out[b] = (pv / (p / log_vs.exp()).sum(-1, keepdim=True)).transpose(0, 1).bfloat16()
+        out[b] = (pv / (p / vs_b).sum(-1, keepdim=True)).transpose(0, 1).bfloat16()
     return out
 
 
