@@ -46,6 +46,14 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
+# Many random cases (`HYPOTHESIS_PROFILE=stress python -m pytest tests/kernels --hypothesis-seed=N`):
+# what shows whether a bound holds for every case the strategies draw, not just for one seed's.
+settings.register_profile(
+    "stress",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 settings.register_profile("thorough", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 settings.load_profile(

@@ -16,6 +16,8 @@ from longlive_triton.kernels.rope_kv_append import (
     rope_tables,
 )
 
+from .._numerics import assert_as_close_as_same_precision
+
 # Roped q/k (bf16, fp32 math) against the float64 stock math cast to bf16: each element within
 # ULPS bf16 ulps of its complex pair's magnitude (the rotation keeps that magnitude; one ulp for the
 # final rounding, one for a rare flip of the bf16 RMSNorm rounding), and at least MIN_EXACT of the
@@ -119,6 +121,13 @@ def check_rope_kv_append(case, device, norm: bool = True):
     assert got is out
     assert not torch.isnan(got).any(), "an output element is unwritten"
     assert_rope_close(got, want)
+    # And FlashAttention's rule against the same math in fp64 (tests/_numerics.py): the stock route
+    # rounds where the kernel rounds (the RMSNorm output and the roped values to bf16).
+    k_exact = k_before.double()
+    exact = rope_kv_append_ref(q_lin.double(), k_lin.double(), v.double(), *(None if w is None else w.double()
+                               for w in (wq, wk)), k_exact, v_before.double(), grid, start_frame, dst_start,
+                               row_lo, **kwargs)
+    assert_as_close_as_same_precision(got, exact, want, terms=HD, what="q")
     for b in range(B):
         sf, dst, lo = index[b if len(index) > 1 else 0]
         slots = _written_slots(n, C, case["ring_lo"], case["ring_size"], shift, dst, lo)
@@ -131,6 +140,8 @@ def check_rope_kv_append(case, device, norm: bool = True):
             rows = torch.tensor(list(slots.keys()), device=device)
             dst_slots = torch.tensor(list(slots.values()), device=device)
             assert_rope_close(k_cache[b, dst_slots], k_want[b, dst_slots])
+            assert_as_close_as_same_precision(k_cache[b, dst_slots], k_exact[b, dst_slots], k_want[b, dst_slots],
+                                              terms=HD, what="k")
             assert torch.equal(v_cache[b, dst_slots].view(torch.int16),
                                v[b, rows].reshape(-1, H, D).view(torch.int16))
 

@@ -1,9 +1,16 @@
-"""vae_conv3d: the implicit-GEMM causal 3x3x3 convolution equals torch's conv3d on the time-padded input."""
+"""vae_conv3d: the implicit-GEMM causal 3x3x3 convolution equals torch's conv3d on the time-padded input.
+
+Judged against the fp64 convolution: the error may be at most twice that of `conv3d_same_precision`
+(the kernel's sum in plain torch: 27 shifted fp32 GEMMs added in turn, one rounding to the output
+dtype at the end) plus one output ulp and the noise of another fp32 summation order (tests/_numerics.py)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import example, given, settings, strategies as st
 
 from longlive_triton.kernels.vae_conv3d import vae_conv3d, vae_conv3d_flops, vae_conv3d_ref, vae_conv3d_weight
+
+from .._numerics import assert_as_close_as_same_precision
 
 CL = torch.channels_last_3d
 
@@ -21,6 +28,30 @@ def _inputs(device, dtype, B, c_in, c_out, T, H, W, seed):
 TILES = [(64, 16, 32, 4, 2), (64, 64, 32, 4, 3), (128, 64, 64, 8, 3)]
 
 
+def conv3d_same_precision(x, w, b):
+    """The kernel's arithmetic in plain torch: for each of the 27 taps an fp32 GEMM of the shifted
+    input rows and the tap's weights (bf16 products are exact in fp32), added to an fp32
+    accumulator tap after tap, the bias added, one rounding to x's dtype."""
+    xp = F.pad(x.float(), (1, 1, 1, 1))
+    T, H, W = x.shape[2] - 2, x.shape[3], x.shape[4]
+    acc = 0
+    for kt in range(3):
+        for kh in range(3):
+            for kw in range(3):
+                tap = xp[:, :, kt:kt + T, kh:kh + H, kw:kw + W]
+                acc = acc + torch.einsum("bcthw,oc->bothw", tap, w[:, :, kt, kh, kw].float())
+    if b is not None:
+        acc = acc + b.float()[:, None, None, None]
+    return acc.to(x.dtype)
+
+
+@st.composite
+def tiles_dividing(draw, c_in):
+    """A tiling the launcher takes for c_in: its BLOCK_K divides C_in (other tilings are refused:
+    test_bad_input_is_refused)."""
+    return draw(st.sampled_from([t for t in TILES if c_in % t[2] == 0]))
+
+
 def _check(device, dtype, B, c_in, c_out, T, H, W, bias, into_view, seed, tile=None):
     x, w, b = _inputs(device, dtype, B, c_in, c_out, T, H, W, seed)
     b = b if bias else None
@@ -32,22 +63,21 @@ def _check(device, dtype, B, c_in, c_out, T, H, W, bias, into_view, seed, tile=N
     got = vae_conv3d(x, vae_conv3d_weight(w), b, out=out, tile=tile)
     assert got is out and torch.isfinite(got.float()).all()
     exact = vae_conv3d_ref(x.double(), w.double(), None if b is None else b.double())
-    if dtype == torch.float32:  # full fp32 products, another summation order
-        torch.testing.assert_close(got.double(), exact, atol=2e-5, rtol=2e-5)
-    else:  # fp32 accumulation, one bf16 rounding at the end
-        torch.testing.assert_close(got.double(), exact, atol=1e-2, rtol=8e-3)
+    assert_as_close_as_same_precision(got, exact, conv3d_same_precision(x, w, b), terms=27 * c_in)
 
 
-# Each drawn shape and tiling is a compilation on the GPU: fewer examples than the profile's default.
-@settings(max_examples=12)
-@given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), B=st.integers(1, 2), c_in=st.sampled_from([32, 64]),
+# Each drawn shape and tiling is a compilation on the GPU: fewer examples there than the profile's.
+@settings(max_examples=12 if torch.cuda.is_available() else settings.default.max_examples)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), B=st.integers(1, 2),
+       c_in_tile=st.sampled_from([32, 64]).flatmap(lambda c: st.tuples(st.just(c), tiles_dividing(c))),
        c_out=st.sampled_from([16, 32, 48]), T=st.integers(1, 3), H=st.integers(1, 5), W=st.integers(1, 6),
-       bias=st.booleans(), into_view=st.booleans(), seed=st.integers(0, 2**16), tile=st.sampled_from(TILES))
-@example(dtype=torch.float32, B=1, c_in=32, c_out=48, T=2, H=5, W=6, bias=True, into_view=True, seed=0,
-         tile=TILES[1])
-@example(dtype=torch.bfloat16, B=2, c_in=64, c_out=16, T=1, H=3, W=4, bias=False, into_view=False, seed=1,
-         tile=TILES[2])
-def test_matches_conv3d(device, dtype, B, c_in, c_out, T, H, W, bias, into_view, seed, tile):
+       bias=st.booleans(), into_view=st.booleans(), seed=st.integers(0, 2**16))
+@example(dtype=torch.float32, B=1, c_in_tile=(32, TILES[1]), c_out=48, T=2, H=5, W=6, bias=True, into_view=True,
+         seed=0)
+@example(dtype=torch.bfloat16, B=2, c_in_tile=(64, TILES[2]), c_out=16, T=1, H=3, W=4, bias=False, into_view=False,
+         seed=1)
+def test_matches_conv3d(device, dtype, B, c_in_tile, c_out, T, H, W, bias, into_view, seed):
+    c_in, tile = c_in_tile
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
     _check(device, dtype, B, c_in, c_out, T, H, W, bias, into_view, seed, dict(zip(names, tile)))
 

@@ -3,9 +3,11 @@ attention on the dequantized q, k and v.
 
 The reference sees exactly the quantized inputs, so what is left is the kernel's own arithmetic: P
 rounded to e4m3 before the P.V dot (3 mantissa bits: up to 2^-4 relative per weight, averaging out
-over the keys) and the bf16 output. K/V slots outside the attended
-set (and the v scales of groups wholly outside) and the output buffer are NaN-poisoned, so reading a
-slot it should not, or leaving an output element unwritten, fails.
+over many keys, not over two) and the bf16 output. The bound is twice the error of the same
+arithmetic in plain torch (`fp8_attention_same_precision`) plus one bf16 ulp (tests/_numerics.py).
+K/V slots outside the attended set (and the v scales of groups wholly outside) and the output
+buffer are NaN-poisoned, so reading a slot it should not, or leaving an output element unwritten,
+fails.
 """
 import pytest
 import torch
@@ -14,19 +16,12 @@ from hypothesis import strategies as st
 
 from longlive_triton.kernels.fp8_kv_cache import (V_GROUP, dequantize_fp8_cache, quantize_k_ref, quantize_rows_ref,
                                                   quantize_v_groups_ref)
+from longlive_triton.kernels.fp8_quant import FP8_DTYPE
 from longlive_triton.kernels.window_attention import window_attention_bytes, window_attention_fp8, window_attention_fp8_ref
 from longlive_triton.numerics import rel_l2
 
-from .test_window_attention import _HEALTH, _attended, _real, attention_cases
-
-# Relative L2 error bound of the output against the dequantized fp32 reference, and the max abs
-# error as a fraction of max |reference|. Measured in the interpreter on these inputs: 0.4-0.7%
-# relative L2 (e4m3 P, fp32 or fp16 exponentials); the bound leaves about 2x.
-MAX_REL_L2, MAX_ABS = 1.5e-2, 1e-1
-# With softmax weights spread over hundreds of keys the output averages random values down, so the
-# same per-weight rounding shows more in relative terms (1.8-2.6% measured in the two tests that
-# build such cases); a misapplied scale would be off by orders of magnitude.
-SPREAD_REL_L2 = 5e-2
+from .._numerics import assert_as_close_as_same_precision
+from .test_window_attention import _HEALTH, _attended, _real, attended_slots, attention_cases
 
 
 def fp8_inputs(q, k, v):
@@ -37,6 +32,32 @@ def fp8_inputs(q, k, v):
     k8 = quantize_k_ref(k, k_scale)
     v8, v_scale = quantize_v_groups_ref(v)
     return q8, q_scale, k8, k_scale, v8, v_scale
+
+
+def fp8_attention_same_precision(q8, q_scale, k8, k_scale, v8, v_scale, attended, scale=None):
+    """The kernel's arithmetic in plain torch, rounding where it rounds: fp32 scores of the e4m3 q
+    and k times their scales; the softmax weight of each key taken as P~ = 448 vs exp(x - m) (vs its
+    group's v scale, m the row's max of x + log vs, so P~ <= 448) and rounded to e4m3 before the
+    P~.v8 dot; l sums the unrounded P~ / vs; fp32 sums; the output rounded to bf16. (The kernel
+    takes m at the running max of its key tile: the same rounding, at other points of the grid.)
+    attended: [B, C] bool."""
+    B, Lq, H, D = q8.shape
+    C = k8.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    vs = v_scale.repeat_interleave(V_GROUP, dim=1)[:, :C]
+    vs = torch.where(vs > 0, vs, torch.ones_like(vs))  # an empty group's v8 are zero: any scale is right
+    out = torch.zeros(B, Lq, H, D, dtype=torch.bfloat16, device=q8.device)
+    for b in range(B):
+        idx = attended[b]
+        if not idx.any():
+            continue
+        s = q8[b].float().transpose(0, 1) @ k8[b, idx].float().permute(1, 2, 0)  # [H, Lq, n]
+        x = s * (q_scale[b].transpose(0, 1)[..., None] * k_scale[:, None, None] * scale)
+        vs_b = vs[b, idx].transpose(0, 1)[:, None, :]
+        p = 448.0 * torch.exp(x + vs_b.log() - (x + vs_b.log()).amax(-1, keepdim=True))
+        pv = p.to(FP8_DTYPE).float() @ v8[b, idx].float().transpose(0, 1)
+        out[b] = (pv / (p / vs_b).sum(-1, keepdim=True)).transpose(0, 1).bfloat16()
+    return out
 
 
 def check_window_attention_fp8(case, device, use_tma=False, config=None):
@@ -70,16 +91,18 @@ def check_window_attention_fp8(case, device, use_tma=False, config=None):
 
     assert got is out
     assert not torch.isnan(got).any(), "an output element is unwritten or a poisoned slot was read"
-    got32 = got.float()
-    rel = rel_l2(got32, want)
-    assert want.norm() == 0 or rel <= MAX_REL_L2, f"relative L2 error {rel:.3e} > {MAX_REL_L2}"
-    worst = (got32 - want).abs().max().item()
-    assert worst <= MAX_ABS * max(1e-6, want.abs().max().item()), f"max abs error {worst:.3e}"
-    return rel
+    same = fp8_attention_same_precision(q8, q_scale, k8, k_scale, v8, v_scale, attended_slots(case, device))
+    assert_as_close_as_same_precision(got, want, same)
+    return rel_l2(got, want)
 
 
 @settings(suppress_health_check=_HEALTH)
 @given(case=attention_cases(max_batch=2, max_heads=3, head_dims=(32, 64), max_lq=40, max_slots=300))
+# Few keys, where e4m3's rounding of P does not average out (these failed a fixed relative bound).
+@example(case=dict(batch=1, lq=1, heads=1, head_dim=32, cap=2, ring_lo=0, ring_size=None, ranges=[(0, 0, 2, None)],
+                   index_dtype=torch.int32, strided_q=False, split=1, seed=0))
+@example(case=dict(batch=1, lq=9, heads=3, head_dim=64, cap=196, ring_lo=49, ring_size=82, ranges=[(0, 98, 102, 0)],
+                   index_dtype=torch.int32, strided_q=False, split=1, seed=187))
 def test_matches_dequantized_reference(case, device):
     check_window_attention_fp8(case, device)
 
@@ -99,6 +122,10 @@ def test_splits_agree(device):
     assert max(errs) - min(errs) < 2e-3, errs
 
 
+def _all_slots(B, C, device):
+    return torch.ones(B, C, dtype=torch.bool, device=device)
+
+
 def test_tile_scale_is_applied_per_group(device):
     """v groups with scales 2^-6 .. 2^6 apart: a kernel that applied one group's scale to another's
     tile, or dropped it, would be off by orders of magnitude."""
@@ -111,9 +138,9 @@ def test_tile_scale_is_applied_per_group(device):
     v[:, 2 * V_GROUP:] *= 2.0 ** 6
     v = v.to(device, torch.bfloat16)
     ops = fp8_inputs(q, k, v)
-    got = window_attention_fp8(*ops, 0, 0, C).float()
+    got = window_attention_fp8(*ops, 0, 0, C)
     want = window_attention_fp8_ref(*ops, 0, 0, C)
-    assert rel_l2(got, want) < SPREAD_REL_L2
+    assert_as_close_as_same_precision(got, want, fp8_attention_same_precision(*ops, _all_slots(B, C, device)))
 
 
 def test_empty_groups_read_as_zero(device):
@@ -128,12 +155,11 @@ def test_empty_groups_read_as_zero(device):
     v = v.to(device, torch.bfloat16)
     ops = fp8_inputs(q, k, v)
     assert (ops[5][:, 1] == 0).all()
-    got = window_attention_fp8(*ops, 0, 0, C).float()
+    got = window_attention_fp8(*ops, 0, 0, C)
     k_deq, v_deq = dequantize_fp8_cache(*ops[2:])
     from longlive_triton.kernels.window_attention import window_attention_ref
     want = window_attention_ref(ops[0].float() * ops[1][..., None], k_deq, v_deq, 0, 0, C)
-    assert not torch.isnan(got).any()
-    assert rel_l2(got, want) < SPREAD_REL_L2
+    assert_as_close_as_same_precision(got, want, fp8_attention_same_precision(*ops, _all_slots(B, C, device)))
 
 
 @pytest.mark.gpu
