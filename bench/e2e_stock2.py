@@ -21,7 +21,6 @@ against the stock row (relative L2, cosine). The stock row runs with whichever a
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 
