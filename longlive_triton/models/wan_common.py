@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["sinusoidal_embedding_1d", "rope_params", "rope_freqs", "attention", "WanRMSNorm", "WanLayerNorm",
-           "CausalHead", "QKVOAttention", "ModulatedBlock", "WanGenerator"]
+           "roll_behind_prefix", "CausalHead", "QKVOAttention", "ModulatedBlock", "WanGenerator"]
 
 
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -74,6 +74,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     q, k = q.to(v.dtype), k.to(v.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).type(out_dtype)
+
+
+def roll_behind_prefix(k: torch.Tensor, v: torch.Tensor, kept: int, evicted: int, rolled: int) -> None:
+    """Evict in place from a KV cache k, v [B, slots, H, D]: the `evicted` tokens after the first `kept` go,
+    the `rolled` tokens behind them move left to slot `kept` (a copy first: the ranges may overlap)."""
+    src = slice(kept + evicted, kept + evicted + rolled)
+    k[:, kept:kept + rolled] = k[:, src].clone()
+    v[:, kept:kept + rolled] = v[:, src].clone()
 
 
 class WanRMSNorm(nn.Module):

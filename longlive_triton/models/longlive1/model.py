@@ -20,7 +20,8 @@ import math
 import torch
 
 from longlive_triton.models.wan_common import (CausalHead, ModulatedBlock, QKVOAttention, WanGenerator, WanLayerNorm,
-                                               WanRMSNorm, attention, rope_freqs, rope_params, sinusoidal_embedding_1d)
+                                               WanRMSNorm, attention, roll_behind_prefix, rope_freqs, rope_params,
+                                               sinusoidal_embedding_1d)
 
 __all__ = [
     "CausalWanModel",
@@ -123,9 +124,7 @@ class CausalWanSelfAttention(QKVOAttention):
             num_rolled = local_end - num_evicted - sink_tokens
             local_end_index = local_end + current_end - global_end - num_evicted
             local_start_index = local_end_index - s
-            src = slice(sink_tokens + num_evicted, sink_tokens + num_evicted + num_rolled)
-            temp_k[:, sink_tokens:sink_tokens + num_rolled] = temp_k[:, src].clone()
-            temp_v[:, sink_tokens:sink_tokens + num_rolled] = temp_v[:, src].clone()
+            roll_behind_prefix(temp_k, temp_v, sink_tokens, num_evicted, num_rolled)
             # The sink is protected only when recomputing; a first pass may write into it.
             write_start = max(local_start_index, sink_tokens) if is_recompute else local_start_index
             action = {"action": "roll_and_insert", "sink_tokens": sink_tokens,
@@ -285,10 +284,8 @@ class CausalWanModel(WanGenerator):
             cache = kv_cache[index]
             if info is not None:
                 if info["action"] == "roll_and_insert":
-                    sink, rolled, evicted = info["sink_tokens"], info["num_rolled_tokens"], info["num_evicted_tokens"]
-                    src = slice(sink + evicted, sink + evicted + rolled)
-                    cache["k"][:, sink:sink + rolled] = cache["k"][:, src].clone()
-                    cache["v"][:, sink:sink + rolled] = cache["v"][:, src].clone()
+                    roll_behind_prefix(cache["k"], cache["v"], info["sink_tokens"], info["num_evicted_tokens"],
+                                       info["num_rolled_tokens"])
                 start, end = info["write_start_index"], info["write_end_index"]
                 if end > start and info["new_k"].shape[1] == end - start:
                     cache["k"][:, start:end] = info["new_k"]

@@ -41,7 +41,7 @@ import numbers
 import torch
 
 from longlive_triton.models.wan_common import (CausalHead, ModulatedBlock, QKVOAttention, WanGenerator, attention,
-                                               sinusoidal_embedding_1d)
+                                               roll_behind_prefix, sinusoidal_embedding_1d)
 
 __all__ = ["CausalWanModel", "CausalWanAttentionBlock", "CausalWanSelfAttention", "MultiShotT2VCrossAttention",
            "CausalHead", "temporal_freqs", "causal_rope_apply", "check_rope_arguments", "STOCK_FRAME_SEQLEN"]
@@ -172,9 +172,7 @@ class CausalWanSelfAttention(QKVOAttention):
             rolled = local_end - evicted - kept
             local_end_index = local_end + current_end - global_end - evicted
             local_start_index = local_end_index - s
-            src = slice(kept + evicted, kept + evicted + rolled)
-            temp_k[:, kept:kept + rolled] = temp_k[:, src].clone()
-            temp_v[:, kept:kept + rolled] = temp_v[:, src].clone()
+            roll_behind_prefix(temp_k, temp_v, kept, evicted, rolled)
             # A floating pinned chunk moved left with the rolled tokens; one inside the kept prefix did not.
             record = {"action": "roll_and_insert", "sink_tokens": kept, "num_rolled_tokens": rolled,
                       "num_evicted_tokens": evicted,
@@ -329,10 +327,8 @@ class CausalWanModel(WanGenerator):
             cache = kv_cache[index]
             if record is not None:
                 if record["action"] == "roll_and_insert":
-                    kept, rolled, evicted = record["sink_tokens"], record["num_rolled_tokens"], record["num_evicted_tokens"]
-                    src = slice(kept + evicted, kept + evicted + rolled)
-                    cache["k"][:, kept:kept + rolled] = cache["k"][:, src].clone()
-                    cache["v"][:, kept:kept + rolled] = cache["v"][:, src].clone()
+                    roll_behind_prefix(cache["k"], cache["v"], record["sink_tokens"], record["num_evicted_tokens"],
+                                       record["num_rolled_tokens"])
                     if record.get("pinned_shift", 0) > 0 and "pinned_start" in cache:
                         cache["pinned_start"].sub_(record["pinned_shift"])
                 start, end = record["local_start_index"], record["local_end_index"]
