@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,7 +39,7 @@ from longlive_triton.runtime.pipeline import BlockPipeline, PipelineConfig
 from longlive_triton.stock.longlive1 import build_stock_model, free_memory, load_stock_longlive
 
 from .e2e_stock2 import check_arguments as check_stock2
-from .measure import DTYPES, RowSettings, draw_inputs, drift_per_block
+from .measure import DTYPES, RowSettings, draw_inputs, drift_per_block, intervals_ms, time_mark
 from .progress import announce, block_bar
 from .results import environment, fmt, format_table, quantiles, save
 
@@ -153,11 +152,7 @@ def _block_loop(model, pipe_cfg, noise, prompts, switches, seed, steady: int, de
     marks, memory, before = [], [], None
 
     def mark():
-        if not on_cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        return time_mark(on_cuda)
 
     count = noise.shape[1] // fpb
     with block_bar(count, desc) as bar:
@@ -169,11 +164,7 @@ def _block_loop(model, pipe_cfg, noise, prompts, switches, seed, steady: int, de
             if index + 1 == steady and runner is not None:
                 before = (dict(runner.stats.eager_reasons), runner.stats.replays)
             bar.update()
-    if on_cuda:
-        torch.cuda.synchronize()
-        block_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-    else:
-        block_ms = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+    block_ms = intervals_ms(marks, on_cuda)
     graphs = None
     if runner is not None:
         reasons0, replays0 = before or ({}, 0)

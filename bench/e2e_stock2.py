@@ -21,16 +21,15 @@ against the stock row (relative L2, cosine). The stock row runs with whichever a
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
-import time
 
 import torch
 
 from longlive_triton.numerics import cosine, rel_l2
 from longlive_triton.patch import patch_model
 
+from .measure import intervals_ms, time_mark
 from .results import environment, fmt, format_table, quantiles, save
 
 
@@ -72,30 +71,19 @@ def _row(stock, preset, config, weights, noise, prompts, table, device, steps_pe
     on_cuda = device.type == "cuda"
     marks, calls = [], [0]
 
-    def mark():
-        if not on_cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
     def after_call(*_):
         calls[0] += 1
         if calls[0] % steps_per_block == 0:
-            marks.append(mark())
+            marks.append(time_mark(on_cuda))
     hook = pipe.generator.register_forward_hook(after_call)
     if on_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    marks.append(mark())
+    marks.append(time_mark(on_cuda))
     with torch.inference_mode():   # as LongLive 2.0's inference.py runs it
         latents = pipe.inference(noise, prompts, return_latents=True)
     hook.remove()
-    if on_cuda:
-        torch.cuda.synchronize()
-        block_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-    else:
-        block_ms = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+    block_ms = intervals_ms(marks, on_cuda)
     peak = torch.cuda.max_memory_allocated(device) if on_cuda else None
     out = latents.float().cpu()
     del pipe, model, latents

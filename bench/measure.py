@@ -92,6 +92,25 @@ def draw_inputs(preset_model: str, *, blocks: int, frames_per_block: int, dtype:
     return noise, texts
 
 
+def time_mark(on_cuda: bool):
+    """A point in time between blocks: a recorded CUDA event on a GPU, the host clock otherwise.
+
+    Events instead of host clocks: no sync inside the loop, so the timing does not add one."""
+    if not on_cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def intervals_ms(marks: list, on_cuda: bool) -> list[float]:
+    """Milliseconds between consecutive `time_mark`s (on a GPU after a sync, so every event has fired)."""
+    if on_cuda:
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+    return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+
+
 def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompts: list[torch.Tensor],
                switches: list[int], seed: int, profile: bool = False) -> tuple[list[float], torch.Tensor, dict | None]:
     """Stream every block; returns the ms per block, all latents [B, F, C, H, W] on noise's device and,
@@ -100,12 +119,7 @@ def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompts: li
     on_cuda = noise.device.type == "cuda"
 
     def mark():
-        if not on_cuda:
-            return time.perf_counter()
-        # Events instead of host clocks: no sync inside the loop, so the timing does not add one.
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        return time_mark(on_cuda)
 
     pipe = BlockPipeline(model, pipe_cfg)
     fpb = pipe_cfg.num_frame_per_block
@@ -135,10 +149,7 @@ def run_blocks(model, pipe_cfg: PipelineConfig, noise: torch.Tensor, prompts: li
             runner.enabled = enabled
         profiles = {"eager_annotated": by_kind, "as_run": profile_block(one_block), "graphs": enabled}
     next(blocks, None)  # let the pipeline finish its loop
-    if on_cuda:
-        torch.cuda.synchronize()
-        return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])], out, profiles
-    return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])], out, profiles
+    return intervals_ms(marks, on_cuda), out, profiles
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

@@ -8,9 +8,10 @@ The classes exported here by name are v1.0's; 2.0's are in `longlive_triton.mode
 from longlive_triton.models.longlive1.model import (CausalHead, CausalWanAttentionBlock, CausalWanModel, CausalWanSelfAttention,
                     WanLayerNorm, WanRMSNorm, WanT2VCrossAttention)
 from longlive_triton.models.longlive1.presets import PRESETS as PRESETS_V1
-from longlive_triton.models.longlive1.presets import ModelPreset, synthetic_init_
+from longlive_triton.models.longlive1.presets import ModelPreset
 from longlive_triton.models.longlive2.presets import PRESETS as PRESETS_V2
 from longlive_triton.models.longlive2.presets import Longlive2Preset
+from longlive_triton.models.preset_base import lookup, synthetic_init_
 
 __all__ = [
     "CausalHead", "CausalWanAttentionBlock", "CausalWanModel", "CausalWanSelfAttention", "WanLayerNorm",
@@ -23,10 +24,7 @@ PRESETS: dict = {**PRESETS_V1, **PRESETS_V2}
 
 def get_preset(name: str) -> ModelPreset | Longlive2Preset:
     """The preset named `name`, of either family (its `family` attribute: "longlive1" or "longlive2")."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
+    return lookup(PRESETS, name, "model preset")
 
 
 def build_model(preset: str = "tiny", **kwargs):

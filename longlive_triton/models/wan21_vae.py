@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longlive_triton.models.preset_base import lookup
+
 __all__ = [
     "CACHE_T", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "CausalConv3d", "RMS_norm", "Resample", "ResidualBlock",
     "AttentionBlock", "Decoder3d", "FeatCache", "WanVAEDecoder", "VAEPreset", "VAE_PRESETS", "get_vae_preset",
@@ -379,10 +381,7 @@ VAE_PRESETS: dict[str, VAEPreset] = {
 
 
 def get_vae_preset(name: str) -> VAEPreset:
-    try:
-        return VAE_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown VAE preset {name!r}; known: {sorted(VAE_PRESETS)}") from None
+    return lookup(VAE_PRESETS, name, "VAE preset")
 
 
 @torch.no_grad()

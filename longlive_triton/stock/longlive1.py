@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from longlive_triton.stock.source import (STOCK_SRC_ENV, bare_packages, check_package_slots, device_dispatch,
-                                          diffusers_standins, einops_standin, flash_attn_varlen_func, installed,
+                                          diffusers_standins, einops_standin, flash_attn_varlen_func, installed, instantiate,
                                           resolve_src, standins_during_import)
 from longlive_triton.stock.source import flash_attention_anywhere as _flash_attention_anywhere  # noqa: F401 - tests use the name
 from longlive_triton.stock.source import module as _module
@@ -169,15 +169,6 @@ def load_stock_longlive(src_dir: str | os.PathLike | None = None) -> StockLongLi
     return ns
 
 
-def _stock_freqs(stock: StockLongLive, dim: int, num_heads: int) -> torch.Tensor:
-    """The stock constructor's RoPE table, computed on the CPU with the stock rope_params (as LongLive does)."""
-    d = dim // num_heads
-    rope_params = stock.causal_model.rope_params
-    with torch.device("cpu"):
-        return torch.cat([rope_params(1024, d - 4 * (d // 6)), rope_params(1024, 2 * (d // 6)),
-                          rope_params(1024, 2 * (d // 6))], dim=1)
-
-
 def build_stock_model(stock: StockLongLive | str | os.PathLike | None = None, model_kwargs: dict | str = "longlive-1.3b",
                       *, device="cpu", dtype: torch.dtype = torch.float32, state_dict: dict | None = None,
                       num_frame_per_block: int | None = None) -> nn.Module:
@@ -200,23 +191,10 @@ def build_stock_model(stock: StockLongLive | str | os.PathLike | None = None, mo
         preset = get_preset(model_kwargs)
         preset_blocks = preset.num_frame_per_block
         model_kwargs = preset.model_kwargs()
-    kwargs = dict(model_kwargs)
-    cls = stock.CausalWanModel
-    if state_dict is None:
-        with torch.device("cpu"):
-            model = cls(**kwargs)
-        model = model.to(device=device, dtype=dtype)
-    else:
-        with torch.device("meta"):
-            model = cls(**kwargs)
-        model = model.to_empty(device=device).to(dtype=dtype)
-        model.freqs = _stock_freqs(stock, kwargs.get("dim", 2048), kwargs.get("num_heads", 16))
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            raise RuntimeError(f"the given weights do not fit the stock CausalWanModel({kwargs}): {exc}") from exc
+    model = instantiate(stock.CausalWanModel, dict(model_kwargs), stock.causal_model.rope_params, device=device,
+                        dtype=dtype, state_dict=state_dict)
     model.num_frame_per_block = preset_blocks if num_frame_per_block is None else num_frame_per_block
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def free_memory(device) -> None:

@@ -56,8 +56,8 @@ import torch
 import torch.nn as nn
 
 from longlive_triton.stock.source import (FAMILY_NAMES, bare_packages, device_dispatch, diffusers_standins,
-                                          einops_standin, flash_attn_varlen_func, installed, module, resolve_src,
-                                          standins_during_import)
+                                          einops_standin, flash_attn_varlen_func, installed, instantiate, module,
+                                          resolve_src, standins_during_import)
 
 __all__ = ["StockLongLive2", "load_stock_longlive2", "resolve_stock_src2", "build_stock_model2", "stock_generator",
            "stock_pipeline", "prepare_inference", "stock_forward", "PromptTable", "FlowMatchEuler", "AttrDict",
@@ -278,15 +278,6 @@ def _preset(preset):
     return preset
 
 
-def _stock_freqs(stock: StockLongLive2, dim: int, num_heads: int) -> torch.Tensor:
-    """The stock constructor's RoPE table, computed on the CPU with the stock rope_params (as LongLive does)."""
-    d = dim // num_heads
-    rope_params = stock.causal_model.rope_params
-    with torch.device("cpu"):
-        return torch.cat([rope_params(1024, d - 4 * (d // 6)), rope_params(1024, 2 * (d // 6)),
-                          rope_params(1024, 2 * (d // 6))], dim=1)
-
-
 def build_stock_model2(stock: StockLongLive2 | str | os.PathLike | None = None, model_kwargs: dict | str = "tiny2",
                        *, device="cpu", dtype: torch.dtype = torch.float32, state_dict: dict | None = None
                        ) -> nn.Module:
@@ -304,22 +295,8 @@ def build_stock_model2(stock: StockLongLive2 | str | os.PathLike | None = None, 
     stock.causal_model._FREQS_I_CACHE.clear()  # keyed without the head dim (see the module docstring)
     if isinstance(model_kwargs, str):
         model_kwargs = _preset(model_kwargs).model_kwargs()
-    kwargs = dict(model_kwargs)
-    cls = stock.CausalWanModel
-    if state_dict is None:
-        with torch.device("cpu"):
-            model = cls(**kwargs)
-        model = model.to(device=device, dtype=dtype)
-    else:
-        with torch.device("meta"):
-            model = cls(**kwargs)
-        model = model.to_empty(device=device).to(dtype=dtype)
-        model.freqs = _stock_freqs(stock, kwargs.get("dim", 2048), kwargs.get("num_heads", 16))
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            raise RuntimeError(f"the given weights do not fit the stock CausalWanModel({kwargs}): {exc}") from exc
-    return model.eval().requires_grad_(False)
+    return instantiate(stock.CausalWanModel, dict(model_kwargs), stock.causal_model.rope_params, device=device,
+                       dtype=dtype, state_dict=state_dict)
 
 
 def stock_generator(stock: StockLongLive2, model: nn.Module, *, timestep_shift: float = 5.0) -> nn.Module:

@@ -244,3 +244,35 @@ def standins_during_import(standins: dict[str, types.ModuleType]):
             if sys.modules.get(name) is standins[name]:
                 del sys.modules[name]
         sys.modules.update(saved)
+
+
+def stock_rope_table(rope_params, dim: int, num_heads: int) -> torch.Tensor:
+    """The stock constructor's RoPE table, computed on the CPU with the tree's own `rope_params` (as LongLive does)."""
+    d = dim // num_heads
+    with torch.device("cpu"):
+        return torch.cat([rope_params(1024, d - 4 * (d // 6)), rope_params(1024, 2 * (d // 6)),
+                          rope_params(1024, 2 * (d // 6))], dim=1)
+
+
+def instantiate(cls: type[nn.Module], kwargs: dict, rope_params, *, device, dtype: torch.dtype,
+                state_dict: dict | None) -> nn.Module:
+    """A stock `CausalWanModel` (either family) cls(**kwargs) on `device` in `dtype`, eval mode, no grad.
+
+    Without weights the stock init runs on the CPU and the model is moved to `device`. With weights it is
+    built on the meta device, materialised on `device` (no init: billions of draws at real shapes), its RoPE
+    table recomputed with the tree's `rope_params`, and the weights loaded with strict=True.
+    """
+    if state_dict is None:
+        with torch.device("cpu"):
+            model = cls(**kwargs)
+        model = model.to(device=device, dtype=dtype)
+    else:
+        with torch.device("meta"):
+            model = cls(**kwargs)
+        model = model.to_empty(device=device).to(dtype=dtype)
+        model.freqs = stock_rope_table(rope_params, kwargs.get("dim", 2048), kwargs.get("num_heads", 16))
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            raise RuntimeError(f"the given weights do not fit the stock CausalWanModel({kwargs}): {exc}") from exc
+    return model.eval().requires_grad_(False)

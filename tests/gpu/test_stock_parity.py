@@ -20,12 +20,13 @@ name marks every test in it as GPU-only).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from .records import record
 
 _SRC = os.environ.get("LONGLIVE_SRC", "")
 pytestmark = [
@@ -48,13 +49,7 @@ def stock():
 
 
 def _record(key: str, figures: dict) -> None:
-    path = os.environ.get("PARITY_OUT")
-    if not path:
-        return
-    out = Path(path)
-    data = json.loads(out.read_text()) if out.is_file() and out.stat().st_size else {}
-    data[key] = {k: v for k, v in figures.items() if k != "report"}
-    out.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    record("PARITY_OUT", key, {k: v for k, v in figures.items() if k != "report"})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -13,14 +13,11 @@ The CPU version at tiny2 shapes (every call, every layer) is tests/reference/tes
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 from ..stock_harness2 import stock2_src
+from .records import record
 
 _SRC = stock2_src()
 pytestmark = [
@@ -32,13 +29,7 @@ BLOCKS, CUTS, LAYER_CALLS = 5, (2,), (10, 20)
 
 
 def _record(key: str, figures: dict) -> None:
-    path = os.environ.get("PARITY_OUT")
-    if not path:
-        return
-    out = Path(path)
-    data = json.loads(out.read_text()) if out.is_file() and out.stat().st_size else {}
-    data[key] = {k: v for k, v in figures.items() if k != "stock_notes"}
-    out.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    record("PARITY_OUT", key, {k: v for k, v in figures.items() if k != "stock_notes"})
 
 
 def _run(triton_kernels: bool) -> dict:

@@ -22,7 +22,6 @@ a fixed bound between them says little). Every patch_vae option variant is held 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from longlive_triton.numerics import rel_l2
 from longlive_triton.patches.vae_decoder import FastDecoder3d
 from longlive_triton.models.wan21_vae import build_vae_decoder
 from longlive_triton.runtime.vae_stream import StreamingVAEDecoder
+
+from .records import record
 
 pytestmark = pytest.mark.gpu
 _SRC = os.environ.get("LONGLIVE_SRC", "")
@@ -58,13 +59,7 @@ def _has_stock() -> bool:
 
 def _record(key: str, figures: dict) -> None:
     print(key, figures)
-    path = os.environ.get("VAE_OUT")
-    if not path:
-        return
-    out = Path(path)
-    data = json.loads(out.read_text()) if out.is_file() and out.stat().st_size else {}
-    data[key] = figures
-    out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    record("VAE_OUT", key, figures)
 
 
 @pytest.fixture(autouse=True)

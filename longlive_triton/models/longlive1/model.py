@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+from longlive_triton.models.wan_common import (CausalHead, ModulatedBlock, QKVOAttention, WanGenerator, WanLayerNorm,
+                                               WanRMSNorm, attention, roll_behind_prefix, rope_freqs, rope_params,
+                                               sinusoidal_embedding_1d)
 
 __all__ = [
     "CausalWanModel",
@@ -31,49 +33,13 @@ __all__ = [
     "WanLayerNorm",
     "attention",
     "causal_rope_apply",
+    "rope_freqs",
     "rope_params",
     "sinusoidal_embedding_1d",
 ]
 
-
-def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
-    """[len(position), dim] float64: cos half first, then sin, with w_k = 10000^(-k/(dim/2))."""
-    if dim % 2:
-        raise ValueError(f"sinusoidal embedding needs an even dim, got {dim}")
-    half = dim // 2
-    position = position.type(torch.float64)
-    # arange made on the position's device: the same values, and no host copy inside a CUDA graph.
-    steps = torch.arange(half, dtype=torch.float64, device=position.device)
-    sinusoid = torch.outer(position, torch.pow(10000, -steps.div(half)))
-    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
-
-
-def rope_params(max_seq_len: int, dim: int, theta: float = 10000) -> torch.Tensor:
-    """[max_seq_len, dim/2] complex128 table exp(i * p * theta^(-2j/dim))."""
-    if dim % 2:
-        raise ValueError(f"RoPE needs an even dim, got {dim}")
-    # Always on the CPU, as the stock model builds it: float64 pow/cos/sin differ by an ulp
-    # between devices, and an fp32 parity run must see the same table.
-    freqs = torch.outer(
-        torch.arange(max_seq_len, device="cpu"),
-        1.0 / torch.pow(theta, torch.arange(0, dim, 2, device="cpu").to(torch.float64).div(dim)),
-    )
-    return torch.polar(torch.ones_like(freqs), freqs)
-
-
-def rope_freqs(head_dim: int, max_frames: int = 1024) -> torch.Tensor:
-    """The model's [max_frames, head_dim/2] complex128 table: temporal | height | width columns."""
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even, got {head_dim}")
-    d = head_dim
-    return torch.cat(
-        [
-            rope_params(max_frames, d - 4 * (d // 6)),
-            rope_params(max_frames, 2 * (d // 6)),
-            rope_params(max_frames, 2 * (d // 6)),
-        ],
-        dim=1,
-    )
+# The math both generators share (norms, sinusoid, RoPE tables, attention, head) is models/wan_common.py's;
+# it is imported here by name, so `attention` and `sinusoidal_embedding_1d` can be swapped in this module.
 
 
 def causal_rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor,
@@ -104,72 +70,18 @@ def causal_rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Te
     return torch.stack(output).type_as(x)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked attention of q [B, Lq, H, D] over k, v [B, Lk, H, D], scale 1/sqrt(D).
-
-    Like the stock flash-attention entry point, inputs that are not fp16/bf16 are computed in bf16
-    and the result is cast back to q's dtype: an fp32 LongLive model still attends in bf16.
-    """
-    out_dtype = q.dtype
-    half = (torch.float16, torch.bfloat16)
-    if v.dtype not in half:
-        q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
-    q, k = q.to(v.dtype), k.to(v.dtype)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).type(out_dtype)
-
-
-class WanRMSNorm(nn.Module):
-    """RMSNorm: statistics in fp32, cast back to the input dtype, then times the weight."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.dim = dim
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._norm(x.float()).type_as(x) * self.weight
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-
-
-class WanLayerNorm(nn.LayerNorm):
-    """LayerNorm in the input's dtype (LongLive's variant has no fp32 upcast)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
-        super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).type_as(x)
-
-
-class CausalWanSelfAttention(nn.Module):
+class CausalWanSelfAttention(QKVOAttention):
     """Self-attention over a rolling KV cache with attention-sink frames (stock cache protocol)."""
 
     def __init__(self, dim: int, num_heads: int, local_attn_size: int = -1, sink_size: int = 0,
                  qk_norm: bool = True, eps: float = 1e-6):
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        super().__init__()
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.local_attn_size = local_attn_size
         self.sink_size = sink_size
-        self.qk_norm = qk_norm
-        self.eps = eps
         # Stock LongLive hard-codes 1560 tokens per frame here; None means local_attn_size frames
         # of the frame size seen at run time (the same number at 1.3B shapes), which also serves
         # the small test presets. The stock pipeline may overwrite this attribute.
         self.max_attention_size: int | None = None
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
     def _attention_budget(self, frame_seqlen: int, capacity: int) -> int:
         if self.max_attention_size is not None:
@@ -185,14 +97,6 @@ class CausalWanSelfAttention(nn.Module):
         q, k, v = self.project(x)
         x, cache_info = self.attend(q, k, v, grid_sizes, freqs, kv_cache, current_start, sink_recache_after_switch)
         return self.o(x.flatten(2)), cache_info
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, s, C] -> q, k (RMS-normed over all heads), v, each [B, s, H, D]."""
-        b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
-        q = self.norm_q(self.q(x)).view(b, s, n, d)
-        k = self.norm_k(self.k(x)).view(b, s, n, d)
-        v = self.v(x).view(b, s, n, d)
-        return q, k, v
 
     def attend(self, q, k, v, grid_sizes, freqs, kv_cache, current_start=0, sink_recache_after_switch=False):
         """RoPE, the cache rules and attention for projected q, k, v [B, s, h, D] -> ([B, s, h, D], cache info).
@@ -220,9 +124,7 @@ class CausalWanSelfAttention(nn.Module):
             num_rolled = local_end - num_evicted - sink_tokens
             local_end_index = local_end + current_end - global_end - num_evicted
             local_start_index = local_end_index - s
-            src = slice(sink_tokens + num_evicted, sink_tokens + num_evicted + num_rolled)
-            temp_k[:, sink_tokens:sink_tokens + num_rolled] = temp_k[:, src].clone()
-            temp_v[:, sink_tokens:sink_tokens + num_rolled] = temp_v[:, src].clone()
+            roll_behind_prefix(temp_k, temp_v, sink_tokens, num_evicted, num_rolled)
             # The sink is protected only when recomputing; a first pass may write into it.
             write_start = max(local_start_index, sink_tokens) if is_recompute else local_start_index
             action = {"action": "roll_and_insert", "sink_tokens": sink_tokens,
@@ -269,26 +171,13 @@ class CausalWanSelfAttention(nn.Module):
         return attention(roped_query, k_att, v_att), (current_end, local_end_index, info)
 
 
-class WanT2VCrossAttention(nn.Module):
+class WanT2VCrossAttention(QKVOAttention):
     """Cross-attention to the text; K/V come from `crossattn_cache` once it is initialised."""
 
     def __init__(self, dim: int, num_heads: int, window_size=(-1, -1), qk_norm: bool = True,
                  eps: float = 1e-6):
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        super().__init__()
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.window_size = window_size
-        self.qk_norm = qk_norm
-        self.eps = eps
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x, context, context_lens, crossattn_cache=None):
         b, n, d = x.size(0), self.num_heads, self.head_dim
@@ -307,7 +196,7 @@ class WanT2VCrossAttention(nn.Module):
         return self.o(x.flatten(2))
 
 
-class CausalWanAttentionBlock(nn.Module):
+class CausalWanAttentionBlock(ModulatedBlock):
     """One transformer layer: modulated self-attention, cross-attention, modulated FFN."""
 
     def __init__(self, cross_attn_type: str, dim: int, ffn_dim: int, num_heads: int,
@@ -315,64 +204,21 @@ class CausalWanAttentionBlock(nn.Module):
                  cross_attn_norm: bool = False, eps: float = 1e-6):
         if cross_attn_type != "t2v_cross_attn":
             raise NotImplementedError(f"cross-attention type {cross_attn_type!r}: only t2v is supported")
-        super().__init__()
-        self.dim = dim
-        self.ffn_dim = ffn_dim
-        self.num_heads = num_heads
-        self.local_attn_size = local_attn_size
-        self.qk_norm = qk_norm
-        self.cross_attn_norm = cross_attn_norm
-        self.eps = eps
-        self.norm1 = WanLayerNorm(dim, eps)
-        self.self_attn = CausalWanSelfAttention(dim, num_heads, local_attn_size, sink_size, qk_norm, eps)
-        self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
-        self.cross_attn = WanT2VCrossAttention(dim, num_heads, (-1, -1), qk_norm, eps)
-        self.norm2 = WanLayerNorm(dim, eps)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        super().__init__(CausalWanSelfAttention, WanT2VCrossAttention, dim, ffn_dim, num_heads, local_attn_size,
+                         sink_size, qk_norm, cross_attn_norm, eps)
 
     def forward(self, x, e, seq_lens, grid_sizes, freqs, context, context_lens, block_mask,
                 kv_cache=None, crossattn_cache=None, current_start=0, cache_start=None,
                 sink_recache_after_switch=False):
         """x [B, L, C]; e [B, F, 6, C] per-frame modulation; returns (x, cache update info)."""
-        num_frames, frame_seqlen = e.shape[1], x.shape[1] // e.shape[1]
-        e = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
-
-        def per_frame(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(dim=1, sizes=(num_frames, frame_seqlen))
-
-        y, cache_info = self.self_attn(
-            (per_frame(self.norm1(x)) * (1 + e[1]) + e[0]).flatten(1, 2),
-            seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, cache_start,
-            sink_recache_after_switch)
-        x = x + (per_frame(y) * e[2]).flatten(1, 2)
-        x = x + self.cross_attn(self.norm3(x), context, context_lens, crossattn_cache=crossattn_cache)
-        y = self.ffn((per_frame(self.norm2(x)) * (1 + e[4]) + e[3]).flatten(1, 2))
-        x = x + (per_frame(y) * e[5]).flatten(1, 2)
-        return x, cache_info
+        return self.modulated(
+            x, e,
+            lambda h: self.self_attn(h, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start,
+                                     cache_start, sink_recache_after_switch),
+            lambda h: self.cross_attn(h, context, context_lens, crossattn_cache=crossattn_cache))
 
 
-class CausalHead(nn.Module):
-    """Output head: LayerNorm, per-frame shift/scale from the time embedding, Linear."""
-
-    def __init__(self, dim: int, out_dim: int, patch_size, eps: float = 1e-6):
-        super().__init__()
-        self.dim = dim
-        self.out_dim = out_dim
-        self.patch_size = patch_size
-        self.eps = eps
-        self.norm = WanLayerNorm(dim, eps)
-        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
-
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, C], e [B, F, 1, C] -> [B, F, L/F, prod(patch) * out_dim]."""
-        num_frames, frame_seqlen = e.shape[1], x.shape[1] // e.shape[1]
-        e = (self.modulation.unsqueeze(1) + e).chunk(2, dim=2)
-        return self.head(self.norm(x).unflatten(dim=1, sizes=(num_frames, frame_seqlen)) * (1 + e[1]) + e[0])
-
-
-class CausalWanModel(nn.Module):
+class CausalWanModel(WanGenerator):
     """LongLive's causal Wan2.1 text-to-video generator (KV-cached inference path)."""
 
     def __init__(self, model_type: str = "t2v", patch_size=(1, 2, 2), text_len: int = 512,
@@ -380,59 +226,17 @@ class CausalWanModel(nn.Module):
                  text_dim: int = 4096, out_dim: int = 16, num_heads: int = 12, num_layers: int = 30,
                  local_attn_size: int = 12, sink_size: int = 3, qk_norm: bool = True,
                  cross_attn_norm: bool = True, eps: float = 1e-6):
-        super().__init__()
         if model_type != "t2v":
             raise NotImplementedError(f"model_type {model_type!r}: the reference covers LongLive's t2v model")
-        if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(f"dim {dim} / num_heads {num_heads} must give an even head dim")
-        self.model_type = model_type
-        self.patch_size = tuple(patch_size)
-        self.text_len = text_len
-        self.in_dim = in_dim
-        self.dim = dim
-        self.ffn_dim = ffn_dim
-        self.freq_dim = freq_dim
-        self.text_dim = text_dim
-        self.out_dim = out_dim
-        self.num_heads = num_heads
-        self.num_layers = num_layers
-        self.local_attn_size = local_attn_size
-        self.sink_size = sink_size
-        self.qk_norm = qk_norm
-        self.cross_attn_norm = cross_attn_norm
-        self.eps = eps
 
-        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
-        self.blocks = nn.ModuleList([
-            CausalWanAttentionBlock("t2v_cross_attn", dim, ffn_dim, num_heads, local_attn_size,
-                                    sink_size, qk_norm, cross_attn_norm, eps)
-            for _ in range(num_layers)
-        ])
-        self.head = CausalHead(dim, out_dim, patch_size, eps)
-        # A plain attribute, not a buffer, as in the stock model: it stays complex128 through
-        # .to(dtype) and stays out of the state dict, so stock checkpoints load strictly.
-        self.freqs = rope_freqs(dim // num_heads)
-        self.block_mask = None
-        self.num_frame_per_block = 1
-        self.independent_first_frame = False
+        def make_block() -> CausalWanAttentionBlock:
+            return CausalWanAttentionBlock("t2v_cross_attn", dim, ffn_dim, num_heads, local_attn_size, sink_size,
+                                           qk_norm, cross_attn_norm, eps)
+
+        super().__init__(make_block, model_type, patch_size, text_len, in_dim, dim, ffn_dim, freq_dim, text_dim,
+                         out_dim, num_heads, num_layers, local_attn_size, sink_size, 1, qk_norm, cross_attn_norm,
+                         eps)
         self.init_weights()
-
-    def init_weights(self) -> None:
-        """The stock initialisation (which leaves the output head at zero)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
-        for seq in (self.text_embedding, self.time_embedding):
-            for m in seq.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
-        nn.init.zeros_(self.head.head.weight)
 
     def forward(self, x, t, context, seq_len=None, clip_fea=None, y=None, kv_cache=None,
                 crossattn_cache=None, current_start: int = 0, cache_start=None,
@@ -450,24 +254,14 @@ class CausalWanModel(nn.Module):
     def embed(self, x, t, context, seq_len=None):
         """The forward's inputs as the blocks take them: (tokens [B, L, C], e [B*F, C], e0 [B, F, 6, C],
         text [B, text_len, C], grid_sizes, seq_lens)."""
-        device = self.patch_embedding.weight.device
-        if self.freqs.device != device:
-            self.freqs = self.freqs.to(device)
-
-        x = [self.patch_embedding(u.unsqueeze(0)) for u in x]
-        grid_sizes = torch.stack([torch.tensor(u.shape[2:], dtype=torch.long) for u in x])
-        x = [u.flatten(2).transpose(1, 2) for u in x]
-        seq_lens = torch.tensor([u.size(1) for u in x], dtype=torch.long)
+        x, grid_sizes, seq_lens = self.patchify(x)
         if seq_len is not None and seq_lens.max() > seq_len:
             raise ValueError(f"{int(seq_lens.max())} tokens in one call exceed seq_len {seq_len}")
         x = torch.cat(x)
 
         e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t.flatten()).type_as(x))
         e0 = self.time_projection(e).unflatten(1, (6, self.dim)).unflatten(dim=0, sizes=t.shape)
-        context = self.text_embedding(torch.stack([
-            torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context
-        ]))
-        return x, e, e0, context, grid_sizes, seq_lens
+        return x, e, e0, self.embed_text(context), grid_sizes, seq_lens
 
     def run_blocks(self, x, e0, grid_sizes, seq_lens, context, kv_cache, crossattn_cache, current_start=0,
                    cache_start=None, sink_recache_after_switch=False):
@@ -490,10 +284,8 @@ class CausalWanModel(nn.Module):
             cache = kv_cache[index]
             if info is not None:
                 if info["action"] == "roll_and_insert":
-                    sink, rolled, evicted = info["sink_tokens"], info["num_rolled_tokens"], info["num_evicted_tokens"]
-                    src = slice(sink + evicted, sink + evicted + rolled)
-                    cache["k"][:, sink:sink + rolled] = cache["k"][:, src].clone()
-                    cache["v"][:, sink:sink + rolled] = cache["v"][:, src].clone()
+                    roll_behind_prefix(cache["k"], cache["v"], info["sink_tokens"], info["num_evicted_tokens"],
+                                       info["num_rolled_tokens"])
                 start, end = info["write_start_index"], info["write_end_index"]
                 if end > start and info["new_k"].shape[1] == end - start:
                     cache["k"][:, start:end] = info["new_k"]
@@ -502,13 +294,3 @@ class CausalWanModel(nn.Module):
             if info is None or not info["is_recompute"]:
                 cache["global_end_index"].fill_(current_end)
                 cache["local_end_index"].fill_(local_end_index)
-
-    def unpatchify(self, x: torch.Tensor, grid_sizes: torch.Tensor) -> list[torch.Tensor]:
-        """[B, F, L/F, prod(patch)*C] -> list of [C, F*pt, H*ph, W*pw]."""
-        c = self.out_dim
-        out = []
-        for u, v in zip(x, grid_sizes.tolist()):
-            u = u[:math.prod(v)].view(*v, *self.patch_size, c)
-            u = torch.einsum("fhwpqrc->cfphqwr", u)
-            out.append(u.reshape(c, *[i * j for i, j in zip(v, self.patch_size)]))
-        return out

@@ -10,7 +10,7 @@ with strict=True, and the call protocol is the stock one, so LongLive 2.0's own 
 with x [B, 48, F, H, W], t [B, F] (a timestep per latent frame), context [B, L<=text_len, text_dim], and
 the cache dicts as `CausalDiffusionInferencePipeline._initialize_kv_cache` builds them (k, v,
 global_end_index, local_end_index, pinned_start, pinned_len). What it shares with v1.0 (norms, RoPE
-table, attention, head, the per-frame modulation) is the v1.0 reference's code; what 2.0 changes:
+table, attention, head, projections, the per-frame modulated layer, embeddings, init) is models/wan_common.py's; what 2.0 changes:
 
 * Multi-shot sink. The pipeline sets `global_sink_size` (the first sink frames stay for good) and, at a
   scene cut, pins the just-cached chunk (`pinned_start`, `pinned_len` in every layer's cache). Eviction
@@ -36,14 +36,12 @@ Triton RoPE rotates in fp32, one bf16 ulp away): this file is what our kernels a
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
-import torch.nn as nn
 
-from longlive_triton.models.longlive1.model import (CausalHead, WanLayerNorm, WanRMSNorm, attention, rope_freqs,
-                                                    sinusoidal_embedding_1d)
+from longlive_triton.models.wan_common import (CausalHead, ModulatedBlock, QKVOAttention, WanGenerator, attention,
+                                               roll_behind_prefix, sinusoidal_embedding_1d)
 
 __all__ = ["CausalWanModel", "CausalWanAttentionBlock", "CausalWanSelfAttention", "MultiShotT2VCrossAttention",
            "CausalHead", "temporal_freqs", "causal_rope_apply", "check_rope_arguments", "STOCK_FRAME_SEQLEN"]
@@ -115,30 +113,17 @@ def _scalar(cache: dict, key: str, default: int) -> int:
     return int(value.item()) if torch.is_tensor(value) else default
 
 
-class CausalWanSelfAttention(nn.Module):
+class CausalWanSelfAttention(QKVOAttention):
     """Self-attention over a rolling KV cache with a global sink and a pinned shot sink (stock 2.0 cache rules)."""
 
     def __init__(self, dim: int, num_heads: int, local_attn_size: int = -1, sink_size: int = 0,
                  qk_norm: bool = True, eps: float = 1e-6):
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        super().__init__()
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, qk_norm, eps)
         # The stock layer reads -1 (no window) as 24 frames: its eviction rule is always on.
         self.local_attn_size = local_attn_size if local_attn_size != -1 else 24
         self.sink_size = sink_size
         self.global_sink_size = 0
-        self.qk_norm = qk_norm
-        self.eps = eps
         self.max_attention_size = (24 if local_attn_size == -1 else local_attn_size) * STOCK_FRAME_SEQLEN
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None,
                 t_scale=1.0, use_relative_rope=False, method="linear", original_seq_len=None, temporal_offset=0.0):
@@ -149,14 +134,6 @@ class CausalWanSelfAttention(nn.Module):
         x, record = self.attend(q, k, v, tuple(int(n) for n in grid_sizes[0].tolist()), freqs, kv_cache,
                                 current_start, offset)
         return self.o(x.flatten(2)), record
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, s, C] -> q, k (RMS-normed over all heads), v, each [B, s, H, D]."""
-        b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
-        q = self.norm_q(self.q(x)).view(b, s, n, d)
-        k = self.norm_k(self.k(x)).view(b, s, n, d)
-        v = self.v(x).view(b, s, n, d)
-        return q, k, v
 
     def attend(self, q, k, v, grid: tuple[int, int, int], freqs, kv_cache: dict, current_start: int = 0,
                offset: float = 0.0):
@@ -195,9 +172,7 @@ class CausalWanSelfAttention(nn.Module):
             rolled = local_end - evicted - kept
             local_end_index = local_end + current_end - global_end - evicted
             local_start_index = local_end_index - s
-            src = slice(kept + evicted, kept + evicted + rolled)
-            temp_k[:, kept:kept + rolled] = temp_k[:, src].clone()
-            temp_v[:, kept:kept + rolled] = temp_v[:, src].clone()
+            roll_behind_prefix(temp_k, temp_v, kept, evicted, rolled)
             # A floating pinned chunk moved left with the rolled tokens; one inside the kept prefix did not.
             record = {"action": "roll_and_insert", "sink_tokens": kept, "num_rolled_tokens": rolled,
                       "num_evicted_tokens": evicted,
@@ -235,25 +210,12 @@ class CausalWanSelfAttention(nn.Module):
         return attention(roped_q, k_att, v_att), (current_end, local_end_index, record)
 
 
-class MultiShotT2VCrossAttention(nn.Module):
+class MultiShotT2VCrossAttention(QKVOAttention):
     """Cross-attention to the text, K/V recomputed every call; a context batch of B x chunks attends chunk-wise."""
 
     def __init__(self, dim: int, num_heads: int, window_size=(-1, -1), qk_norm: bool = True, eps: float = 1e-6):
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        super().__init__()
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.window_size = window_size
-        self.qk_norm = qk_norm
-        self.eps = eps
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x, context, context_lens=None, is_teacher_forcing=False, crossattn_cache=None):
         """x [B, L, C], context [B*chunks, L2, C]: chunk j of x's L tokens attends context j. The cache is not read."""
@@ -275,49 +237,27 @@ class MultiShotT2VCrossAttention(nn.Module):
         return out.reshape(b, length, c)
 
 
-class CausalWanAttentionBlock(nn.Module):
+class CausalWanAttentionBlock(ModulatedBlock):
     """One transformer layer: modulated self-attention, cross-attention, modulated FFN (per-frame modulation)."""
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, local_attn_size: int = -1, sink_size: int = 0,
                  qk_norm: bool = True, cross_attn_norm: bool = False, eps: float = 1e-6):
-        super().__init__()
-        self.dim = dim
-        self.ffn_dim = ffn_dim
-        self.num_heads = num_heads
-        self.local_attn_size = local_attn_size
-        self.qk_norm = qk_norm
-        self.cross_attn_norm = cross_attn_norm
-        self.eps = eps
-        self.norm1 = WanLayerNorm(dim, eps)
-        self.self_attn = CausalWanSelfAttention(dim, num_heads, local_attn_size, sink_size, qk_norm, eps)
-        self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
-        self.cross_attn = MultiShotT2VCrossAttention(dim, num_heads, (-1, -1), qk_norm, eps)
-        self.norm2 = WanLayerNorm(dim, eps)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        super().__init__(CausalWanSelfAttention, MultiShotT2VCrossAttention, dim, ffn_dim, num_heads, local_attn_size,
+                         sink_size, qk_norm, cross_attn_norm, eps)
 
     def forward(self, x, e, seq_lens, grid_sizes, freqs, context, context_lens, block_mask, kv_cache=None,
                 crossattn_cache=None, current_start=0, cache_start=None, t_scale=1.0, use_relative_rope=False,
                 method="linear", original_seq_len=None, temporal_offset=0.0):
         """x [B, L, C]; e [B, F, 6, C] per-frame modulation; returns (x, (current_end, local_end, update record))."""
-        num_frames, frame_seqlen = e.shape[1], x.shape[1] // e.shape[1]
-        e = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
-
-        def per_frame(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(dim=1, sizes=(num_frames, frame_seqlen))
-
-        y, record = self.self_attn(
-            (per_frame(self.norm1(x)) * (1 + e[1]) + e[0]).flatten(1, 2), seq_lens, grid_sizes, freqs, block_mask,
-            kv_cache, current_start, cache_start, t_scale=t_scale, use_relative_rope=use_relative_rope,
-            method=method, original_seq_len=original_seq_len, temporal_offset=temporal_offset)
-        x = x + (per_frame(y) * e[2]).flatten(1, 2)
-        x = x + self.cross_attn(self.norm3(x), context, context_lens, crossattn_cache=crossattn_cache)
-        y = self.ffn((per_frame(self.norm2(x)) * (1 + e[4]) + e[3]).flatten(1, 2))
-        x = x + (per_frame(y) * e[5]).flatten(1, 2)
-        return x, record
+        return self.modulated(
+            x, e,
+            lambda h: self.self_attn(h, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, cache_start,
+                                     t_scale=t_scale, use_relative_rope=use_relative_rope, method=method,
+                                     original_seq_len=original_seq_len, temporal_offset=temporal_offset),
+            lambda h: self.cross_attn(h, context, context_lens, crossattn_cache=crossattn_cache))
 
 
-class CausalWanModel(nn.Module):
+class CausalWanModel(WanGenerator):
     """LongLive 2.0's causal Wan2.2-TI2V-5B generator (KV-cached inference path, text to video)."""
 
     def __init__(self, model_type: str = "t2v", patch_size=(1, 2, 2), text_len: int = 512, in_dim: int = 16,
@@ -325,43 +265,17 @@ class CausalWanModel(nn.Module):
                  num_heads: int = 16, num_layers: int = 32, local_attn_size: int = -1, sink_size: int = 0,
                  num_frame_per_block: int = 1, qk_norm: bool = True, cross_attn_norm: bool = True,
                  eps: float = 1e-6):
-        super().__init__()
         if model_type not in ("t2v", "ti2v"):
             raise NotImplementedError(f"model_type {model_type!r}: the reference covers the text(-image)-to-video "
                                       "model without image-encoder conditioning ('t2v', 'ti2v')")
-        if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(f"dim {dim} / num_heads {num_heads} must give an even head dim")
-        self.model_type = model_type
-        self.patch_size = tuple(patch_size)
-        self.text_len = text_len
-        self.in_dim = in_dim
-        self.dim = dim
-        self.ffn_dim = ffn_dim
-        self.freq_dim = freq_dim
-        self.text_dim = text_dim
-        self.out_dim = out_dim
-        self.num_heads = num_heads
-        self.num_layers = num_layers
-        self.local_attn_size = local_attn_size
-        self.sink_size = sink_size
-        self.qk_norm = qk_norm
-        self.cross_attn_norm = cross_attn_norm
-        self.eps = eps
 
-        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
-        self.blocks = nn.ModuleList([
-            CausalWanAttentionBlock(dim, ffn_dim, num_heads, local_attn_size, sink_size, qk_norm, cross_attn_norm, eps)
-            for _ in range(num_layers)
-        ])
-        self.head = CausalHead(dim, out_dim, patch_size, eps)
-        # A plain attribute, not a buffer, as in the stock model: complex128 through .to(dtype), not in the state dict.
-        self.freqs = rope_freqs(dim // num_heads)
-        self.block_mask = None
-        self.num_frame_per_block = num_frame_per_block
-        self.independent_first_frame = False
+        def make_block() -> CausalWanAttentionBlock:
+            return CausalWanAttentionBlock(dim, ffn_dim, num_heads, local_attn_size, sink_size, qk_norm,
+                                           cross_attn_norm, eps)
+
+        super().__init__(make_block, model_type, patch_size, text_len, in_dim, dim, ffn_dim, freq_dim, text_dim,
+                         out_dim, num_heads, num_layers, local_attn_size, sink_size, num_frame_per_block, qk_norm,
+                         cross_attn_norm, eps)
         # Set by LongLive 2.0's pipeline before inference (the shot offset at every shot boundary).
         self.t_scale = 1.0
         self.use_relative_rope = False
@@ -370,20 +284,6 @@ class CausalWanModel(nn.Module):
         self.rope_temporal_offset = 0.0
         self.kv_quant_config = None
         self.init_weights()
-
-    def init_weights(self) -> None:
-        """The stock initialisation (which leaves the output head at zero)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
-        for seq in (self.text_embedding, self.time_embedding):
-            for m in seq.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
-        nn.init.zeros_(self.head.head.weight)
 
     def forward(self, x, t, context, seq_len=None, clip_fea=None, y=None, kv_cache=None, crossattn_cache=None,
                 current_start: int = 0, cache_start: int = 0, defer_cache_updates: bool = False):
@@ -414,20 +314,11 @@ class CausalWanModel(nn.Module):
 
     def embed(self, x, t, context):
         """(tokens [B, L, C], e [B, F, C], e0 [B, F, 6, C], text [B, text_len, C], grid_sizes, seq_lens)."""
-        device = self.patch_embedding.weight.device
-        if self.freqs.device != device:
-            self.freqs = self.freqs.to(device)
-        x = [self.patch_embedding(u.unsqueeze(0)) for u in x]
-        grid_sizes = torch.stack([torch.tensor(u.shape[2:], dtype=torch.long) for u in x])
-        x = [u.flatten(2).transpose(1, 2) for u in x]
-        seq_lens = torch.tensor([u.size(1) for u in x], dtype=torch.long)
+        x, grid_sizes, seq_lens = self.patchify(x)
         x = torch.cat(x)
         e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t.flatten()).unflatten(0, t.shape).type_as(x))
         e0 = self.time_projection(e).unflatten(2, (6, self.dim))
-        context = self.text_embedding(torch.stack([
-            torch.cat([u, u.new_zeros(self.text_len - u.size(0), u.size(1))]) for u in context
-        ]))
-        return x, e, e0, context, grid_sizes, seq_lens
+        return x, e, e0, self.embed_text(context), grid_sizes, seq_lens
 
     @staticmethod
     def _apply_cache_updates(kv_cache, records) -> None:
@@ -436,10 +327,8 @@ class CausalWanModel(nn.Module):
             cache = kv_cache[index]
             if record is not None:
                 if record["action"] == "roll_and_insert":
-                    kept, rolled, evicted = record["sink_tokens"], record["num_rolled_tokens"], record["num_evicted_tokens"]
-                    src = slice(kept + evicted, kept + evicted + rolled)
-                    cache["k"][:, kept:kept + rolled] = cache["k"][:, src].clone()
-                    cache["v"][:, kept:kept + rolled] = cache["v"][:, src].clone()
+                    roll_behind_prefix(cache["k"], cache["v"], record["sink_tokens"], record["num_evicted_tokens"],
+                                       record["num_rolled_tokens"])
                     if record.get("pinned_shift", 0) > 0 and "pinned_start" in cache:
                         cache["pinned_start"].sub_(record["pinned_shift"])
                 start, end = record["local_start_index"], record["local_end_index"]
@@ -447,13 +336,3 @@ class CausalWanModel(nn.Module):
                 cache["v"][:, start:end] = record["new_v"]
             cache["global_end_index"].fill_(current_end)
             cache["local_end_index"].fill_(local_end_index)
-
-    def unpatchify(self, x: torch.Tensor, grid_sizes: torch.Tensor) -> list[torch.Tensor]:
-        """[B, F, L/F, prod(patch)*C] -> list of [C, F*pt, H*ph, W*pw]."""
-        c = self.out_dim
-        out = []
-        for u, v in zip(x, grid_sizes.tolist()):
-            u = u[:math.prod(v)].view(*v, *self.patch_size, c)
-            u = torch.einsum("fhwpqrc->cfphqwr", u)
-            out.append(u.reshape(c, *[i * j for i, j in zip(v, self.patch_size)]))
-        return out

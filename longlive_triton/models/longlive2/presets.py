@@ -13,23 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from longlive_triton.models.longlive1.presets import synthetic_init_
 from longlive_triton.models.longlive2.model import CausalWanModel
-
-
+from longlive_triton.models.preset_base import PresetShape, build_reference, lookup
 
 __all__ = ["Longlive2Preset", "PRESETS", "get_preset", "build_model"]
 
 
 @dataclass(frozen=True)
-class Longlive2Preset:
-    dim: int
-    ffn_dim: int
-    num_heads: int
-    num_layers: int
-    text_dim: int
-    text_len: int
-    freq_dim: int
+class Longlive2Preset(PresetShape):
     in_dim: int = 48
     out_dim: int = 48
     model_type: str = "ti2v"
@@ -55,15 +46,6 @@ class Longlive2Preset:
                     local_attn_size=self.local_attn_size, sink_size=0,
                     num_frame_per_block=self.num_frame_per_block, qk_norm=True, cross_attn_norm=True, eps=1e-6)
 
-    @property
-    def frame_seqlen(self) -> int:
-        """Tokens per latent frame after the (1, 2, 2) patch."""
-        return (self.latent_height // 2) * (self.latent_width // 2)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
 
 PRESETS: dict[str, Longlive2Preset] = {
     "longlive2-5b": Longlive2Preset(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, text_dim=4096,
@@ -74,27 +56,14 @@ PRESETS: dict[str, Longlive2Preset] = {
 
 
 def get_preset(name: str) -> Longlive2Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown LongLive 2.0 model preset {name!r}; known: {sorted(PRESETS)}") from None
+    return lookup(PRESETS, name, "LongLive 2.0 model preset")
 
 
 def build_model(preset: str = "tiny2", *, dtype: torch.dtype = torch.float32, device="cpu", seed: int | None = 0,
                 **overrides) -> CausalWanModel:
     """A LongLive 2.0 reference generator at a named preset, with synthetic weights (seed=None: stock init).
 
-    The synthetic weights are v1.0's `synthetic_init_` (the parameter names are the same): seeded,
-    non-degenerate, a random output head. Constructor arguments can be overridden by name.
+    Constructor arguments can be overridden by name.
     """
-    cfg = get_preset(preset)
-    kwargs = cfg.model_kwargs()
-    unknown = set(overrides) - set(kwargs)
-    if unknown:
-        raise ValueError(f"unknown model arguments {sorted(unknown)}")
-    kwargs.update(overrides)
-    with torch.device(device):  # on the target device: at 5B shapes the initialisation is 5e9 draws
-        model = CausalWanModel(**kwargs)
-    if seed is not None:
-        synthetic_init_(model, seed)
-    return model.to(dtype=dtype).eval().requires_grad_(False)
+    return build_reference(CausalWanModel, get_preset(preset).model_kwargs(), overrides, dtype=dtype, device=device,
+                           seed=seed)
