@@ -205,8 +205,12 @@ def shot_sequences(draw):
     fs = draw(st.integers(1, 3))
     per_block = draw(st.integers(1, 3))
     sink = draw(st.integers(1, per_block))
-    window = draw(st.integers(sink + per_block, sink + 4 * per_block))
     multi_shot = draw(st.booleans())
+    # The largest effective sink (the global sink plus a pinned shot of min(sink, block) frames with the
+    # multi-shot sink) must leave room for a block: LongLive 2.0's layout cannot roll otherwise, and the
+    # plan refuses a sink that fills the cache.
+    kept = sink + min(sink, per_block) if multi_shot else sink
+    window = draw(st.integers(kept + per_block, kept + 4 * per_block))
     events = []
     for block in range(draw(st.integers(1, 10))):
         cut = block > 0 and draw(st.booleans())
