@@ -166,6 +166,8 @@ def test_rejects_bad_inputs(device):
     ks = k_head_scale(w, H)
     kv_quant_append(q_lin, k_lin, v, w, w, cos, sin, k8, ks, v8, vs, (1, 2, 3), 0, 0, 0)
     small = fp8_kv_cache(B, 5, H, D, device)
+    # The kernel steps only q8's batch and token strides: a q8 strided in H would be written wrongly.
+    q_sparse = (torch.zeros(B, n, H, 2 * D, device=device).to(FP8_DTYPE)[..., :D], torch.zeros(B, n, H, device=device))
     cases = [
         (TypeError, "k8 must be torch.float8_e4m3fn", dict(k8=k8.to(torch.bfloat16))),
         (TypeError, "k_scale must be torch.float32", dict(ks=ks.double())),
@@ -173,23 +175,12 @@ def test_rejects_bad_inputs(device):
         (ValueError, "view of a contiguous", dict(v8=v8.contiguous())),
         (ValueError, "too few", dict(k8=small[0], v8=small[1], vs=small[2])),
         (ValueError, "dst_start=12", dict(dst=12)),
+        (ValueError, "q8 must hold each token's 2 x 32 block densely", dict(q_out=q_sparse)),
     ]
     for exc, match, changes in cases:
-        a = dict(k8=k8, v8=v8, ks=ks, vs=vs, dst=0)
+        a = dict(k8=k8, v8=v8, ks=ks, vs=vs, dst=0, q_out=None)
         a.update(changes)
         with pytest.raises(exc, match=match):
-            kv_quant_append(q_lin, k_lin, v, w, w, cos, sin, a["k8"], a["ks"], a["v8"], a["vs"], (1, 2, 3), 0, a["dst"], 0)
+            kv_quant_append(q_lin, k_lin, v, w, w, cos, sin, a["k8"], a["ks"], a["v8"], a["vs"], (1, 2, 3), 0, a["dst"], 0,
+                            q_out=a["q_out"])
 
-
-def test_rejects_a_q_out_whose_tokens_are_not_dense(device):
-    """The kernel steps only q8's batch and token strides: a q8 strided in H would be written wrongly."""
-    B, n, H, D, C = 1, 6, 2, 32, 12
-    q_lin, k_lin, v = (torch.randn(B, n, H * D, device=device).to(torch.bfloat16) for _ in range(3))
-    w = torch.ones(H * D, device=device, dtype=torch.bfloat16)
-    cos, sin = rope_tables(D, device=device)
-    k8, v8, vs = fp8_kv_cache(B, C, H, D, device)
-    q8 = torch.zeros(B, n, H, 2 * D, device=device).to(FP8_DTYPE)[..., :D]   # heads 2D apart
-    q_scale = torch.zeros(B, n, H, device=device)
-    with pytest.raises(ValueError, match="q8 must hold each token's 2 x 32 block densely"):
-        kv_quant_append(q_lin, k_lin, v, w, w, cos, sin, k8, k_head_scale(w, H), v8, vs, (1, 2, 3), 0, 0, 0,
-                        q_out=(q8, q_scale))
